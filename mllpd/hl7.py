@@ -1,0 +1,351 @@
+"""A small, exact ER7 reader for the receive path.
+
+hl7apy builds a full tree and takes milliseconds per message; the hot path
+only needs the MSH header (and a few fields for rules), so it reads fields by
+position with the message's own delimiters. Nothing here touches I/O.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+
+__all__ = [
+    "DecodeError",
+    "Header",
+    "Message",
+    "NotHL7Error",
+    "codec_for_charset",
+    "escape",
+    "parse_message",
+    "unescape",
+]
+
+# HL7 table 0211 (MSH-18) to Python codecs. Names are matched without regard
+# to case or repeated spaces; a few common non-table spellings are accepted.
+_TABLE_0211: dict[str, str] = {
+    "ASCII": "ascii",
+    "ISO IR6": "ascii",
+    "8859/1": "iso8859-1",
+    "8859/2": "iso8859-2",
+    "8859/3": "iso8859-3",
+    "8859/4": "iso8859-4",
+    "8859/5": "iso8859-5",
+    "8859/6": "iso8859-6",
+    "8859/7": "iso8859-7",
+    "8859/8": "iso8859-8",
+    "8859/9": "iso8859-9",
+    "8859/15": "iso8859-15",
+    "ISO IR14": "iso2022_jp",
+    "ISO IR87": "iso2022_jp",
+    "ISO IR159": "iso2022_jp_2",
+    "GB 18030-2000": "gb18030",
+    "KS X 1001": "euc_kr",
+    "BIG-5": "big5",
+    "UNICODE": "utf-16",
+    "UNICODE UTF-8": "utf-8",
+    "UNICODE UTF-16": "utf-16",
+    "UNICODE UTF-32": "utf-32",
+    # Spellings seen in the field, outside the table.
+    "UTF-8": "utf-8",
+    "UTF8": "utf-8",
+    "ISO-8859-1": "iso8859-1",
+    "LATIN1": "iso8859-1",
+}
+_SPACES = re.compile(r"\s+")
+
+
+def codec_for_charset(name: str) -> str | None:
+    """Map an HL7 character set name (table 0211) to a Python codec name."""
+    key = _SPACES.sub(" ", name.strip().upper())
+    codec = _TABLE_0211.get(key)
+    if codec is None:
+        return None
+    return codecs.lookup(codec).name
+
+
+class NotHL7Error(ValueError):
+    """The payload is not an HL7 v2 message (no MSH segment at its start)."""
+
+
+class DecodeError(ValueError):
+    """The payload cannot be decoded in its declared character set."""
+
+    def __init__(self, message: str, header: Header | None = None) -> None:
+        super().__init__(message)
+        self.header = header
+
+
+_SEGMENT_SPLIT = re.compile(r"\r\n|\r|\n")
+
+# Byte signatures of the encodings whose MSH is not ASCII bytes.
+_WIDE_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+    ("MSH".encode("utf-32-le"), "utf-32-le"),
+    ("MSH".encode("utf-32-be"), "utf-32-be"),
+    ("MSH".encode("utf-16-le"), "utf-16-le"),
+    ("MSH".encode("utf-16-be"), "utf-16-be"),
+)
+
+
+@dataclass(frozen=True)
+class Header:
+    """The MSH segment, read by position. ``fields[n]`` is MSH-n."""
+
+    fields: tuple[str, ...]
+
+    @property
+    def field_sep(self) -> str:
+        return self.fields[1]
+
+    @property
+    def encoding_chars(self) -> str:
+        return self.fields[2]
+
+    @property
+    def component_sep(self) -> str:
+        return self.encoding_chars[0:1] or "^"
+
+    @property
+    def repetition_sep(self) -> str:
+        return self.encoding_chars[1:2] or "~"
+
+    @property
+    def escape_char(self) -> str:
+        return self.encoding_chars[2:3] or "\\"
+
+    @property
+    def subcomponent_sep(self) -> str:
+        return self.encoding_chars[3:4] or "&"
+
+    def field(self, n: int) -> str:
+        """MSH-n as raw text ('' when absent)."""
+        return self.fields[n] if n < len(self.fields) else ""
+
+    def component(self, n: int, c: int = 1) -> str:
+        """Component c of the first repetition of MSH-n, raw."""
+        rep = self.field(n).split(self.repetition_sep, 1)[0]
+        parts = rep.split(self.component_sep)
+        return parts[c - 1] if c <= len(parts) else ""
+
+    @property
+    def msg_type(self) -> str:
+        return self.component(9, 1)
+
+    @property
+    def trigger(self) -> str:
+        return self.component(9, 2)
+
+    @property
+    def control_id(self) -> str:
+        return self.field(10)
+
+    @property
+    def version(self) -> str:
+        return self.component(12, 1)
+
+    @property
+    def accept_ack_type(self) -> str:
+        return self.field(15).strip().upper()
+
+    @property
+    def charset_names(self) -> list[str]:
+        return [r.strip() for r in self.field(18).split(self.repetition_sep)]
+
+    @property
+    def type_label(self) -> str:
+        """``ADT^A01`` style label for logs and storage."""
+        t = unescape(self.msg_type, self)
+        trig = unescape(self.trigger, self)
+        return f"{t}^{trig}" if trig else t
+
+
+def _read_header(line: str) -> Header:
+    if not line.startswith("MSH") or len(line) < 8:
+        raise NotHL7Error("payload does not start with an MSH segment")
+    fs = line[3]
+    if fs.isalnum() or fs in " \t":
+        raise NotHL7Error("MSH field separator is not a delimiter character")
+    rest = line[4:].split(fs)
+    enc = rest[0]
+    if not 1 <= len(enc) <= 5 or any(c.isalnum() or c == fs for c in enc):
+        raise NotHL7Error("MSH-2 encoding characters are missing or invalid")
+    return Header(fields=("MSH", fs, *rest))
+
+
+def _bytes_header(payload: bytes) -> Header:
+    # MSH-1..MSH-18 are ASCII in every ASCII-compatible charset; latin-1 maps
+    # bytes one to one so delimiters are found wherever they are.
+    return _read_header(_first_line(payload.decode("latin-1")))
+
+
+def _first_line(text: str) -> str:
+    ends = [i for i in (text.find("\r"), text.find("\n")) if i >= 0]
+    return text[: min(ends)] if ends else text
+
+
+def _choose_codec(header: Header, default_charset: str | None) -> tuple[str, str | None]:
+    """Return (codec, charset name as declared) for a message."""
+    names = [n for n in header.charset_names if n]
+    for name in names:
+        codec = codec_for_charset(name)
+        if codec is None:
+            raise DecodeError(f"unknown character set in MSH-18: {name[:40]!r}", header)
+        # An ISO 2022 set in a later repetition governs the whole message.
+        if codec.startswith("iso2022"):
+            return codec, name
+    if names:
+        return codec_for_charset(names[0]) or "ascii", names[0]
+    if default_charset:
+        return codec_for_charset(default_charset) or "ascii", default_charset
+    # HL7's default is ASCII; latin-1 accepts every byte so senders that put
+    # accented letters in without MSH-18 are still read, never rejected.
+    return "iso8859-1", None
+
+
+@dataclass
+class Message:
+    """A decoded message: the exact received bytes and lazy field access."""
+
+    raw: bytes
+    text: str
+    header: Header
+    codec: str
+    charset: str | None
+    _segments: list[list[str]] | None = field(default=None, repr=False)
+
+    @property
+    def segments(self) -> list[list[str]]:
+        """Every segment split into fields; ``seg[n]`` is field n (MSH aside)."""
+        if self._segments is None:
+            fs = self.header.field_sep
+            self._segments = [
+                s.split(fs) for s in _SEGMENT_SPLIT.split(self.text) if s
+            ]
+        return self._segments
+
+    def segment(self, name: str) -> list[str] | None:
+        """The first segment with this id, as a list of fields."""
+        for seg in self.segments:
+            if seg[0] == name:
+                return seg
+        return None
+
+    def all_segments(self, name: str) -> list[list[str]]:
+        return [seg for seg in self.segments if seg[0] == name]
+
+    def get(self, name: str, n: int, c: int = 0, s: int = 0, rep: int = 1) -> str:
+        """Field, component or subcomponent value, unescaped ('' if absent)."""
+        if name == "MSH":
+            value = self.header.field(n)
+        else:
+            seg = self.segment(name)
+            value = seg[n] if seg is not None and n < len(seg) else ""
+        return self.pick(value, c, s, rep)
+
+    def pick(self, value: str, c: int = 0, s: int = 0, rep: int = 1) -> str:
+        h = self.header
+        reps = value.split(h.repetition_sep)
+        value = reps[rep - 1] if rep <= len(reps) else ""
+        if c:
+            parts = value.split(h.component_sep)
+            value = parts[c - 1] if c <= len(parts) else ""
+            if s:
+                subs = value.split(h.subcomponent_sep)
+                value = subs[s - 1] if s <= len(subs) else ""
+        return unescape(value, h)
+
+    @cached_property
+    def segment_ids(self) -> list[str]:
+        return [seg[0] for seg in self.segments]
+
+
+def parse_message(payload: bytes, default_charset: str | None = None) -> Message:
+    """Read the header and decode the payload.
+
+    Raises :class:`NotHL7Error` when there is no MSH at the start and
+    :class:`DecodeError` when the declared charset is unknown or the bytes are
+    not valid in it.
+    """
+    body = payload.lstrip(b"\r\n\t ")
+    for signature, codec in _WIDE_SIGNATURES:
+        if body.startswith(signature):
+            try:
+                text = body.decode(codec)
+            except UnicodeDecodeError:
+                raise DecodeError(f"payload is not valid {codec}") from None
+            text = text.lstrip("\ufeff")
+            header = _read_header(_first_line(text))
+            return Message(payload, text, header, codecs.lookup(codec).name, header.field(18) or None)
+    header = _bytes_header(body)
+    codec, charset = _choose_codec(header, default_charset)
+    try:
+        text = body.decode(codec)
+    except UnicodeDecodeError as e:
+        # The message names only the offset, never the bytes.
+        raise DecodeError(
+            f"payload is not valid {charset or codec} at byte {e.start}", header
+        ) from None
+    if codec != "iso8859-1":
+        header = _read_header(_first_line(text))
+    return Message(payload, text, header, codec, charset)
+
+
+_ESCAPE_SEQ_CACHE: dict[str, re.Pattern[str]] = {}
+
+
+def unescape(value: str, header: Header) -> str:
+    """Resolve HL7 escape sequences (\\F\\, \\S\\, \\T\\, \\R\\, \\E\\, \\Xhh\\, ...)."""
+    esc = header.escape_char
+    if esc not in value:
+        return value
+    pattern = _ESCAPE_SEQ_CACHE.get(esc)
+    if pattern is None:
+        e = re.escape(esc)
+        pattern = re.compile(f"{e}([^{e}]*){e}")
+        _ESCAPE_SEQ_CACHE[esc] = pattern
+    mapping = {
+        "F": header.field_sep,
+        "S": header.component_sep,
+        "T": header.subcomponent_sep,
+        "R": header.repetition_sep,
+        "E": esc,
+        "P": header.encoding_chars[4:5],
+    }
+
+    def repl(m: re.Match[str]) -> str:
+        code = m.group(1)
+        if code in mapping:
+            return mapping[code]
+        if code.startswith("X") and len(code) % 2 == 1:
+            try:
+                return bytes.fromhex(code[1:]).decode("latin-1")
+            except ValueError:
+                return m.group(0)
+        if code == ".br":
+            return "\n"
+        return m.group(0)
+
+    return pattern.sub(repl, value)
+
+
+def escape(value: str, header: Header) -> str:
+    """Escape delimiters so ``value`` can stand in one field of this message."""
+    esc = header.escape_char
+    out = value.replace(esc, f"{esc}E{esc}")
+    for char, code in (
+        (header.field_sep, "F"),
+        (header.component_sep, "S"),
+        (header.subcomponent_sep, "T"),
+        (header.repetition_sep, "R"),
+    ):
+        out = out.replace(char, f"{esc}{code}{esc}")
+    trunc = header.encoding_chars[4:5]
+    if trunc:
+        out = out.replace(trunc, f"{esc}P{esc}")
+    return out.replace("\r", f"{esc}.br{esc}").replace("\n", f"{esc}.br{esc}")

@@ -1,0 +1,238 @@
+"""SQLite outbox: WAL, synchronous=FULL, group commit on one dedicated thread."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable
+from importlib import resources
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from mllpd.outbox import Envelope, IOutbox, OutboxError, StoreResult
+
+__all__ = ["SQLiteOutbox", "open_database", "schema_files"]
+
+log = Logger(namespace="mllpd.outbox")
+
+
+def schema_files(dialect: str) -> list[tuple[int, str]]:
+    """The numbered schema scripts for a dialect, in order."""
+    folder = resources.files("mllpd.outbox").joinpath("schema", dialect)
+    scripts = []
+    for entry in folder.iterdir():
+        name = entry.name
+        if name.endswith(".sql"):
+            scripts.append((int(name.split("_", 1)[0]), entry.read_text("utf-8")))
+    return sorted(scripts)
+
+
+def open_database(path: str) -> sqlite3.Connection:
+    """Open (creating if needed) and migrate an outbox database.
+
+    Raises :class:`OutboxError` with a one-line reason when the file cannot
+    be opened, written or migrated.
+    """
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 5000")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if path != ":memory:" and mode.lower() != "wal":
+            raise OutboxError(f"cannot switch {path} to WAL mode (got {mode})")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        _migrate(conn)
+    except sqlite3.Error as e:
+        raise OutboxError(f"cannot open outbox {path}: {e}") from None
+    return conn
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+        )
+        row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+        current = row[0] or 0
+        scripts = schema_files("sqlite")
+        newest = scripts[-1][0] if scripts else 0
+        if current > newest:
+            raise OutboxError(
+                f"outbox schema version {current} is newer than this mllpd "
+                f"knows ({newest}); upgrade mllpd"
+            )
+        for version, script in scripts:
+            if version > current:
+                for statement in _statements(script):
+                    conn.execute(statement)
+                conn.execute("INSERT INTO schema_version VALUES (?)", (version,))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _statements(script: str) -> list[str]:
+    # executescript() would commit our transaction; split on ';' instead
+    # (the schema files hold no ';' inside strings or triggers).
+    body = "\n".join(
+        line.split("--", 1)[0] for line in script.splitlines()
+    )
+    return [s.strip() for s in body.split(";") if s.strip()]
+
+
+_INSERT = """
+INSERT INTO messages (message_id, received_at, peer, control_id, msg_type,
+    sending_app, sending_fac, version, charset, size, sha256, ack_code, payload)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+_FIND_DUPLICATE = """
+SELECT message_id FROM messages
+WHERE control_id = ? AND sending_app = ? AND sending_fac = ? AND sha256 = ?
+  AND received_at >= ?
+ORDER BY id LIMIT 1
+"""
+
+
+@implementer(IOutbox)
+class SQLiteOutbox:
+    """Stores envelopes with group commit.
+
+    While one commit runs on the outbox thread, new envelopes queue up; when
+    it returns they all go into the next transaction together. Each store's
+    Deferred fires after its transaction's COMMIT returned (WAL with
+    synchronous=FULL: the WAL is fsync'd before COMMIT returns).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        reactor: IReactorThreads,
+        *,
+        dedup_window: float = 24 * 3600.0,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = path
+        self.dedup_window = dedup_window
+        self._reactor = reactor
+        self._wall_clock = wall_clock
+        self._conn = open_database(path)
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="mllpd-outbox")
+        self._pending: list[tuple[Envelope, Deferred[StoreResult]]] = []
+        self._committing = False
+        self._closing = False
+        self._closed = False
+        self._close_waiters: list[Deferred[None]] = []
+        self.commits = 0
+        self.committed_messages = 0
+
+    def start(self) -> None:
+        self._pool.start()
+
+    def store(self, envelope: Envelope) -> Deferred[StoreResult]:
+        d: Deferred[StoreResult] = Deferred()
+        if self._closing:
+            d.errback(OutboxError("outbox is closing"))
+            return d
+        self._pending.append((envelope, d))
+        if not self._committing:
+            self._commit_next()
+        return d
+
+    def _commit_next(self) -> None:
+        batch, self._pending = self._pending, []
+        self._committing = True
+        envelopes = [e for e, _ in batch]
+        d = deferToThreadPool(self._reactor, self._pool, self._write, envelopes)
+        d.addBoth(self._committed, batch)
+
+    def _write(self, envelopes: list[Envelope]) -> list[StoreResult]:
+        conn = self._conn
+        since = self._wall_clock() - self.dedup_window
+        results: list[StoreResult] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for e in envelopes:
+                if self.dedup_window > 0:
+                    row = conn.execute(
+                        _FIND_DUPLICATE,
+                        (e.control_id, e.sending_app, e.sending_fac, e.sha256, since),
+                    ).fetchone()
+                    if row is not None:
+                        results.append(StoreResult(row[0], True))
+                        continue
+                conn.execute(
+                    _INSERT,
+                    (
+                        e.message_id, e.received_at, e.peer, e.control_id,
+                        e.msg_type, e.sending_app, e.sending_fac, e.version,
+                        e.charset, e.size, e.sha256, e.ack_code, e.payload,
+                    ),
+                )
+                results.append(StoreResult(e.message_id, False))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            raise
+        return results
+
+    def _committed(
+        self,
+        result: list[StoreResult] | Failure,
+        batch: list[tuple[Envelope, Deferred[StoreResult]]],
+    ) -> None:
+        self._committing = False
+        if isinstance(result, Failure):
+            reason = result.getErrorMessage()
+            log.error(
+                "outbox commit of {count} messages failed: {reason}",
+                event="commit_failed",
+                count=len(batch),
+                reason=reason,
+            )
+            for _, d in batch:
+                d.errback(OutboxError(reason))
+        else:
+            self.commits += 1
+            self.committed_messages += len(batch)
+            for (_, d), stored in zip(batch, result):
+                d.callback(stored)
+        if self._pending:
+            self._commit_next()
+        elif self._closing:
+            self._finish_close()
+
+    def close(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        if self._closed:
+            d.callback(None)
+            return d
+        self._close_waiters.append(d)
+        if not self._closing:
+            self._closing = True
+            if not self._committing:
+                self._finish_close()
+        return d
+
+    def _finish_close(self) -> None:
+        d = deferToThreadPool(self._reactor, self._pool, self._conn.close)
+
+        def closed(result: object) -> None:
+            self._pool.stop()
+            self._closed = True
+            waiters, self._close_waiters = self._close_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+        d.addBoth(closed)

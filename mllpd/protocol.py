@@ -1,0 +1,473 @@
+"""The MLLP server protocol and its factory.
+
+The protocol owns framing, timeouts and ordering; what a message means is the
+receiver's business. ACKs leave in the order their frames arrived, however
+the commits interleave.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections import Counter, deque
+from datetime import UTC
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IPushProducer,
+    IReactorTime,
+    ITCPTransport,
+)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mllpd.ack import REJECT, AckError, build_ack, encode_ack, should_send
+from mllpd.framing import Frame, Framer, Junk, Oversized, frame
+from mllpd.hl7 import NotHL7Error, parse_message
+from mllpd.receiver import Receiver, Reply, new_ack_id
+
+__all__ = ["MLLPServerFactory", "MLLPServerProtocol"]
+
+log = Logger(namespace="mllpd.protocol")
+
+# Frames a connection may have awaiting their ACK before we stop reading from
+# it; bounds the memory one pipelining client can take.
+MAX_PIPELINE = 64
+
+# After a NAK for a frame we refuse to read, how long the sender has to close.
+LINGER = 5.0
+
+
+def format_peer(address: Any) -> str:
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is None:
+        return str(address)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _Pending:
+    """A frame awaiting its reply, in arrival order."""
+
+    __slots__ = ("close_after", "received", "reply")
+
+    def __init__(self, received: float) -> None:
+        self.reply: Reply | None = None
+        self.received = received
+        self.close_after = False
+
+
+@implementer(IPushProducer)
+class MLLPServerProtocol(Protocol):
+    """One sender's connection: frames in, ACKs out, in order."""
+
+    factory: MLLPServerFactory
+
+    def __init__(self) -> None:
+        self.peer = "?"
+        self._framer: Framer | None = None
+        self._queue: deque[_Pending] = deque()
+        self._pause_reasons: set[str] = set()
+        self._frame_timer: IDelayedCall | None = None
+        self._idle_timer: IDelayedCall | None = None
+        self._write_timer: IDelayedCall | None = None
+        self._linger_timer: IDelayedCall | None = None
+        self._junk_logged = False
+        self._closing = False
+        self._draining = False
+        self._counted = False
+        self.lost = False
+
+    # -- connection lifecycle -------------------------------------------------
+
+    def connectionMade(self) -> None:
+        f = self.factory
+        self.peer = format_peer(self.transport.getPeer())
+        f.stats["connections_accepted"] += 1
+        if f.max_connections and f.open_connections >= f.max_connections:
+            f.stats["connections_refused"] += 1
+            log.warning(
+                "connection refused from {peer}: {open} open, MLLP_MAX_CONNECTIONS is {max}",
+                event="connection_refused", peer=self.peer,
+                open=f.open_connections, max=f.max_connections,
+            )
+            self._closing = True
+            self.transport.loseConnection()
+            return
+        self._counted = True
+        f.open_connections += 1
+        f.connections.add(self)
+        self._framer = Framer(f.max_frame_size)
+        self._set_keepalive()
+        self.transport.registerProducer(self, True)
+        log.info(
+            "connection opened from {peer}", event="connection_opened",
+            peer=self.peer, open=f.open_connections,
+        )
+        if f.draining:
+            self.drain()
+        else:
+            self._update_idle()
+
+    def _set_keepalive(self) -> None:
+        period = self.factory.keepalive_period
+        if not ITCPTransport.providedBy(self.transport):
+            return
+        try:
+            self.transport.setTcpKeepAlive(bool(period))
+            if period:
+                sock = self.transport.getHandle()
+                seconds = max(1, int(period))
+                if hasattr(socket, "TCP_KEEPIDLE"):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, seconds)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, seconds)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+        except (OSError, AttributeError):
+            pass
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self.lost = True
+        for timer in (self._frame_timer, self._idle_timer, self._write_timer, self._linger_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._frame_timer = self._idle_timer = self._write_timer = self._linger_timer = None
+        if not self._counted:
+            return
+        f = self.factory
+        f.open_connections -= 1
+        f.connections.discard(self)
+        unanswered = sum(1 for p in self._queue if p.reply is None or p.reply.ack)
+        log.info(
+            "connection closed from {peer}", event="connection_closed",
+            peer=self.peer, unanswered=unanswered, open=f.open_connections,
+        )
+        f.connection_closed(self)
+
+    # -- input ----------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._framer is None or self._closing:
+            return
+        framer = self._framer
+        for event in framer.feed(data):
+            if isinstance(event, Frame):
+                self._frame_received(event.payload)
+            elif isinstance(event, Junk):
+                self._junk(event.size)
+            elif isinstance(event, Oversized):
+                self.factory.stats["frames_oversized"] += 1
+                self._fail_frame(event.head, "oversized", f"frame larger than {self.factory.max_frame_size} bytes")
+                return
+        self._update_frame_timer()
+        self._update_idle()
+
+    def _frame_received(self, payload: bytes) -> None:
+        f = self.factory
+        f.stats["frames_ok"] += 1
+        pending = _Pending(f.clock.seconds())
+        self._queue.append(pending)
+        if len(self._queue) >= MAX_PIPELINE:
+            self._pause("pipeline")
+        d = Deferred.fromCoroutine(f.receiver.receive(payload, self.peer))
+        d.addCallback(self._replied, pending)
+        d.addErrback(self._receive_failed, pending, len(payload))
+
+    def _replied(self, reply: Reply, pending: _Pending) -> None:
+        pending.reply = reply
+        self._flush()
+
+    def _receive_failed(self, failure: Failure, pending: _Pending, size: int) -> None:
+        # The receiver turns every expected failure into a NAK; this is a bug.
+        log.failure("receiving a message failed", failure, event="receive_error", peer=self.peer)
+        nak = build_ack(
+            None, REJECT, now=self.factory.now(), ack_id=new_ack_id(),
+            error=AckError("207", "internal error; resend later"),
+        )
+        pending.reply = Reply(REJECT, "AR", encode_ack(nak, "ascii"), "", "", size)
+        self._flush()
+
+    def _junk(self, size: int) -> None:
+        self.factory.stats["junk_bytes"] += size
+        self.factory.stats["frames_junk"] += 1
+        if not self._junk_logged:
+            self._junk_logged = True
+            log.warning(
+                "discarded {size} bytes outside any frame from {peer}",
+                event="junk", peer=self.peer, size=size,
+            )
+
+    # -- output, in order -------------------------------------------------------
+
+    def _flush(self) -> None:
+        if self.lost:
+            return
+        now = self.factory.clock.seconds()
+        while self._queue and self._queue[0].reply is not None:
+            pending = self._queue.popleft()
+            reply = pending.reply
+            assert reply is not None
+            if reply.ack is not None:
+                self.transport.write(frame(reply.ack))
+            self.factory.message_done(self.peer, reply, now - pending.received)
+            if pending.close_after:
+                self._close_discarding()
+                return
+        if len(self._queue) < MAX_PIPELINE:
+            self._unpause("pipeline")
+        self._update_idle()
+
+    # -- flow control (the transport pauses us when its buffer is full) ---------
+
+    def pauseProducing(self) -> None:
+        self._pause("write")
+        timeout = self.factory.write_timeout
+        if timeout and self._write_timer is None:
+            self._write_timer = self.factory.clock.callLater(timeout, self._write_timed_out)
+
+    def resumeProducing(self) -> None:
+        if self._write_timer is not None and self._write_timer.active():
+            self._write_timer.cancel()
+        self._write_timer = None
+        self._unpause("write")
+
+    def stopProducing(self) -> None:
+        pass
+
+    def _pause(self, reason: str) -> None:
+        if not self._pause_reasons and not self.lost:
+            self.transport.pauseProducing()
+        self._pause_reasons.add(reason)
+
+    def _unpause(self, reason: str) -> None:
+        if reason in self._pause_reasons:
+            self._pause_reasons.discard(reason)
+            if not self._pause_reasons and not self.lost and not self._closing:
+                self.transport.resumeProducing()
+
+    # -- timers -----------------------------------------------------------------
+
+    def _busy(self) -> bool:
+        return bool(self._queue) or (self._framer is not None and self._framer.in_frame)
+
+    def _update_idle(self) -> None:
+        if self.lost or self._closing:
+            return
+        if self._busy():
+            if self._idle_timer is not None and self._idle_timer.active():
+                self._idle_timer.cancel()
+            self._idle_timer = None
+            return
+        if self._draining:
+            self._close_gracefully()
+            return
+        timeout = self.factory.idle_timeout
+        if timeout and self._idle_timer is None:
+            self._idle_timer = self.factory.clock.callLater(timeout, self._idle_timed_out)
+
+    def _update_frame_timer(self) -> None:
+        framer = self._framer
+        timer = self._frame_timer
+        if framer is None or not framer.in_frame or self._closing:
+            if timer is not None and timer.active():
+                timer.cancel()
+            self._frame_timer = None
+            return
+        if timer is not None and self._timed_frame == framer.frames_started:
+            return
+        if timer is not None and timer.active():
+            timer.cancel()
+        timeout = self.factory.frame_timeout
+        self._timed_frame = framer.frames_started
+        self._frame_timer = (
+            self.factory.clock.callLater(timeout, self._frame_timed_out) if timeout else None
+        )
+
+    _timed_frame = 0
+
+    def _idle_timed_out(self) -> None:
+        self._idle_timer = None
+        self.factory.stats["idle_timeouts"] += 1
+        log.info(
+            "closing idle connection from {peer}", event="idle_timeout", peer=self.peer,
+            seconds=self.factory.idle_timeout,
+        )
+        self._close_gracefully()
+
+    def _frame_timed_out(self) -> None:
+        self._frame_timer = None
+        assert self._framer is not None
+        self.factory.stats["frames_timed_out"] += 1
+        head = self._framer.partial_head()
+        self._fail_frame(head, "frame_timeout", f"frame not complete within {self.factory.frame_timeout:g}s")
+
+    def _write_timed_out(self) -> None:
+        self._write_timer = None
+        self.factory.stats["write_timeouts"] += 1
+        log.warning(
+            "closing connection from {peer}: ACKs not read for {seconds}s",
+            event="write_timeout", peer=self.peer, seconds=self.factory.write_timeout,
+            unwritten=len(self._queue),
+        )
+        self._closing = True
+        self.transport.abortConnection()
+
+    # -- closing ----------------------------------------------------------------
+
+    def _fail_frame(self, head: bytes, reason: str, text: str) -> None:
+        """NAK a frame we will not read (where its MSH survives), then close."""
+        try:
+            header = parse_message(head).header if head else None
+        except (NotHL7Error, ValueError):
+            header = None
+        log.warning(
+            "closing connection from {peer}: {reason}", event=reason, peer=self.peer,
+            reason=text, control_id=header.control_id if header else None,
+            size=self._framer.buffered if self._framer else 0,
+        )
+        self._framer = None
+        self._pause("closing")
+        if self._frame_timer is not None and self._frame_timer.active():
+            self._frame_timer.cancel()
+        self._frame_timer = None
+        pending = _Pending(self.factory.clock.seconds())
+        pending.close_after = True
+        data = None
+        if header is not None and should_send(REJECT, header):
+            nak = build_ack(
+                header, REJECT, now=self.factory.now(), ack_id=new_ack_id(),
+                error=AckError("207", text),
+            )
+            data = encode_ack(nak, "iso8859-1")
+        pending.reply = Reply(REJECT, "AR", data, header.control_id if header else "",
+                              header.type_label if header else "", len(head),
+                              AckError("207", text))
+        self._queue.append(pending)
+        self._flush()
+
+    def _stop_input(self) -> bool:
+        if self._closing or self.lost:
+            return False
+        self._closing = True
+        self._framer = None
+        for timer in (self._idle_timer, self._frame_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._idle_timer = self._frame_timer = None
+        return True
+
+    def _close_gracefully(self) -> None:
+        """Send what is written, then close."""
+        if self._stop_input():
+            self.transport.loseConnection()
+
+    def _close_discarding(self) -> None:
+        """Half-close after a NAK and read on, discarding, until the sender
+        closes: closing with its unread bytes still queued would reset the
+        connection and could destroy the NAK before the sender reads it.
+        """
+        if not self._stop_input():
+            return
+        lose_write = getattr(self.transport, "loseWriteConnection", None)
+        if lose_write is None:
+            self.transport.loseConnection()
+            return
+        lose_write()
+        self._pause_reasons.clear()
+        self.transport.resumeProducing()
+        self._linger_timer = self.factory.clock.callLater(LINGER, self.abort)
+
+    def drain(self) -> None:
+        """Finish the frame in progress and the ACKs owed, then close."""
+        self._draining = True
+        self._update_idle()
+
+    def abort(self) -> None:
+        """Close now, without ACKs for what is unanswered."""
+        if not self.lost:
+            self._closing = True
+            self.transport.abortConnection()
+
+
+class MLLPServerFactory(Factory):
+    """Shared state of all connections: limits, receiver, clock, counters."""
+
+    protocol = MLLPServerProtocol
+    noisy = False
+
+    def __init__(
+        self,
+        receiver: Receiver,
+        clock: IReactorTime,
+        *,
+        max_connections: int = 0,
+        max_frame_size: int = 2 * 1024 * 1024,
+        idle_timeout: float = 30.0,
+        frame_timeout: float = 60.0,
+        write_timeout: float = 5.0,
+        keepalive_period: float = 60.0,
+        debug: bool = False,
+    ) -> None:
+        self.receiver = receiver
+        self.clock = clock
+        self.max_connections = max_connections
+        self.max_frame_size = max_frame_size
+        self.idle_timeout = idle_timeout
+        self.frame_timeout = frame_timeout
+        self.write_timeout = write_timeout
+        self.keepalive_period = keepalive_period
+        self.debug = debug
+        self.open_connections = 0
+        self.connections: set[MLLPServerProtocol] = set()
+        self.stats: Counter[str] = Counter()
+        self.acks: Counter[tuple[str, str]] = Counter()
+        self.draining = False
+        self._all_closed: list[Deferred[None]] = []
+
+    def now(self) -> Any:
+        from datetime import datetime
+
+        return datetime.fromtimestamp(self.clock.seconds(), UTC)
+
+    def message_done(self, peer: str, reply: Reply, latency: float) -> None:
+        self.acks[(reply.msg_type.split("^", 1)[0], reply.code)] += 1
+        if reply.error is not None:
+            log.info(
+                "{code} to {peer} for {msg_type} {control_id}: {reason}",
+                event="nak", peer=peer, code=reply.code, msg_type=reply.msg_type,
+                control_id=reply.control_id, size=reply.size, reason=reply.error.text,
+                err_code=reply.error.code, sent=reply.ack is not None,
+            )
+        elif self.debug:
+            log.debug(
+                "{code} to {peer} for {msg_type} {control_id}",
+                event="message", peer=peer, code=reply.code, msg_type=reply.msg_type,
+                control_id=reply.control_id, size=reply.size, duplicate=reply.duplicate,
+                latency_ms=round(latency * 1000, 3), sent=reply.ack is not None,
+            )
+
+    def connection_closed(self, proto: MLLPServerProtocol) -> None:
+        if not self.connections:
+            waiters, self._all_closed = self._all_closed, []
+            for d in waiters:
+                d.callback(None)
+
+    def drain(self) -> Deferred[None]:
+        """Ask every connection to finish and close; fires when all are closed."""
+        self.draining = True
+        d: Deferred[None] = Deferred()
+        if not self.connections:
+            d.callback(None)
+            return d
+        self._all_closed.append(d)
+        for proto in list(self.connections):
+            proto.drain()
+        return d
+
+    def abort_all(self) -> int:
+        remaining = list(self.connections)
+        for proto in remaining:
+            proto.abort()
+        return len(remaining)
