@@ -9,7 +9,6 @@ since 0x0B never occurs in HL7 text.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 __all__ = [
     "END_BLOCK",
@@ -49,7 +48,7 @@ class Oversized:
     head: bytes
 
 
-Event = Union[Frame, Junk, Oversized]
+Event = Frame | Junk | Oversized
 
 
 def frame(payload: bytes) -> bytes:

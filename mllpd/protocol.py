@@ -89,7 +89,7 @@ class MLLPServerProtocol(Protocol):
         f.stats["connections_accepted"] += 1
         if f.max_connections and f.open_connections >= f.max_connections:
             f.stats["connections_refused"] += 1
-            log.warning(
+            log.warn(
                 "connection refused from {peer}: {open} open, MLLP_MAX_CONNECTIONS is {max}",
                 event="connection_refused", peer=self.peer,
                 open=f.open_connections, max=f.max_connections,
@@ -128,7 +128,7 @@ class MLLPServerProtocol(Protocol):
         except (OSError, AttributeError):
             pass
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self.lost = True
         for timer in (self._frame_timer, self._idle_timer, self._write_timer, self._linger_timer):
             if timer is not None and timer.active():
@@ -194,7 +194,7 @@ class MLLPServerProtocol(Protocol):
         self.factory.stats["frames_junk"] += 1
         if not self._junk_logged:
             self._junk_logged = True
-            log.warning(
+            log.warn(
                 "discarded {size} bytes outside any frame from {peer}",
                 event="junk", peer=self.peer, size=size,
             )
@@ -306,7 +306,7 @@ class MLLPServerProtocol(Protocol):
     def _write_timed_out(self) -> None:
         self._write_timer = None
         self.factory.stats["write_timeouts"] += 1
-        log.warning(
+        log.warn(
             "closing connection from {peer}: ACKs not read for {seconds}s",
             event="write_timeout", peer=self.peer, seconds=self.factory.write_timeout,
             unwritten=len(self._queue),
@@ -322,7 +322,7 @@ class MLLPServerProtocol(Protocol):
             header = parse_message(head).header if head else None
         except (NotHL7Error, ValueError):
             header = None
-        log.warning(
+        log.warn(
             "closing connection from {peer}: {reason}", event=reason, peer=self.peer,
             reason=text, control_id=header.control_id if header else None,
             size=self._framer.buffered if self._framer else 0,

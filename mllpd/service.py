@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import (
     IListeningPort,
     IReactorTime,
@@ -90,9 +90,9 @@ class MLLPService(Service):
         try:
             await drained
             timer.cancel()
-        except Exception:
+        except CancelledError:
             aborted = self.factory.abort_all()
-            log.warning(
+            log.warn(
                 "aborted {count} connections still busy after {timeout}s",
                 event="shutdown_abort", count=aborted, timeout=self.shutdown_timeout,
             )

@@ -206,7 +206,7 @@ class SQLiteOutbox:
         else:
             self.commits += 1
             self.committed_messages += len(batch)
-            for (_, d), stored in zip(batch, result):
+            for (_, d), stored in zip(batch, result, strict=True):
                 d.callback(stored)
         if self._pending:
             self._commit_next()
