@@ -167,6 +167,7 @@ class MLLPServerProtocol(Protocol):
     def _frame_received(self, payload: bytes) -> None:
         f = self.factory
         f.stats["frames_ok"] += 1
+        self._cancel_idle()
         pending = _Pending(f.clock.seconds())
         self._queue.append(pending)
         if len(self._queue) >= MAX_PIPELINE:
@@ -256,9 +257,7 @@ class MLLPServerProtocol(Protocol):
         if self.lost or self._closing:
             return
         if self._busy():
-            if self._idle_timer is not None and self._idle_timer.active():
-                self._idle_timer.cancel()
-            self._idle_timer = None
+            self._cancel_idle()
             return
         if self._draining:
             self._close_gracefully()
@@ -266,6 +265,13 @@ class MLLPServerProtocol(Protocol):
         timeout = self.factory.idle_timeout
         if timeout and self._idle_timer is None:
             self._idle_timer = self.factory.clock.callLater(timeout, self._idle_timed_out)
+
+    def _cancel_idle(self) -> None:
+        # Only frames are activity: junk trickling in does not keep a
+        # connection alive.
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.cancel()
+        self._idle_timer = None
 
     def _update_frame_timer(self) -> None:
         framer = self._framer

@@ -129,6 +129,7 @@ class SQLiteOutbox:
         self._committing = False
         self._closing = False
         self._closed = False
+        self._shutting = False
         self._close_waiters: list[Deferred[None]] = []
         self.commits = 0
         self.committed_messages = 0
@@ -226,6 +227,10 @@ class SQLiteOutbox:
         return d
 
     def _finish_close(self) -> None:
+        # Reentrant: a store's callback may call close() from inside _committed.
+        if self._shutting:
+            return
+        self._shutting = True
         d = deferToThreadPool(self._reactor, self._pool, self._conn.close)
 
         def closed(result: object) -> None:

@@ -1,0 +1,174 @@
+"""The SQLite outbox on real files: durability, group commit, duplicates, failures."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import tempfile
+import uuid
+
+from twisted.internet import defer, reactor
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from mllpd.outbox import Envelope, OutboxError
+from mllpd.outbox.sqlite import SQLiteOutbox, open_database, schema_files
+
+
+def envelope(control_id: str, payload: bytes | None = None, received_at: float = 1000.0) -> Envelope:
+    body = payload if payload is not None else f"MSH|^~\\&|A|B|C|D|||ADT^A01|{control_id}|P|2.5\r".encode()
+    return Envelope(
+        message_id=uuid.uuid4().hex,
+        received_at=received_at,
+        peer="127.0.0.1:5000",
+        control_id=control_id,
+        msg_type="ADT^A01",
+        sending_app="A",
+        sending_fac="B",
+        version="2.5",
+        charset=None,
+        sha256=hashlib.sha256(body).hexdigest(),
+        ack_code="AA",
+        payload=body,
+    )
+
+
+def temp_db(case: SynchronousTestCase) -> str:
+    folder = tempfile.mkdtemp(prefix="mllpd-outbox-")
+    case.addCleanup(_rmtree, folder)
+    return os.path.join(folder, "outbox.db")
+
+
+def _rmtree(folder: str) -> None:
+    for name in os.listdir(folder):
+        os.remove(os.path.join(folder, name))
+    os.rmdir(folder)
+
+
+def rows(path: str) -> list[tuple[str, bytes]]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("SELECT control_id, payload FROM messages ORDER BY id").fetchall()
+    finally:
+        conn.close()
+
+
+class OutboxTests(TestCase):
+    def open(self, path: str, **kw: object) -> SQLiteOutbox:
+        outbox = SQLiteOutbox(path, reactor, **kw)  # type: ignore[arg-type]
+        outbox.start()
+        self.addCleanup(outbox.close)
+        return outbox
+
+    async def test_stored_bytes_survive_reopen(self) -> None:
+        """What the store confirmed is in the file, byte for byte, for a new reader."""
+        path = temp_db(self)
+        outbox = self.open(path)
+        payload = b"MSH|^~\\&|A|B|C|D|||ADT^A01|X1|P|2.5\rPID|1||\xe9\x00\xff\r"
+        result = await outbox.store(envelope("X1", payload))
+        self.assertFalse(result.duplicate)
+        self.assertEqual(rows(path), [("X1", payload)])
+
+    async def test_group_commit(self) -> None:
+        """Messages arriving during a commit share the next one: 200 stores, far fewer commits."""
+        outbox = self.open(temp_db(self))
+        results = await defer.gatherResults(
+            [outbox.store(envelope(f"G{i}")) for i in range(200)]
+        )
+        self.assertEqual(len(results), 200)
+        self.assertEqual(outbox.committed_messages, 200)
+        self.assertLessEqual(outbox.commits, 2)
+
+    async def test_duplicate_within_window(self) -> None:
+        """The same MSH-3/4/10 and payload within the window is recognised, not stored twice."""
+        now = [5000.0]
+        path = temp_db(self)
+        outbox = self.open(path, dedup_window=3600.0, wall_clock=lambda: now[0])
+        first = await outbox.store(envelope("D1", received_at=now[0]))
+        again = await outbox.store(envelope("D1", received_at=now[0]))
+        self.assertTrue(again.duplicate)
+        self.assertEqual(again.message_id, first.message_id)
+        changed = await outbox.store(envelope("D1", b"MSH|^~\\&|A|B|C|D|||ADT^A01|D1|P|2.5\rPID|2\r"))
+        self.assertFalse(changed.duplicate, "same control id, different content is a new message")
+        now[0] += 3601
+        late = await outbox.store(envelope("D1", received_at=now[0]))
+        self.assertFalse(late.duplicate)
+        self.assertEqual(len(rows(path)), 3)
+
+    async def test_duplicate_off(self) -> None:
+        """MLLP_DEDUP_WINDOW=0 stores every copy."""
+        path = temp_db(self)
+        outbox = self.open(path, dedup_window=0)
+        await outbox.store(envelope("D1"))
+        again = await outbox.store(envelope("D1"))
+        self.assertFalse(again.duplicate)
+        self.assertEqual(len(rows(path)), 2)
+
+    async def test_disk_full_fails_store(self) -> None:
+        """When the database cannot grow, stores fail (so the sender gets AR) and none is half-kept."""
+        path = temp_db(self)
+        outbox = self.open(path)
+        await outbox.store(envelope("F0"))
+        conn = sqlite3.connect(path)
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.close()
+        # SQLite's own limit makes it answer SQLITE_FULL exactly as on a full disk.
+        outbox._conn.execute(f"PRAGMA max_page_count = {pages}")
+        big = b"MSH|^~\\&|A|B|C|D|||ADT^A01|F1|P|2.5\r" + b"x" * 200_000
+        with self.assertRaises(OutboxError):
+            await outbox.store(envelope("F1", big))
+        self.assertEqual([r[0] for r in rows(path)], ["F0"])
+        outbox._conn.execute("PRAGMA max_page_count = 1073741823")
+        stored = await outbox.store(envelope("F2"))
+        self.assertFalse(stored.duplicate)
+
+    async def test_close_waits_for_commit(self) -> None:
+        """close() lets commits in progress finish; a store after close fails."""
+        path = temp_db(self)
+        outbox = SQLiteOutbox(path, reactor)
+        outbox.start()
+        pending = [outbox.store(envelope(f"C{i}")) for i in range(10)]
+        await outbox.close()
+        results = await defer.gatherResults(pending)
+        self.assertEqual(len(results), 10)
+        self.assertEqual(len(rows(path)), 10)
+        with self.assertRaises(OutboxError):
+            await outbox.store(envelope("late"))
+
+
+class SchemaTests(SynchronousTestCase):
+    def test_schema_versioned(self) -> None:
+        """A new file records every schema version it applied; reopening applies none twice."""
+        path = temp_db(self)
+        open_database(path).close()
+        open_database(path).close()
+        conn = sqlite3.connect(path)
+        versions = [r[0] for r in conn.execute("SELECT version FROM schema_version")]
+        conn.close()
+        self.assertEqual(versions, [v for v, _ in schema_files("sqlite")])
+
+    def test_wal_and_full_sync(self) -> None:
+        """The outbox runs in WAL mode with synchronous=FULL."""
+        conn = open_database(temp_db(self))
+        self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone()[0], "wal")
+        self.assertEqual(conn.execute("PRAGMA synchronous").fetchone()[0], 2)
+        conn.close()
+
+    def test_newer_schema_refused(self) -> None:
+        """A file written by a newer mllpd is refused with a clear reason, not altered."""
+        path = temp_db(self)
+        open_database(path).close()
+        conn = sqlite3.connect(path)
+        conn.execute("INSERT INTO schema_version VALUES (999)")
+        conn.commit()
+        conn.close()
+        with self.assertRaises(OutboxError) as ctx:
+            open_database(path)
+        self.assertIn("newer", str(ctx.exception))
+
+    def test_unopenable_path(self) -> None:
+        """A path in a missing directory fails with one line naming the file."""
+        with self.assertRaises(OutboxError) as ctx:
+            open_database("/nonexistent-dir/sub/outbox.db")
+        self.assertIn("/nonexistent-dir/sub/outbox.db", str(ctx.exception))
+        self.assertNotIn("\n", str(ctx.exception))
