@@ -1,0 +1,124 @@
+"""Settings: Go durations, sizes, addresses, precedence and one-line errors."""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from mllpd.config import (
+    SETTINGS,
+    ConfigError,
+    load_settings,
+    parse_duration,
+    parse_listen_address,
+    parse_size,
+)
+
+
+class DurationTests(SynchronousTestCase):
+    def test_go_syntax(self) -> None:
+        """Durations read as in the manifests: 250ms, 5s, 1h30m, 1.5s, 0."""
+        cases = {"250ms": 0.25, "5s": 5, "1h30m": 5400, "1.5s": 1.5, "0": 0, "2m3s": 123, "500us": 0.0005}
+        for text, seconds in cases.items():
+            self.assertAlmostEqual(parse_duration(text), seconds)
+
+    def test_rejects(self) -> None:
+        """A bare number other than 0, a unit alone or junk is not a duration."""
+        for text in ("5", "s", "5 s", "-5s", "5d", "", "1h30"):
+            with self.assertRaises(ValueError, msg=text):
+                parse_duration(text)
+
+
+class SizeTests(SynchronousTestCase):
+    def test_sizes(self) -> None:
+        """Sizes take binary and decimal units or plain bytes."""
+        cases = {"2MiB": 2 * 1024**2, "512KiB": 512 * 1024, "1048576": 1048576, "5GiB": 5 * 1024**3, "1MB": 10**6}
+        for text, size in cases.items():
+            self.assertEqual(parse_size(text), size)
+
+    def test_rejects(self) -> None:
+        """Unknown units and junk are refused."""
+        for text in ("2 parsecs", "MiB", "", "-1"):
+            with self.assertRaises(ValueError, msg=text):
+                parse_size(text)
+
+
+class AddressTests(SynchronousTestCase):
+    def test_forms(self) -> None:
+        """host:port, :port, a bare port and endpoint strings all become endpoints."""
+        cases = {
+            ":2575": "tcp:2575",
+            "2575": "tcp:2575",
+            "127.0.0.1:2575": "tcp:2575:interface=127.0.0.1",
+            "[::1]:2575": "tcp6:2575:interface=\\:\\:1",
+            "tcp:2575:interface=127.0.0.1": "tcp:2575:interface=127.0.0.1",
+            "unix:/run/mllp.sock": "unix:/run/mllp.sock",
+        }
+        for text, endpoint in cases.items():
+            self.assertEqual(parse_listen_address(text), endpoint)
+
+    def test_rejects(self) -> None:
+        """Out-of-range ports and unknown endpoint types are refused."""
+        for text in ("99999", "host:99999", "bogus:thing:here", ""):
+            with self.assertRaises(ValueError, msg=text):
+                parse_listen_address(text)
+
+
+class LoadTests(SynchronousTestCase):
+    def test_defaults(self) -> None:
+        """With nothing set, the SPEC's defaults apply."""
+        s = load_settings({}, {})
+        self.assertEqual(s.port, "tcp:2575")
+        self.assertEqual(s.idle_timeout, 30)
+        self.assertEqual(s.frame_timeout, 60)
+        self.assertEqual(s.write_timeout, 5)
+        self.assertEqual(s.max_frame_size, 2 * 1024 * 1024)
+        self.assertEqual(s.keepalive_period, 60)
+        self.assertEqual(s.db_path, "outbox.db")
+        self.assertEqual(s.dedup_window, 24 * 3600)
+        self.assertEqual(s.max_connections, 0)
+        self.assertEqual(s.log_level, "info")
+        self.assertIsNone(s.default_charset)
+
+    def test_option_beats_env_beats_default(self) -> None:
+        """An option beats the environment, which beats the default."""
+        env = {"MLLP_IDLE_TIMEOUT": "10s", "MLLP_FRAME_TIMEOUT": "20s"}
+        s = load_settings(env, {"idle_timeout": "1s", "frame_timeout": None})
+        self.assertEqual(s.idle_timeout, 1)
+        self.assertEqual(s.frame_timeout, 20)
+        self.assertEqual(s.write_timeout, 5)
+
+    def test_pod_identity(self) -> None:
+        """POD_NAME and POD_NAMESPACE come from the environment."""
+        s = load_settings({"POD_NAME": "mllpd-0", "POD_NAMESPACE": "healthcare-prod"}, {})
+        self.assertEqual((s.pod_name, s.pod_namespace), ("mllpd-0", "healthcare-prod"))
+
+    def test_error_names_variable(self) -> None:
+        """Each bad value fails with one line naming the variable and what it accepts."""
+        bad = {
+            "MLLP_ADDR": "nowhere",
+            "MLLP_MAX_CONNECTIONS": "many",
+            "MLLP_IDLE_TIMEOUT": "30",
+            "MLLP_FRAME_TIMEOUT": "1 minute",
+            "MLLP_WRITE_TIMEOUT": "x",
+            "MLLP_MAX_FRAME_SIZE": "0",
+            "MLLP_KEEPALIVE_PERIOD": "yes",
+            "MLLP_DEFAULT_CHARSET": "KLINGON",
+            "MLLP_DEDUP_WINDOW": "a day",
+            "MLLP_VALIDATE": "everything",
+            "SHUTDOWN_TIMEOUT": "soon",
+            "LOG_LEVEL": "loud",
+        }
+        self.assertEqual(set(bad) | {"MLLP_DB_PATH"}, {s.variable for s in SETTINGS})
+        for variable, value in bad.items():
+            with self.assertRaises(ConfigError, msg=variable) as ctx:
+                load_settings({variable: value}, {})
+            text = str(ctx.exception)
+            self.assertTrue(text.startswith(variable + ": "), text)
+            self.assertIn("expected", text)
+            self.assertNotIn("\n", text)
+
+    def test_error_names_option(self) -> None:
+        """A bad command-line value is reported under its option name."""
+        with self.assertRaises(ConfigError) as ctx:
+            load_settings({}, {"max_frame_size": "lots"})
+        self.assertTrue(str(ctx.exception).startswith("--max-frame-size: "))

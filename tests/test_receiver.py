@@ -1,0 +1,137 @@
+"""Receiver: which code each message gets and what is stored."""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from mllpd.ack import AckError
+from mllpd.hl7 import Message
+from mllpd.receiver import Receiver, Reply
+from mllpd.testing import MemoryOutbox
+
+
+def msh(control_id: str = "C1", version: str = "2.5", msh15: str = "", msh18: str = "") -> str:
+    tail = ""
+    if msh15 or msh18:
+        tail = f"|||{msh15}|||{msh18}"
+    return f"MSH|^~\\&|LAB^1.2^ISO|HOSP|EHR|HOSP|20260101||ADT^A01^ADT_A01|{control_id}|P|{version}{tail}\r"
+
+
+class ReceiverTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        self.outbox = MemoryOutbox()
+        self.receiver = Receiver(self.outbox, self.clock, ack_id=lambda: "ACKID")
+
+    def receive(self, payload: bytes, receiver: Receiver | None = None) -> Reply:
+        r = receiver or self.receiver
+        return self.successResultOf(Deferred.fromCoroutine(r.receive(payload, "10.1.1.1:999")))
+
+    def test_accept_stores_exact_bytes(self) -> None:
+        """AA only for a stored message, and the stored bytes are exactly the received ones."""
+        payload = (msh() + "PID|1||123\n").encode()
+        reply = self.receive(payload)
+        self.assertEqual(reply.code, "AA")
+        stored = self.outbox.stored[0]
+        self.assertEqual(stored.payload, payload)
+        self.assertEqual((stored.control_id, stored.msg_type, stored.peer), ("C1", "ADT^A01", "10.1.1.1:999"))
+        self.assertEqual(stored.sending_app, "LAB^1.2^ISO")
+
+    def test_duplicate_acked_not_stored(self) -> None:
+        """A resent message is acknowledged again but stored once."""
+        payload = msh().encode()
+        self.assertEqual(self.receive(payload).code, "AA")
+        again = self.receive(payload)
+        self.assertEqual(again.code, "AA")
+        self.assertTrue(again.duplicate)
+        self.assertEqual(len(self.outbox.stored), 1)
+
+    def test_required_fields(self) -> None:
+        """Missing MSH-9, MSH-10 or MSH-12 gives AE 101 naming the field; nothing is stored."""
+        cases = {
+            "MSH|^~\\&|A|B|C|D|||ADT^A01||P|2.5\r": "MSH-10",
+            "MSH|^~\\&|A|B|C|D||||C1|P|2.5\r": "MSH-9",
+            "MSH|^~\\&|A|B|C|D|||ADT^A01|C1|P|\r": "MSH-12",
+        }
+        for text, field in cases.items():
+            reply = self.receive(text.encode())
+            self.assertEqual(reply.code, "AE", text)
+            assert reply.error is not None and reply.ack is not None
+            self.assertEqual(reply.error.code, "101")
+            self.assertIn(field, reply.error.text)
+            self.assertIn(b"ERR|", reply.ack)
+        self.assertEqual(self.outbox.stored, [])
+
+    def test_unsupported_version(self) -> None:
+        """A version other than 2.x gets AR 203."""
+        reply = self.receive(msh(version="3.0").encode())
+        self.assertEqual(reply.code, "AR")
+        assert reply.error is not None
+        self.assertEqual(reply.error.code, "203")
+
+    def test_enhanced_mode(self) -> None:
+        """MSH-15 valued: CA on acceptance; NE sends nothing; ER answers only errors."""
+        self.assertEqual(self.receive(msh("E1", msh15="AL").encode()).code, "CA")
+        ne = self.receive(msh("E2", msh15="NE").encode())
+        self.assertEqual((ne.code, ne.ack), ("CA", None))
+        er = self.receive(msh("E3", msh15="ER").encode())
+        self.assertIsNone(er.ack)
+        er_bad = self.receive(msh("", msh15="ER").encode())
+        self.assertEqual(er_bad.code, "CE")
+        self.assertIsNotNone(er_bad.ack)
+        self.assertEqual(len(self.outbox.stored), 3)
+
+    def test_unknown_charset(self) -> None:
+        """An unknown MSH-18 gets AE 103 and is not stored."""
+        reply = self.receive(msh(msh18="EBCDIC-ISH").encode())
+        self.assertEqual(reply.code, "AE")
+        assert reply.error is not None
+        self.assertEqual(reply.error.code, "103")
+        self.assertEqual(self.outbox.stored, [])
+
+    def test_invalid_bytes_for_charset(self) -> None:
+        """Bytes that are not valid in the declared charset get AE 102, with no bytes quoted."""
+        payload = msh(msh18="UNICODE UTF-8").encode() + b"PID|1||\xff\xfe\r"
+        reply = self.receive(payload)
+        self.assertEqual(reply.code, "AE")
+        assert reply.error is not None and reply.ack is not None
+        self.assertEqual(reply.error.code, "102")
+        self.assertNotIn(b"\xff", reply.ack)
+
+    def test_default_charset(self) -> None:
+        """MLLP_DEFAULT_CHARSET decodes messages whose MSH-18 is empty; the ACK uses it too."""
+        receiver = Receiver(self.outbox, self.clock, default_charset="UNICODE UTF-8")
+        payload = "MSH|^~\\&|LABé|HOSP|EHR|HOSP|20260101||ADT^A01|U1|P|2.5\r".encode()
+        reply = self.receive(payload, receiver)
+        self.assertEqual(reply.code, "AA")
+        assert reply.ack is not None
+        self.assertIn("MSH|^~\\&|EHR|HOSP|LABé|HOSP|".encode(), reply.ack)
+
+    def test_ack_in_message_charset(self) -> None:
+        """An 8859/1 message gets its ACK in 8859/1 (MSH-3/5 swapped, bytes intact)."""
+        payload = "MSH|^~\\&|CAFÉ|HOSP|EHR|HOSP|20260101||ADT^A01|L1|P|2.5||||||8859/1\r".encode("latin-1")
+        reply = self.receive(payload)
+        assert reply.ack is not None
+        self.assertIn("|EHR|HOSP|CAFÉ|HOSP|".encode("latin-1"), reply.ack)
+        self.assertTrue(reply.ack.endswith(b"|8859/1\rMSA|AA|L1\r"))
+
+    def test_not_accepting_gives_ar(self) -> None:
+        """While shutting down, new messages get AR so the sender resends elsewhere."""
+        self.receiver.accepting = False
+        reply = self.receive(msh().encode())
+        self.assertEqual(reply.code, "AR")
+        self.assertEqual(self.outbox.stored, [])
+
+    def test_structure_validator(self) -> None:
+        """A structure validator's error becomes AE and the message is not stored."""
+
+        def invalid(message: Message) -> Deferred[AckError | None]:
+            return succeed(AckError("100", "structure invalid: ValidationError"))
+
+        receiver = Receiver(self.outbox, self.clock, validator=invalid)
+        reply = self.receive(msh().encode(), receiver)
+        self.assertEqual(reply.code, "AE")
+        self.assertEqual(self.outbox.stored, [])
