@@ -51,12 +51,36 @@ _NOTE = (
 )
 
 
+def _note_segments(room: int, first_id: int) -> str | None:
+    """OBX|TX note segments totalling exactly ``room`` bytes (None if impossible).
+
+    Each note text stays within 199 characters (ST length in v2.5)."""
+    out: list[str] = []
+    set_id = first_id
+    while room > 0 and len(out) < 100_000:
+        head = f"OBX|{set_id}|TX|11492-6^History and physical note^LN||"
+        tail = "||||||F\r"
+        overhead = len(head) + len(tail)
+        if room < overhead + 10:
+            return None
+        n = min(199, room - overhead)
+        rest = room - overhead - n
+        if 0 < rest < overhead + 12:  # leave enough for one more segment
+            n -= overhead + 12 - rest
+        text = (_NOTE * (n // len(_NOTE) + 1))[:n]
+        out.append(head + text + tail)
+        room -= overhead + n
+        set_id += 1
+    return "".join(out) if room == 0 else None
+
+
 def build_template(size: int, ts: str) -> tuple[bytes, bytes]:
     """Return (prefix, suffix) so that ``prefix + ctrl_id + suffix`` is an
-    ADT^A01 of exactly ``size`` bytes (or the minimal message if larger)."""
+    HL7 v2.5 ADT^A01 of exactly ``size`` bytes, or the smallest one we build
+    (about 600 bytes) if ``size`` is below that."""
     msh_head = f"MSH|^~\\&|LOADGEN|BENCH|MLLPD|HOSPITAL|{ts}||ADT^A01^ADT_A01|"
     msh_tail = "|P|2.5"
-    segs = [
+    core = [
         f"EVN|A01|{ts}|||OPERATOR^SMITH^JANE",
         (
             "PID|1||MRN00482913^^^HOSP^MR||DOE^JOHN^QUINCY^^^^L||19800101|M|||"
@@ -72,19 +96,20 @@ def build_template(size: int, ts: str) -> tuple[bytes, bytes]:
             "5678^REFER^BOB^^^DR||MED||||7|||1234^ATTEND^ALICE^^^DR|IN||SELF"
             f"|||||||||||||||||||HOSP||ADM|||{ts}"
         ),
+    ]
+    vitals = [
         f"OBX|1|NM|8867-4^Heart rate^LN||72|/min^beats per minute^UCUM|60-100|N|||F|||{ts}",
         f"OBX|2|NM|8480-6^Systolic blood pressure^LN||128|mm[Hg]^mmHg^UCUM|90-140|N|||F|||{ts}",
         f"OBX|3|NM|8462-4^Diastolic blood pressure^LN||82|mm[Hg]^mmHg^UCUM|60-90|N|||F|||{ts}",
         f"OBX|4|NM|8310-5^Body temperature^LN||36.9|Cel^degree Celsius^UCUM|36.1-37.2|N|||F|||{ts}",
     ]
-    suffix = msh_tail + "\r" + "\r".join(segs) + "\r"
-    base = len(msh_head) + CTRL_ID_LEN + len(suffix)
-    note_head = "OBX|5|TX|11492-6^History and physical note^LN||"
-    note_tail = "||||||F\r"
-    room = size - base - len(note_head) - len(note_tail)
-    if room > 0:
-        text = (_NOTE * (room // len(_NOTE) + 1))[:room]
-        suffix += note_head + text + note_tail
+    suffix = ""
+    for nv in range(len(vitals), -1, -1):
+        suffix = msh_tail + "\r" + "\r".join(core + vitals[:nv]) + "\r"
+        notes = _note_segments(size - len(msh_head) - CTRL_ID_LEN - len(suffix), nv + 1)
+        if notes is not None:
+            suffix += notes
+            break
     return msh_head.encode("ascii"), suffix.encode("ascii")
 
 

@@ -8,6 +8,7 @@ the commits interleave.
 from __future__ import annotations
 
 import socket
+from datetime import datetime, timezone
 from collections import Counter, deque
 from datetime import UTC
 from typing import Any
@@ -65,6 +66,8 @@ class MLLPServerProtocol(Protocol):
     """One sender's connection: frames in, ACKs out, in order."""
 
     factory: MLLPServerFactory
+    # TCP, TLS or (in unit tests) StringTransport: all producers with abort.
+    transport: Any
 
     def __init__(self) -> None:
         self.peer = "?"
@@ -114,12 +117,13 @@ class MLLPServerProtocol(Protocol):
 
     def _set_keepalive(self) -> None:
         period = self.factory.keepalive_period
-        if not ITCPTransport.providedBy(self.transport):
+        transport: Any = self.transport
+        if not ITCPTransport.providedBy(transport):
             return
         try:
-            self.transport.setTcpKeepAlive(bool(period))
+            transport.setTcpKeepAlive(bool(period))
             if period:
-                sock = self.transport.getHandle()
+                sock = transport.getHandle()
                 seconds = max(1, int(period))
                 if hasattr(socket, "TCP_KEEPIDLE"):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, seconds)
@@ -400,7 +404,7 @@ class MLLPServerProtocol(Protocol):
 class MLLPServerFactory(Factory):
     """Shared state of all connections: limits, receiver, clock, counters."""
 
-    protocol = MLLPServerProtocol
+    protocol = MLLPServerProtocol  # type: ignore[assignment]
     noisy = False
 
     def __init__(

@@ -29,7 +29,7 @@ class ListenError(Exception):
 class MLLPService(Service):
     """Owns the listening port, the connections' factory and the outbox."""
 
-    name = "mllp"
+    name = "mllp"  # type: ignore[assignment]
 
     def __init__(
         self,
@@ -78,7 +78,9 @@ class MLLPService(Service):
 
     async def _shutdown(self) -> None:
         if self.port is not None:
-            await self.port.stopListening()
+            stopped = self.port.stopListening()
+            if stopped is not None:
+                await stopped
             log.info("stopped listening", event="shutdown_stop_listening")
         open_now = len(self.factory.connections)
         log.info(

@@ -76,7 +76,9 @@ def makeService(options: Any) -> IService:
     except (ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"mllpd: MLLP_ADDR: invalid endpoint {settings.port!r}: {e}") from None
     try:
-        outbox = SQLiteOutbox(settings.db_path, reactor, dedup_window=settings.dedup_window)
+        outbox = SQLiteOutbox(
+            settings.db_path, reactor, dedup_window=settings.dedup_window  # type: ignore[arg-type]
+        )
     except OutboxError as e:
         raise SystemExit(f"mllpd: MLLP_DB_PATH: {e}") from None
     receiver = Receiver(
