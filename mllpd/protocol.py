@@ -8,9 +8,8 @@ the commits interleave.
 from __future__ import annotations
 
 import socket
-from datetime import datetime, timezone
 from collections import Counter, deque
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -123,7 +122,7 @@ class MLLPServerProtocol(Protocol):
         try:
             transport.setTcpKeepAlive(bool(period))
             if period:
-                sock = transport.getHandle()
+                sock = transport.getHandle()  # type: ignore[attr-defined]
                 seconds = max(1, int(period))
                 if hasattr(socket, "TCP_KEEPIDLE"):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, seconds)
@@ -436,9 +435,7 @@ class MLLPServerFactory(Factory):
         self.draining = False
         self._all_closed: list[Deferred[None]] = []
 
-    def now(self) -> Any:
-        from datetime import datetime
-
+    def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.seconds(), UTC)
 
     def message_done(self, peer: str, reply: Reply, latency: float) -> None:
