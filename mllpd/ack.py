@@ -90,6 +90,17 @@ def should_send(outcome: str, header: Header | None) -> bool:
     return True
 
 
+def _escaped_prefix(text: str, header: Header, limit: int) -> str:
+    """The longest escaped prefix of ``text`` that fits ``limit``, never half a sequence."""
+    out = ""
+    for char in text:
+        piece = escape(char, header)
+        if len(out) + len(piece) > limit:
+            break
+        out += piece
+    return out
+
+
 def _hl7_timestamp(now: datetime) -> str:
     stamp = now.strftime("%Y%m%d%H%M%S")
     offset = now.strftime("%z")
@@ -139,6 +150,9 @@ def build_ack(
     then uses standard delimiters and version 2.5.
     """
     h = header if header is not None else DEFAULT_HEADER
+    if outcome != ACCEPT and error is None:
+        # AE/AR always carry an ERR segment (HL7 v2 chapter 2).
+        error = AckError("207", TABLE_0357["207"])
     fs = h.field_sep
     version = version_tuple(h.version) or (2, 5)
     code = ack_code(outcome, header)
@@ -160,7 +174,7 @@ def build_ack(
         msh += ["", "", "", "", "", h.field(18)]
     msa = ["MSA", code, h.control_id]
     if error is not None and version < (2, 7):
-        msa.append(escape(error.text, h)[:80])
+        msa.append(_escaped_prefix(error.text, h, 80))
     segments = [fs.join(msh), fs.join(msa)]
     if error is not None:
         segments.append(_err_segment(h, version, error))

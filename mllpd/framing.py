@@ -122,7 +122,7 @@ class Framer:
                     events.append(self._overflow())
                 break
             if end > self.max_size:
-                events.append(self._overflow())
+                events.append(self._overflow(end))
                 break
             events.append(Frame(bytes(buf[:end])))
             del buf[: end + len(END_BLOCK)]
@@ -130,8 +130,8 @@ class Framer:
             self._scan = 0
         return events
 
-    def _overflow(self) -> Oversized:
-        head = bytes(self._buf[:SALVAGE_BYTES])
+    def _overflow(self, end: int = SALVAGE_BYTES) -> Oversized:
+        head = bytes(self._buf[: min(end, SALVAGE_BYTES)])
         self._buf = bytearray()
         self._in_frame = False
         self.broken = True

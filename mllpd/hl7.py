@@ -179,9 +179,22 @@ def _read_header(line: str) -> Header:
 
 
 def _bytes_header(payload: bytes) -> Header:
-    # MSH-1..MSH-18 are ASCII in every ASCII-compatible charset; latin-1 maps
-    # bytes one to one so delimiters are found wherever they are.
-    return _read_header(_first_line(payload.decode("latin-1")))
+    # latin-1 maps bytes one to one so delimiters are found wherever they are.
+    line = _first_line(payload.decode("latin-1"))
+    header = _read_header(line)
+    raw = line.encode("latin-1")
+    if not raw.isascii():
+        # A Big-5 or GB 18030 trail byte can be '|' and shift every later
+        # field: trust a double-byte reading whose own MSH-18 names it.
+        for codec in ("big5", "gb18030"):
+            try:
+                candidate = _read_header(raw.decode(codec))
+            except (UnicodeDecodeError, NotHL7Error):
+                continue
+            names = [n for n in candidate.charset_names if n]
+            if names and codec_for_charset(names[0]) == codec:
+                return candidate
+    return header
 
 
 def _first_line(text: str) -> str:
@@ -242,6 +255,9 @@ class Message:
     def get(self, name: str, n: int, c: int = 0, s: int = 0, rep: int = 1) -> str:
         """Field, component or subcomponent value, unescaped ('' if absent)."""
         if name == "MSH":
+            if n <= 2:
+                # MSH-1 and MSH-2 are the delimiters themselves, never split.
+                return self.header.field(n)
             value = self.header.field(n)
         else:
             seg = self.segment(name)
@@ -348,4 +364,4 @@ def escape(value: str, header: Header) -> str:
     trunc = header.encoding_chars[4:5]
     if trunc:
         out = out.replace(trunc, f"{esc}P{esc}")
-    return out.replace("\r", f"{esc}.br{esc}").replace("\n", f"{esc}.br{esc}")
+    return out.replace("\r", f"{esc}X0D{esc}").replace("\n", f"{esc}X0A{esc}")

@@ -26,7 +26,7 @@ from zope.interface import implementer
 
 from mllpd.ack import REJECT, AckError, build_ack, encode_ack, should_send
 from mllpd.framing import Frame, Framer, Junk, Oversized, frame
-from mllpd.hl7 import NotHL7Error, parse_message
+from mllpd.hl7 import DecodeError, NotHL7Error, parse_message
 from mllpd.receiver import Receiver, Reply, new_ack_id
 
 __all__ = ["MLLPServerFactory", "MLLPServerProtocol"]
@@ -327,14 +327,20 @@ class MLLPServerProtocol(Protocol):
 
     def _fail_frame(self, head: bytes, reason: str, text: str) -> None:
         """NAK a frame we will not read (where its MSH survives), then close."""
-        try:
-            header = parse_message(head).header if head else None
-        except (NotHL7Error, ValueError):
-            header = None
+        header = None
+        codec = "iso8859-1"
+        if head:
+            try:
+                message = parse_message(head, self.factory.receiver.default_charset)
+                header, codec = message.header, message.codec
+            except DecodeError as e:
+                # The salvaged head may end inside a multibyte character.
+                header = e.header
+            except NotHL7Error:
+                pass
         log.warn(
             "closing connection from {peer}: {reason}", event=reason, peer=self.peer,
             reason=text, control_id=header.control_id if header else None,
-            size=self._framer.buffered if self._framer else 0,
         )
         self._framer = None
         self._pause("closing")
@@ -349,7 +355,7 @@ class MLLPServerProtocol(Protocol):
                 header, REJECT, now=self.factory.now(), ack_id=new_ack_id(),
                 error=AckError("207", text),
             )
-            data = encode_ack(nak, "iso8859-1")
+            data = encode_ack(nak, codec)
         pending.reply = Reply(REJECT, "AR", data, header.control_id if header else "",
                               header.type_label if header else "", len(head),
                               AckError("207", text))

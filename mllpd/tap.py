@@ -6,9 +6,11 @@ The only module that reads os.environ and picks the global reactor.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred
 from twisted.logger import ILogObserver
 from twisted.python import usage
 
@@ -102,13 +104,19 @@ def makeService(options: Any) -> IService:
         endpoint, factory, outbox, reactor,
         address=settings.port, shutdown_timeout=settings.shutdown_timeout,
     )
-    top = _Top()
+    top = _Top(reactor)
     mllp.setServiceParent(top)
     return top
 
 
 class _Top(MultiService):
-    """Turns a failed bind into one line on stderr and exit status 1."""
+    """Exit status for twistd: 1 with one stderr line when the bind fails,
+    0 after a completed shutdown.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        super().__init__()
+        self._reactor = reactor
 
     def privilegedStartService(self) -> None:
         from mllpd.service import ListenError
@@ -116,4 +124,20 @@ class _Top(MultiService):
         try:
             MultiService.privilegedStartService(self)
         except ListenError as e:
-            raise SystemExit(f"mllpd: MLLP_ADDR: {e}") from None
+            # twistd has already pointed sys.stderr at the log by now.
+            stderr = sys.__stderr__ or sys.stderr
+            stderr.write(f"mllpd: MLLP_ADDR: {e}\n")
+            stderr.flush()
+            raise SystemExit(1) from None
+
+    def stopService(self) -> Deferred[None]:
+        d = MultiService.stopService(self)
+
+        def clean_exit(result: object) -> object:
+            # twistd re-raises the SIGTERM it got once the reactor stops (exit
+            # 143); a drained, orderly stop is a success, so report 0.
+            if hasattr(self._reactor, "_exitSignal"):
+                self._reactor._exitSignal = None
+            return result
+
+        return d.addCallback(clean_exit)

@@ -35,6 +35,7 @@ __all__ = [
     "ServerProcess",
     "frame",
     "hl7_message",
+    "make_workdir",
     "parse_ack",
     "query",
     "spawn_server",

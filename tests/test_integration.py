@@ -4,6 +4,7 @@ limits, crashes, startup errors, logs and shutdown.
 
 from __future__ import annotations
 
+import os
 import random
 import selectors
 import signal
@@ -23,6 +24,7 @@ from tests.serverproc import (
     ServerProcess,
     frame,
     hl7_message,
+    make_workdir,
     parse_ack,
     query,
     spawn_server,
@@ -114,8 +116,7 @@ class LoadTests(SynchronousTestCase):
     """Many messages, pipelined, concurrent and large, all stored byte-exact."""
 
     def test_sequential_messages_acknowledged_and_stored_exactly(self) -> None:
-        """100 messages on one connection each get AA for their own control id
-        and are stored byte for byte as sent."""
+        """100 messages on one connection each get AA with their MSA-2 and are stored byte for byte."""
         server = start_server(self)
         sent: dict[str, bytes] = {}
         with MLLPClient(_port(server)) as client:
@@ -165,8 +166,7 @@ class BadInputTests(SynchronousTestCase):
     """Oversized, slow, unread and non-HL7 input hurts only its own connection."""
 
     def test_oversized_frame_rejected_and_server_keeps_serving(self) -> None:
-        """A 20 MB frame (limit 2 MiB) gets an AR NAK and a closed connection;
-        nothing is stored and new connections still get AA."""
+        """A 20 MB frame gets an AR NAK and a close, is not stored, and others still get AA."""
         server = start_server(self)
         head = hl7_message("HUGE-1")
         data = b"\x0b" + head + b"OBX|1|TX|NOTE^Note||" + b"x" * (20 * 1024 * 1024) + b"\x1c\x0d"
@@ -199,8 +199,7 @@ class BadInputTests(SynchronousTestCase):
         self.assertEqual(set(stored(server)), {"AFTER-HUGE"})
 
     def test_slow_sender_closed_after_frame_timeout(self) -> None:
-        """A frame left unfinished is NAKed with AR and closed about
-        MLLP_FRAME_TIMEOUT after it started, while others are served."""
+        """An unfinished frame gets AR and a close about MLLP_FRAME_TIMEOUT in; others are served."""
         server = start_server(self, env={"MLLP_FRAME_TIMEOUT": "1s"})
         partial = hl7_message("SLOW-1")[:-20]
         self.assertIn(b"|SLOW-1|P|2.5\r", partial)
@@ -219,8 +218,7 @@ class BadInputTests(SynchronousTestCase):
         self.assertEqual(set(stored(server)), {"WHILE-SLOW", "AFTER-SLOW"})
 
     def test_client_that_never_reads_is_disconnected(self) -> None:
-        """A client that never reads its ACKs is cut off about
-        MLLP_WRITE_TIMEOUT after its ACKs back up; others are served meanwhile."""
+        """A client that never reads its ACKs is cut off after MLLP_WRITE_TIMEOUT; others are served."""
         server = start_server(self, env={"MLLP_WRITE_TIMEOUT": "1s"})
         client = MLLPClient(_port(server), rcvbuf=4096)
         self.addCleanup(client.close)
@@ -258,8 +256,7 @@ class BadInputTests(SynchronousTestCase):
         self.assertIn("write_timeout", {e.get("event") for e in server.events()})
 
     def test_non_hl7_payload_rejected_connection_stays_open(self) -> None:
-        """A payload that is not HL7 gets AR with an ERR segment; the next good
-        message on the same connection gets AA."""
+        """A non-HL7 payload gets AR with ERR and the next message on that connection gets AA."""
         server = start_server(self)
         with MLLPClient(_port(server)) as client:
             nak = client.request(b"this is not an HL7 message\r")
@@ -284,8 +281,7 @@ class ConnectionLimitTests(SynchronousTestCase):
         self.assertLess(elapsed, 5.0)
 
     def test_connection_beyond_limit_closed_at_once(self) -> None:
-        """With MLLP_MAX_CONNECTIONS=2 a third connection is closed at once
-        while the first two keep working."""
+        """With MLLP_MAX_CONNECTIONS=2 a third connection is closed at once; the first two work."""
         server = start_server(self, env={"MLLP_MAX_CONNECTIONS": "2"})
         with MLLPClient(_port(server)) as first, MLLPClient(_port(server)) as second:
             self.assertEqual(first.request(hl7_message("MAX-1")).code, "AA")
@@ -308,8 +304,7 @@ class CrashTests(SynchronousTestCase):
     """kill -9 never loses an acknowledged message."""
 
     def test_kill_during_load_loses_no_acknowledged_message(self) -> None:
-        """Every message that got AA before a SIGKILL is in the outbox, and
-        the restarted server serves (and still knows them as duplicates)."""
+        """After kill -9 under load every AA'd message is in the outbox and a restart serves."""
         server = start_server(self)
         port = _port(server)
         acked: list[str] = []
@@ -381,24 +376,32 @@ class StartupTests(SynchronousTestCase):
             server.stderr_lines[0].startswith(f"mllpd: {name}: "), server.stderr_lines[0]
         )
 
-    def test_bad_settings_name_the_setting(self) -> None:
-        """A bad duration, size, outbox path or a busy port each exit non-zero
-        with one stderr line naming the variable or option."""
+    def test_bad_duration_names_variable(self) -> None:
+        """MLLP_IDLE_TIMEOUT=abc stops startup with one line naming it."""
+        server = spawn_server(self, env={"MLLP_IDLE_TIMEOUT": "abc"})
+        self.assert_startup_error(server, "MLLP_IDLE_TIMEOUT")
+
+    def test_bad_size_option_names_option(self) -> None:
+        """--max-frame-size=lots stops startup with one line naming the option."""
+        server = spawn_server(self, args=["--max-frame-size=lots"])
+        self.assert_startup_error(server, "--max-frame-size")
+
+    def test_outbox_in_missing_directory_names_variable(self) -> None:
+        """An outbox in a missing directory stops startup with one line naming MLLP_DB_PATH."""
+        workdir = make_workdir(self)
+        missing = os.path.join(workdir, "missing", "outbox.db")
+        server = spawn_server(self, workdir=workdir, db_path=missing)
+        self.assert_startup_error(server, "MLLP_DB_PATH")
+
+    def test_busy_port_names_variable(self) -> None:
+        """A port already in use stops startup with one line naming MLLP_ADDR."""
         busy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.addCleanup(busy.close)
         busy.bind((LOOPBACK, 0))
         busy.listen(1)
-        busy_port = busy.getsockname()[1]
-        # Started together: each costs an interpreter start-up.
-        cases = [
-            (spawn_server(self, env={"MLLP_IDLE_TIMEOUT": "abc"}), "MLLP_IDLE_TIMEOUT"),
-            (spawn_server(self, args=["--max-frame-size=lots"]), "--max-frame-size"),
-            (spawn_server(self, db_path="/nonexistent-dir/sub/outbox.db"), "MLLP_DB_PATH"),
-            (spawn_server(self, listen=None, env={"MLLP_ADDR": f"{LOOPBACK}:{busy_port}"}),
-             "MLLP_ADDR"),
-        ]
-        for server, name in cases:
-            self.assert_startup_error(server, name)
+        address = f"{LOOPBACK}:{busy.getsockname()[1]}"
+        server = spawn_server(self, listen=None, env={"MLLP_ADDR": address})
+        self.assert_startup_error(server, "MLLP_ADDR")
 
     def test_host_port_address(self) -> None:
         """MLLP_ADDR=127.0.0.1:0 listens on 127.0.0.1 and serves."""
@@ -417,8 +420,7 @@ class LoggingAndShutdownTests(SynchronousTestCase):
     """Logs carry fields, never message content; SIGTERM stops in stages."""
 
     def test_no_phi_in_logs(self) -> None:
-        """At LOG_LEVEL=debug no log line holds a patient name or MRN, yet
-        each message is logged with peer, control_id, msg_type, size and code."""
+        """At debug level logs name peer, control_id, type, size and code but never PHI."""
         server = start_server(self, env={"LOG_LEVEL": "debug"})
         pid = f"PID|1||{MRN}^^^H||{PATIENT}^QUINCY||19700101|M"
         expected: dict[str, str] = {}
@@ -458,8 +460,7 @@ class LoggingAndShutdownTests(SynchronousTestCase):
         self.assertEqual(logged["PHI-0"]["msg_type"], "ADT^A01")
 
     def test_sigterm_logs_stop_stages_in_order(self) -> None:
-        """On SIGTERM an idle connection is closed and the stop stages are
-        logged: stop listening, drain, outbox closed."""
+        """On SIGTERM idle connections close and the stop stages are logged in order."""
         server = start_server(self)
         with MLLPClient(_port(server)) as client:
             self.assertEqual(client.request(hl7_message("TERM-1")).code, "AA")
