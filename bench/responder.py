@@ -13,9 +13,10 @@ import itertools
 import json
 import sys
 import time
+from typing import cast
 
 from twisted.internet import endpoints, protocol, reactor
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, ITCPTransport
 
 SB = b"\x0b"
 EB_CR = b"\x1c\x0d"
@@ -60,13 +61,30 @@ class Responder(protocol.Protocol):
     """Frame MLLP messages and answer each with an AA."""
 
     def __init__(self) -> None:
-        self._buf = b""
+        self._parts: list[bytes] = []  # chunks of an unterminated frame
+        self._size = 0
 
     def connectionMade(self) -> None:
-        self.transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
+        cast(ITCPTransport, self.transport).setTcpNoDelay(True)
 
     def dataReceived(self, data: bytes) -> None:
-        buf = self._buf + data if self._buf else data
+        transport = self.transport
+        assert transport is not None
+        if self._parts:
+            # Only the new bytes (and one before, for a split 0x1C 0x0D) can
+            # hold the terminator: no rescanning, no re-joining big frames.
+            if (self._parts[-1][-1:] + data).find(EB_CR) < 0:
+                self._parts.append(data)
+                self._size += len(data)
+                if self._size > MAX_FRAME:
+                    transport.loseConnection()
+                    self._parts, self._size = [], 0
+                return
+            self._parts.append(data)
+            buf = b"".join(self._parts)
+            self._parts, self._size = [], 0
+        else:
+            buf = data
         out = []
         while True:
             end = buf.find(EB_CR)
@@ -77,11 +95,9 @@ class Responder(protocol.Protocol):
                 out.append(build_ack(buf[start + 1 : end]))
             buf = buf[end + 2 :]
         if out:
-            self.transport.write(b"".join(out))
-        if len(buf) > MAX_FRAME:
-            self.transport.loseConnection()
-            buf = b""
-        self._buf = buf
+            transport.write(b"".join(out))
+        if buf:
+            self._parts, self._size = [buf], len(buf)
 
 
 def main(argv: list[str] | None = None) -> None:

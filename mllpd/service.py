@@ -99,4 +99,8 @@ class MLLPService(Service):
                 event="shutdown_abort", count=aborted, timeout=self.shutdown_timeout,
             )
         await self.outbox.close()
-        log.info("outbox closed", event="shutdown_outbox_closed")
+        log.info(
+            "outbox closed", event="shutdown_outbox_closed",
+            commits=getattr(self.outbox, "commits", None),
+            messages=getattr(self.outbox, "committed_messages", None),
+        )

@@ -88,17 +88,28 @@ def _statements(script: str) -> list[str]:
     return [s.strip() for s in body.split(";") if s.strip()]
 
 
-_INSERT = """
-INSERT INTO messages (message_id, received_at, peer, control_id, msg_type,
-    sending_app, sending_fac, version, charset, size, sha256, ack_code, payload)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-"""
-_FIND_DUPLICATE = """
-SELECT message_id FROM messages
-WHERE control_id = ? AND sending_app = ? AND sending_fac = ? AND sha256 = ?
-  AND received_at >= ?
-ORDER BY id LIMIT 1
-"""
+_COLUMNS = (
+    "message_id, received_at, peer, control_id, msg_type, sending_app, "
+    "sending_fac, version, charset, size, sha256, ack_code, payload"
+)
+_ROW = "(" + ", ".join("?" * 13) + ")"
+# Rows per INSERT statement: 13 parameters each, far below SQLite's limit.
+_ROWS_PER_STATEMENT = 500
+
+
+def _row(e: Envelope) -> tuple[object, ...]:
+    return (
+        e.message_id, e.received_at, e.peer, e.control_id, e.msg_type,
+        e.sending_app, e.sending_fac, e.version, e.charset, e.size, e.sha256,
+        e.ack_code, e.payload,
+    )
+
+
+DedupKey = tuple[str, str, str, str]
+
+
+def _key(e: Envelope) -> DedupKey:
+    return (e.control_id, e.sending_app, e.sending_fac, e.sha256)
 
 
 @implementer(IOutbox)
@@ -155,29 +166,32 @@ class SQLiteOutbox:
         d.addBoth(self._committed, batch)
 
     def _write(self, envelopes: list[Envelope]) -> list[StoreResult]:
+        # A whole batch is one SELECT and one INSERT per 500 rows: every
+        # statement step releases and retakes the GIL, which the reactor
+        # thread holds while it parses, so few steps keep commits short.
         conn = self._conn
-        since = self._wall_clock() - self.dedup_window
-        results: list[StoreResult] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
+            known = self._known_duplicates(envelopes) if self.dedup_window > 0 else {}
+            results: list[StoreResult] = []
+            rows: list[tuple[object, ...]] = []
             for e in envelopes:
+                key = _key(e)
+                earlier = known.get(key)
+                if earlier is not None:
+                    results.append(StoreResult(earlier, True))
+                    continue
                 if self.dedup_window > 0:
-                    row = conn.execute(
-                        _FIND_DUPLICATE,
-                        (e.control_id, e.sending_app, e.sending_fac, e.sha256, since),
-                    ).fetchone()
-                    if row is not None:
-                        results.append(StoreResult(row[0], True))
-                        continue
-                conn.execute(
-                    _INSERT,
-                    (
-                        e.message_id, e.received_at, e.peer, e.control_id,
-                        e.msg_type, e.sending_app, e.sending_fac, e.version,
-                        e.charset, e.size, e.sha256, e.ack_code, e.payload,
-                    ),
-                )
+                    known[key] = e.message_id
+                rows.append(_row(e))
                 results.append(StoreResult(e.message_id, False))
+            for i in range(0, len(rows), _ROWS_PER_STATEMENT):
+                chunk = rows[i : i + _ROWS_PER_STATEMENT]
+                values = ", ".join([_ROW] * len(chunk))
+                conn.execute(
+                    f"INSERT INTO messages ({_COLUMNS}) VALUES {values}",
+                    [v for row in chunk for v in row],
+                )
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -187,6 +201,25 @@ class SQLiteOutbox:
                     pass
             raise
         return results
+
+    def _known_duplicates(self, envelopes: list[Envelope]) -> dict[DedupKey, str]:
+        """Stored messages within the window that share a batch member's key."""
+        since = self._wall_clock() - self.dedup_window
+        control_ids = sorted({e.control_id for e in envelopes})
+        found: dict[DedupKey, str] = {}
+        for i in range(0, len(control_ids), _ROWS_PER_STATEMENT):
+            chunk = control_ids[i : i + _ROWS_PER_STATEMENT]
+            marks = ", ".join("?" * len(chunk))
+            cursor = self._conn.execute(
+                "SELECT control_id, sending_app, sending_fac, sha256, message_id"
+                f" FROM messages WHERE control_id IN ({marks}) AND received_at >= ?"
+                " ORDER BY id DESC",
+                [*chunk, since],
+            )
+            for control_id, app, fac, sha, message_id in cursor:
+                found[(control_id, app, fac, sha)] = message_id
+            cursor.close()
+        return found
 
     def _committed(
         self,
