@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 
 from mllpd.hl7 import Header, escape
 
@@ -101,6 +102,7 @@ def _escaped_prefix(text: str, header: Header, limit: int) -> str:
     return out
 
 
+@lru_cache(maxsize=8)
 def _hl7_timestamp(now: datetime) -> str:
     stamp = now.strftime("%Y%m%d%H%M%S")
     offset = now.strftime("%z")

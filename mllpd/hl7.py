@@ -93,35 +93,36 @@ _WIDE_SIGNATURES: tuple[tuple[bytes, str], ...] = (
 )
 
 
-@dataclass(frozen=True)
 class Header:
-    """The MSH segment, read by position. ``fields[n]`` is MSH-n."""
+    """The MSH segment, read by position. ``fields[n]`` is MSH-n.
 
-    fields: tuple[str, ...]
+    The delimiters and the fields every message needs are read once, here:
+    the receive path consults them several times per message.
+    """
 
-    @property
-    def field_sep(self) -> str:
-        return self.fields[1]
+    __slots__ = (
+        "fields", "field_sep", "encoding_chars", "component_sep", "repetition_sep",
+        "escape_char", "subcomponent_sep", "msg_type", "trigger", "control_id",
+        "version", "accept_ack_type", "_type_label",
+    )
 
-    @property
-    def encoding_chars(self) -> str:
-        return self.fields[2]
+    def __init__(self, fields: tuple[str, ...]) -> None:
+        self.fields = fields
+        self.field_sep = fields[1]
+        enc = self.encoding_chars = fields[2]
+        self.component_sep = enc[0:1] or "^"
+        self.repetition_sep = enc[1:2] or "~"
+        self.escape_char = enc[2:3] or "\\"
+        self.subcomponent_sep = enc[3:4] or "&"
+        self.msg_type = self.component(9, 1)
+        self.trigger = self.component(9, 2)
+        self.control_id = self.field(10)
+        self.version = self.component(12, 1)
+        self.accept_ack_type = self.field(15).strip().upper()
+        self._type_label: str | None = None
 
-    @property
-    def component_sep(self) -> str:
-        return self.encoding_chars[0:1] or "^"
-
-    @property
-    def repetition_sep(self) -> str:
-        return self.encoding_chars[1:2] or "~"
-
-    @property
-    def escape_char(self) -> str:
-        return self.encoding_chars[2:3] or "\\"
-
-    @property
-    def subcomponent_sep(self) -> str:
-        return self.encoding_chars[3:4] or "&"
+    def __repr__(self) -> str:
+        return f"Header(control_id={self.control_id!r}, type={self.msg_type!r})"
 
     def field(self, n: int) -> str:
         """MSH-n as raw text ('' when absent)."""
@@ -134,35 +135,17 @@ class Header:
         return parts[c - 1] if c <= len(parts) else ""
 
     @property
-    def msg_type(self) -> str:
-        return self.component(9, 1)
-
-    @property
-    def trigger(self) -> str:
-        return self.component(9, 2)
-
-    @property
-    def control_id(self) -> str:
-        return self.field(10)
-
-    @property
-    def version(self) -> str:
-        return self.component(12, 1)
-
-    @property
-    def accept_ack_type(self) -> str:
-        return self.field(15).strip().upper()
-
-    @property
     def charset_names(self) -> list[str]:
         return [r.strip() for r in self.field(18).split(self.repetition_sep)]
 
     @property
     def type_label(self) -> str:
         """``ADT^A01`` style label for logs and storage."""
-        t = unescape(self.msg_type, self)
-        trig = unescape(self.trigger, self)
-        return f"{t}^{trig}" if trig else t
+        if self._type_label is None:
+            t = unescape(self.msg_type, self)
+            trig = unescape(self.trigger, self)
+            self._type_label = f"{t}^{trig}" if trig else t
+        return self._type_label
 
 
 def _read_header(line: str) -> Header:

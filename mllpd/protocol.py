@@ -175,7 +175,7 @@ class MLLPServerProtocol(Protocol):
         self._queue.append(pending)
         if len(self._queue) >= MAX_PIPELINE:
             self._pause("pipeline")
-        d = Deferred.fromCoroutine(f.receiver.receive(payload, self.peer))
+        d = f.receiver.receive(payload, self.peer)
         d.addCallback(self._replied, pending)
         d.addErrback(self._receive_failed, pending, len(payload))
 

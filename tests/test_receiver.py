@@ -28,7 +28,7 @@ class ReceiverTests(SynchronousTestCase):
 
     def receive(self, payload: bytes, receiver: Receiver | None = None) -> Reply:
         r = receiver or self.receiver
-        return self.successResultOf(Deferred.fromCoroutine(r.receive(payload, "10.1.1.1:999")))
+        return self.successResultOf(r.receive(payload, "10.1.1.1:999"))
 
     def test_accept_stores_exact_bytes(self) -> None:
         """AA only for a stored message, and the stored bytes are exactly the received ones."""
