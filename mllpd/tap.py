@@ -62,7 +62,6 @@ def log_observer() -> ILogObserver:
 
 
 def makeService(options: Any) -> IService:
-    sys.setswitchinterval(float(os.environ.get("SWI", "0.005")))
     from twisted.internet import reactor
     from twisted.internet.endpoints import serverFromString
 

@@ -227,6 +227,10 @@ class SQLiteOutbox:
         batch: list[tuple[Envelope, Deferred[StoreResult]]],
     ) -> None:
         self._committing = False
+        # Start the next commit before answering this one: the replies write
+        # ACKs and parse newly arrived frames, which would otherwise delay it.
+        if self._pending:
+            self._commit_next()
         if isinstance(result, Failure):
             reason = result.getErrorMessage()
             log.error(
@@ -242,9 +246,7 @@ class SQLiteOutbox:
             self.committed_messages += len(batch)
             for (_, d), stored in zip(batch, result, strict=True):
                 d.callback(stored)
-        if self._pending:
-            self._commit_next()
-        elif self._closing:
+        if self._closing and not self._committing and not self._pending:
             self._finish_close()
 
     def close(self) -> Deferred[None]:
