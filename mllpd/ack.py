@@ -65,6 +65,7 @@ class AckError:
 _VERSION = re.compile(r"(\d+)(?:\.(\d+))?(?:\.(\d+))?")
 
 
+@lru_cache(maxsize=64)
 def version_tuple(version: str) -> tuple[int, ...] | None:
     """``"2.3.1"`` -> (2, 3, 1); None when it is not a version number."""
     m = _VERSION.fullmatch(version.strip())

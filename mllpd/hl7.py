@@ -114,11 +114,19 @@ class Header:
         self.repetition_sep = enc[1:2] or "~"
         self.escape_char = enc[2:3] or "\\"
         self.subcomponent_sep = enc[3:4] or "&"
-        self.msg_type = self.component(9, 1)
-        self.trigger = self.component(9, 2)
-        self.control_id = self.field(10)
-        self.version = self.component(12, 1)
-        self.accept_ack_type = self.field(15).strip().upper()
+        n = len(fields)
+        if n > 9:
+            parts = fields[9].split(self.repetition_sep, 1)[0].split(self.component_sep)
+            self.msg_type = parts[0]
+            self.trigger = parts[1] if len(parts) > 1 else ""
+        else:
+            self.msg_type = self.trigger = ""
+        self.control_id = fields[10] if n > 10 else ""
+        self.version = (
+            fields[12].split(self.repetition_sep, 1)[0].split(self.component_sep, 1)[0]
+            if n > 12 else ""
+        )
+        self.accept_ack_type = fields[15].strip().upper() if n > 15 else ""
         self._type_label: str | None = None
 
     def __repr__(self) -> str:
@@ -163,9 +171,8 @@ def _read_header(line: str) -> Header:
 
 def _bytes_header(payload: bytes) -> Header:
     # latin-1 maps bytes one to one so delimiters are found wherever they are.
-    line = _first_line(payload.decode("latin-1"))
-    header = _read_header(line)
-    raw = line.encode("latin-1")
+    raw = _first_line_bytes(payload)
+    header = _read_header(raw.decode("latin-1"))
     if not raw.isascii():
         # A Big-5 or GB 18030 trail byte can be '|' and shift every later
         # field: trust a double-byte reading whose own MSH-18 names it.
@@ -178,6 +185,14 @@ def _bytes_header(payload: bytes) -> Header:
             if names and codec_for_charset(names[0]) == codec:
                 return candidate
     return header
+
+
+def _first_line_bytes(data: bytes) -> bytes:
+    end = data.find(b"\r")
+    lf = data.find(b"\n", 0, end if end >= 0 else len(data))
+    if lf >= 0:
+        end = lf
+    return data[:end] if end >= 0 else data
 
 
 def _first_line(text: str) -> str:
@@ -271,8 +286,8 @@ def parse_message(payload: bytes, default_charset: str | None = None) -> Message
     :class:`DecodeError` when the declared charset is unknown or the bytes are
     not valid in it.
     """
-    body = payload.lstrip(b"\r\n\t ")
-    for signature, codec in _WIDE_SIGNATURES:
+    body = payload if payload[:3] == b"MSH" else payload.lstrip(b"\r\n\t ")
+    for signature, codec in _WIDE_SIGNATURES if body[:3] != b"MSH" else ():
         if body.startswith(signature):
             try:
                 text = body.decode(codec)
@@ -290,7 +305,8 @@ def parse_message(payload: bytes, default_charset: str | None = None) -> Message
         raise DecodeError(
             f"payload is not valid {charset or codec} at byte {e.start}", header
         ) from None
-    if codec != "iso8859-1":
+    if codec != "iso8859-1" and not _first_line_bytes(body).isascii():
+        # Non-ASCII header fields: read them again as real characters.
         header = _read_header(_first_line(text))
     return Message(payload, text, header, codec, charset)
 

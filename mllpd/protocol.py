@@ -75,6 +75,7 @@ class MLLPServerProtocol(Protocol):
         self._pause_reasons: set[str] = set()
         self._frame_timer: IDelayedCall | None = None
         self._idle_timer: IDelayedCall | None = None
+        self._idle_since: float | None = None
         self._write_timer: IDelayedCall | None = None
         self._linger_timer: IDelayedCall | None = None
         self._junk_logged = False
@@ -176,8 +177,10 @@ class MLLPServerProtocol(Protocol):
         if len(self._queue) >= MAX_PIPELINE:
             self._pause("pipeline")
         d = f.receiver.receive(payload, self.peer)
-        d.addCallback(self._replied, pending)
-        d.addErrback(self._receive_failed, pending, len(payload))
+        d.addCallbacks(
+            self._replied, self._receive_failed,
+            callbackArgs=(pending,), errbackArgs=(pending, len(payload)),
+        )
 
     def _replied(self, reply: Reply, pending: _Pending) -> None:
         pending.reply = reply
@@ -260,21 +263,22 @@ class MLLPServerProtocol(Protocol):
         if self.lost or self._closing:
             return
         if self._busy():
-            self._cancel_idle()
+            self._idle_since = None
             return
         if self._draining:
             self._close_gracefully()
             return
-        timeout = self.factory.idle_timeout
-        if timeout and self._idle_timer is None:
-            self._idle_timer = self.factory.clock.callLater(timeout, self._idle_timed_out)
+        if self._idle_since is None:
+            self._idle_since = self.factory.clock.seconds()
+            timeout = self.factory.idle_timeout
+            if timeout and self._idle_timer is None:
+                self._idle_timer = self.factory.clock.callLater(timeout, self._idle_check)
 
     def _cancel_idle(self) -> None:
         # Only frames are activity: junk trickling in does not keep a
-        # connection alive.
-        if self._idle_timer is not None and self._idle_timer.active():
-            self._idle_timer.cancel()
-        self._idle_timer = None
+        # connection alive. The timer itself stays: rescheduling it for every
+        # message costs more than letting it fire and look.
+        self._idle_since = None
 
     def _update_frame_timer(self) -> None:
         framer = self._framer
@@ -296,8 +300,14 @@ class MLLPServerProtocol(Protocol):
 
     _timed_frame = 0
 
-    def _idle_timed_out(self) -> None:
+    def _idle_check(self) -> None:
         self._idle_timer = None
+        if self._idle_since is None or self.lost or self._closing:
+            return  # busy now; becoming idle again schedules a new check
+        remaining = self._idle_since + self.factory.idle_timeout - self.factory.clock.seconds()
+        if remaining > 1e-6:
+            self._idle_timer = self.factory.clock.callLater(remaining, self._idle_check)
+            return
         self.factory.stats["idle_timeouts"] += 1
         log.info(
             "closing idle connection from {peer}", event="idle_timeout", peer=self.peer,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
+import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -23,8 +25,7 @@ __all__ = ["Receiver", "Reply"]
 SUPPORTED_MAJOR = 2
 
 
-@dataclass(frozen=True)
-class Reply:
+class Reply(NamedTuple):
     """The outcome of one message and the bytes to send back (None: send none)."""
 
     outcome: str
@@ -37,9 +38,15 @@ class Reply:
     duplicate: bool = False
 
 
+_ACK_PREFIX = os.urandom(5).hex()
+_ack_counter = itertools.count(int.from_bytes(os.urandom(4), "big"))
+
+
 def new_ack_id() -> str:
-    """20 characters: fits MSH-10 in every version (ST 20 in 2.3)."""
-    return os.urandom(10).hex()
+    """20 characters, fitting MSH-10 in every version (ST 20 in 2.3): a
+    per-process random prefix and a counter, unique without a syscall each.
+    """
+    return f"{_ACK_PREFIX}{next(_ack_counter) & 0xFFFFFFFFFF:010x}"
 
 
 def new_message_id() -> str:
@@ -49,7 +56,7 @@ def new_message_id() -> str:
     them grows at one edge instead of touching a random page per insert
     (which cost a WAL page write per message in every commit).
     """
-    return f"{time.time_ns():016x}{os.urandom(8).hex()}"
+    return f"{time.time_ns():016x}{random.getrandbits(64):016x}"
 
 
 StructureValidator = Callable[[Message], "Deferred[AckError | None]"]
@@ -148,8 +155,12 @@ class Receiver:
     @staticmethod
     def check_header(header: Header) -> tuple[str, AckError] | None:
         """Required MSH fields and a supported version."""
-        for n, name in ((9, "message type"), (10, "message control id"), (12, "version id")):
-            if not header.component(n, 1).strip():
+        for n, name, value in (
+            (9, "message type", header.msg_type),
+            (10, "message control id", header.control_id),
+            (12, "version id", header.version),
+        ):
+            if not value.strip():
                 return ERROR, AckError("101", f"MSH-{n} ({name}) is required", "MSH", n)
         version = ack.version_tuple(header.version)
         if version is None or version[0] != SUPPORTED_MAJOR:
