@@ -121,6 +121,9 @@ class MLLPServerProtocol(Protocol):
         if not ITCPTransport.providedBy(transport):
             return
         try:
+            # An ACK is one small write the sender is waiting for: never let
+            # Nagle hold it back for the sender's delayed ACK.
+            transport.setTcpNoDelay(True)
             transport.setTcpKeepAlive(bool(period))
             if period:
                 sock = transport.getHandle()  # type: ignore[attr-defined]
