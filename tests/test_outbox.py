@@ -172,3 +172,21 @@ class SchemaTests(SynchronousTestCase):
             open_database("/nonexistent-dir/sub/outbox.db")
         self.assertIn("/nonexistent-dir/sub/outbox.db", str(ctx.exception))
         self.assertNotIn("\n", str(ctx.exception))
+
+
+class CheckpointTests(TestCase):
+    async def test_background_checkpoint_moves_wal_into_database(self) -> None:
+        """Commits never checkpoint; the background checkpoint copies the WAL into the database file."""
+        path = temp_db(self)
+        outbox = SQLiteOutbox(path, reactor)
+        outbox.start()
+        self.addCleanup(outbox.close)
+        self.assertEqual(outbox._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0], 0)
+        before = os.path.getsize(path)
+        big = b"MSH|^~\\&|A|B|C|D|||ADT^A01|K|P|2.5\r" + b"x" * 50_000
+        for i in range(20):
+            await outbox.store(envelope(f"K{i}", big + str(i).encode()))
+        self.assertEqual(os.path.getsize(path), before, "a commit must not have checkpointed")
+        assert outbox._checkpoints is not None
+        await outbox._checkpoints._run()
+        self.assertGreater(os.path.getsize(path), before + 20 * 50_000)

@@ -7,8 +7,9 @@ import time
 from collections.abc import Callable
 from importlib import resources
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -20,6 +21,9 @@ from mllpd.outbox import Envelope, IOutbox, OutboxError, StoreResult
 __all__ = ["SQLiteOutbox", "open_database", "schema_files"]
 
 log = Logger(namespace="mllpd.outbox")
+
+# Seconds between background WAL checkpoints.
+CHECKPOINT_INTERVAL = 1.0
 
 
 def schema_files(dialect: str) -> list[tuple[int, str]]:
@@ -136,6 +140,14 @@ class SQLiteOutbox:
         self._wall_clock = wall_clock
         self._conn = open_database(path)
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="mllpd-outbox")
+        # Checkpoints copy the WAL into the database file and fsync it. Left
+        # to SQLite they run inside a COMMIT every 1000 pages and stall the
+        # ACKs of that batch; a second connection on its own thread does them
+        # in the background instead (PASSIVE: never blocks the writer).
+        self._checkpoints: _Checkpointer | None = None
+        if path != ":memory:":
+            self._conn.execute("PRAGMA wal_autocheckpoint = 0")
+            self._checkpoints = _Checkpointer(path, reactor)
         self._pending: list[tuple[Envelope, Deferred[StoreResult]]] = []
         self._committing = False
         self._closing = False
@@ -147,6 +159,8 @@ class SQLiteOutbox:
 
     def start(self) -> None:
         self._pool.start()
+        if self._checkpoints is not None:
+            self._checkpoints.start()
 
     def store(self, envelope: Envelope) -> Deferred[StoreResult]:
         d: Deferred[StoreResult] = Deferred()
@@ -267,6 +281,9 @@ class SQLiteOutbox:
             return
         self._shutting = True
         d = deferToThreadPool(self._reactor, self._pool, self._conn.close)
+        if self._checkpoints is not None:
+            checkpoints = self._checkpoints
+            d.addBoth(lambda result: checkpoints.stop().addCallback(lambda _: result))
 
         def closed(result: object) -> None:
             self._pool.stop()
@@ -276,3 +293,45 @@ class SQLiteOutbox:
                 waiter.callback(None)
 
         d.addBoth(closed)
+
+
+class _Checkpointer:
+    """Runs ``PRAGMA wal_checkpoint(PASSIVE)`` every CHECKPOINT_INTERVAL on a
+    connection and thread of its own."""
+
+    def __init__(self, path: str, reactor: IReactorThreads) -> None:
+        self._reactor = reactor
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="mllpd-checkpoint")
+        self._loop = LoopingCall(self._run)
+        self._loop.clock = reactor  # type: ignore[assignment]
+        self.checkpoints = 0
+
+    def start(self) -> None:
+        self._pool.start()
+        self._loop.start(CHECKPOINT_INTERVAL, now=False)
+
+    def _run(self) -> Deferred[None]:
+        # LoopingCall waits for this Deferred, so runs never overlap.
+        d = deferToThreadPool(self._reactor, self._pool, self._checkpoint)
+        return d.addErrback(self._failed)
+
+    def _checkpoint(self) -> None:
+        self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        self.checkpoints += 1
+
+    def _failed(self, failure: Failure) -> None:
+        log.warn(
+            "outbox checkpoint failed: {reason}", event="checkpoint_failed",
+            reason=failure.getErrorMessage(),
+        )
+
+    def stop(self) -> Deferred[None]:
+        """Stop the timer; close after a checkpoint in progress (same thread)."""
+        if self._loop.running:
+            self._loop.stop()
+        if not self._pool.started:
+            self._conn.close()
+            return succeed(None)
+        d = deferToThreadPool(self._reactor, self._pool, self._conn.close)
+        return d.addBoth(lambda _: self._pool.stop())
