@@ -237,19 +237,9 @@ def spawn_server(
     return server
 
 
-def start_server(
-    case: _Cleanups,
-    *,
-    env: Mapping[str, str] | None = None,
-    args: Sequence[str] = (),
-    listen: str | None = LISTEN,
-    workdir: str | None = None,
-    db_path: str | None = None,
-) -> ServerProcess:
-    """Start the server and wait until it listens."""
-    server = spawn_server(
-        case, env=env, args=args, listen=listen, workdir=workdir, db_path=db_path
-    )
+def start_server(case: _Cleanups, **options: Any) -> ServerProcess:
+    """Start the server (options as for spawn_server) and wait until it listens."""
+    server = spawn_server(case, **options)
     server.wait_listening()
     return server
 

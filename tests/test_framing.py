@@ -422,16 +422,6 @@ class LinearScanTests(SynchronousTestCase):
         self.assertEqual(events, [Frame(payload)])
         self.assertLess(_CountingBuffer.scanned, 8 * len(data))
 
-    def test_big_frame_byte_by_byte(self) -> None:
-        """A 200 KB frame fed in 1-byte reads is delivered (a quadratic scan would not finish)."""
-        payload = MSG_A + b"OBX|1|ED|PDF||" + b"A" * (200 * 1024) + b"\r"
-        data = frame(payload)
-        framer = Framer(2 * 1024 * 1024)
-        events: list[Event] = []
-        for i in range(len(data)):
-            events.extend(framer.feed(data[i : i + 1]))
-        self.assertEqual(events, [Frame(payload)])
-
     def test_big_frame_with_fs_bytes_byte_by_byte(self) -> None:
         """A 200 KB payload full of lone 0x1C bytes, fed byte by byte, is delivered intact."""
         payload = MSG_A + b"\x1cA" * (100 * 1024)
