@@ -280,7 +280,12 @@ class SQLiteOutbox:
         if self._shutting:
             return
         self._shutting = True
-        d = deferToThreadPool(self._reactor, self._pool, self._conn.close)
+        if not self._pool.started:
+            # Never started (startup failed before the service ran).
+            self._conn.close()
+            d: Deferred[None] = succeed(None)
+        else:
+            d = deferToThreadPool(self._reactor, self._pool, self._conn.close)
         if self._checkpoints is not None:
             checkpoints = self._checkpoints
             d.addBoth(lambda result: checkpoints.stop().addCallback(lambda _: result))
