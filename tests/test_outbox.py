@@ -7,12 +7,16 @@ import os
 import sqlite3
 import tempfile
 import uuid
+from typing import Any
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer
+from twisted.internet import reactor as _reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mllpd.outbox import Envelope, OutboxError
 from mllpd.outbox.sqlite import SQLiteOutbox, open_database, schema_files
+
+reactor: Any = _reactor
 
 
 def envelope(control_id: str, payload: bytes | None = None, received_at: float = 1000.0) -> Envelope:
