@@ -169,7 +169,11 @@ class SQLiteOutbox:
             return d
         self._pending.append((envelope, d))
         if not self._committing:
-            self._commit_next()
+            # Start at the end of this reactor turn, not now: every frame read
+            # in the same turn then shares the commit, instead of the first
+            # one committing alone while the rest wait behind it.
+            self._committing = True
+            self._reactor.callLater(0, self._commit_next)  # type: ignore[attr-defined]
         return d
 
     def _commit_next(self) -> None:
