@@ -247,9 +247,6 @@ class Message:
                 return seg
         return None
 
-    def all_segments(self, name: str) -> list[list[str]]:
-        return [seg for seg in self.segments if seg[0] == name]
-
     def get(self, name: str, n: int, c: int = 0, s: int = 0, rep: int = 1) -> str:
         """Field, component or subcomponent value, unescaped ('' if absent)."""
         if name == "MSH":

@@ -76,6 +76,7 @@ class MLLPServerProtocol(Protocol):
         self._frame_timer: IDelayedCall | None = None
         self._idle_timer: IDelayedCall | None = None
         self._idle_since: float | None = None
+        self._timed_frame = 0  # frames_started value the frame timer is for
         self._write_timer: IDelayedCall | None = None
         self._linger_timer: IDelayedCall | None = None
         self._junk_logged = False
@@ -300,8 +301,6 @@ class MLLPServerProtocol(Protocol):
         self._frame_timer = (
             self.factory.clock.callLater(timeout, self._frame_timed_out) if timeout else None
         )
-
-    _timed_frame = 0
 
     def _idle_check(self) -> None:
         self._idle_timer = None
