@@ -17,6 +17,7 @@ __all__ = [
     "Header",
     "Message",
     "NotHL7Error",
+    "UnknownCharsetError",
     "codec_for_charset",
     "escape",
     "parse_message",
@@ -76,6 +77,10 @@ class DecodeError(ValueError):
     def __init__(self, message: str, header: Header | None = None) -> None:
         super().__init__(message)
         self.header = header
+
+
+class UnknownCharsetError(DecodeError):
+    """MSH-18 names a character set that is not in HL7 table 0211."""
 
 
 _SEGMENT_SPLIT = re.compile(r"\r\n|\r|\n")
@@ -206,7 +211,7 @@ def _choose_codec(header: Header, default_charset: str | None) -> tuple[str, str
     for name in names:
         codec = codec_for_charset(name)
         if codec is None:
-            raise DecodeError(f"unknown character set in MSH-18: {name[:40]!r}", header)
+            raise UnknownCharsetError(f"unknown character set in MSH-18: {name[:40]!r}", header)
         # An ISO 2022 set in a later repetition governs the whole message.
         if codec.startswith("iso2022"):
             return codec, name

@@ -17,7 +17,14 @@ from twisted.python.failure import Failure
 
 from mllpd import ack
 from mllpd.ack import ACCEPT, ERROR, REJECT, AckError
-from mllpd.hl7 import DecodeError, Header, Message, NotHL7Error, parse_message
+from mllpd.hl7 import (
+    DecodeError,
+    Header,
+    Message,
+    NotHL7Error,
+    UnknownCharsetError,
+    parse_message,
+)
 from mllpd.outbox import Envelope, IOutbox, OutboxError, StoreResult
 
 __all__ = ["Receiver", "Reply"]
@@ -98,7 +105,7 @@ class Receiver:
                 self._reply(None, "iso8859-1", REJECT, AckError("100", str(e)), payload)
             )
         except DecodeError as e:
-            code = "103" if "unknown character set" in str(e) else "102"
+            code = "103" if isinstance(e, UnknownCharsetError) else "102"
             error = AckError(code, str(e), "MSH", 18)
             return succeed(self._reply(e.header, "iso8859-1", ERROR, error, payload))
         problem = self.check_header(message.header)
