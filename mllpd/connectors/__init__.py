@@ -1,0 +1,93 @@
+"""Delivery of stored messages to upstream systems.
+
+A connector takes one :class:`Delivery` at a time and answers with an
+outcome: :class:`Delivered`, :class:`Retry` (the relay backs off and tries the
+same message again, keeping order) or :class:`Dead` (the message goes to the
+connector's dead-letter queue and the next one is delivered). ``deliver``
+never fails: every expected problem is an outcome; the relay treats an
+unexpected exception as a Retry.
+
+Each connector type lives in a module of this package with a
+``build(spec, reactor, environ) -> IConnector`` function that checks the
+type's options and raises :class:`mllpd.config.ConfigError` with a one-line
+reason naming ``connectors.<name>.<option>``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from twisted.internet.defer import Deferred
+from zope.interface import Attribute, Interface
+
+__all__ = [
+    "ConnectorSpec",
+    "Dead",
+    "Delivered",
+    "Delivery",
+    "IConnector",
+    "Outcome",
+    "Retry",
+]
+
+
+class ConnectorSpec(NamedTuple):
+    """One entry of MLLP_CONFIG's ``connectors`` list, after generic checks.
+
+    ``options`` holds the type-specific keys (everything except name, type
+    and filter) exactly as read from YAML.
+    """
+
+    name: str
+    type: str
+    filter: str | None
+    options: dict[str, Any]
+
+
+class Delivery(NamedTuple):
+    """One queued message for one connector."""
+
+    message_id: str  # idempotency key upstream
+    connector: str
+    payload: bytes  # exactly as received
+    charset: str | None  # MSH-18 (or the default charset) as stored
+    codec: str  # the Python codec that decodes payload
+    control_id: str
+    msg_type: str
+    attempt: int  # 1 for the first try
+
+
+class Delivered(NamedTuple):
+    detail: str = ""
+
+
+class Retry(NamedTuple):
+    """Try again later. ``after`` (seconds) overrides the backoff, e.g. from
+    an HTTP Retry-After header."""
+
+    reason: str
+    after: float | None = None
+
+
+class Dead(NamedTuple):
+    """Upstream refused the message for good: dead-letter it."""
+
+    reason: str
+
+
+Outcome = Delivered | Retry | Dead
+
+
+class IConnector(Interface):
+    """Delivers messages to one upstream system, one at a time."""
+
+    name = Attribute("The connector's name from MLLP_CONFIG.")
+
+    def start() -> None:
+        """Begin connecting (if the connector keeps a connection)."""
+
+    def deliver(delivery: Delivery) -> Deferred[Outcome]:
+        """Send one message; fires with an outcome, never fails."""
+
+    def stop() -> Deferred[None]:
+        """Let a delivery in progress finish, then close connections."""
