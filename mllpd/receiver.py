@@ -92,7 +92,9 @@ class Receiver:
         self._second = -1
         self._second_dt = datetime.fromtimestamp(0, UTC)
 
-    def receive(self, payload: bytes, peer: str) -> Deferred[Reply]:
+    def receive(
+        self, payload: bytes, peer: str, client_subject: str | None = None
+    ) -> Deferred[Reply]:
         """Decide, store when acceptable, and build the reply.
 
         Every expected failure becomes a NAK; the Deferred fails only on a bug.
@@ -113,15 +115,25 @@ class Receiver:
             outcome, error = problem
             return succeed(self._reply(message.header, message.codec, outcome, error, payload))
         if self.validator is not None:
-            return self.validator(message).addCallback(self._validated, message, peer)
-        return self._store(message, peer)
+            return self.validator(message).addCallback(
+                self._validated, message, peer, client_subject
+            )
+        return self._store(message, peer, client_subject)
 
-    def _validated(self, invalid: AckError | None, message: Message, peer: str) -> Deferred[Reply] | Reply:
+    def _validated(
+        self,
+        invalid: AckError | None,
+        message: Message,
+        peer: str,
+        client_subject: str | None,
+    ) -> Deferred[Reply] | Reply:
         if invalid is not None:
             return self._reply(message.header, message.codec, ERROR, invalid, message.raw)
-        return self._store(message, peer)
+        return self._store(message, peer, client_subject)
 
-    def _store(self, message: Message, peer: str) -> Deferred[Reply]:
+    def _store(
+        self, message: Message, peer: str, client_subject: str | None
+    ) -> Deferred[Reply]:
         header = message.header
         payload = message.raw
         if not self.accepting:
@@ -140,6 +152,7 @@ class Receiver:
             sha256=hashlib.sha256(payload).hexdigest(),
             ack_code=ack.ack_code(ACCEPT, header),
             payload=payload,
+            client_subject=client_subject,
         )
         d = self.outbox.store(envelope)
         return d.addCallbacks(

@@ -38,6 +38,10 @@ class Envelope(NamedTuple):
     sha256: str
     ack_code: str
     payload: bytes
+    # The TLS client certificate's subject, when the sender presented one.
+    client_subject: str | None = None
+    # Connectors whose filter matched: one queue row each, in the same commit.
+    routes: tuple[str, ...] = ()
 
     @property
     def size(self) -> int:

@@ -84,12 +84,24 @@ def _migrate(conn: sqlite3.Connection) -> None:
 
 
 def _statements(script: str) -> list[str]:
-    # executescript() would commit our transaction; split on ';' instead
-    # (the schema files hold no ';' inside strings or triggers).
-    body = "\n".join(
-        line.split("--", 1)[0] for line in script.splitlines()
-    )
-    return [s.strip() for s in body.split(";") if s.strip()]
+    """Split a schema script into statements (triggers included).
+
+    executescript() would commit our transaction, so statements run one by
+    one; sqlite3.complete_statement knows where a trigger body ends.
+    """
+    statements: list[str] = []
+    current = ""
+    for line in script.splitlines():
+        line = line.split("--", 1)[0].rstrip()
+        if not line:
+            continue
+        current += line + "\n"
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    if current.strip():
+        statements.append(current.strip())
+    return statements
 
 
 _COLUMNS = (
