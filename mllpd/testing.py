@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
-from mllpd.outbox import Envelope, IOutbox, OutboxError, StoreResult
+from mllpd.outbox import AuditRecord, Backlog, Envelope, IOutbox, OutboxError, StoreResult
 
 __all__ = ["MemoryOutbox"]
 
@@ -21,6 +21,8 @@ class MemoryOutbox:
         self.stored: list[Envelope] = []
         self.waiting: list[tuple[Envelope, Deferred[StoreResult]]] = []
         self.closed = False
+        self.audits: list[AuditRecord] = []
+        self.pending = Backlog(0, 0)
 
     def _key(self, e: Envelope) -> tuple[str, str, str, str]:
         return (e.control_id, e.sending_app, e.sending_fac, e.sha256)
@@ -50,6 +52,12 @@ class MemoryOutbox:
         """Fail the waiting store at ``index``, as a full disk would."""
         _, d = self.waiting.pop(index)
         d.errback(OutboxError("database or disk is full"))
+
+    def audit(self, record: AuditRecord) -> None:
+        self.audits.append(record)
+
+    def backlog(self) -> Backlog:
+        return self.pending
 
     def close(self) -> Deferred[None]:
         self.closed = True

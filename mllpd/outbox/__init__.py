@@ -12,7 +12,16 @@ from typing import NamedTuple
 from twisted.internet.defer import Deferred
 from zope.interface import Interface
 
-__all__ = ["Envelope", "IOutbox", "OutboxError", "StoreResult"]
+__all__ = [
+    "AuditRecord",
+    "Backlog",
+    "Envelope",
+    "IDeliveryQueue",
+    "IOutbox",
+    "OutboxError",
+    "QueuedDelivery",
+    "StoreResult",
+]
 
 
 class OutboxError(Exception):
@@ -55,11 +64,74 @@ class StoreResult(NamedTuple):
     duplicate: bool
 
 
+class AuditRecord(NamedTuple):
+    """What became of a message that was not stored (a NAK): the audit trail
+    of stored messages is written from their envelope in the same commit."""
+
+    received_at: float
+    peer: str
+    client_subject: str | None
+    control_id: str
+    msg_type: str
+    size: int
+    sha256: str
+    ack_code: str
+    rule: str | None = None
+
+
+class QueuedDelivery(NamedTuple):
+    """One row of a connector's queue, with its message."""
+
+    seq: int
+    message_id: str
+    connector: str
+    attempts: int
+    next_attempt: float
+    received_at: float
+    control_id: str
+    msg_type: str
+    charset: str | None
+    payload: bytes
+
+
+class Backlog(NamedTuple):
+    """Messages still to deliver (pending or in flight on any connector)."""
+
+    messages: int
+    size: int
+
+
 class IOutbox(Interface):
-    """Durable message storage."""
+    """Durable message storage and the per-connector delivery queues."""
 
     def store(envelope: Envelope) -> Deferred[StoreResult]:
-        """Store durably; fires once committed, fails with OutboxError."""
+        """Store durably, with one queue row per route and an audit record;
+        fires once committed, fails with OutboxError."""
+
+    def audit(record: AuditRecord) -> None:
+        """Record a message that was not stored; written with the next commit."""
+
+    def backlog() -> Backlog:
+        """The undelivered messages, as of the last count plus stores since."""
 
     def close() -> Deferred[None]:
         """Finish commits in progress, then release the storage."""
+
+
+class IDeliveryQueue(Interface):
+    """The per-connector FIFO queues the relay works from."""
+
+    def fetch(connector: str, after: int, limit: int) -> Deferred[list[QueuedDelivery]]:
+        """The next pending or in-flight rows of a queue with seq > after, in order."""
+
+    def mark_in_flight(seq: int, now: float) -> Deferred[None]:
+        """A delivery attempt starts."""
+
+    def mark_delivered(seq: int, now: float) -> Deferred[None]:
+        """Upstream took it."""
+
+    def mark_retry(seq: int, attempts: int, error: str, next_attempt: float, now: float) -> Deferred[None]:
+        """It failed; back to pending, to be tried at ``next_attempt``."""
+
+    def mark_dead(seq: int, attempts: int, error: str, now: float) -> Deferred[None]:
+        """Into the dead-letter queue."""

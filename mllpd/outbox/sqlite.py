@@ -6,6 +6,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from importlib import resources
+from typing import NamedTuple
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorThreads
@@ -16,7 +17,16 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from mllpd.outbox import Envelope, IOutbox, OutboxError, StoreResult
+from mllpd.outbox import (
+    AuditRecord,
+    Backlog,
+    Envelope,
+    IDeliveryQueue,
+    IOutbox,
+    OutboxError,
+    QueuedDelivery,
+    StoreResult,
+)
 
 __all__ = ["SQLiteOutbox", "open_database", "schema_files"]
 
@@ -24,6 +34,12 @@ log = Logger(namespace="mllpd.outbox")
 
 # Seconds between background WAL checkpoints.
 CHECKPOINT_INTERVAL = 1.0
+# Seconds between recounts of the backlog (for MLLP_MAX_OUTBOX and metrics).
+BACKLOG_INTERVAL = 1.0
+# Seconds between retention sweeps, and rows deleted per sweep statement, so
+# a sweep never holds the write lock long enough to delay ACKs noticeably.
+PRUNE_INTERVAL = 60.0
+PRUNE_BATCH = 1000
 
 
 def schema_files(dialect: str) -> list[tuple[int, str]]:
@@ -121,6 +137,25 @@ def _row(e: Envelope) -> tuple[object, ...]:
     )
 
 
+def _audit_row(e: Envelope, message_id: str, pod: str | None, connectors: str) -> tuple[object, ...]:
+    return (
+        e.received_at, e.peer, e.client_subject, pod, message_id, e.control_id,
+        e.msg_type, e.size, e.sha256, e.ack_code, None, connectors,
+    )
+
+
+def _insert(
+    conn: sqlite3.Connection, table: str, columns: str, row: str, rows: list[tuple[object, ...]]
+) -> None:
+    for i in range(0, len(rows), _ROWS_PER_STATEMENT):
+        chunk = rows[i : i + _ROWS_PER_STATEMENT]
+        values = ", ".join([row] * len(chunk))
+        conn.execute(
+            f"INSERT INTO {table} ({columns}) VALUES {values}",
+            [v for r in chunk for v in r],
+        )
+
+
 DedupKey = tuple[str, str, str, str]
 
 
@@ -128,7 +163,56 @@ def _key(e: Envelope) -> DedupKey:
     return (e.control_id, e.sending_app, e.sending_fac, e.sha256)
 
 
-@implementer(IOutbox)
+_AUDIT_COLUMNS = (
+    "received_at, peer, client_subject, pod, message_id, control_id, msg_type, "
+    "size, sha256, ack_code, rule, connectors"
+)
+_AUDIT_ROW = "(" + ", ".join("?" * 12) + ")"
+_QUEUE_ROW = "(?, ?, 'pending', 0, ?, ?)"
+
+_FETCH = (
+    "SELECT d.seq, d.message_id, d.connector, d.attempts, d.next_attempt,"
+    " m.received_at, m.control_id, m.msg_type, m.charset, m.payload"
+    " FROM deliveries d JOIN messages m ON m.message_id = d.message_id"
+    " WHERE d.connector = ? AND d.state IN ('pending', 'in_flight') AND d.seq > ?"
+    " ORDER BY d.seq LIMIT ?"
+)
+_BACKLOG = (
+    "SELECT COUNT(*), TOTAL(size) FROM messages WHERE message_id IN"
+    " (SELECT message_id FROM deliveries WHERE state IN ('pending', 'in_flight'))"
+)
+_DEPTHS = (
+    "SELECT d.connector, d.state, COUNT(*), MIN(m.received_at)"
+    " FROM deliveries d JOIN messages m ON m.message_id = d.message_id"
+    " WHERE d.state IN ('pending', 'in_flight', 'dead') GROUP BY d.connector, d.state"
+)
+# A message goes once every queue row of it was delivered before the cutoff
+# (or it was routed nowhere) and it arrived before the cutoff.
+_PRUNE_MESSAGES = (
+    "DELETE FROM messages WHERE id IN (SELECT id FROM messages m"
+    " WHERE m.received_at < :cutoff AND NOT EXISTS (SELECT 1 FROM deliveries d"
+    " WHERE d.message_id = m.message_id"
+    " AND (d.state != 'delivered' OR d.updated_at >= :cutoff))"
+    " ORDER BY m.id LIMIT :batch)"
+)
+_PRUNE_AUDIT = (
+    "DELETE FROM audit WHERE id IN (SELECT id FROM audit"
+    " WHERE received_at < :cutoff ORDER BY id LIMIT :batch)"
+)
+
+
+class QueueDepth(NamedTuple):
+    """One connector's queue as of the last count."""
+
+    pending: int  # pending or in flight
+    dead: int
+    oldest: float | None  # received_at of the oldest pending message
+
+
+Op = tuple[str, tuple[object, ...], "Deferred[None]"]
+
+
+@implementer(IOutbox, IDeliveryQueue)
 class SQLiteOutbox:
     """Stores envelopes with group commit.
 
@@ -145,13 +229,47 @@ class SQLiteOutbox:
         *,
         dedup_window: float = 24 * 3600.0,
         wall_clock: Callable[[], float] = time.time,
+        retention: float = 168 * 3600.0,
+        max_count: int | None = None,
+        max_bytes: int | None = None,
+        pod: str | None = None,
     ) -> None:
         self.path = path
         self.dedup_window = dedup_window
+        self.retention = retention
+        self.max_count = max_count
+        self.max_bytes = max_bytes
+        self.pod = pod
         self._reactor = reactor
         self._wall_clock = wall_clock
         self._conn = open_database(path)
+        try:
+            # Deliveries that were in flight when the last process stopped go
+            # back to their queue; their position (seq) is unchanged.
+            self._conn.execute(
+                "UPDATE deliveries SET state = 'pending' WHERE state = 'in_flight'"
+            )
+            counted = self._conn.execute(_BACKLOG).fetchone()
+        except sqlite3.Error as e:
+            self._conn.close()
+            raise OutboxError(f"cannot open outbox {path}: {e}") from None
+        self._backlog = Backlog(counted[0], int(counted[1]))
+        self.depths: dict[str, QueueDepth] = {}
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="mllpd-outbox")
+        # Queue reads and counts run on a connection and thread of their own:
+        # a WAL reader never waits for the writer, nor the writer for it.
+        if path == ":memory:":
+            self._reader, self._reader_pool = self._conn, self._pool
+        else:
+            self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._reader_pool = ThreadPool(minthreads=1, maxthreads=1, name="mllpd-outbox-reader")
+        self._counting = LoopingCall(self._count)
+        self._counting.clock = reactor  # type: ignore[assignment]
+        self._pruning = LoopingCall(self.prune)
+        self._pruning.clock = reactor  # type: ignore[assignment]
+        self._ops: list[Op] = []
+        self._audits: list[AuditRecord] = []
+        self._listeners: list[Callable[[set[str]], None]] = []
         # Checkpoints copy the WAL into the database file and fsync it. Left
         # to SQLite they run inside a COMMIT every 1000 pages and stall the
         # ACKs of that batch; a second connection on its own thread does them
@@ -171,8 +289,147 @@ class SQLiteOutbox:
 
     def start(self) -> None:
         self._pool.start()
+        if self._reader_pool is not self._pool:
+            self._reader_pool.start()
         if self._checkpoints is not None:
             self._checkpoints.start()
+        self._counting.start(BACKLOG_INTERVAL, now=True)
+        self._pruning.start(PRUNE_INTERVAL, now=False)
+
+    def add_listener(self, listener: Callable[[set[str]], None]) -> None:
+        """Call ``listener(connectors)`` after each commit that queued
+        messages for those connectors."""
+        self._listeners.append(listener)
+
+    # -- back-pressure ---------------------------------------------------
+
+    def backlog(self) -> Backlog:
+        return self._backlog
+
+    @property
+    def full(self) -> bool:
+        """Past MLLP_MAX_OUTBOX: new messages must get AR."""
+        count, size = self._backlog
+        return (self.max_count is not None and count >= self.max_count) or (
+            self.max_bytes is not None and size >= self.max_bytes
+        )
+
+    def _count(self) -> Deferred[object]:
+        d = deferToThreadPool(self._reactor, self._reader_pool, self._read_counts)
+        d.addCallback(self._counted)
+        return d.addErrback(self._count_failed)
+
+    def _read_counts(self) -> tuple[Backlog, dict[str, QueueDepth]]:
+        conn = self._reader
+        count, size = conn.execute(_BACKLOG).fetchone()
+        depths: dict[str, list[object]] = {}
+        for connector, state, n, oldest in conn.execute(_DEPTHS):
+            entry = depths.setdefault(connector, [0, 0, None])
+            if state == "dead":
+                entry[1] = n
+            else:
+                entry[0] = int(entry[0]) + n  # type: ignore[call-overload]
+                if entry[2] is None or oldest < entry[2]:  # type: ignore[operator]
+                    entry[2] = oldest
+        return Backlog(count, int(size)), {
+            name: QueueDepth(*values) for name, values in depths.items()  # type: ignore[arg-type]
+        }
+
+    def _counted(self, result: tuple[Backlog, dict[str, QueueDepth]]) -> None:
+        self._backlog, depths = result
+        # Connectors whose queues emptied keep a zero entry.
+        for name in self.depths:
+            depths.setdefault(name, QueueDepth(0, 0, None))
+        self.depths = depths
+
+    def _count_failed(self, failure: Failure) -> None:
+        log.warn(
+            "outbox backlog count failed: {reason}", event="count_failed",
+            reason=failure.getErrorMessage(),
+        )
+
+    # -- queues ----------------------------------------------------------
+
+    def fetch(self, connector: str, after: int, limit: int) -> Deferred[list[QueuedDelivery]]:
+        return deferToThreadPool(
+            self._reactor, self._reader_pool, self._fetch, connector, after, limit
+        )
+
+    def _fetch(self, connector: str, after: int, limit: int) -> list[QueuedDelivery]:
+        cursor = self._reader.execute(_FETCH, (connector, after, limit))
+        try:
+            return [QueuedDelivery(*row) for row in cursor]
+        finally:
+            cursor.close()
+
+    def _op(self, sql: str, params: tuple[object, ...]) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        if self._closing:
+            d.errback(OutboxError("outbox is closing"))
+            return d
+        self._ops.append((sql, params, d))
+        self._schedule()
+        return d
+
+    def mark_in_flight(self, seq: int, now: float) -> Deferred[None]:
+        return self._op(
+            "UPDATE deliveries SET state = 'in_flight', updated_at = ? WHERE seq = ?",
+            (now, seq),
+        )
+
+    def mark_delivered(self, seq: int, now: float) -> Deferred[None]:
+        return self._op(
+            "UPDATE deliveries SET state = 'delivered', attempts = attempts + 1,"
+            " last_error = NULL, updated_at = ? WHERE seq = ?",
+            (now, seq),
+        )
+
+    def mark_retry(
+        self, seq: int, attempts: int, error: str, next_attempt: float, now: float
+    ) -> Deferred[None]:
+        return self._op(
+            "UPDATE deliveries SET state = 'pending', attempts = ?, last_error = ?,"
+            " next_attempt = ?, updated_at = ? WHERE seq = ?",
+            (attempts, error, next_attempt, now, seq),
+        )
+
+    def mark_dead(self, seq: int, attempts: int, error: str, now: float) -> Deferred[None]:
+        return self._op(
+            "UPDATE deliveries SET state = 'dead', attempts = ?, last_error = ?,"
+            " updated_at = ? WHERE seq = ?",
+            (attempts, error, now, seq),
+        )
+
+    def audit(self, record: AuditRecord) -> None:
+        if self._closing:
+            return
+        self._audits.append(record)
+        self._schedule()
+
+    def prune(self) -> Deferred[int]:
+        """Delete delivered messages and audit records older than the
+        retention, a batch at a time; fires with the messages deleted."""
+        return deferToThreadPool(self._reactor, self._pool, self._prune).addErrback(
+            self._prune_failed
+        )
+
+    def _prune(self) -> int:
+        cutoff = self._wall_clock() - self.retention
+        params = {"cutoff": cutoff, "batch": PRUNE_BATCH}
+        deleted = 0
+        while True:
+            n = self._conn.execute(_PRUNE_MESSAGES, params).rowcount
+            self._conn.execute(_PRUNE_AUDIT, params)
+            deleted += n
+            if n < PRUNE_BATCH:
+                return deleted
+
+    def _prune_failed(self, failure: Failure) -> int:
+        log.warn(
+            "outbox retention sweep failed: {reason}", event="prune_failed",
+            reason=failure.getErrorMessage(),
+        )
+        return 0
 
     def store(self, envelope: Envelope) -> Deferred[StoreResult]:
         d: Deferred[StoreResult] = Deferred()
@@ -180,22 +437,32 @@ class SQLiteOutbox:
             d.errback(OutboxError("outbox is closing"))
             return d
         self._pending.append((envelope, d))
+        if envelope.routes:
+            count, size = self._backlog
+            self._backlog = Backlog(count + 1, size + len(envelope.payload))
+        self._schedule()
+        return d
+
+    def _schedule(self) -> None:
         if not self._committing:
             # Start at the end of this reactor turn, not now: every frame read
             # in the same turn then shares the commit, instead of the first
             # one committing alone while the rest wait behind it.
             self._committing = True
             self._reactor.callLater(0, self._commit_next)  # type: ignore[attr-defined]
-        return d
 
     def _commit_next(self) -> None:
         batch, self._pending = self._pending, []
+        ops, self._ops = self._ops, []
+        audits, self._audits = self._audits, []
         self._committing = True
         envelopes = [e for e, _ in batch]
-        d = deferToThreadPool(self._reactor, self._pool, self._write, envelopes)
-        d.addBoth(self._committed, batch)
+        d = deferToThreadPool(self._reactor, self._pool, self._write, envelopes, ops, audits)
+        d.addBoth(self._committed, batch, ops)
 
-    def _write(self, envelopes: list[Envelope]) -> list[StoreResult]:
+    def _write(
+        self, envelopes: list[Envelope], ops: list[Op], audits: list[AuditRecord]
+    ) -> list[StoreResult]:
         # A whole batch is one SELECT and one INSERT per 500 rows: every
         # statement step releases and retakes the GIL, which the reactor
         # thread holds while it parses, so few steps keep commits short.
@@ -205,23 +472,39 @@ class SQLiteOutbox:
             known = self._known_duplicates(envelopes) if self.dedup_window > 0 else {}
             results: list[StoreResult] = []
             rows: list[tuple[object, ...]] = []
+            queued: list[tuple[object, ...]] = []
+            trail: list[tuple[object, ...]] = []
+            pod = self.pod
             for e in envelopes:
                 key = _key(e)
                 earlier = known.get(key)
                 if earlier is not None:
+                    # A resend of a stored message: AA again, no second copy,
+                    # no second delivery.
                     results.append(StoreResult(earlier, True))
+                    trail.append(_audit_row(e, earlier, pod, ""))
                     continue
                 if self.dedup_window > 0:
                     known[key] = e.message_id
                 rows.append(_row(e))
+                for connector in e.routes:
+                    queued.append((e.message_id, connector, e.received_at, e.received_at))
+                trail.append(_audit_row(e, e.message_id, pod, ",".join(e.routes)))
                 results.append(StoreResult(e.message_id, False))
-            for i in range(0, len(rows), _ROWS_PER_STATEMENT):
-                chunk = rows[i : i + _ROWS_PER_STATEMENT]
-                values = ", ".join([_ROW] * len(chunk))
-                conn.execute(
-                    f"INSERT INTO messages ({_COLUMNS}) VALUES {values}",
-                    [v for row in chunk for v in row],
-                )
+            for a in audits:
+                trail.append((
+                    a.received_at, a.peer, a.client_subject, pod, None, a.control_id,
+                    a.msg_type, a.size, a.sha256, a.ack_code, a.rule, "",
+                ))
+            _insert(conn, "messages", _COLUMNS, _ROW, rows)
+            _insert(
+                conn, "deliveries",
+                "message_id, connector, state, attempts, next_attempt, updated_at",
+                _QUEUE_ROW, queued,
+            )
+            _insert(conn, "audit", _AUDIT_COLUMNS, _AUDIT_ROW, trail)
+            for sql, params, _ in ops:
+                conn.execute(sql, params)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -255,11 +538,12 @@ class SQLiteOutbox:
         self,
         result: list[StoreResult] | Failure,
         batch: list[tuple[Envelope, Deferred[StoreResult]]],
+        ops: list[Op],
     ) -> None:
         self._committing = False
         # Start the next commit before answering this one: the replies write
         # ACKs and parse newly arrived frames, which would otherwise delay it.
-        if self._pending:
+        if self._pending or self._ops or self._audits:
             self._commit_next()
         if isinstance(result, Failure):
             reason = result.getErrorMessage()
@@ -271,12 +555,22 @@ class SQLiteOutbox:
             )
             for _, d in batch:
                 d.errback(OutboxError(reason))
+            for _, _, op in ops:
+                op.errback(OutboxError(reason))
         else:
             self.commits += 1
             self.committed_messages += len(batch)
-            for (_, d), stored in zip(batch, result, strict=True):
+            routed: set[str] = set()
+            for (envelope, d), stored in zip(batch, result, strict=True):
+                if not stored.duplicate:
+                    routed.update(envelope.routes)
                 d.callback(stored)
-        if self._closing and not self._committing and not self._pending:
+            for _, _, op in ops:
+                op.callback(None)
+            if routed:
+                for listener in self._listeners:
+                    listener(routed)
+        if self._closing and not self._committing and not (self._pending or self._ops):
             self._finish_close()
 
     def close(self) -> Deferred[None]:
@@ -291,17 +585,46 @@ class SQLiteOutbox:
                 self._finish_close()
         return d
 
+    def _close_writer(self) -> None:
+        # Deliveries interrupted by the shutdown wait in their queue, not
+        # in flight, for whoever opens the outbox next (and for mllp-cli).
+        try:
+            self._conn.execute(
+                "UPDATE deliveries SET state = 'pending' WHERE state = 'in_flight'"
+            )
+        finally:
+            self._conn.close()
+
     def _finish_close(self) -> None:
         # Reentrant: a store's callback may call close() from inside _committed.
         if self._shutting:
             return
         self._shutting = True
+        for loop in (self._counting, self._pruning):
+            if loop.running:
+                loop.stop()
         if not self._pool.started:
             # Never started (startup failed before the service ran).
             self._conn.close()
             d: Deferred[None] = succeed(None)
         else:
-            d = deferToThreadPool(self._reactor, self._pool, self._conn.close)
+            d = deferToThreadPool(self._reactor, self._pool, self._close_writer)
+        if self._reader_pool is not self._pool:
+            reader_pool, reader = self._reader_pool, self._reader
+
+            def close_reader(result: object) -> object:
+                if not reader_pool.started:
+                    reader.close()
+                    return result
+                closing = deferToThreadPool(self._reactor, reader_pool, reader.close)
+
+                def stop_pool(_: object) -> object:
+                    reader_pool.stop()
+                    return result
+
+                return closing.addBoth(stop_pool)
+
+            d.addBoth(close_reader)
         if self._checkpoints is not None:
             checkpoints = self._checkpoints
             d.addBoth(lambda result: checkpoints.stop().addCallback(lambda _: result))

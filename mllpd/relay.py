@@ -1,0 +1,261 @@
+"""Delivery workers: one per connector, strictly in queue order.
+
+A worker reads the head of its connector's queue, hands one message at a
+time to the connector and records the outcome: delivered, retried later with
+exponential backoff and jitter (the same message stays at the head, so order
+holds), or moved to the dead-letter queue once upstream refuses it for good
+or the attempts run out.
+
+State changes go into the outbox's group commit without the worker waiting
+for them: a crash before they are durable only means the message is
+delivered again, with the same message id as its idempotency key.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mllpd.connectors import Dead, Delivered, Delivery, IConnector, Outcome, Retry
+from mllpd.hl7 import codec_for_charset
+from mllpd.outbox import IDeliveryQueue, QueuedDelivery
+
+__all__ = ["Relay", "Worker"]
+
+log = Logger(namespace="mllpd.relay")
+
+# Rows read from a queue at a time, and how often an idle worker looks
+# again on its own (new stores wake it at once; this catches replays that
+# mllp-cli writes from another process).
+FETCH_LIMIT = 32
+POLL_INTERVAL = 1.0
+# Seconds a stopping worker waits for the delivery in progress.
+STOP_TIMEOUT = 5.0
+
+
+class RetryPolicy(Protocol):
+    max_attempts: int
+
+    def delay(self, attempt: int, rand: Callable[[], float]) -> float: ...
+
+
+class DeliveryMetrics(Protocol):
+    def delivery(self, connector: str, result: str) -> None: ...
+
+
+class Worker:
+    """Delivers one connector's queue."""
+
+    def __init__(
+        self,
+        connector: IConnector,
+        queue: IDeliveryQueue,
+        retry: RetryPolicy,
+        clock: IReactorTime,
+        *,
+        wall_clock: Callable[[], float] | None = None,
+        rand: Callable[[], float] = random.random,
+        metrics: DeliveryMetrics | None = None,
+    ) -> None:
+        self.connector = connector
+        self.name: str = connector.name
+        self.queue = queue
+        self.retry = retry
+        self.clock = clock
+        self._now = wall_clock or clock.seconds
+        self.rand = rand
+        self.metrics = metrics
+        self.cursor = 0
+        self._buffer: list[QueuedDelivery] = []
+        self._running = False
+        self._notified = False
+        self._wake: Deferred[None] | None = None
+        self._timer: IDelayedCall | None = None
+        self._done: Deferred[None] | None = None
+        self.delivered = 0
+        self.retried = 0
+        self.dead = 0
+
+    def start(self) -> None:
+        self._running = True
+        self.connector.start()
+        self._done = Deferred.fromCoroutine(self._run())
+        self._done.addErrback(self._crashed)
+
+    def notify(self) -> None:
+        """New rows were committed to this queue."""
+        # Remembered, so a notice that arrives during a read is not lost.
+        self._notified = True
+        self._fire_wake()
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> Deferred[None]:
+        """Start no other delivery; let the one in progress finish for up to
+        ``timeout`` seconds, then close the connector (which ends it: the
+        row stays in its queue and is delivered again later)."""
+        self._running = False
+        self._fire_wake()
+        done: Deferred[None] = Deferred()
+        finished = self._done if self._done is not None else succeed(None)
+
+        def ended(_: object = None) -> None:
+            if timer.active():
+                timer.cancel()
+            if not done.called:
+                done.callback(None)
+
+        timer = self.clock.callLater(timeout, ended)
+
+        finished.addBoth(ended)
+        return done.addCallback(lambda _: self.connector.stop())
+
+    def _fire_wake(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        wake, self._wake = self._wake, None
+        if wake is not None:
+            wake.callback(None)
+
+    def _sleep(self, seconds: float) -> Deferred[None]:
+        """Wait ``seconds`` or until notified, whichever is first."""
+        wake: Deferred[None] = Deferred()
+        self._wake = wake
+        self._timer = self.clock.callLater(max(seconds, 0.0), self._fire_wake)
+        return wake
+
+    async def _run(self) -> None:
+        while self._running:
+            if not self._buffer:
+                self._notified = False
+                try:
+                    self._buffer = await self.queue.fetch(self.name, self.cursor, FETCH_LIMIT)
+                except Exception as e:  # noqa: BLE001 - storage trouble: try again later
+                    log.error(
+                        "reading queue of {connector} failed: {reason}",
+                        event="queue_read_failed", connector=self.name, reason=str(e),
+                    )
+                    self._buffer = []
+                if not self._buffer:
+                    if self._running and not self._notified:
+                        await self._sleep(POLL_INTERVAL)
+                    continue
+            head = self._buffer[0]
+            wait = head.next_attempt - self._now()
+            if wait > 0:
+                await self._sleep(wait)
+                continue
+            await self._attempt(head)
+
+    async def _attempt(self, row: QueuedDelivery) -> None:
+        attempt = row.attempts + 1
+        now = self._now()
+        self._record(self.queue.mark_in_flight(row.seq, now))
+        delivery = Delivery(
+            message_id=row.message_id,
+            connector=self.name,
+            payload=row.payload,
+            charset=row.charset,
+            codec=(codec_for_charset(row.charset) if row.charset else None) or "iso8859-1",
+            control_id=row.control_id,
+            msg_type=row.msg_type,
+            attempt=attempt,
+        )
+        try:
+            outcome: Outcome = await maybeDeferred(self.connector.deliver, delivery)
+        except Exception as e:  # noqa: BLE001 - a connector bug must not stop the queue
+            log.failure(
+                "connector {connector} raised", Failure(), event="connector_error",
+                connector=self.name, control_id=row.control_id,
+            )
+            outcome = Retry(f"internal error: {type(e).__name__}")
+        now = self._now()
+        fields: dict[str, Any] = dict(
+            connector=self.name, message_id=row.message_id, control_id=row.control_id,
+            msg_type=row.msg_type, attempt=attempt,
+        )
+        if isinstance(outcome, Delivered):
+            self._finish(row)
+            self._record(self.queue.mark_delivered(row.seq, now))
+            self.delivered += 1
+            self._count("delivered")
+            log.debug("delivered to {connector}", event="delivered", **fields)
+        elif isinstance(outcome, Dead) or attempt >= self.retry.max_attempts:
+            reason = outcome.reason
+            if not isinstance(outcome, Dead):
+                reason = f"gave up after {attempt} attempts: {reason}"
+            self._finish(row)
+            self._record(self.queue.mark_dead(row.seq, attempt, reason, now))
+            self.dead += 1
+            self._count("dead")
+            log.warn(
+                "dead-lettered for {connector}: {reason}", event="dead_letter",
+                reason=reason, **fields,
+            )
+        else:
+            delay = outcome.after if outcome.after is not None else self.retry.delay(
+                attempt, self.rand
+            )
+            next_attempt = now + delay
+            self._buffer[0] = row._replace(attempts=attempt, next_attempt=next_attempt)
+            self._record(self.queue.mark_retry(row.seq, attempt, outcome.reason, next_attempt, now))
+            self.retried += 1
+            self._count("retry")
+            log.info(
+                "delivery to {connector} failed, retry in {delay:.1f}s: {reason}",
+                event="delivery_retry", delay=delay, reason=outcome.reason, **fields,
+            )
+
+    def _finish(self, row: QueuedDelivery) -> None:
+        self._buffer.pop(0)
+        self.cursor = max(self.cursor, row.seq)
+
+    def _count(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.delivery(self.name, result)
+
+    def _record(self, d: Deferred[None]) -> None:
+        d.addErrback(self._record_failed)
+
+    def _record_failed(self, failure: Failure) -> None:
+        # Not fatal: the row keeps its last durable state and is delivered
+        # again after a restart (at least once).
+        log.warn(
+            "recording delivery state for {connector} failed: {reason}",
+            event="queue_write_failed", connector=self.name,
+            reason=failure.getErrorMessage(),
+        )
+
+    def _crashed(self, failure: Failure) -> None:
+        log.failure(
+            "delivery worker for {connector} stopped", failure,
+            event="worker_crashed", connector=self.name,
+        )
+
+
+class Relay:
+    """All the delivery workers; the outbox wakes them after each commit."""
+
+    def __init__(self, workers: list[Worker]) -> None:
+        self.workers = {w.name: w for w in workers}
+
+    def start(self) -> None:
+        for worker in self.workers.values():
+            worker.start()
+
+    def notify(self, connectors: set[str]) -> None:
+        for name in connectors:
+            worker = self.workers.get(name)
+            if worker is not None:
+                worker.notify()
+
+    def stop(self) -> Deferred[None]:
+        """Stop every worker; fires when all in-progress deliveries ended."""
+        d = DeferredList([w.stop() for w in self.workers.values()], consumeErrors=True)
+        return d.addCallback(lambda _: None)
+

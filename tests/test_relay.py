@@ -1,0 +1,298 @@
+"""Delivery workers over a real SQLite outbox: order, retries, dead letters, restarts.
+
+The worker's timers run on a Clock (backoff is advanced, never slept); the
+outbox is a real file on its own threads.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+from zope.interface import implementer
+
+from mllpd.connectors import Dead, Delivered, Delivery, IConnector, Outcome, Retry
+from mllpd.outbox.sqlite import SQLiteOutbox
+from mllpd.relay import Relay, Worker
+from tests.test_outbox import envelope, temp_db
+
+reactor: Any = _reactor
+
+
+class Policy:
+    """Backoff of 10 s, 20 s, 40 s ... with the jitter taken from ``rand``."""
+
+    def __init__(self, max_attempts: int = 20) -> None:
+        self.max_attempts = max_attempts
+
+    def delay(self, attempt: int, rand: Callable[[], float]) -> float:
+        return 10.0 * 2 ** (attempt - 1) * (1 + 0.2 * (2 * rand() - 1))
+
+
+@implementer(IConnector)
+class ScriptedConnector:
+    """Answers each delivery with the next scripted outcome (Delivered when
+    the script is empty), or holds it when the script says "hold"."""
+
+    def __init__(self, name: str, script: list[Outcome | str] | None = None) -> None:
+        self.name = name
+        self.script = list(script or [])
+        self.seen: list[Delivery] = []
+        self.held: list[Deferred[Outcome]] = []
+        self.waiters: list[tuple[int, Deferred[None]]] = []
+        self.started = self.stopped = False
+
+    def start(self) -> None:
+        self.started = True
+
+    def deliver(self, delivery: Delivery) -> Deferred[Outcome]:
+        self.seen.append(delivery)
+        for n, d in list(self.waiters):
+            if len(self.seen) >= n:
+                self.waiters.remove((n, d))
+                # On the next turn: by then the worker has handled the outcome.
+                reactor.callLater(0, d.callback, None)
+        step = self.script.pop(0) if self.script else Delivered()
+        if step == "hold":
+            held: Deferred[Outcome] = Deferred()
+            self.held.append(held)
+            return held
+        assert not isinstance(step, str)
+        return succeed(step)
+
+    def wait_for(self, n: int) -> Deferred[None]:
+        """Fires once ``n`` deliveries were attempted."""
+        if len(self.seen) >= n:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self.waiters.append((n, d))
+        return d
+
+    def stop(self) -> Deferred[None]:
+        self.stopped = True
+        for held in self.held:
+            if not held.called:
+                held.callback(Retry("connection closed"))
+        return succeed(None)
+
+
+def queue_rows(path: str, connector: str) -> list[tuple[str, str, int, str | None]]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(
+            "SELECT m.control_id, d.state, d.attempts, d.last_error FROM deliveries d"
+            " JOIN messages m USING (message_id) WHERE d.connector = ? ORDER BY d.seq",
+            (connector,),
+        ).fetchall()
+    finally:
+        conn.close()
+
+
+class RelayTests(TestCase):
+    timeout = 15
+    def setUp(self) -> None:
+        self.path = temp_db(self)
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+
+    def open(self) -> SQLiteOutbox:
+        outbox = SQLiteOutbox(self.path, reactor, wall_clock=self.clock.seconds)
+        outbox.start()
+        self.addCleanup(outbox.close)
+        return outbox
+
+    def worker(self, outbox: SQLiteOutbox, connector: ScriptedConnector, **kw: Any) -> Worker:
+        worker = Worker(
+            connector, outbox, kw.pop("retry", Policy()), self.clock,
+            rand=lambda: 0.5, **kw,
+        )
+        relay = Relay([worker])
+        outbox.add_listener(relay.notify)
+        worker.start()
+        self.addCleanup(worker.stop)
+        return worker
+
+    async def store(self, outbox: SQLiteOutbox, *control_ids: str, routes: tuple[str, ...] = ("up",)) -> None:
+        for c in control_ids:
+            await outbox.store(envelope(c, received_at=self.clock.seconds())._replace(routes=routes))
+
+    async def settle(self, outbox: SQLiteOutbox) -> None:
+        """Wait until every state change queued so far is committed."""
+        await outbox.mark_in_flight(-1, 0)
+
+    async def test_delivers_in_order_exact_bytes(self) -> None:
+        """Every routed message reaches the connector once, in arrival order, byte for byte."""
+        outbox = self.open()
+        up = ScriptedConnector("up")
+        self.worker(outbox, up)
+        await self.store(outbox, *[f"C{i}" for i in range(10)])
+        await up.wait_for(10)
+        await self.settle(outbox)
+        self.assertEqual([d.control_id for d in up.seen], [f"C{i}" for i in range(10)])
+        stored = sqlite3.connect(self.path).execute(
+            "SELECT message_id, payload FROM messages ORDER BY id").fetchall()
+        self.assertEqual([(d.message_id, d.payload) for d in up.seen], stored)
+        self.assertEqual({r[1] for r in queue_rows(self.path, "up")}, {"delivered"})
+
+    async def test_only_routed_connectors_get_the_message(self) -> None:
+        """A message routed to one connector never reaches another."""
+        outbox = self.open()
+        a, b = ScriptedConnector("a"), ScriptedConnector("b")
+        self.worker(outbox, a)
+        self.worker(outbox, b)
+        await self.store(outbox, "ONLY-A", routes=("a",))
+        await self.store(outbox, "BOTH", routes=("a", "b"))
+        await a.wait_for(2)
+        await b.wait_for(1)
+        self.assertEqual([d.control_id for d in a.seen], ["ONLY-A", "BOTH"])
+        self.assertEqual([d.control_id for d in b.seen], ["BOTH"])
+
+    async def test_retry_backs_off_and_keeps_order(self) -> None:
+        """A failing message is retried after the backoff, and the next one waits behind it."""
+        outbox = self.open()
+        up = ScriptedConnector("up", [Retry("503 Service Unavailable"), Retry("timeout")])
+        self.worker(outbox, up)
+        await self.store(outbox, "FIRST", "SECOND")
+        await up.wait_for(1)
+        await self.settle(outbox)
+        self.assertEqual(queue_rows(self.path, "up")[0], ("FIRST", "pending", 1, "503 Service Unavailable"))
+        self.clock.advance(9.9)
+        self.assertEqual(len(up.seen), 1, "retried before the 10 s backoff")
+        self.clock.advance(0.2)
+        await up.wait_for(2)
+        self.clock.advance(19.9)
+        self.assertEqual(len(up.seen), 2, "second backoff must double")
+        self.clock.advance(0.2)
+        await up.wait_for(4)
+        await self.settle(outbox)
+        self.assertEqual([d.control_id for d in up.seen], ["FIRST", "FIRST", "FIRST", "SECOND"])
+        self.assertEqual([d.attempt for d in up.seen], [1, 2, 3, 1])
+        self.assertEqual(
+            [(c, s, n) for c, s, n, _ in queue_rows(self.path, "up")],
+            [("FIRST", "delivered", 3), ("SECOND", "delivered", 1)],
+        )
+
+    async def test_retry_after_overrides_backoff(self) -> None:
+        """An upstream's Retry-After wait replaces the computed backoff."""
+        outbox = self.open()
+        up = ScriptedConnector("up", [Retry("429", after=120.0)])
+        self.worker(outbox, up)
+        await self.store(outbox, "LIMITED")
+        await up.wait_for(1)
+        self.clock.advance(119)
+        self.assertEqual(len(up.seen), 1)
+        self.clock.advance(1.5)
+        await up.wait_for(2)
+
+    async def test_dead_letter_then_next(self) -> None:
+        """A refused message goes to the dead-letter queue and the next one is delivered."""
+        outbox = self.open()
+        up = ScriptedConnector("up", [Dead("AE: unknown patient")])
+        self.worker(outbox, up)
+        await self.store(outbox, "BAD", "GOOD")
+        await up.wait_for(2)
+        await self.settle(outbox)
+        self.assertEqual(
+            queue_rows(self.path, "up"),
+            [("BAD", "dead", 1, "AE: unknown patient"), ("GOOD", "delivered", 1, None)],
+        )
+
+    async def test_attempts_run_out(self) -> None:
+        """After max_attempts failures the message is dead-lettered with the reason."""
+        outbox = self.open()
+        up = ScriptedConnector("up", [Retry("refused")] * 3)
+        self.worker(outbox, up, retry=Policy(max_attempts=3))
+        await self.store(outbox, "NEVER")
+        await up.wait_for(1)
+        self.clock.advance(10.1)
+        await up.wait_for(2)
+        self.clock.advance(20.1)
+        await up.wait_for(3)
+        await self.settle(outbox)
+        self.assertEqual(
+            queue_rows(self.path, "up"),
+            [("NEVER", "dead", 3, "gave up after 3 attempts: refused")],
+        )
+
+    async def test_restart_resumes_in_order(self) -> None:
+        """A row left in flight by a crash is delivered again first after a restart, then the rest, in order."""
+        outbox = self.open()
+        await self.store(outbox, "M1", "M2", "M3")
+        await outbox.close()
+        # What kill -9 during the first delivery leaves behind.
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        conn.execute("UPDATE deliveries SET state = 'in_flight', attempts = 0 WHERE seq = 1")
+        conn.close()
+
+        again = self.open()
+        up = ScriptedConnector("up")
+        self.worker(again, up)
+        await up.wait_for(3)
+        self.assertEqual([d.control_id for d in up.seen], ["M1", "M2", "M3"])
+        await self.settle(again)
+        self.assertEqual({r[1] for r in queue_rows(self.path, "up")}, {"delivered"})
+
+    async def test_stop_waits_for_the_delivery_then_closes(self) -> None:
+        """Stopping lets the delivery in progress finish, then stops the connector."""
+        outbox = self.open()
+        up = ScriptedConnector("up", ["hold"])
+        worker = self.worker(outbox, up)
+        await self.store(outbox, "SLOW")
+        await up.wait_for(1)
+        stopped = worker.stop(timeout=5.0)
+        self.assertFalse(stopped.called)
+        self.assertFalse(up.stopped)
+        up.held[0].callback(Delivered())
+        await stopped
+        self.assertTrue(up.stopped)
+        await self.settle(outbox)
+        self.assertEqual(queue_rows(self.path, "up")[0][1], "delivered")
+
+    async def test_stop_gives_up_on_a_hung_delivery(self) -> None:
+        """A delivery that does not end within the stop timeout is cut off and stays queued."""
+        outbox = self.open()
+        up = ScriptedConnector("up", ["hold"])
+        worker = self.worker(outbox, up)
+        await self.store(outbox, "HUNG")
+        await up.wait_for(1)
+        stopped = worker.stop(timeout=5.0)
+        self.clock.advance(5.0)
+        await stopped
+        self.assertTrue(up.stopped)
+        await outbox.close()
+        self.assertEqual(queue_rows(self.path, "up")[0][:2], ("HUNG", "pending"))
+
+    async def test_in_flight_row_is_visible(self) -> None:
+        """While upstream works on a message, its queue row says in_flight."""
+        outbox = self.open()
+        up = ScriptedConnector("up", ["hold"])
+        self.worker(outbox, up)
+        await self.store(outbox, "BUSY")
+        await up.wait_for(1)
+        await self.settle(outbox)
+        self.assertEqual(queue_rows(self.path, "up")[0][:2], ("BUSY", "in_flight"))
+        up.held[0].callback(Delivered())
+
+    async def test_replayed_row_is_picked_up_by_polling(self) -> None:
+        """A row another process queues (mllp-cli replay) is delivered on the next poll."""
+        outbox = self.open()
+        up = ScriptedConnector("up", [Dead("AE")])
+        self.worker(outbox, up)
+        await self.store(outbox, "REPLAY-ME")
+        await up.wait_for(1)
+        await self.settle(outbox)
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        conn.execute(
+            "INSERT INTO deliveries (message_id, connector, state, attempts, next_attempt, updated_at)"
+            " SELECT message_id, connector, 'pending', 0, 0, 0 FROM deliveries WHERE state = 'dead'"
+        )
+        conn.execute("DELETE FROM deliveries WHERE state = 'dead'")
+        conn.close()
+        self.clock.advance(1.0)
+        await up.wait_for(2)
+        self.assertEqual(up.seen[1].message_id, up.seen[0].message_id)
