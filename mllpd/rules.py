@@ -17,7 +17,7 @@ empty.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -68,16 +68,17 @@ class RuleError(Exception):
 class Program:
     """A compiled CEL expression and the model names it needs."""
 
-    __slots__ = ("source", "names", "functions", "_program")
+    __slots__ = ("source", "names", "functions", "keys", "_program")
 
     def __init__(
         self, source: str, program: cel.Program, names: frozenset[str],
-        functions: frozenset[str],
+        functions: frozenset[str], keys: Mapping[str, frozenset[str] | None],
     ) -> None:
         self.source = source
         self._program = program
         self.names = names  # subset of MODEL_NAMES
         self.functions = functions  # extension functions to put in the context
+        self.keys = keys  # segment id -> model keys it can observe (None: all)
 
     def __repr__(self) -> str:
         return f"Program({self.source!r})"
@@ -122,7 +123,10 @@ def compile_expression(expr: str) -> Program:
             extras.add(fn)
         elif fn not in _NATIVE_FUNCTIONS:
             raise ValueError(f"unknown function {fn!r}")
-    return Program(expr, program, frozenset(names), frozenset(extras))
+    segments = {_SEGMENT_OF[n] for n in names}
+    needs = _key_needs(expr)
+    keys = {seg: needs.get(seg, frozenset()) for seg in segments}
+    return Program(expr, program, frozenset(names), frozenset(extras), keys)
 
 
 @dataclass(frozen=True)
@@ -192,59 +196,68 @@ def _composite(value: str, h: Header) -> str:
     return "^".join(comps)
 
 
-def _field(seg: list[str], n: int) -> str:
+def _field(seg: Sequence[str], n: int) -> str:
     return seg[n] if n < len(seg) else ""
 
 
-def _msh(h: Header) -> dict[str, str]:
-    f = h.fields
-    n = len(f)
-    return {
-        "msg_type": unescape(h.msg_type, h),
-        "trigger": unescape(h.trigger, h),
-        "sending_app": _simple(f[3], h) if n > 3 else "",
-        "sending_fac": _simple(f[4], h) if n > 4 else "",
-        "receiving_app": _simple(f[5], h) if n > 5 else "",
-        "receiving_fac": _simple(f[6], h) if n > 6 else "",
-        "control_id": unescape(h.control_id, h),
-        "version": unescape(h.version, h),
-    }
+_Extractor = Callable[[Sequence[str], Header], str]
 
 
-def _pid(seg: list[str], h: Header) -> dict[str, str]:
+def _simple_at(n: int, c: int = 1) -> _Extractor:
+    return lambda seg, h: _simple(seg[n], h, c) if n < len(seg) else ""
+
+
+def _composite_at(n: int) -> _Extractor:
+    return lambda seg, h: _composite(seg[n], h) if n < len(seg) else ""
+
+
+def _whole_at(n: int) -> _Extractor:
+    return lambda seg, h: unescape(seg[n], h) if n < len(seg) else ""
+
+
+def _person_name(seg: Sequence[str], h: Header) -> str:
     name = _field(seg, 5)
     family = _simple(name, h, 1, 1)  # XPN.1 is FN: its first part is the surname
     given = _simple(name, h, 2)
-    return {
-        "id": _simple(_field(seg, 3), h),
-        "name": f"{family}^{given}" if given else family,
-        "dob": _simple(_field(seg, 7), h),
-        "sex": _simple(_field(seg, 8), h),
-        "ssn": _simple(_field(seg, 19), h),
-        "country": _simple(_field(seg, 11), h, 6),
-    }
+    return f"{family}^{given}" if given else family
 
 
-def _pv1(seg: list[str], h: Header) -> dict[str, str]:
-    return {
-        "patient_class": _simple(_field(seg, 2), h),
-        "assigned_location": _composite(_field(seg, 3), h),
-        "attending_doctor": _composite(_field(seg, 7), h),
-        "admit_datetime": _simple(_field(seg, 44), h),
-    }
-
-
-def _obx(seg: list[str], h: Header) -> dict[str, str]:
-    return {
-        "value_type": _simple(_field(seg, 2), h),
-        "identifier": _simple(_field(seg, 3), h),
-        "value": _composite(_field(seg, 5), h),
-        "unit": _simple(_field(seg, 6), h),
-        "status": _simple(_field(seg, 11), h),
-    }
-
-
-_SEGMENT_OF = {"pid": "PID", "pv1": "PV1", "obx": "OBX", "obx_list": "OBX"}
+# Segment id -> model key -> how to read it. MSH is read from Header.fields,
+# where fields[n] is MSH-n, like any other segment's fields[n].
+_FIELDS: dict[str, dict[str, _Extractor]] = {
+    "MSH": {
+        "msg_type": _simple_at(9, 1),
+        "trigger": _simple_at(9, 2),
+        "sending_app": _simple_at(3),
+        "sending_fac": _simple_at(4),
+        "receiving_app": _simple_at(5),
+        "receiving_fac": _simple_at(6),
+        "control_id": _whole_at(10),
+        "version": _simple_at(12),
+    },
+    "PID": {
+        "id": _simple_at(3),
+        "name": _person_name,
+        "dob": _simple_at(7),
+        "sex": _simple_at(8),
+        "ssn": _simple_at(19),
+        "country": _simple_at(11, 6),
+    },
+    "PV1": {
+        "patient_class": _simple_at(2),
+        "assigned_location": _composite_at(3),
+        "attending_doctor": _composite_at(7),
+        "admit_datetime": _simple_at(44),
+    },
+    "OBX": {
+        "value_type": _simple_at(2),
+        "identifier": _simple_at(3),
+        "value": _composite_at(5),
+        "unit": _simple_at(6),
+        "status": _simple_at(11),
+    },
+}
+_SEGMENT_OF = {"msh": "MSH", "pid": "PID", "pv1": "PV1", "obx": "OBX", "obx_list": "OBX"}
 _LINES = re.compile(r"\r\n|\r|\n")
 
 
@@ -254,17 +267,99 @@ def _lines(text: str) -> list[str]:
     return text.split("\r") if "\n" not in text else _LINES.split(text)
 
 
+# ---------------------------------------------------------------------------
+# Which keys an expression can observe
+# ---------------------------------------------------------------------------
+#
+# Converting a Python string into the CEL context costs about 1.5 us, so a
+# full PID map (6 keys) costs ~10 us before any rule runs. An expression that
+# only ever selects fields (pid.id, has(pid.ssn), o.value of a bound OBX) can
+# not tell a map holding just those keys from the full one; any other use of
+# a map (size(pid), pid["id"], pid == {...}, passing it on, a call on it)
+# makes the whole map needed. The scan below is conservative: text inside
+# string literals can only add keys or make a map whole, never drop one.
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SELECT = re.compile(r"\s*\.\s*([A-Za-z_][A-Za-z0-9_]*)\s*(\()?")
+_LIST_MACRO = re.compile(r"\s*\.\s*(?:all|exists|exists_one|map)\s*\(")
+_LIST_SIZE = re.compile(r"\s*\.\s*size\s*\(\s*\)")
+_SIZE_OPEN = re.compile(r"size\s*\(\s*$")
+_CLOSE = re.compile(r"\s*\)")
+_BINDING = re.compile(rf"\.\s*(?:{_MACROS})\s*\(\s*([A-Za-z_][A-Za-z0-9_]*)\s*,")
+_BINDING_BEFORE = re.compile(rf"\.\s*(?:{_MACROS})\s*\(\s*$")
+
+KeyNeeds = dict[str, "frozenset[str] | None"]  # segment id -> keys, None = all
+
+
+def _matching_bracket(text: str, pos: int) -> int:
+    """Index just past the ']' that closes the '[' at pos, or -1."""
+    depth = 0
+    for i in range(pos, len(text)):
+        ch = text[i]
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return -1
+
+
+def _key_needs(expr: str) -> KeyNeeds:
+    """For each segment the expression can reach, the keys it can observe."""
+    bound = set(_BINDING.findall(expr))
+    keys: dict[str, set[str]] = {}
+    whole: set[str] = set()
+
+    def select(seg: str, rest: str) -> None:
+        m = _SELECT.match(rest)
+        if m is None or m.group(2):
+            whole.add(seg)
+        else:
+            keys.setdefault(seg, set()).add(m.group(1))
+
+    for m in _IDENT.finditer(expr):
+        name, start, end = m.group(), m.start(), m.end()
+        before = expr[:start].rstrip()
+        if before.endswith("."):
+            continue  # a field or function name, not a variable
+        rest = expr[end:]
+        if name in bound:
+            if _BINDING_BEFORE.search(expr[:start]):
+                continue  # where the macro binds it
+            select("OBX", rest)
+        if name in ("msh", "pid", "pv1", "obx"):
+            select(_SEGMENT_OF[name], rest)
+        elif name == "obx_list":
+            if _LIST_MACRO.match(rest) or _LIST_SIZE.match(rest):
+                continue  # elements reach the body only through the bound name
+            if _SIZE_OPEN.search(before) and _CLOSE.match(rest):
+                continue
+            stripped = rest.lstrip()
+            if stripped.startswith("["):
+                close = _matching_bracket(stripped, 0)
+                if close > 0:
+                    select("OBX", stripped[close:])
+                    continue
+            whole.add("OBX")
+    needs: KeyNeeds = {seg: frozenset(k) for seg, k in keys.items()}
+    for seg in whole:
+        needs[seg] = None
+    return needs
+
+
 class RuleSet:
     """The compiled rules and connector filters of one configuration."""
 
     def __init__(
         self,
         rules: Iterable[Rule] = (),
-        filters: Mapping[str, str | Program | None] | Iterable[tuple[str, str | Program | None]] = (),
+        filters: Mapping[str, str | Program | None]
+        | Iterable[tuple[str, str | Program | None]] = (),
     ) -> None:
         """Compile everything; ValueError naming the rule or connector."""
         self.rules: tuple[Rule, ...] = tuple(rules)
-        compiled: list[tuple[Rule, Any]] = []
+        compiled: list[tuple[Rule, cel.Program]] = []
         programs: list[Program] = []
         for rule in self.rules:
             if rule.ack not in ("AE", "AR"):
@@ -277,7 +372,7 @@ class RuleSet:
             compiled.append((rule, program._program))
         self._rules = tuple(compiled)
         items = filters.items() if isinstance(filters, Mapping) else filters
-        routed: list[tuple[str, Any]] = []
+        routed: list[tuple[str, cel.Program | None]] = []
         for name, flt in items:
             if flt is None:
                 routed.append((name, None))
@@ -291,28 +386,45 @@ class RuleSet:
             routed.append((name, flt._program))
         self._filters = tuple(routed)
         self.connectors: tuple[str, ...] = tuple(name for name, _ in routed)
-        names = frozenset().union(*(p.names for p in programs))
-        self.names: frozenset[str] = names
-        self._need_msh = "msh" in names
-        self._need_pid = "pid" in names
-        self._need_pv1 = "pv1" in names
-        self._need_obx = "obx" in names
-        self._need_obx_list = "obx_list" in names
-        self._segment_ids = tuple(sorted({_SEGMENT_OF[n] for n in names if n in _SEGMENT_OF}))
+        self.names: frozenset[str] = frozenset().union(*(p.names for p in programs))
+        # Per segment, the (key, extractor) pairs some expression can observe.
+        keys: dict[str, set[str] | None] = {}
+        for program in programs:
+            for seg, need in program.keys.items():
+                have = keys.setdefault(seg, set())
+                if need is None or have is None:
+                    keys[seg] = None
+                else:
+                    have.update(need)
+        self._extract: dict[str, tuple[tuple[str, _Extractor], ...]] = {
+            seg: tuple(
+                (key, fn) for key, fn in _FIELDS[seg].items() if want is None or key in want
+            )
+            for seg, want in keys.items()
+        }
+        self._msh = self._extract.get("MSH") if "msh" in self.names else None
+        self._pid = self._extract.get("PID") if "pid" in self.names else None
+        self._pv1 = self._extract.get("PV1") if "pv1" in self.names else None
+        self._obx = self._extract.get("OBX") if "obx" in self.names else None
+        self._obx_list = self._extract.get("OBX") if "obx_list" in self.names else None
+        self._segment_ids = frozenset(
+            _SEGMENT_OF[n] for n in self.names if n != "msh"
+        )
         fns = frozenset().union(*(p.functions for p in programs))
         self._functions = {f: _EXTRA_FUNCTIONS[f] for f in sorted(fns)} or None
 
     def model(self, message: Message) -> cel.Context:
-        """The CEL context for one message: only referenced segments."""
+        """The CEL context for one message: only what the expressions can see."""
         h = message.header
         variables: dict[str, Any] = {}
-        if self._need_msh:
-            variables["msh"] = _msh(h)
+        if self._msh is not None:
+            fields = h.fields
+            variables["msh"] = {key: fn(fields, h) for key, fn in self._msh}
         if self._segment_ids:
             fs = h.field_sep
+            wanted = self._segment_ids
             pid = pv1 = None
             obx: list[list[str]] = []
-            wanted = self._segment_ids
             for line in _lines(message.text):
                 sid = line[:3]
                 if sid not in wanted or line[3:4] not in (fs, ""):
@@ -324,17 +436,24 @@ class RuleSet:
                         pid = line.split(fs)
                 elif pv1 is None:
                     pv1 = line.split(fs)
-            if self._need_pid:
-                variables["pid"] = _pid(pid, h) if pid is not None else {}
-            if self._need_pv1:
-                variables["pv1"] = _pv1(pv1, h) if pv1 is not None else {}
-            if self._need_obx_list:
-                obx_list = [_obx(seg, h) for seg in obx]
+            if self._pid is not None:
+                variables["pid"] = (
+                    {key: fn(pid, h) for key, fn in self._pid} if pid is not None else {}
+                )
+            if self._pv1 is not None:
+                variables["pv1"] = (
+                    {key: fn(pv1, h) for key, fn in self._pv1} if pv1 is not None else {}
+                )
+            if self._obx_list is not None:
+                extract = self._obx_list
+                obx_list = [{key: fn(seg, h) for key, fn in extract} for seg in obx]
                 variables["obx_list"] = obx_list
-                if self._need_obx:
+                if self._obx is not None:
                     variables["obx"] = obx_list[0] if obx_list else {}
-            elif self._need_obx:
-                variables["obx"] = _obx(obx[0], h) if obx else {}
+            elif self._obx is not None:
+                variables["obx"] = (
+                    {key: fn(obx[0], h) for key, fn in self._obx} if obx else {}
+                )
         return cel.Context(variables=variables, functions=self._functions)
 
     def check(self, model: cel.Context) -> Violation | None:
