@@ -215,6 +215,16 @@ class ExpressionTests(SynchronousTestCase):
         self.assertFalse_("obx.value == 72")
         self.assertError('obx.value + 1 == "73"')
 
+    def test_readme_examples(self) -> None:
+        """The expressions shown in the README compile and evaluate on an ORU."""
+        self.assertPasses('has(pid.id) && pid.id != ""')
+        self.assertFalse_('has(pid.id) && pid.id != ""', BARE)
+        self.assertPasses('msh.msg_type in ["ADT", "ORU"] && msh.version.startsWith("2.")')
+        self.assertPasses('pid.dob.matches("^[0-9]{8}$")')
+        self.assertFalse_('obx_list.all(o, o.status in ["F", "C"])')
+        self.assertFalse_('obx_list.exists(o, o.identifier == "8867-4" && int(o.value) > 150)')
+        self.assertPasses('pid.name.lowerAscii().startsWith("doe^")')
+
     def test_logic_absorbs_errors(self) -> None:
         """CEL's && and || ignore an error on the side that does not decide."""
         self.assertFalse_("false && int(obx_list[2].value) > 0")
