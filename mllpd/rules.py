@@ -150,8 +150,11 @@ class Violation(NamedTuple):
 
 
 def _reason(e: Exception) -> str:
+    """One line for the ERR segment and logs: never a value from the message."""
     if isinstance(e, KeyError):
-        return f"no such key: {e}"
+        key = e.args[0] if e.args else None
+        # A key computed from message content (pid[pid.id]) must not be shown.
+        return f"no such key: {key!r}" if key in _MODEL_KEYS else "no such key"
     text = str(e) or type(e).__name__
     # The library appends advice ("Check function arguments ...") after
     # the first sentence; the first line is the reason.
@@ -257,6 +260,7 @@ _FIELDS: dict[str, dict[str, _Extractor]] = {
         "status": _simple_at(11),
     },
 }
+_MODEL_KEYS = frozenset(key for keys in _FIELDS.values() for key in keys)
 _SEGMENT_OF = {"msh": "MSH", "pid": "PID", "pv1": "PV1", "obx": "OBX", "obx_list": "OBX"}
 _LINES = re.compile(r"\r\n|\r|\n")
 
