@@ -3,9 +3,9 @@
 Expressions are compiled once, at startup, with ``common-expression-language``
 (Python bindings of the Rust ``cel`` crate; see README "Rules and connectors"
 for why it was chosen over cel-python). Per message, :meth:`RuleSet.model`
-builds one CEL context holding only the segments that some compiled
-expression references, and every rule and filter runs against that context,
-so the Python-to-CEL conversion is paid once per message.
+builds one CEL context holding only the segments and keys that the compiled
+expressions can observe, and every rule and filter runs against that
+context, so the Python-to-CEL conversion is paid once per message.
 
 The model: ``msh``, ``pid``, ``pv1``, ``obx`` (first OBX) are maps of
 strings, ``obx_list`` is a list of OBX maps. A segment that is not in the
@@ -44,11 +44,12 @@ MODEL_NAMES: tuple[str, ...] = ("msh", "pid", "pv1", "obx", "obx_list")
 # at startup instead.
 _NATIVE_FUNCTIONS = frozenset({
     "size", "contains", "startsWith", "endsWith", "matches",
-    "int", "uint", "double", "string", "bytes", "bool", "dyn", "type",
+    "int", "uint", "double", "string", "bytes", "dyn", "type",
     "timestamp", "duration",
     "has", "all", "exists", "exists_one", "map", "filter",
     "getFullYear", "getMonth", "getDayOfYear", "getDayOfMonth", "getDate",
     "getDayOfWeek", "getHours", "getMinutes", "getSeconds", "getMilliseconds",
+    "value", "orValue", "hasValue",  # on the optionals that first() and last() return
 })
 # cel-go's string and list extensions, shipped by the library as Python
 # functions. Only the unqualified ones: ``math.abs`` parses as a member call
@@ -59,6 +60,10 @@ _EXTRA_FUNCTIONS: dict[str, Callable[..., Any]] = {
     if "." not in name and name not in _NATIVE_FUNCTIONS
 }
 _MACROS = "all|exists|exists_one|map|filter"
+# Type names are identifiers too: type(x) == string.
+_TYPE_NAMES = frozenset({
+    "int", "uint", "double", "string", "bytes", "bool", "list", "map", "null_type", "type",
+})
 
 
 class RuleError(Exception):
@@ -111,6 +116,8 @@ def compile_expression(expr: str) -> Program:
     for var in refs["variables"]:
         if var in MODEL_NAMES:
             names.add(var)
+        elif var in _TYPE_NAMES:
+            continue
         elif not re.search(rf"\.\s*(?:{_MACROS})\s*\(\s*{re.escape(var)}\s*,", expr):
             raise ValueError(
                 f"unknown name {var!r}; expected {', '.join(MODEL_NAMES)}"

@@ -9,6 +9,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mllpd.hl7 import Message, parse_message, unescape
 from mllpd.rules import (
+    _EXTRA_FUNCTIONS,
+    _NATIVE_FUNCTIONS,
     MODEL_NAMES,
     Rule,
     RuleError,
@@ -208,6 +210,10 @@ class ExpressionTests(SynchronousTestCase):
         self.assertError("int(obx_list[1].value) > 0")
         self.assertError("int(obx_list[2].value) > 0")
 
+    def test_type_names(self) -> None:
+        """Type names such as string and int are not unknown names."""
+        self.assertPasses("type(pid.id) == string && type(size(obx_list)) == int")
+
     def test_no_implicit_coercion(self) -> None:
         """A string never equals a number (no error), and mixing them in arithmetic is an error."""
         self.assertFalse_("obx.value == 72")
@@ -392,6 +398,43 @@ class CompileTests(SynchronousTestCase):
         """Names bound by exists/all/map/filter are not unknown names."""
         p = compile_expression("obx_list.map(x, x.value).exists(v, v == '72')")
         self.assertEqual(p.names, frozenset({"obx_list"}))
+
+    def test_every_allowed_function_works(self) -> None:
+        """Each function that compiles also evaluates: none fails only at run time."""
+        t = 'timestamp("2024-03-05T14:07:09.250Z")'
+        examples = {
+            "size": 'size("ab") == 2', "contains": '"abc".contains("b")',
+            "startsWith": '"abc".startsWith("a")', "endsWith": '"abc".endsWith("c")',
+            "matches": '"abc".matches("^a")', "int": 'int("3") == 3', "uint": 'uint("3") == 3u',
+            "double": 'double("1.5") == 1.5', "string": 'string(3) == "3"',
+            "bytes": 'bytes("a") == b"a"', "dyn": "dyn(1) == 1", "type": "type(1) == int",
+            "timestamp": f'{t} > timestamp("2000-01-01T00:00:00Z")',
+            "duration": 'duration("1s") < duration("2s")', "has": 'has({"a": 1}.a)',
+            "all": "[1].all(x, x == 1)", "exists": "[1].exists(x, x == 1)",
+            "exists_one": "[1].exists_one(x, x == 1)", "map": "[1].map(x, x * 2) == [2]",
+            "filter": "[1, 2].filter(x, x > 1) == [2]",
+            "getFullYear": f"{t}.getFullYear() == 2024", "getMonth": f"{t}.getMonth() == 2",
+            "getDayOfYear": f"{t}.getDayOfYear() == 64",
+            "getDayOfMonth": f"{t}.getDayOfMonth() == 4", "getDate": f"{t}.getDate() == 5",
+            "getDayOfWeek": f"{t}.getDayOfWeek() == 2", "getHours": f"{t}.getHours() == 14",
+            "getMinutes": f"{t}.getMinutes() == 7", "getSeconds": f"{t}.getSeconds() == 9",
+            "getMilliseconds": f"{t}.getMilliseconds() == 250",
+            "value": "[1, 2].first().value() == 1", "orValue": "[].first().orValue(0) == 0",
+            "hasValue": "[1].last().hasValue()",
+            "charAt": '"abc".charAt(1) == "b"', "distinct": "[1, 1, 2].distinct() == [1, 2]",
+            "first": "[1, 2].first().value() == 1", "last": "[1, 2].last().value() == 2",
+            "flatten": "[[1], [2]].flatten() == [1, 2]", "indexOf": '"abc".indexOf("c") == 2',
+            "join": '["a", "b"].join("-") == "a-b"', "lastIndexOf": '"abca".lastIndexOf("a") == 3',
+            "lowerAscii": '"AB".lowerAscii() == "ab"', "upperAscii": '"ab".upperAscii() == "AB"',
+            "max": "max([1, 3]) == 3", "min": "min([1, 3]) == 1", "sum": "sum([1, 2]) == 3",
+            "replace": '"aa".replace("a", "b") == "bb"', "reverse": '"ab".reverse() == "ba"',
+            "slice": "[1, 2, 3].slice(1, 2) == [2]", "sort": "[2, 1].sort() == [1, 2]",
+            "split": '"a,b".split(",") == ["a", "b"]', "substring": '"abc".substring(1) == "bc"',
+            "trim": '" a ".trim() == "a"', "bool": 'bool("true")',
+        }
+        self.assertEqual(set(examples), set(_NATIVE_FUNCTIONS) | set(_EXTRA_FUNCTIONS))
+        for name, expr in examples.items():
+            self.assertIsNone(outcome(expr), name)
 
     def test_names(self) -> None:
         """A program knows which model names it references."""
