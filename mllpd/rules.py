@@ -278,6 +278,36 @@ def _lines(text: str) -> list[str]:
     return text.split("\r") if "\n" not in text else _LINES.split(text)
 
 
+def _first_segment(text: str, sid: str, fs: str) -> list[str] | None:
+    """The first segment with this id, split into fields, or None.
+
+    Found with str.find, so the cost does not grow with the message: a rule
+    on PID reads a 100 KB ORU as fast as a 1 KB ADT. The text starts with
+    MSH, so every other segment follows a CR or an LF.
+    """
+    start = -1
+    for sep in ("\r", "\n"):
+        # Search only before a match already found: no scan of the whole text
+        # for an LF that a CR-separated message does not have.
+        limit = start if start >= 0 else len(text)
+        i = text.find(sep + sid, 0, limit)
+        while i >= 0:
+            after = text[i + 4 : i + 5]
+            if after == fs or after in ("\r", "\n", ""):
+                start = i
+                break
+            i = text.find(sep + sid, i + 4, limit)
+    if start < 0:
+        return None
+    start += 1
+    end = len(text)
+    for sep in ("\r", "\n"):
+        j = text.find(sep, start, end)
+        if j >= 0:
+            end = j
+    return text[start:end].split(fs)
+
+
 # ---------------------------------------------------------------------------
 # Which keys an expression can observe
 # ---------------------------------------------------------------------------
@@ -433,20 +463,30 @@ class RuleSet:
             variables["msh"] = {key: fn(fields, h) for key, fn in self._msh}
         if self._segment_ids:
             fs = h.field_sep
-            wanted = self._segment_ids
+            text = message.text
             pid = pv1 = None
             obx: list[list[str]] = []
-            for line in _lines(message.text):
-                sid = line[:3]
-                if sid not in wanted or line[3:4] not in (fs, ""):
-                    continue
-                if sid == "OBX":
-                    obx.append(line.split(fs))
-                elif sid == "PID":
-                    if pid is None:
-                        pid = line.split(fs)
-                elif pv1 is None:
-                    pv1 = line.split(fs)
+            if self._obx_list is not None:
+                # Every OBX is needed: one pass over all segments.
+                wanted = self._segment_ids
+                for line in _lines(text):
+                    sid = line[:3]
+                    if sid not in wanted or line[3:4] not in (fs, ""):
+                        continue
+                    if sid == "OBX":
+                        obx.append(line.split(fs))
+                    elif sid == "PID":
+                        if pid is None:
+                            pid = line.split(fs)
+                    elif pv1 is None:
+                        pv1 = line.split(fs)
+            else:
+                if self._pid is not None:
+                    pid = _first_segment(text, "PID", fs)
+                if self._pv1 is not None:
+                    pv1 = _first_segment(text, "PV1", fs)
+                if self._obx is not None and (first := _first_segment(text, "OBX", fs)):
+                    obx.append(first)
             if self._pid is not None:
                 variables["pid"] = (
                     {key: fn(pid, h) for key, fn in self._pid} if pid is not None else {}

@@ -130,6 +130,15 @@ class FieldModelTests(SynchronousTestCase):
         msg = message(MSH, "PID|1||FIRST", "PID|2||SECOND")
         self.assertEqual(full_model(msg)["pid"]["id"], "FIRST")  # type: ignore[index]
 
+    def test_large_message(self) -> None:
+        """In a 100 KB message, pid and obx are the first PID and the first OBX."""
+        notes = [f"OBX|{i}|TX|11492-6^Note^LN||{'x' * 190}||||||F" for i in range(4, 500)]
+        msg = message(MSH, PID, PV1, OBX1, OBX2, OBX3, *notes, "PID|2||LATE")
+        self.assertGreater(len(msg.raw), 100_000)
+        rs = RuleSet([Rule("a", 'pid.id == "MRN123" && obx.value == "72"')])
+        self.assertEqual(rs.model(msg).variables,
+                         {"pid": {"id": "MRN123"}, "obx": {"value": "72"}})
+
     def test_only_referenced_segments_are_built(self) -> None:
         """A rule on pid.id puts only that key of PID into the model."""
         rs = RuleSet([Rule("id", 'pid.id != ""')])
@@ -475,7 +484,7 @@ field_text = st.lists(st.sampled_from(TOKENS), max_size=8).map("".join)
 def messages(draw: st.DrawFn) -> Message:
     segs = [MSH]
     for _ in range(draw(st.integers(0, 5))):
-        sid = draw(st.sampled_from(["PID", "PV1", "OBX", "NK1", "EVN"]))
+        sid = draw(st.sampled_from(["PID", "PV1", "OBX", "NK1", "PIDX", "PV12", "OBXA"]))
         fields = draw(st.lists(field_text, max_size=46))
         segs.append("|".join([sid, *fields]))
     return message(*segs, sep=draw(st.sampled_from(["\r", "\n", "\r\n"])))
@@ -554,11 +563,22 @@ class PropertyTests(SynchronousTestCase):
         rs = RuleSet([Rule("r", expr)])
         self.assertEqual(kind(rs.check(rs.model(msg))), reference_outcome(msg, expr))
 
-    @settings(deadline=None, max_examples=100)
+    @settings(deadline=None, max_examples=150)
     @given(messages())
     def test_whole_model_matches_reference(self, msg: Message) -> None:
         """The model a whole-map rule sees is the documented model, field by field."""
         self.assertEqual(full_model(msg), reference_model(msg))
+
+    @settings(deadline=None, max_examples=150)
+    @given(messages())
+    def test_first_segments_model_matches_reference(self, msg: Message) -> None:
+        """Without obx_list, PID, PV1 and the first OBX are found (by search) as documented."""
+        rs = RuleSet([Rule("whole", "size(pid) + size(pv1) + size(obx) >= 0")])
+        expected = reference_model(msg)
+        self.assertEqual(
+            rs.model(msg).variables,
+            {"pid": expected["pid"], "pv1": expected["pv1"], "obx": expected["obx"]},
+        )
 
     @settings(deadline=None, max_examples=200)
     @given(st.binary(max_size=300))
