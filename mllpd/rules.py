@@ -54,8 +54,30 @@ _NATIVE_FUNCTIONS = frozenset({
 # cel-go's string and list extensions, shipped by the library as Python
 # functions. Only the unqualified ones: ``math.abs`` parses as a member call
 # on a variable named ``math``. A native name is never shadowed.
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+_FUNCTION_ERROR = re.compile(r"(Function '\w+' error: )(.*)")
+
+
+def _redact(text: str) -> str:
+    """Drop quoted text: the library quotes the values it could not use."""
+    return _QUOTED.sub("'...'", text)
+
+
+def _quiet(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The library prints a failing Python function's exception to stderr,
+    and bool() puts the value it could not read in it: keep values out."""
+
+    def call(*args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 - re-raised without the values
+            raise ValueError(_redact(str(e)) or f"{name} failed") from None
+
+    return call
+
+
 _EXTRA_FUNCTIONS: dict[str, Callable[..., Any]] = {
-    name: fn
+    name: _quiet(name, fn)
     for name, fn in STDLIB_FUNCTIONS.items()
     if "." not in name and name not in _NATIVE_FUNCTIONS
 }
@@ -157,7 +179,7 @@ class Violation(NamedTuple):
 
 
 def _reason(e: Exception) -> str:
-    """One line for the ERR segment and logs: never a value from the message."""
+    """One line for the ERR segment and logs, without values from the message."""
     if isinstance(e, KeyError):
         key = e.args[0] if e.args else None
         # A key computed from message content (pid[pid.id]) must not be shown.
@@ -165,7 +187,11 @@ def _reason(e: Exception) -> str:
     text = str(e) or type(e).__name__
     # The library appends advice ("Check function arguments ...") after
     # the first sentence; the first line is the reason.
-    return _one_line(text.split(". Check ", 1)[0].split("\n", 1)[0])
+    text = text.split(". Check ", 1)[0].split("\n", 1)[0]
+    m = _FUNCTION_ERROR.match(text)
+    text = m.group(1) + _redact(m.group(2)) if m else _redact(text)
+    # ASCII, so the text fits an ACK in any character set.
+    return _one_line(text.replace("\u2014", "-")).encode("ascii", "replace").decode("ascii")
 
 
 # ---------------------------------------------------------------------------
