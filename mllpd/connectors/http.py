@@ -34,12 +34,13 @@ from twisted.web.iweb import IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 from . import ConnectorSpec, Dead, Delivered, Delivery, IConnector, Outcome, Retry
-from ._options import (
+from ._common import (
     check_keys,
     duration_option,
     expand_env,
     mapping_option,
     option_error,
+    settled,
     string_option,
 )
 
@@ -227,7 +228,7 @@ class HTTPConnector:
         current = self._current
         if current is not None:
             # deliver() never fails, and the timeout bounds the wait.
-            await _settled(current)
+            await settled(current)
         await self._pool.closeCachedConnections()
 
     def _request_headers(self, delivery: Delivery) -> Headers:
@@ -326,17 +327,6 @@ class HTTPConnector:
         if not values:
             return None
         return parse_retry_after(values[0].decode("latin-1"), self._clock.seconds())
-
-
-async def _settled(d: Deferred[Any]) -> None:
-    waiter: Deferred[None] = Deferred()
-
-    def fire(result: object) -> object:
-        waiter.callback(None)
-        return result
-
-    d.addBoth(fire)
-    await waiter
 
 
 def build(

@@ -1,6 +1,7 @@
-"""Checks shared by the connector types' ``build`` functions.
+"""What the connector types share: option checks for ``build`` and a
+helper for ``stop``.
 
-Every error is a :class:`ConfigError` on MLLP_CONFIG whose one line names
+Every option error is a :class:`ConfigError` on MLLP_CONFIG whose one line names
 ``connectors.<name>.<option>``, so an operator finds the bad key at once.
 """
 
@@ -9,6 +10,8 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Mapping
 from typing import Any
+
+from twisted.internet.defer import Deferred
 
 from mllpd.config import ConfigError, parse_duration
 
@@ -20,6 +23,7 @@ __all__ = [
     "expand_env",
     "mapping_option",
     "option_error",
+    "settled",
     "string_option",
 ]
 
@@ -103,3 +107,15 @@ def mapping_option(spec: ConnectorSpec, key: str) -> Mapping[Any, Any]:
     if not isinstance(value, Mapping):
         raise option_error(spec, key, "expected a map of names to values")
     return value
+
+
+async def settled(d: Deferred[Any]) -> None:
+    """Wait for ``d`` to fire, without taking its result from other waiters."""
+    waiter: Deferred[None] = Deferred()
+
+    def fire(result: object) -> object:
+        waiter.callback(None)
+        return result
+
+    d.addBoth(fire)
+    await waiter
