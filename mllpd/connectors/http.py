@@ -209,7 +209,7 @@ class HTTPConnector:
     def deliver(self, delivery: Delivery) -> Deferred[Outcome]:
         if self._stopping:
             return succeed(Retry("connector is stopping"))
-        d = Deferred.fromCoroutine(self._deliver(delivery))
+        d = Deferred.fromCoroutine(self._deliver(delivery)).addErrback(self._unexpected)
         self._current = d
 
         def done(outcome: Outcome) -> Outcome:
@@ -219,6 +219,10 @@ class HTTPConnector:
 
         d.addCallback(done)
         return d
+
+    def _unexpected(self, failure: Failure) -> Outcome:
+        self.log.failure("connector {connector} (http): unexpected error", failure, connector=self.name)
+        return Retry(describe_error(failure))
 
     def stop(self) -> Deferred[None]:
         self._stopping = True
@@ -279,7 +283,8 @@ class HTTPConnector:
         status = response.code
         await self._drain(response, max(0.0, self.timeout - (self._clock.seconds() - started)))
         outcome = self._classify(status, response)
-        self.log.debug(
+        emit = self.log.debug if isinstance(outcome, Delivered) else self.log.info
+        emit(
             "connector {connector}: {control_id} ({msg_type}) -> HTTP {status} in {elapsed:.3f}s",
             connector=self.name, control_id=delivery.control_id, msg_type=delivery.msg_type,
             status=status, attempt=delivery.attempt,

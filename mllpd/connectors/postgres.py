@@ -114,6 +114,7 @@ class PostgresConnector:
         self._conninfo = conninfo
         self._connect_args = _connect_args(conninfo, name, timeout)
         params = conninfo_to_dict(conninfo)
+        self._statement_timeout = "statement_timeout" not in str(params.get("options") or "")
         # Where, for logs: never the password or the whole DSN.
         self.server = "{}:{}/{}".format(
             params.get("host") or params.get("hostaddr") or "local",
@@ -203,11 +204,12 @@ class PostgresConnector:
             return self._conn, False
         conn = psycopg.connect(self._conninfo, autocommit=True, **self._connect_args)
         try:
-            # A server that stops answering must not hold the queue forever.
-            conn.execute(
-                "SELECT set_config('statement_timeout', %s, false)",
-                (f"{int(self.timeout * 1000)}ms",),
-            )
+            if self._statement_timeout:
+                # A server that stops answering must not hold the queue forever.
+                conn.execute(
+                    "SELECT set_config('statement_timeout', %s, false)",
+                    (f"{int(self.timeout * 1000)}ms",),
+                )
             conn.execute(self._create)
         except BaseException:
             conn.close()
