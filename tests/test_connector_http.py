@@ -201,6 +201,14 @@ class HTTPConnectorTests(UpstreamCase):
         self.assertEqual(upstream.received[0].body, payload)
         self.assertEqual(upstream.received[0].headers[b"content-type"], [b"x-application/hl7-v2+er7; charset=UTF-8"])
 
+    async def test_large_payload(self) -> None:
+        """A 2 MiB message with every byte value arrives byte for byte."""
+        upstream, _, url = self.serve(Reply(200))
+        payload = PAYLOAD + bytes(range(256)) * (2 * 1024 * 1024 // 256)
+        self.assertIsInstance(await self.connector(url).deliver(delivery(payload)), Delivered)
+        self.assertEqual(upstream.received[0].body, payload)
+        self.assertEqual(upstream.received[0].headers[b"content-length"], [str(len(payload)).encode()])
+
     async def test_statuses(self) -> None:
         """2xx delivered; 408, 429, 5xx retried; 400 and 404 dead-lettered; 3xx retried, not followed."""
         cases: list[tuple[Reply, type, float | None]] = [

@@ -130,11 +130,17 @@ class PostgresConnector:
         self._current: Deferred[Outcome] | None = None
         self._stopping = False
         self._up: bool | None = None
+        self._shutdown_trigger: Any = None
 
     # -- reactor thread ---------------------------------------------------
 
     def start(self) -> None:
         self._pool.start()
+        # Pool threads are not daemons: if the reactor stops without stop()
+        # having run, this keeps the process from hanging at exit.
+        self._shutdown_trigger = self._reactor.addSystemEventTrigger(
+            "after", "shutdown", self._stop_pool
+        )
         # Connect (and create the table) now, so a bad DSN or a missing
         # server shows in the log at startup rather than at the first message.
         d = deferToThreadPool(self._reactor, self._pool, self._connect_now)
@@ -166,6 +172,16 @@ class PostgresConnector:
             await settled(current)
         if self._pool.started:
             await deferToThreadPool(self._reactor, self._pool, self._close)
+            self._stop_pool()
+
+    def _stop_pool(self) -> None:
+        if self._shutdown_trigger is not None:
+            trigger, self._shutdown_trigger = self._shutdown_trigger, None
+            try:
+                self._reactor.removeSystemEventTrigger(trigger)
+            except (ValueError, KeyError):
+                pass  # already fired: the reactor is shutting down
+        if self._pool.started:
             self._pool.stop()
 
     def _note(self, result: _Result) -> Outcome:
