@@ -55,6 +55,7 @@ class Delivery(NamedTuple):
     control_id: str
     msg_type: str
     attempt: int  # 1 for the first try
+    received_at: float | None = None  # epoch seconds the receiver stored it
 
 
 class Delivered(NamedTuple):

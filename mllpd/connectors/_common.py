@@ -1,0 +1,121 @@
+"""What the connector types share: option checks for ``build`` and a
+helper for ``stop``.
+
+Every option error is a :class:`ConfigError` on MLLP_CONFIG whose one line names
+``connectors.<name>.<option>``, so an operator finds the bad key at once.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Mapping
+from typing import Any
+
+from twisted.internet.defer import Deferred
+
+from mllpd.config import ConfigError, parse_duration
+
+from . import ConnectorSpec
+
+__all__ = [
+    "check_keys",
+    "duration_option",
+    "expand_env",
+    "mapping_option",
+    "option_error",
+    "settled",
+    "string_option",
+]
+
+
+def option_error(spec: ConnectorSpec, option: str, message: str) -> ConfigError:
+    return ConfigError("MLLP_CONFIG", f"connectors.{spec.name}.{option}: {message}")
+
+
+def check_keys(spec: ConnectorSpec, allowed: Collection[str], required: Collection[str] = ()) -> None:
+    """Refuse unknown keys (usually typos that would silently do nothing)."""
+    for key in spec.options:
+        if key not in allowed:
+            raise option_error(
+                spec, str(key),
+                f"unknown option for a {spec.type} connector; expected one of "
+                + ", ".join(sorted(allowed)),
+            )
+    for key in required:
+        if spec.options.get(key) is None:
+            raise option_error(spec, key, "is required")
+
+
+def string_option(spec: ConnectorSpec, key: str, default: str | None = None) -> str | None:
+    value = spec.options.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, str) or not value.strip():
+        raise option_error(spec, key, "expected a non-empty string")
+    return value.strip()
+
+
+def duration_option(spec: ConnectorSpec, key: str, default: str) -> float:
+    """A Go duration greater than zero: a connector never waits forever."""
+    value = spec.options.get(key, default)
+    if not isinstance(value, str):
+        raise option_error(spec, key, f"expected a duration such as {default}, 500ms, 1m (a string)")
+    try:
+        seconds = parse_duration(value)
+    except ValueError:
+        raise option_error(
+            spec, key, f"invalid duration {value!r}; expected a duration such as {default}, 500ms, 1m"
+        ) from None
+    if seconds <= 0:
+        raise option_error(spec, key, "must be greater than 0")
+    return seconds
+
+
+# ${NAME} is replaced; $${ stays a literal ${.
+_ENV_REF = re.compile(r"\$\$\{|\$\{([^}]*)\}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def expand_env(
+    spec: ConnectorSpec, option: str, text: str, environ: Mapping[str, str]
+) -> str:
+    """Replace each ``${NAME}`` with the environment variable's value.
+
+    Errors name the variable, never its value (they are secrets).
+    """
+
+    def repl(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name is None:
+            return "${"
+        if not _ENV_NAME.fullmatch(name):
+            raise option_error(spec, option, f"invalid variable reference ${{{name}}}")
+        value = environ.get(name)
+        if value is None:
+            raise option_error(spec, option, f"environment variable {name} is not set")
+        if not value:
+            raise option_error(spec, option, f"environment variable {name} is empty")
+        return value
+
+    return _ENV_REF.sub(repl, text)
+
+
+def mapping_option(spec: ConnectorSpec, key: str) -> Mapping[Any, Any]:
+    value = spec.options.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise option_error(spec, key, "expected a map of names to values")
+    return value
+
+
+async def settled(d: Deferred[Any]) -> None:
+    """Wait for ``d`` to fire, without taking its result from other waiters."""
+    waiter: Deferred[None] = Deferred()
+
+    def fire(result: object) -> object:
+        waiter.callback(None)
+        return result
+
+    d.addBoth(fire)
+    await waiter
