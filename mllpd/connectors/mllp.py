@@ -391,7 +391,9 @@ class MLLPConnector:
             )
             return Dead(detail)
         if code in ("AR", "CR"):
-            return self._retry(delivery, detail, code=code)
+            # The upstream's ERR text may quote the message: stored, never logged.
+            said = f"upstream {code}" + (f" (ERR {err_code})" if err_code else "")
+            return self._retry(delivery, detail, code=code, logged=said)
         return self._retry(delivery, f"upstream answered with unknown MSA-1 {_clean(code, 10)!r}")
 
     def _delivered(self, delivery: Delivery, proto: MLLPClientProtocol, code: str) -> Delivered:
@@ -404,11 +406,13 @@ class MLLPConnector:
         )
         return Delivered(code)
 
-    def _retry(self, delivery: Delivery, reason: str, code: str | None = None) -> Retry:
+    def _retry(
+        self, delivery: Delivery, reason: str, code: str | None = None, logged: str | None = None
+    ) -> Retry:
         reason = reason[:_REASON_LIMIT]
         log.warn(
             "{connector}: {msg_type} {control_id} not delivered (attempt {attempt}): {reason}",
-            event="delivery_retry", connector=self.name, reason=reason, code=code,
+            event="delivery_retry", connector=self.name, reason=logged or reason, code=code,
             control_id=delivery.control_id, msg_type=delivery.msg_type,
             attempt=delivery.attempt, message_id=delivery.message_id,
         )
@@ -520,11 +524,15 @@ class MLLPConnector:
 
 
 def _error_of(ack: Message) -> tuple[str, str]:
-    """(table 0357 code, short text) from ERR (any version) or MSA-3/MSA-6."""
+    """(table 0357 code, short text) from ERR (any version) or MSA-3/MSA-6.
+
+    The upstream's own words (ERR-8, MSA-3) say more than the table's name
+    for the code, so they come first.
+    """
     code = ack.get("ERR", 3, 1) or ack.get("ERR", 1, 4, 1) or ack.get("MSA", 6, 1)
     text = (
-        ack.get("ERR", 8) or ack.get("ERR", 3, 2) or ack.get("ERR", 1, 4, 2)
-        or ack.get("MSA", 3) or ack.get("MSA", 6, 2)
+        ack.get("ERR", 8) or ack.get("MSA", 3) or ack.get("ERR", 3, 2)
+        or ack.get("ERR", 1, 4, 2) or ack.get("MSA", 6, 2)
     )
     return _clean(code, 20), _clean(text)
 
