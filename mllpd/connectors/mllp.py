@@ -644,7 +644,7 @@ def _duration_option(
     if value is None:
         return default
     if not isinstance(value, str):
-        raise problem(option, f"{value!r} is not a duration; expected e.g. \"30s\" or \"500ms\"")
+        raise problem(option, f"{value!r} is not a duration; expected e.g. 30s or 500ms")
     try:
         seconds = parse_duration(value)
     except ValueError:
