@@ -494,6 +494,11 @@ class UpstreamConnection(Protocol):
         if self.peer_certificate is None and hasattr(self.transport, "getPeerCertificate"):
             self.peer_certificate = self.transport.getPeerCertificate()  # type: ignore[union-attr]
         self.raw += data
+        if self.factory.cut_after is not None and len(self.raw) >= self.factory.cut_after:
+            # Hang up in the middle of the message, once.
+            self.factory.cut_after = None
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
         for event in self.framer.feed(data):
             if isinstance(event, Frame):
                 self.factory.received.append(event.payload)
@@ -533,6 +538,7 @@ class Upstream(Factory):
         self.script = list(script or [])
         self.received: list[bytes] = []
         self.connections: list[UpstreamConnection] = []
+        self.cut_after: int | None = None
 
 
 class UpstreamBase(TestCase):
@@ -672,6 +678,20 @@ class UpstreamTests(UpstreamBase):
         self.assertIn("connection lost before the ACK", outcome.reason)
         outcome = await self.settle(connector.deliver(delivery("C1", attempt=2)), clock)
         self.assertEqual(outcome, Delivered("AA"))
+
+    async def test_upstream_closes_mid_message(self) -> None:
+        """The upstream hanging up while a large message arrives gives Retry; the retry is delivered whole."""
+        upstream = Upstream()
+        upstream.cut_after = 1000
+        connector, clock = self.connector(self.listen(upstream))
+        payload = hl7("C1") + b"OBX|1|ED|PDF||" + b"A" * 500_000 + b"\r"
+        outcome = await self.settle(connector.deliver(delivery("C1", payload)), clock)
+        self.assertIsInstance(outcome, Retry)
+        self.assertEqual(upstream.received, [])
+        outcome = await self.settle(connector.deliver(delivery("C1", payload, attempt=2)), clock)
+        self.assertEqual(outcome, Delivered("AA"))
+        self.assertEqual(upstream.received, [payload])
+        self.assertEqual(upstream.connections[1].raw, SB + payload + EB)
 
     async def test_upstream_down_then_up(self) -> None:
         """Connection refused gives Retry; once the upstream listens the message is delivered."""
