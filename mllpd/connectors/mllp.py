@@ -48,12 +48,14 @@ from mllpd.framing import Frame, Framer, Junk, frame
 from mllpd.hl7 import DecodeError, Message, NotHL7Error, parse_message
 
 __all__ = [
+    "CLOSE_TIMEOUT",
     "DEFAULT_ACK_TIMEOUT",
     "DEFAULT_CONNECT_TIMEOUT",
     "MLLPClientProtocol",
     "MLLPConnector",
     "build",
     "default_retry_policy",
+    "endpoint_description",
 ]
 
 log = Logger(namespace="mllpd.connectors.mllp")
