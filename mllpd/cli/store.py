@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from mllpd.cli.fields import field_names
 from mllpd.hl7 import DecodeError, NotHL7Error, codec_for_charset, parse_message
 from mllpd.outbox import OutboxError
-from mllpd.outbox.sqlite import open_database
+from mllpd.outbox.sqlite import open_database, schema_files
 
 __all__ = [
     "STATES",
@@ -207,10 +207,35 @@ class Store:
             raise StoreError(f"no outbox at {path} (set --db or MLLP_DB_PATH)")
         self.path = path
         try:
-            self._conn = open_database(path)
-        except OutboxError as e:
+            self._conn = self._open(path, busy_timeout)
+        except (OutboxError, sqlite3.Error) as e:
             raise StoreError(str(e)) from None
-        self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+
+    @staticmethod
+    def _open(path: str, busy_timeout: float) -> sqlite3.Connection:
+        # Migrating takes the write lock, so only an outbox that is behind
+        # goes through open_database; an up-to-date one is opened with a
+        # read, which never waits for the server's commit in progress.
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        newest = schema_files("sqlite")[-1][0]
+        try:
+            current = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0
+        except sqlite3.OperationalError:
+            current = 0
+        if current > newest:
+            conn.close()
+            raise StoreError(
+                f"outbox schema version {current} is newer than this mllpd knows "
+                f"({newest}); upgrade mllpd"
+            )
+        if current < newest:
+            conn.close()
+            conn = open_database(path)
+            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA synchronous = FULL")
+        return conn
 
     def close(self) -> None:
         self._conn.close()
