@@ -7,15 +7,18 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.outboxrows import add_delivery, add_message, connect, new_outbox
-from tests.serverproc import REPO
+from tests.serverproc import REPO, MLLPClient, hl7_message, query, start_server
 
 RUN_TIMEOUT = 60.0
+# Bound on the messages streamed while commands run against a live server.
+MAX_STREAMED = 50_000
 
 
 def mllp_cli(
@@ -214,3 +217,62 @@ class CommandTests(SynchronousTestCase):
         self.assertEqual(result.stderr,
                          f"mllp-cli: no outbox at {missing} (set --db or MLLP_DB_PATH)\n")
         self.assertFalse(os.path.exists(missing))
+
+
+class LiveServerTests(SynchronousTestCase):
+    def test_commands_while_server_writes(self) -> None:
+        """stats, list and replay work, and the server keeps acknowledging,
+        while a sender streams messages into the outbox."""
+        server = start_server(self)
+        assert server.port is not None
+        with MLLPClient(server.port) as client:
+            self.assertEqual(client.request(hl7_message("DEAD1")).code, "AA")
+        ((dead_id,),) = query(server.db_path,
+                              "SELECT message_id FROM messages WHERE control_id = 'DEAD1'")
+        conn = connect(server.db_path)
+        add_delivery(conn, dead_id, "ehr", "dead", updated_at=time.time(), attempts=20)
+        conn.close()
+
+        acks: list[str] = []
+        errors: list[BaseException] = []
+        done = threading.Event()
+
+        def stream() -> None:
+            try:
+                with MLLPClient(server.port or 0) as client:
+                    for i in range(MAX_STREAMED):
+                        if done.is_set():
+                            return
+                        acks.append(client.request(hl7_message(f"S{i}")).code)
+            except BaseException as e:
+                errors.append(e)
+
+        sender = threading.Thread(target=stream, daemon=True)
+        sender.start()
+        try:
+            sent_before = len(acks)
+            db = ["--db", server.db_path]
+            stats = mllp_cli([*db, "stats", "--json"])
+            self.assertEqual(stats.returncode, 0, stats.stderr)
+            self.assertEqual(json.loads(stats.stdout)[0]["dead"], 1)
+            listed = mllp_cli([*db, "list", "-s", "dead"])
+            self.assertEqual(listed.returncode, 0, listed.stderr)
+            self.assertIn(dead_id, listed.stdout)
+            replay = mllp_cli([*db, "replay", "-c", "ehr", "--all", "-y"])
+            self.assertEqual((replay.returncode, replay.stdout), (0, f"replayed {dead_id}\n"),
+                             replay.stderr)
+            sent_during = len(acks) - sent_before
+        finally:
+            done.set()
+            sender.join(RUN_TIMEOUT)
+        self.assertFalse(sender.is_alive())
+        self.assertEqual(errors, [])
+        self.assertGreater(sent_during, 0, "the server stopped acknowledging during the commands")
+        self.assertEqual(set(acks), {"AA"})
+        self.assertEqual(query(server.db_path, "SELECT COUNT(*) FROM messages"),
+                         [(len(acks) + 1,)])
+        self.assertEqual(
+            query(server.db_path, "SELECT state, attempts FROM deliveries WHERE message_id = ?",
+                  (dead_id,)),
+            [("pending", 0)],
+        )
