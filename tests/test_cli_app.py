@@ -13,6 +13,7 @@ server stored are added with SQL, as the router will write them.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -155,6 +156,16 @@ class LiveOutboxTests(SynchronousTestCase):
                     await settle(app, pilot)
                     self.assertNotIsInstance(app.screen, MessageScreen)
 
+                    # The selection survives the interval refresh.
+                    await pilot.press("tab", "down")
+                    await wait_for_reloads(app, pilot, 2)
+                    selected = app.selected_message()
+                    self.assertEqual(selected.control_id if selected else None, "LIVE5")
+                    await pilot.press("up")
+                    await settle(app, pilot)
+                    selected = app.selected_message()
+                    self.assertEqual(selected.control_id if selected else None, "LIVE4")
+
                     # Replay, declined: nothing changes.
                     await pilot.press("r")
                     await settle(app, pilot)
@@ -236,3 +247,34 @@ class DialogTests(SynchronousTestCase):
 
         run_scenario(scenario)
         self.assertEqual(query(self.path, "SELECT COUNT(*) FROM messages"), [(0,)])
+
+    def test_busy_outbox_is_reported_not_fatal(self) -> None:
+        """A replay that cannot get the write lock in time shows an error in
+        the status line; the UI stays up and nothing changes."""
+        writer = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.addCleanup(writer.close)
+
+        async def scenario() -> None:
+            store = Store(self.path, busy_timeout=0.1)
+            app = OutboxApp(store, interval=0)
+            try:
+                async with app.run_test(size=(200, 50)) as pilot:
+                    await settle(app, pilot)
+                    writer.execute("BEGIN IMMEDIATE")
+                    try:
+                        await pilot.press("r")
+                        await settle(app, pilot)
+                        await pilot.press("y")
+                        await settle(app, pilot)
+                    finally:
+                        writer.execute("ROLLBACK")
+                    self.assertTrue(app.status.startswith("outbox error: outbox"), app.status)
+                    self.assertIn("is busy", app.status)
+                    self.assertTrue(app.is_running)
+                    await pilot.press("g")
+                    await settle(app, pilot)
+                    self.assertEqual(connector_counts(app)["ehr"], (0, 0, 0, 3))
+            finally:
+                store.close()
+
+        run_scenario(scenario)

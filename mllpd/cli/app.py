@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, ClassVar, TypeVar
@@ -32,6 +32,29 @@ T = TypeVar("T")
 # The message list's state filter cycles through these; None is every state.
 FILTERS: tuple[str | None, ...] = ("dead", "pending", "in_flight", "delivered", None)
 MESSAGE_LIMIT = 500
+
+
+def _fill(table: DataTable[Any], rows: list[tuple[str, tuple[object, ...]]]) -> None:
+    """Show ``(key, cells)`` rows. When the same rows are shown already, only
+    their cells change, so the cursor and scroll position stay where the
+    user left them on every refresh."""
+    keys = [key for key, _ in rows]
+    current = [str(row.key.value) for row in table.ordered_rows]
+    if keys == current:
+        columns = [column.key for column in table.ordered_columns]
+        for key, cells in rows:
+            for column, value in zip(columns, cells, strict=True):
+                table.update_cell(key, column, value)
+        return
+    selected: str | None = None
+    if table.row_count:
+        row_key, _ = table.coordinate_to_cell_key(table.cursor_coordinate)
+        selected = str(row_key.value)
+    table.clear()
+    for key, cells in rows:
+        table.add_row(*cells, key=key)
+    if selected in keys:
+        table.move_cursor(row=keys.index(selected), scroll=False)
 
 
 class ConfirmScreen(ModalScreen[bool]):
@@ -84,22 +107,17 @@ class MessageScreen(Screen[None]):
         super().__init__()
         self.detail = detail
         self.lines = render_message(detail, now)
+        self._segment_lines = {segment.text for segment in detail.segments()}
 
     def compose(self) -> ComposeResult:
         yield Header()
         text = Text()
         for line in self.lines:
             # Segments stand out; their named fields are indented below them.
-            text.append(line + "\n", style="bold" if line[:1].isalnum() and line[3:4] in
-                        ("", self._field_sep) and line[:3].isupper() else "")
+            text.append(line + "\n", style="bold" if line in self._segment_lines else "")
         with VerticalScroll():
             yield Static(text, id="message-body")
         yield Footer()
-
-    @property
-    def _field_sep(self) -> str:
-        segments = self.detail.segments()
-        return segments[0].text[3:4] if segments else "|"
 
     @property
     def body_text(self) -> str:
@@ -204,35 +222,22 @@ class OutboxApp(App[None]):
         self.reloads += 1
 
     def _fill_connectors(self, stats: list[ConnectorStats]) -> None:
-        table = self.query_one("#connectors", DataTable)
-        table.clear()
-        for s in stats:
-            table.add_row(
-                s.connector, s.pending, s.in_flight, s.delivered, s.dead,
-                format_age(s.oldest_pending_age), key=s.connector,
-            )
+        _fill(self.query_one("#connectors", DataTable), [
+            (s.connector, (s.connector, s.pending, s.in_flight, s.delivered, s.dead,
+                           format_age(s.oldest_pending_age)))
+            for s in stats
+        ])
         names = [s.connector for s in stats]
-        if self.connector in names:
-            table.move_cursor(row=names.index(self.connector), scroll=False)
+        if self.connector not in names:
+            self.connector = names[0] if names else None
 
     def _fill_messages(self, rows: list[MessageRow]) -> None:
-        table = self.query_one("#messages", DataTable)
-        selected = self.selected_message()
-        table.clear()
-        self.rows = {}
-        for r in rows:
-            key = str(r.seq)
-            self.rows[key] = r
-            table.add_row(
-                r.message_id, r.connector, r.state, r.msg_type, r.control_id, r.size,
-                format_age(r.age), r.attempts, (r.last_error or "")[:60], r.preview,
-                key=key,
-            )
-        if selected is not None:
-            keys = list(self.rows)
-            same = [i for i, k in enumerate(keys) if self.rows[k].message_id == selected.message_id]
-            if same:
-                table.move_cursor(row=same[0], scroll=False)
+        self.rows = {str(r.seq): r for r in rows}
+        _fill(self.query_one("#messages", DataTable), [
+            (str(r.seq), (r.message_id, r.connector, r.state, r.msg_type, r.control_id, r.size,
+                          format_age(r.age), r.attempts, (r.last_error or "")[:60], r.preview))
+            for r in rows
+        ])
 
     def _show_filter(self) -> None:
         state = self.state or "all states"
@@ -281,7 +286,7 @@ class OutboxApp(App[None]):
     def action_view(self) -> None:
         row = self.selected_message()
         if row is not None:
-            self.run_worker(self._view(row.message_id), group="action")
+            self.run_worker(self._guarded(partial(self._view, row.message_id)), group="action")
 
     async def _view(self, message_id: str) -> None:
         detail = await self._db(self.store.message, message_id)
@@ -350,10 +355,17 @@ class OutboxApp(App[None]):
         self.set_status(f"purged {removed} dead letter(s) of {connector}")
         await self.reload()
 
-    def _ask(self, question: str, then: Callable[[], Any]) -> None:
+    async def _guarded(self, action: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        # A busy or broken outbox is reported; the UI stays up.
+        try:
+            await action()
+        except StoreError as e:
+            self.set_status(f"outbox error: {e}")
+
+    def _ask(self, question: str, then: Callable[[], Coroutine[Any, Any, None]]) -> None:
         def answered(yes: bool | None) -> None:
             if yes:
-                self.run_worker(then(), group="action")
+                self.run_worker(self._guarded(then), group="action")
             else:
                 self.set_status("cancelled")
 

@@ -250,11 +250,15 @@ class Store:
     def _read(self) -> Iterator[sqlite3.Connection]:
         """One snapshot for several SELECTs."""
         conn = self._conn
-        conn.execute("BEGIN")
         try:
-            yield conn
-        finally:
-            conn.execute("COMMIT")
+            conn.execute("BEGIN")
+            try:
+                yield conn
+            finally:
+                if conn.in_transaction:
+                    conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read outbox {self.path}: {e}") from None
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -265,10 +269,13 @@ class Store:
             raise StoreError(f"outbox {self.path} is busy: {e}") from None
         try:
             yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
+            conn.execute("COMMIT")
+        except BaseException as e:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if isinstance(e, sqlite3.Error):
+                raise StoreError(f"cannot change outbox {self.path}: {e}") from None
             raise
-        conn.execute("COMMIT")
 
     # -- reading -----------------------------------------------------------
 
