@@ -152,6 +152,9 @@ class LiveOutboxTests(SynchronousTestCase):
                     assert isinstance(screen, MessageScreen)
                     self.assertIn("    PID-5 (patient_name): DOE^JANE", screen.lines)
                     self.assertIn("    MSH-10 (message_control_id): LIVE4", screen.lines)
+                    await pilot.press("d")  # the list's keys do nothing over the view
+                    await settle(app, pilot)
+                    self.assertIs(app.screen, screen)
                     await pilot.press("escape")
                     await settle(app, pilot)
                     self.assertNotIsInstance(app.screen, MessageScreen)

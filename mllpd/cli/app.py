@@ -32,6 +32,9 @@ T = TypeVar("T")
 # The message list's state filter cycles through these; None is every state.
 FILTERS: tuple[str | None, ...] = ("dead", "pending", "in_flight", "delivered", None)
 MESSAGE_LIMIT = 500
+_MAIN_SCREEN_ACTIONS = frozenset(
+    {"cycle_state", "view", "replay", "replay_all", "delete", "purge", "reload"}
+)
 
 
 def _fill(table: DataTable[Any], rows: list[tuple[str, tuple[object, ...]]]) -> None:
@@ -274,6 +277,13 @@ class OutboxApp(App[None]):
             self.action_view()
 
     # -- actions -----------------------------------------------------------
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # Over the message view, keys belong to that screen: "d" there must
+        # not open a delete dialog for whatever row is selected underneath.
+        if action in _MAIN_SCREEN_ACTIONS and len(self.screen_stack) > 1:
+            return False
+        return True
 
     def action_cycle_state(self) -> None:
         self.state = FILTERS[(FILTERS.index(self.state) + 1) % len(FILTERS)]
