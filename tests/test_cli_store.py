@@ -9,7 +9,7 @@ import sqlite3
 from twisted.trial.unittest import SynchronousTestCase
 
 from mllpd.cli.fields import field_names, reference_version
-from mllpd.cli.store import ConnectorStats, Store, StoreError
+from mllpd.cli.store import PURGE_BATCH, ConnectorStats, Store, StoreError
 from tests.outboxrows import add_delivery, add_message, connect, new_outbox
 from tests.serverproc import hl7_message
 
@@ -277,6 +277,20 @@ class PurgeTests(Fixture):
         self.assertNotIn(self.ids[5], remaining)   # only ever routed to ehr
         self.assertIn(self.ids[6], remaining)      # never routed: not a purge's business
         self.assertEqual(self.audit_count(), audits)
+
+    def test_purge_larger_than_a_batch(self) -> None:
+        """A purge of more rows than one transaction takes removes them all."""
+        conn = connect(self.path)
+        self.addCleanup(conn.close)
+        count = PURGE_BATCH * 2 + 1
+        conn.execute("BEGIN")
+        for i in range(count):
+            mid = add_message(conn, f"B{i}", received_at=NOW)
+            add_delivery(conn, mid, "bulk", "dead", updated_at=NOW)
+        conn.execute("COMMIT")
+        self.assertEqual(self.store.purge_dead("bulk"), count)
+        self.assertEqual(self.store.count("bulk", "dead"), 0)
+        self.assertEqual(len(message_ids(self.path)), 7)
 
     def test_purge_delivered_before(self) -> None:
         """Only delivered rows last changed before the cut-off go."""

@@ -42,6 +42,8 @@ STATES = ("pending", "in_flight", "delivered", "dead")
 PREVIEW_BYTES = 1024
 PREVIEW_CHARS = 80
 PREVIEW_SEGMENTS = 3
+# Queue rows deleted per transaction by a purge.
+PURGE_BATCH = 500
 
 _SEGMENT_SPLIT = re.compile(r"\r\n|\r|\n")
 
@@ -460,22 +462,35 @@ class Store:
         )
 
     def _purge(self, condition: str, params: tuple[object, ...]) -> int:
+        # Batches of PURGE_BATCH rows, each its own short transaction: the
+        # server's group commits get the write lock between them instead of
+        # waiting (and holding back ACKs) for one long delete.
+        #
         # A message whose last queue entry goes is deleted too: nothing will
         # ever deliver it again, and its content should not outlive its
         # purpose. Messages never routed anywhere have no entries and are not
         # touched; audit records always stay.
-        with self._write() as conn:
-            conn.execute("CREATE TEMP TABLE IF NOT EXISTS purged (message_id TEXT)")
-            conn.execute("DELETE FROM temp.purged")
-            conn.execute(
-                f"INSERT INTO temp.purged SELECT message_id FROM deliveries WHERE {condition}",
-                params,
-            )
-            removed = conn.execute(f"DELETE FROM deliveries WHERE {condition}", params).rowcount
-            conn.execute(
-                "DELETE FROM messages WHERE message_id IN (SELECT message_id FROM temp.purged)"
-                " AND NOT EXISTS (SELECT 1 FROM deliveries d"
-                " WHERE d.message_id = messages.message_id)"
-            )
-            conn.execute("DELETE FROM temp.purged")
+        removed = 0
+        for _ in range(1_000_000_000):
+            with self._write() as conn:
+                rows = conn.execute(
+                    f"SELECT seq, message_id FROM deliveries WHERE {condition}"
+                    " ORDER BY seq LIMIT ?",
+                    (*params, PURGE_BATCH),
+                ).fetchall()
+                if not rows:
+                    break
+                seq_marks = ", ".join("?" * len(rows))
+                conn.execute(
+                    f"DELETE FROM deliveries WHERE seq IN ({seq_marks})", [r[0] for r in rows]
+                )
+                ids = sorted({r[1] for r in rows})
+                id_marks = ", ".join("?" * len(ids))
+                conn.execute(
+                    f"DELETE FROM messages WHERE message_id IN ({id_marks})"
+                    " AND NOT EXISTS (SELECT 1 FROM deliveries d"
+                    " WHERE d.message_id = messages.message_id)",
+                    ids,
+                )
+            removed += len(rows)
         return removed
