@@ -9,7 +9,7 @@ import sqlite3
 from twisted.trial.unittest import SynchronousTestCase
 
 from mllpd.cli.fields import field_names, reference_version
-from mllpd.cli.store import PURGE_BATCH, ConnectorStats, Store, StoreError
+from mllpd.cli.store import PURGE_BATCH, REPLAY_BATCH, ConnectorStats, Store, StoreError
 from tests.outboxrows import add_delivery, add_message, connect, new_outbox
 from tests.serverproc import hl7_message
 
@@ -220,6 +220,22 @@ class ReplayTests(Fixture):
         pending = [r[1] for r in queue_rows(self.path, "ehr") if r[2] == "pending"]
         self.assertEqual(pending, [self.ids[1], self.ids[3], self.ids[0], self.ids[5]])
         self.assertEqual(self.store.count("ehr", "dead"), 0)
+
+    def test_replay_larger_than_a_batch(self) -> None:
+        """Replaying more dead letters than one transaction takes re-queues
+        them all, in their old order."""
+        conn = connect(self.path)
+        self.addCleanup(conn.close)
+        conn.execute("BEGIN")
+        bulk = [add_message(conn, f"B{i}", received_at=NOW) for i in range(REPLAY_BATCH + 3)]
+        for mid in bulk:
+            add_delivery(conn, mid, "bulk", "dead", updated_at=NOW)
+        conn.execute("COMMIT")
+        self.assertEqual(self.store.replay("bulk", None, NOW), bulk)
+        self.assertEqual(
+            [(r[1], r[2]) for r in queue_rows(self.path, "bulk")],
+            [(mid, "pending") for mid in bulk],
+        )
 
     def test_only_dead_letters_of_that_connector(self) -> None:
         """Pending messages, other connectors' dead letters and unknown ids are

@@ -42,8 +42,9 @@ STATES = ("pending", "in_flight", "delivered", "dead")
 PREVIEW_BYTES = 1024
 PREVIEW_CHARS = 80
 PREVIEW_SEGMENTS = 3
-# Queue rows deleted per transaction by a purge.
+# Queue rows changed per transaction by a purge or a replay.
 PURGE_BATCH = 500
+REPLAY_BATCH = 500
 
 _SEGMENT_SPLIT = re.compile(r"\r\n|\r|\n")
 
@@ -409,12 +410,13 @@ class Store:
         """Put dead letters of ``connector`` back at the tail of its queue.
 
         Each dead row is deleted and a new pending row (attempts 0, a new
-        seq) inserted in one transaction, so a delivery worker sees the
-        message either dead or queued, never both or neither. ``None``
-        replays every dead letter. Returns the ids re-queued, in queue order;
-        ids that are not dead letters of the connector are left alone.
+        seq) inserted in the same transaction, so a delivery worker sees the
+        message either dead or queued, never both or neither; old queue
+        order is kept. ``None`` replays every dead letter there is now.
+        Returns the ids re-queued, in queue order; ids that are not dead
+        letters of the connector are left alone.
         """
-        with self._write() as conn:
+        with self._read() as conn:
             if message_ids is None:
                 rows = conn.execute(
                     "SELECT seq, message_id FROM deliveries"
@@ -424,22 +426,32 @@ class Store:
             else:
                 rows = []
                 for mid in dict.fromkeys(message_ids):
-                    found = conn.execute(
+                    rows.extend(conn.execute(
                         "SELECT seq, message_id FROM deliveries"
                         " WHERE connector = ? AND state = 'dead' AND message_id = ?",
                         (connector, mid),
-                    ).fetchall()
-                    rows.extend(found)
+                    ))
                 rows.sort()
-            for seq, mid in rows:
-                conn.execute("DELETE FROM deliveries WHERE seq = ?", (seq,))
-                conn.execute(
-                    "INSERT INTO deliveries (message_id, connector, state, attempts,"
-                    " last_error, next_attempt, updated_at)"
-                    " VALUES (?, ?, 'pending', 0, NULL, 0, ?)",
-                    (mid, connector, now),
-                )
-        return [mid for _, mid in rows]
+        done: list[str] = []
+        # Batches keep each write transaction short while the server runs;
+        # the state is checked again under the write lock.
+        for i in range(0, len(rows), REPLAY_BATCH):
+            with self._write() as conn:
+                moved: list[str] = []
+                for seq, mid in rows[i : i + REPLAY_BATCH]:
+                    gone = conn.execute(
+                        "DELETE FROM deliveries WHERE seq = ? AND state = 'dead'", (seq,)
+                    )
+                    if gone.rowcount:
+                        conn.execute(
+                            "INSERT INTO deliveries (message_id, connector, state, attempts,"
+                            " last_error, next_attempt, updated_at)"
+                            " VALUES (?, ?, 'pending', 0, NULL, 0, ?)",
+                            (mid, connector, now),
+                        )
+                        moved.append(mid)
+            done.extend(moved)
+        return done
 
     def delete(self, message_id: str) -> bool:
         """Remove a message and all its queue entries; its audit record stays.
