@@ -308,6 +308,25 @@ class PurgeTests(Fixture):
         self.assertEqual(self.store.count("bulk", "dead"), 0)
         self.assertEqual(len(message_ids(self.path)), 7)
 
+    def test_batches_leave_the_lock_free_for_the_server(self) -> None:
+        """Between batches the write lock is left free as long as a batch
+        held it, so the server's commits get in during a long purge."""
+        conn = connect(self.path)
+        self.addCleanup(conn.close)
+        conn.execute("BEGIN")
+        for i in range(PURGE_BATCH + 1):
+            add_delivery(conn, add_message(conn, f"B{i}", received_at=NOW), "bulk", "dead",
+                         updated_at=NOW)
+        conn.execute("COMMIT")
+        ticks = iter(range(1, 1000))
+        pauses: list[float] = []
+        # Each reading of the clock is 10 ms after the one before.
+        with Store(self.path, sleep=pauses.append,
+                   monotonic=lambda: next(ticks) / 100) as store:
+            self.assertEqual(store.purge_dead("bulk"), PURGE_BATCH + 1)
+        # Batches of 500, 1 and the empty one that finds nothing left.
+        self.assertEqual([round(p, 6) for p in pauses], [0.01, 0.01])
+
     def test_purge_delivered_before(self) -> None:
         """Only delivered rows last changed before the cut-off go."""
         self.assertEqual(self.store.purge_delivered("lake", NOW - 3600), 0)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -45,6 +46,10 @@ PREVIEW_SEGMENTS = 3
 # Queue rows changed per transaction by a purge or a replay.
 PURGE_BATCH = 500
 REPLAY_BATCH = 500
+# Between batches the write lock stays free PACE_FACTOR times as long as a
+# batch held it, and at least MIN_PACE seconds.
+PACE_FACTOR = 1.0
+MIN_PACE = 0.002
 
 _SEGMENT_SPLIT = re.compile(r"\r\n|\r|\n")
 
@@ -205,7 +210,16 @@ class Store:
     a mistyped path does not silently show an empty outbox.
     """
 
-    def __init__(self, path: str, *, busy_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        busy_timeout: float = 10.0,
+        sleep: Callable[[float], None] = time.sleep,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._sleep = sleep
+        self._monotonic = monotonic
         if path != ":memory:" and not os.path.exists(path):
             raise StoreError(f"no outbox at {path} (set --db or MLLP_DB_PATH)")
         self.path = path
@@ -435,7 +449,11 @@ class Store:
         done: list[str] = []
         # Batches keep each write transaction short while the server runs;
         # the state is checked again under the write lock.
+        started: float | None = None
         for i in range(0, len(rows), REPLAY_BATCH):
+            if started is not None:
+                self._pace(started)
+            started = self._monotonic()
             with self._write() as conn:
                 moved: list[str] = []
                 for seq, mid in rows[i : i + REPLAY_BATCH]:
@@ -452,6 +470,18 @@ class Store:
                         moved.append(mid)
             done.extend(moved)
         return done
+
+    def _pace(self, batch_started: float) -> None:
+        """Leave the write lock free for a while after a batch.
+
+        The server waits for a busy lock in SQLite's busy handler, which
+        sleeps in steps of up to 100 ms; a loop that takes the lock again at
+        once would win every time and hold the server's ACKs back for the
+        whole purge. Left free as long as it was held (PACE_FACTOR), the
+        lock is taken by a waiting commit within a step or two.
+        """
+        held = self._monotonic() - batch_started
+        self._sleep(max(held * PACE_FACTOR, MIN_PACE))
 
     def delete(self, message_id: str) -> bool:
         """Remove a message and all its queue entries; its audit record stays.
@@ -483,7 +513,11 @@ class Store:
         # purpose. Messages never routed anywhere have no entries and are not
         # touched; audit records always stay.
         removed = 0
+        started: float | None = None
         for _ in range(1_000_000_000):
+            if started is not None:
+                self._pace(started)
+            started = self._monotonic()
             with self._write() as conn:
                 rows = conn.execute(
                     f"SELECT seq, message_id FROM deliveries WHERE {condition}"
