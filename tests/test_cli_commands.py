@@ -209,6 +209,13 @@ class CommandTests(SynchronousTestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual([s["connector"] for s in json.loads(result.stdout)], ["ehr", "lake"])
 
+    def test_ui_needs_a_terminal(self) -> None:
+        """Without a command and without a terminal (a script, a pipe) the
+        CLI says what to use instead of starting the UI."""
+        result = self.run_cli()
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("the terminal UI needs a terminal", result.stderr)
+
     def test_missing_outbox(self) -> None:
         """A path with no outbox exits 2 with one line naming it."""
         missing = os.path.join(os.path.dirname(self.path), "nope.db")

@@ -319,13 +319,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "replay" and not args.all and not args.message_ids:
         parser.error("replay: give MESSAGE_ID... or --all")
+    command = args.command or "tui"
+    if command == "tui" and not (sys.stdin.isatty() and sys.stdout.isatty()):
+        print("mllp-cli: the terminal UI needs a terminal; for scripts use a command:"
+              " stats, list, show, replay, delete, purge (see --help)", file=sys.stderr)
+        return EXIT_USAGE
     path = args.db or default_db_path()
     try:
         store = Store(path)
     except StoreError as e:
         print(f"mllp-cli: {e}", file=sys.stderr)
         return EXIT_USAGE
-    command = args.command or "tui"
     try:
         if command == "tui":
             from mllpd.cli.app import OutboxApp
