@@ -317,8 +317,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mllp-cli`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "replay" and not args.all and not args.message_ids:
-        parser.error("replay: give MESSAGE_ID... or --all")
     command = args.command or "tui"
     if command == "tui" and not (sys.stdin.isatty() and sys.stdout.isatty()):
         print("mllp-cli: the terminal UI needs a terminal; for scripts use a command:"

@@ -122,10 +122,6 @@ class MessageScreen(Screen[None]):
             yield Static(text, id="message-body")
         yield Footer()
 
-    @property
-    def body_text(self) -> str:
-        return "\n".join(self.lines)
-
 
 class OutboxApp(App[None]):
     """Connectors with queue and dead-letter counts, refreshed every

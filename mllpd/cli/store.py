@@ -220,7 +220,9 @@ class Store:
     ) -> None:
         self._sleep = sleep
         self._monotonic = monotonic
-        if path != ":memory:" and not os.path.exists(path):
+        if path == ":memory:":
+            raise StoreError("an in-memory outbox lives only inside the server process")
+        if not os.path.exists(path):
             raise StoreError(f"no outbox at {path} (set --db or MLLP_DB_PATH)")
         self.path = path
         try:
