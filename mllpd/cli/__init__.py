@@ -18,7 +18,7 @@ from typing import NamedTuple, TextIO
 from mllpd.cli.store import STATES, MessageDetail, Store, StoreError, default_db_path
 from mllpd.config import parse_duration
 
-__all__ = ["format_age", "main", "render_message"]
+__all__ = ["build_parser", "format_age", "main", "render_message"]
 
 EXIT_OK = 0
 EXIT_NOTHING = 1
