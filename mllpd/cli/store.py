@@ -1,0 +1,544 @@
+"""mllp-cli's view of the outbox: queue statistics, messages, replay, delete
+and purge, on plain sqlite3 while the server keeps writing.
+
+Reads are short WAL read transactions, which never block the server's
+writer. Writes take the write lock at once (``BEGIN IMMEDIATE``) and wait up
+to the busy timeout for the server's current group commit to finish, so a
+change is either made whole or not at all. Business methods take ``now``
+(unix seconds) as an argument.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from mllpd.cli.fields import field_names
+from mllpd.hl7 import DecodeError, NotHL7Error, codec_for_charset, parse_message
+from mllpd.outbox import OutboxError
+from mllpd.outbox.sqlite import open_database, schema_files
+
+__all__ = [
+    "STATES",
+    "ConnectorStats",
+    "Delivery",
+    "FieldView",
+    "MessageDetail",
+    "MessageRow",
+    "SegmentView",
+    "Store",
+    "StoreError",
+    "decode_payload",
+    "default_db_path",
+    "render_segments",
+]
+
+STATES = ("pending", "in_flight", "delivered", "dead")
+# Bytes of each payload read for a list preview.
+PREVIEW_BYTES = 1024
+PREVIEW_CHARS = 80
+PREVIEW_SEGMENTS = 3
+# Queue rows changed per transaction by a purge or a replay.
+PURGE_BATCH = 500
+REPLAY_BATCH = 500
+# Between batches the write lock stays free PACE_FACTOR times as long as a
+# batch held it, and at least MIN_PACE seconds.
+PACE_FACTOR = 1.0
+MIN_PACE = 0.002
+
+_SEGMENT_SPLIT = re.compile(r"\r\n|\r|\n")
+
+
+class StoreError(Exception):
+    """The outbox cannot be opened or changed; the text is one line."""
+
+
+def default_db_path(environ: dict[str, str] | None = None) -> str:
+    """Where the server keeps its outbox: ``$MLLP_DB_PATH`` or ``outbox.db``."""
+    env = os.environ if environ is None else environ
+    return env.get("MLLP_DB_PATH") or "outbox.db"
+
+
+@dataclass(frozen=True)
+class ConnectorStats:
+    connector: str
+    pending: int = 0
+    in_flight: int = 0
+    delivered: int = 0
+    dead: int = 0
+    # Seconds since the oldest message still queued (pending or in flight)
+    # was received; None when the queue is empty.
+    oldest_pending_age: float | None = None
+
+
+@dataclass(frozen=True)
+class MessageRow:
+    """One queue entry: a message as routed to one connector."""
+
+    seq: int
+    message_id: str
+    connector: str
+    state: str
+    msg_type: str
+    control_id: str
+    size: int
+    received_at: float
+    age: float
+    attempts: int
+    last_error: str | None
+    updated_at: float
+    preview: str
+
+
+@dataclass(frozen=True)
+class Delivery:
+    seq: int
+    connector: str
+    state: str
+    attempts: int
+    last_error: str | None
+    next_attempt: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class FieldView:
+    ref: str            # "PID-5"
+    name: str | None    # "patient_name", None when hl7apy has no name
+    value: str          # as received (ER7, escapes not resolved)
+
+    def label(self) -> str:
+        return f"{self.ref} ({self.name})" if self.name else self.ref
+
+
+@dataclass(frozen=True)
+class SegmentView:
+    text: str
+    fields: list[FieldView]
+
+    @property
+    def name(self) -> str:
+        return self.text[:3]
+
+
+@dataclass(frozen=True)
+class MessageDetail:
+    message_id: str
+    received_at: float
+    peer: str
+    control_id: str
+    msg_type: str
+    sending_app: str
+    sending_fac: str
+    version: str
+    charset: str | None
+    size: int
+    sha256: str
+    ack_code: str
+    payload: bytes
+    deliveries: list[Delivery] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return decode_payload(self.payload, self.charset)
+
+    def segments(self) -> list[SegmentView]:
+        return render_segments(self.text, self.version)
+
+
+def decode_payload(payload: bytes, charset: str | None) -> str:
+    """The payload as text in its character set (MSH-18 or the default the
+    server used); undecodable bytes are shown as U+FFFD, never refused."""
+    try:
+        return parse_message(payload, default_charset=charset).text
+    except (DecodeError, NotHL7Error):
+        pass
+    codec = (codec_for_charset(charset) if charset else None) or "iso8859-1"
+    return payload.decode(codec, errors="replace")
+
+
+def render_segments(text: str, version: str) -> list[SegmentView]:
+    """Each segment with its non-empty fields named from hl7apy's tables."""
+    lines = [s for s in _SEGMENT_SPLIT.split(text) if s.strip()]
+    if not lines:
+        return []
+    field_sep = lines[0][3:4] if lines[0].startswith("MSH") else "|"
+    views: list[SegmentView] = []
+    for line in lines:
+        name = line[:3]
+        names = field_names(name, version)
+        parts = line.split(field_sep) if field_sep else [line]
+        values: list[tuple[int, str]]
+        if name == "MSH" and len(parts) > 1:
+            # MSH-1 is the separator itself, so MSH-n is parts[n - 1].
+            values = [(1, field_sep)] + [(i + 1, v) for i, v in enumerate(parts) if i >= 1]
+        else:
+            values = [(i, v) for i, v in enumerate(parts) if i >= 1]
+        fields = [
+            FieldView(f"{name}-{n}", names.get(n), value) for n, value in values if value
+        ]
+        views.append(SegmentView(line, fields))
+    return views
+
+
+def _preview(head: bytes, charset: str | None) -> str:
+    """The first segments after MSH (type and control id have their own
+    columns), joined and cut to PREVIEW_CHARS."""
+    codec = (codec_for_charset(charset) if charset else None) or "iso8859-1"
+    try:
+        text = parse_message(head, default_charset=charset).text
+    except (DecodeError, NotHL7Error):
+        text = head.decode(codec, errors="replace")
+    segments = [s for s in _SEGMENT_SPLIT.split(text) if s.strip()]
+    if len(segments) > 1 and segments[0].startswith("MSH"):
+        segments = segments[1:]
+    joined = " ⏎ ".join(segments[:PREVIEW_SEGMENTS])
+    if len(joined) > PREVIEW_CHARS:
+        joined = joined[: PREVIEW_CHARS - 1] + "…"
+    return joined
+
+
+class Store:
+    """The outbox file, opened with the server's own migration code.
+
+    A file the server has not created yet is refused rather than created, so
+    a mistyped path does not silently show an empty outbox.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        busy_timeout: float = 10.0,
+        sleep: Callable[[float], None] = time.sleep,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._sleep = sleep
+        self._monotonic = monotonic
+        if path == ":memory:":
+            raise StoreError("an in-memory outbox lives only inside the server process")
+        if not os.path.exists(path):
+            raise StoreError(f"no outbox at {path} (set --db or MLLP_DB_PATH)")
+        self.path = path
+        try:
+            self._conn = self._open(path, busy_timeout)
+        except (OutboxError, sqlite3.Error) as e:
+            raise StoreError(str(e)) from None
+
+    @staticmethod
+    def _open(path: str, busy_timeout: float) -> sqlite3.Connection:
+        # Migrating takes the write lock, so only an outbox that is behind
+        # goes through open_database; an up-to-date one is opened with a
+        # read, which never waits for the server's commit in progress.
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        newest = schema_files("sqlite")[-1][0]
+        try:
+            current = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0
+        except sqlite3.OperationalError:
+            current = 0
+        if current > newest:
+            conn.close()
+            raise StoreError(
+                f"outbox schema version {current} is newer than this mllpd knows "
+                f"({newest}); upgrade mllpd"
+            )
+        if current < newest:
+            conn.close()
+            conn = open_database(path)
+            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA synchronous = FULL")
+        return conn
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """One snapshot for several SELECTs."""
+        conn = self._conn
+        try:
+            conn.execute("BEGIN")
+            try:
+                yield conn
+            finally:
+                if conn.in_transaction:
+                    conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read outbox {self.path}: {e}") from None
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            raise StoreError(f"outbox {self.path} is busy: {e}") from None
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException as e:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if isinstance(e, sqlite3.Error):
+                raise StoreError(f"cannot change outbox {self.path}: {e}") from None
+            raise
+
+    # -- reading -----------------------------------------------------------
+
+    def stats(self, now: float) -> list[ConnectorStats]:
+        """Per connector (every connector with a queue row), sorted by name."""
+        counts: dict[str, dict[str, int]] = {}
+        oldest: dict[str, float] = {}
+        with self._read() as conn:
+            for connector, state, n in conn.execute(
+                "SELECT connector, state, COUNT(*) FROM deliveries GROUP BY connector, state"
+            ):
+                counts.setdefault(connector, {})[state] = n
+            for connector, received_at in conn.execute(
+                "SELECT d.connector, MIN(m.received_at) FROM deliveries d"
+                " JOIN messages m ON m.message_id = d.message_id"
+                " WHERE d.state IN ('pending', 'in_flight') GROUP BY d.connector"
+            ):
+                oldest[connector] = received_at
+        return [
+            ConnectorStats(
+                connector,
+                pending=c.get("pending", 0),
+                in_flight=c.get("in_flight", 0),
+                delivered=c.get("delivered", 0),
+                dead=c.get("dead", 0),
+                oldest_pending_age=(
+                    max(0.0, now - oldest[connector]) if connector in oldest else None
+                ),
+            )
+            for connector, c in sorted(counts.items())
+        ]
+
+    def messages(
+        self,
+        now: float,
+        *,
+        connector: str | None = None,
+        state: str | None = None,
+        limit: int = 50,
+    ) -> list[MessageRow]:
+        """Queue entries, filtered. Queues (pending, in flight, dead) are in
+        delivery order, head first; delivered and unfiltered lists newest first.
+        """
+        if state is not None and state not in STATES:
+            raise StoreError(f"unknown state {state!r}; expected one of {', '.join(STATES)}")
+        where: list[str] = []
+        params: list[object] = []
+        if connector is not None:
+            where.append("d.connector = ?")
+            params.append(connector)
+        if state is not None:
+            where.append("d.state = ?")
+            params.append(state)
+        order = "ASC" if state in ("pending", "in_flight", "dead") else "DESC"
+        sql = (
+            "SELECT d.seq, d.message_id, d.connector, d.state, m.msg_type, m.control_id,"
+            " m.size, m.received_at, d.attempts, d.last_error, d.updated_at, m.charset,"
+            f" substr(m.payload, 1, {PREVIEW_BYTES})"
+            " FROM deliveries d JOIN messages m ON m.message_id = d.message_id"
+            + (" WHERE " + " AND ".join(where) if where else "")
+            + f" ORDER BY d.seq {order} LIMIT ?"
+        )
+        params.append(max(0, limit))
+        with self._read() as conn:
+            rows = conn.execute(sql, params).fetchall()
+        return [
+            MessageRow(
+                seq=seq, message_id=mid, connector=conn_name, state=st, msg_type=mtype,
+                control_id=cid, size=size, received_at=received, age=max(0.0, now - received),
+                attempts=attempts, last_error=error, updated_at=updated,
+                preview=_preview(bytes(head), charset),
+            )
+            for (seq, mid, conn_name, st, mtype, cid, size, received, attempts, error,
+                 updated, charset, head) in rows
+        ]
+
+    def message(self, message_id: str) -> MessageDetail | None:
+        """One stored message with its queue entries, or None."""
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT message_id, received_at, peer, control_id, msg_type, sending_app,"
+                " sending_fac, version, charset, size, sha256, ack_code, payload"
+                " FROM messages WHERE message_id = ?",
+                (message_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            deliveries = [
+                Delivery(*d)
+                for d in conn.execute(
+                    "SELECT seq, connector, state, attempts, last_error, next_attempt,"
+                    " updated_at FROM deliveries WHERE message_id = ? ORDER BY connector",
+                    (message_id,),
+                )
+            ]
+        (mid, received_at, peer, control_id, msg_type, sending_app, sending_fac, version,
+         charset, size, sha256, ack_code, payload) = row
+        return MessageDetail(
+            mid, received_at, peer, control_id, msg_type, sending_app, sending_fac, version,
+            charset, size, sha256, ack_code, bytes(payload), deliveries,
+        )
+
+    def dead_letters(self, connector: str) -> list[str]:
+        """Message ids in a connector's dead-letter queue, oldest first."""
+        with self._read() as conn:
+            return [
+                mid for (mid,) in conn.execute(
+                    "SELECT message_id FROM deliveries WHERE connector = ? AND state = 'dead'"
+                    " ORDER BY seq",
+                    (connector,),
+                )
+            ]
+
+    def count(self, connector: str, state: str, *, updated_before: float | None = None) -> int:
+        """Queue rows of a connector in a state (last changed before a time)."""
+        sql = "SELECT COUNT(*) FROM deliveries WHERE connector = ? AND state = ?"
+        params: list[object] = [connector, state]
+        if updated_before is not None:
+            sql += " AND updated_at < ?"
+            params.append(updated_before)
+        with self._read() as conn:
+            return int(conn.execute(sql, params).fetchone()[0])
+
+    # -- changing ----------------------------------------------------------
+
+    def replay(
+        self, connector: str, message_ids: Sequence[str] | None, now: float
+    ) -> list[str]:
+        """Put dead letters of ``connector`` back at the tail of its queue.
+
+        Each dead row is deleted and a new pending row (attempts 0, a new
+        seq) inserted in the same transaction, so a delivery worker sees the
+        message either dead or queued, never both or neither; old queue
+        order is kept. ``None`` replays every dead letter there is now.
+        Returns the ids re-queued, in queue order; ids that are not dead
+        letters of the connector are left alone.
+        """
+        with self._read() as conn:
+            if message_ids is None:
+                rows = conn.execute(
+                    "SELECT seq, message_id FROM deliveries"
+                    " WHERE connector = ? AND state = 'dead' ORDER BY seq",
+                    (connector,),
+                ).fetchall()
+            else:
+                rows = []
+                for mid in dict.fromkeys(message_ids):
+                    rows.extend(conn.execute(
+                        "SELECT seq, message_id FROM deliveries"
+                        " WHERE connector = ? AND state = 'dead' AND message_id = ?",
+                        (connector, mid),
+                    ))
+                rows.sort()
+        done: list[str] = []
+        # Batches keep each write transaction short while the server runs;
+        # the state is checked again under the write lock.
+        started: float | None = None
+        for i in range(0, len(rows), REPLAY_BATCH):
+            if started is not None:
+                self._pace(started)
+            started = self._monotonic()
+            with self._write() as conn:
+                moved: list[str] = []
+                for seq, mid in rows[i : i + REPLAY_BATCH]:
+                    gone = conn.execute(
+                        "DELETE FROM deliveries WHERE seq = ? AND state = 'dead'", (seq,)
+                    )
+                    if gone.rowcount:
+                        conn.execute(
+                            "INSERT INTO deliveries (message_id, connector, state, attempts,"
+                            " last_error, next_attempt, updated_at)"
+                            " VALUES (?, ?, 'pending', 0, NULL, 0, ?)",
+                            (mid, connector, now),
+                        )
+                        moved.append(mid)
+            done.extend(moved)
+        return done
+
+    def _pace(self, batch_started: float) -> None:
+        """Leave the write lock free for a while after a batch.
+
+        The server waits for a busy lock in SQLite's busy handler, which
+        sleeps in steps of up to 100 ms; a loop that takes the lock again at
+        once would win every time and hold the server's ACKs back for the
+        whole purge. Left free as long as it was held (PACE_FACTOR), the
+        lock is taken by a waiting commit within a step or two.
+        """
+        held = self._monotonic() - batch_started
+        self._sleep(max(held * PACE_FACTOR, MIN_PACE))
+
+    def delete(self, message_id: str) -> bool:
+        """Remove a message and all its queue entries; its audit record stays.
+        False when there is no such message."""
+        with self._write() as conn:
+            conn.execute("DELETE FROM deliveries WHERE message_id = ?", (message_id,))
+            gone = conn.execute("DELETE FROM messages WHERE message_id = ?", (message_id,))
+            return gone.rowcount > 0
+
+    def purge_dead(self, connector: str) -> int:
+        """Drop a connector's dead-letter queue; returns how many rows went."""
+        return self._purge(
+            "connector = ? AND state = 'dead'", (connector,)
+        )
+
+    def purge_delivered(self, connector: str, before: float) -> int:
+        """Drop a connector's delivered rows last changed before ``before``."""
+        return self._purge(
+            "connector = ? AND state = 'delivered' AND updated_at < ?", (connector, before)
+        )
+
+    def _purge(self, condition: str, params: tuple[object, ...]) -> int:
+        # Batches of PURGE_BATCH rows, each its own short transaction: the
+        # server's group commits get the write lock between them instead of
+        # waiting (and holding back ACKs) for one long delete.
+        #
+        # A message whose last queue entry goes is deleted too: nothing will
+        # ever deliver it again, and its content should not outlive its
+        # purpose. Messages never routed anywhere have no entries and are not
+        # touched; audit records always stay.
+        removed = 0
+        started: float | None = None
+        for _ in range(1_000_000_000):
+            if started is not None:
+                self._pace(started)
+            started = self._monotonic()
+            with self._write() as conn:
+                rows = conn.execute(
+                    f"SELECT seq, message_id FROM deliveries WHERE {condition}"
+                    " ORDER BY seq LIMIT ?",
+                    (*params, PURGE_BATCH),
+                ).fetchall()
+                if not rows:
+                    break
+                seq_marks = ", ".join("?" * len(rows))
+                conn.execute(
+                    f"DELETE FROM deliveries WHERE seq IN ({seq_marks})", [r[0] for r in rows]
+                )
+                ids = sorted({r[1] for r in rows})
+                id_marks = ", ".join("?" * len(ids))
+                conn.execute(
+                    f"DELETE FROM messages WHERE message_id IN ({id_marks})"
+                    " AND NOT EXISTS (SELECT 1 FROM deliveries d"
+                    " WHERE d.message_id = messages.message_id)",
+                    ids,
+                )
+            removed += len(rows)
+        return removed
