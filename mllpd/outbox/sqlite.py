@@ -168,6 +168,9 @@ class SQLiteOutbox:
         self._close_waiters: list[Deferred[None]] = []
         self.commits = 0
         self.committed_messages = 0
+        # Told (batch size, seconds) after each successful commit: metrics.
+        self.commit_observer: Callable[[int, float], None] | None = None
+        self._commit_started = 0.0
 
     def start(self) -> None:
         self._pool.start()
@@ -192,6 +195,7 @@ class SQLiteOutbox:
         batch, self._pending = self._pending, []
         self._committing = True
         envelopes = [e for e, _ in batch]
+        self._commit_started = time.perf_counter()
         d = deferToThreadPool(self._reactor, self._pool, self._write, envelopes)
         d.addBoth(self._committed, batch)
 
@@ -257,6 +261,7 @@ class SQLiteOutbox:
         batch: list[tuple[Envelope, Deferred[StoreResult]]],
     ) -> None:
         self._committing = False
+        elapsed = time.perf_counter() - self._commit_started
         # Start the next commit before answering this one: the replies write
         # ACKs and parse newly arrived frames, which would otherwise delay it.
         if self._pending:
@@ -274,6 +279,8 @@ class SQLiteOutbox:
         else:
             self.commits += 1
             self.committed_messages += len(batch)
+            if self.commit_observer is not None:
+                self.commit_observer(len(batch), elapsed)
             for (_, d), stored in zip(batch, result, strict=True):
                 d.callback(stored)
         if self._closing and not self._committing and not self._pending:
