@@ -299,13 +299,18 @@ class _MetricsResource(Resource):
         return generate_latest(self.registry)
 
 
+class _QuietSite(Site):
+    def log(self, request: Any) -> None:
+        pass  # one access line per scrape would drown the log stream
+
+
 def metrics_site(metrics: Metrics) -> Site:
     """A site serving ``/metrics`` (and ``/``) on the reactor thread."""
     root = Resource()
     page = _MetricsResource(metrics.registry)
     root.putChild(b"metrics", page)
     root.putChild(b"", page)
-    site = Site(root)
+    site = _QuietSite(root)
     site.noisy = False
     site.displayTracebacks = False
     return site

@@ -124,7 +124,7 @@ def load_context(files: TLSFiles) -> SSL.Context:
     except (ValueError, TypeError) as e:
         reason = "encrypted keys are not supported" if isinstance(e, TypeError) else "not a PEM private key"
         raise TLSConfigError("TLS_KEY_FILE", f"{files.key_file}: {reason}") from None
-    if _public_der(key) != _public_der(chain[0].public_key()):
+    if _public_der(key.public_key()) != _public_der(chain[0].public_key()):
         raise TLSConfigError(
             "TLS_KEY_FILE", f"{files.key_file} does not match the certificate in TLS_CERT_FILE"
         )
