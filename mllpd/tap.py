@@ -76,11 +76,15 @@ def makeService(options: Any) -> IService:
     from mllpd.validation import structure_validator
 
     settings: Settings = getattr(options, "settings", None) or load_settings(os.environ, {})
-    description = f"haproxy:{settings.port}" if settings.proxy_protocol else settings.port
     try:
-        endpoint = serverFromString(reactor, description)
+        endpoint = serverFromString(reactor, settings.port)
     except (ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"mllpd: MLLP_ADDR: invalid endpoint {settings.port!r}: {e}") from None
+    if settings.proxy_protocol:
+        from mllpd.proxy import proxy_endpoint
+
+        # Innermost: the PROXY header comes before any TLS bytes.
+        endpoint = proxy_endpoint(endpoint, reactor)
     tls = _server_tls(settings, reactor)
     if tls is not None:
         from mllpd.tls import tls_endpoint

@@ -300,3 +300,134 @@ class LoadContextTests(SynchronousTestCase):
                 load_context(files)
             self.assertEqual(ctx.exception.variable, variable)
             self.assertNotIn("\n", str(ctx.exception))
+
+
+class ProtocolSubjectTests(SynchronousTestCase):
+    """The client certificate's subject reaches the stored envelope."""
+
+    def test_subject_in_envelope(self) -> None:
+        """After a handshake with a client certificate, stored messages carry its subject."""
+        from cryptography import x509
+        from OpenSSL import crypto
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.task import Clock
+        from twisted.internet.testing import StringTransport
+
+        from mllpd.framing import frame
+        from mllpd.protocol import MLLPServerFactory
+        from mllpd.receiver import Receiver
+        from mllpd.testing import MemoryOutbox
+
+        certs = CertDir(make_workdir(self))
+        pem = certs.client("lab-analyser-1")
+        with open(pem, "rb") as f:
+            data = f.read()
+        cert = x509.load_pem_x509_certificates(data[data.index(b"-----BEGIN CERTIFICATE") :])[0]
+
+        class Handle:
+            def get_protocol_version_name(self) -> str:
+                return "TLSv1.3"
+
+            def get_cipher_name(self) -> str:
+                return "TLS_AES_256_GCM_SHA384"
+
+        class TLSTransport(StringTransport):
+            def getPeerCertificate(self) -> crypto.X509:
+                return crypto.X509.from_cryptography(cert)
+
+            def getHandle(self) -> Handle:
+                return Handle()
+
+        clock = Clock()
+        outbox = MemoryOutbox()
+        factory = MLLPServerFactory(Receiver(outbox, clock), clock, tls=True, tls_handshake_timeout=5)
+        proto = factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 4000))
+        assert proto is not None
+        proto.makeConnection(TLSTransport())
+        proto.handshakeCompleted()  # type: ignore[attr-defined]
+        self.assertEqual(clock.getDelayedCalls()[0].func.__name__, "_idle_check")
+        proto.dataReceived(frame(hl7_message("SUBJ-1")))
+        self.assertEqual([e.client_subject for e in outbox.stored], [certs.subject(pem)])
+
+
+class ProxyProtocolTests(TLSCase):
+    """MLLP_PROXY_PROTOCOL=true: the address from the PROXY header is the peer."""
+
+    def test_proxy_header_address_used(self) -> None:
+        """Plain and TLS connections behind a PROXY v1 header are logged and stored with the client's real address."""
+        plain = start_server(self, env={"MLLP_PROXY_PROTOCOL": "true"})
+        with MLLPClient(_port(plain)) as client:
+            client.sock.sendall(b"PROXY TCP4 203.0.113.7 10.0.0.1 51234 2575\r\n")
+            self.assertEqual(client.request(hl7_message("PROXIED-1")).code, "AA")
+        plain.stop()
+        rows = query(plain.db_path, "SELECT control_id, peer FROM messages")
+        self.assertEqual(rows, [("PROXIED-1", "203.0.113.7:51234")])
+        opened = [e["peer"] for e in plain.events() if e.get("event") == "connection_opened"]
+        self.assertEqual(opened, ["203.0.113.7:51234"])
+
+        tls = self.start(MLLP_PROXY_PROTOCOL="true")
+        raw = socket.create_connection((LOOPBACK, _port(tls)), timeout=10)
+        raw.sendall(b"PROXY TCP4 198.51.100.9 10.0.0.1 40000 2575\r\n")
+        from tests.certs import client_context
+
+        sock = client_context(self.certs).wrap_socket(raw, server_hostname="mllpd.test")
+        with MLLPClient(0, sock=sock) as client:
+            self.assertEqual(client.request(hl7_message("PROXIED-TLS")).code, "AA")
+        tls.stop()
+        rows = query(tls.db_path, "SELECT control_id, peer FROM messages")
+        self.assertEqual(rows, [("PROXIED-TLS", "198.51.100.9:40000")])
+
+    def test_missing_header_closed(self) -> None:
+        """With MLLP_PROXY_PROTOCOL on, a connection without a PROXY header gets no ACK and is closed."""
+        server = start_server(self, env={"MLLP_PROXY_PROTOCOL": "true"})
+        with MLLPClient(_port(server)) as client:
+            client.send(hl7_message("NO-HEADER"))
+            self.assertEqual(client.wait_closed(timeout=10), [])
+        server.stop()
+        self.assertEqual(self.stored_ids(server), set())
+
+
+PATIENT = "ZZTLSPATIENT"
+MRN = "MRN987654"
+
+
+class NoPHITests(TLSCase):
+    """TLS, identity checks and metrics never put message content in logs."""
+
+    def test_no_phi_in_tls_identity_and_metrics_paths(self) -> None:
+        """At debug level, with mTLS, identity ARs, handshake failures and scrapes, no patient data is logged or exported."""
+        lab = self.certs.client("lab-analyser-1")
+        identities = self.certs.write("identities.yaml", (
+            f'- client: "{self.certs.subject(lab)}"\n  msh3: [TESTAPP]\n  msh4: [TESTFAC]\n'
+        ).encode())
+        server = spawn_server(self, workdir=self.workdir, env={
+            "TLS_CERT_FILE": self.cert, "TLS_KEY_FILE": self.key,
+            "TLS_CLIENT_CA": self.certs.ca_file, "MLLP_CLIENT_IDENTITIES": identities,
+            "LOG_LEVEL": "debug", "MLLP_METRICS_ADDR": f"tcp:0:interface={LOOPBACK}",
+        })
+        metrics_port = server.wait_for_event("metrics_listening")["port"]
+        port = server.wait_listening()
+        pid = f"PID|1||{MRN}^^^H||{PATIENT}^QUINCY||19700101|M"
+        with tls_client(port, self.certs, client_pem=lab) as client:
+            self.assertEqual(client.request(hl7_message("P-1", pid=pid)).code, "AA")
+            self.assertEqual(client.request(hl7_message("P-2", pid=pid, sending_app=PATIENT)).code, "AR")
+            self.assertEqual(client.request(f"{PATIENT} {MRN}".encode()).code, "AR")
+        with self.assertRaises((ssl.SSLError, ConnectionError, ConnectionClosed)):
+            with tls_client(port, self.certs) as anonymous:
+                anonymous.request(hl7_message("P-4", pid=pid))
+        with MLLPClient(port) as plain:
+            plain.send(hl7_message("P-5", pid=pid))
+            plain.wait_closed(timeout=10)
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://{LOOPBACK}:{metrics_port}/metrics", timeout=10) as r:
+            page = r.read().decode()
+        server.stop()
+        self.assertIn("mllp_messages_total", page)
+        lines = server.stdout_lines + server.stderr_lines
+        self.assertGreater(len(lines), 10)
+        for text in (*lines, page):
+            for secret in (PATIENT, MRN, "QUINCY"):
+                self.assertNotIn(secret, text)
+        names = {e.get("event") for e in server.events()}
+        self.assertTrue({"tls_established", "nak", "tls_handshake_failed", "message"} <= names, names)
