@@ -198,22 +198,26 @@ class _Top(MultiService):
             raise SystemExit(1) from None
 
     def startService(self) -> None:
-        MultiService.startService(self)
-        # After the reactor's own handlers are installed (during startup), so
-        # ours replace them.
-        self._reactor.callWhenRunning(self._install_signals)
+        import signal
 
-    def _install_signals(self) -> None:
+        def on_hup(signum: int, frame: object) -> None:
+            self._reactor.callFromThread(self._reload)
+
+        # Before the children log "listening": SIGHUP's default would kill us.
+        signal.signal(signal.SIGHUP, on_hup)
+        MultiService.startService(self)
+        # The reactor installs its SIGTERM handler during startup; ours goes
+        # on top of it once running. A SIGTERM before then still starts the
+        # same staged shutdown, through reactor.stop().
+        self._reactor.callWhenRunning(self._install_sigterm)
+
+    def _install_sigterm(self) -> None:
         import signal
 
         def on_term(signum: int, frame: object) -> None:
             self._reactor.callFromThread(self._terminate)
 
-        def on_hup(signum: int, frame: object) -> None:
-            self._reactor.callFromThread(self._reload)
-
         signal.signal(signal.SIGTERM, on_term)
-        signal.signal(signal.SIGHUP, on_hup)
 
     def _terminate(self) -> None:
         from twisted.internet.error import ReactorNotRunning
