@@ -10,7 +10,6 @@ import signal
 import socket
 import ssl
 import time
-import warnings
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -27,9 +26,6 @@ from tests.serverproc import (
     spawn_server,
     start_server,
 )
-
-# TLS 1.1 is deprecated in the ssl module; the test needs it to be refused.
-warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*TLSv1_1.*")
 
 
 def _port(server: ServerProcess) -> int:
