@@ -12,6 +12,7 @@ from collections import Counter, deque
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from OpenSSL import SSL
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -89,6 +90,7 @@ class MLLPServerProtocol(Protocol):
         self._counted = False
         self._handshake_timer: IDelayedCall | None = None
         self.handshake_done = False
+        self._handshake_expired = False
         self.client_subject: str | None = None
         self.client_names: frozenset[str] = frozenset()
         self.lost = False
@@ -150,6 +152,7 @@ class MLLPServerProtocol(Protocol):
         self._handshake_timer = None
         if self.lost or self.handshake_done:
             return
+        self._handshake_expired = True
         self.factory.stats["tls_handshake_timeouts"] += 1
         log.warn(
             "closing connection from {peer}: TLS handshake not done in {seconds}s",
@@ -192,13 +195,18 @@ class MLLPServerProtocol(Protocol):
             return
         f = self.factory
         if f.tls and not self.handshake_done:
-            # Refused versions and ciphers, plaintext, missing or untrusted
-            # client certificates, timeouts: all end here.
-            f.stats["tls_handshake_failures"] += 1
-            log.warn(
-                "TLS handshake with {peer} failed: {reason}", event="tls_handshake_failed",
-                peer=self.peer, reason=_tls_reason(reason),
-            )
+            if reason is not None and (reason.check(SSL.Error) or self._handshake_expired):
+                # Refused versions and ciphers, plaintext, missing or
+                # untrusted client certificates, timeouts.
+                f.stats["tls_handshake_failures"] += 1
+                log.warn(
+                    "TLS handshake with {peer} failed: {reason}", event="tls_handshake_failed",
+                    peer=self.peer, reason=_tls_reason(reason),
+                )
+            else:
+                # A TCP probe (load balancer, kubelet) connects and closes.
+                log.debug("closed before TLS handshake by {peer}", event="tls_not_started",
+                          peer=self.peer)
         f.open_connections -= 1
         f.connections.discard(self)
         unanswered = sum(1 for p in self._queue if p.reply is None or p.reply.ack)

@@ -427,3 +427,18 @@ class NoPHITests(TLSCase):
                 self.assertNotIn(secret, text)
         names = {e.get("event") for e in server.events()}
         self.assertTrue({"tls_established", "nak", "tls_handshake_failed", "message"} <= names, names)
+
+
+class ProbeTests(TLSCase):
+    """TCP probes are not TLS failures."""
+
+    def test_tcp_probe_not_counted_as_failure(self) -> None:
+        """A connection that closes without sending anything is not logged as a failed handshake."""
+        server = self.start()
+        socket.create_connection((LOOPBACK, _port(server)), timeout=10).close()
+        with tls_client(_port(server), self.certs) as client:
+            self.assertEqual(client.request(hl7_message("AFTER-PROBE")).code, "AA")
+        server.stop()
+        names = [e.get("event") for e in server.events()]
+        self.assertEqual(names.count("connection_closed"), 2, server.output())
+        self.assertNotIn("tls_handshake_failed", names)
