@@ -242,13 +242,15 @@ class _Top(MultiService):
         tls.reload("sighup")
 
     def stopService(self) -> Deferred[None]:
-        d = MultiService.stopService(self)
+        return Deferred.fromCoroutine(self._stop_in_order())
 
-        def clean_exit(result: object) -> object:
-            # twistd re-raises a SIGINT it got once the reactor stops; a
-            # drained, orderly stop is a success, so report 0.
-            if hasattr(self._reactor, "_exitSignal"):
-                self._reactor._exitSignal = None
-            return result
-
-        return d.addCallback(clean_exit)
+    async def _stop_in_order(self) -> None:
+        # The MLLP service first, alone: metrics stay scrapeable (and OTLP
+        # exports its last values) through the whole staged shutdown.
+        if self._mllp is not None:
+            await self._mllp.stopService()
+        await MultiService.stopService(self)
+        # twistd re-raises a SIGINT (or a SIGTERM that came before our
+        # handler) once the reactor stops; an orderly stop is a success: 0.
+        if hasattr(self._reactor, "_exitSignal"):
+            self._reactor._exitSignal = None

@@ -30,8 +30,10 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.ssl import (
     AcceptableCiphers,
+    Certificate,
     CertificateOptions,
     TLSVersion,
+    trustRootFromCertificates,
 )
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -130,10 +132,11 @@ def load_context(files: TLSFiles) -> SSL.Context:
         )
     trust: dict[str, Any] = {}
     if files.client_ca:
-        from twisted.internet._sslverify import OpenSSLCertificateAuthorities
-
-        cas = [crypto.X509.from_cryptography(c) for c in _certificates("TLS_CLIENT_CA", files.client_ca)]
-        trust = {"trustRoot": OpenSSLCertificateAuthorities(cas)}
+        cas = [
+            Certificate(crypto.X509.from_cryptography(c))
+            for c in _certificates("TLS_CLIENT_CA", files.client_ca)
+        ]
+        trust = {"trustRoot": trustRootFromCertificates(cas)}
     options = CertificateOptions(
         privateKey=crypto.PKey.from_cryptography_key(key),  # type: ignore[arg-type]
         certificate=crypto.X509.from_cryptography(chain[0]),

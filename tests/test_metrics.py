@@ -187,6 +187,23 @@ class PrometheusTests(SynchronousTestCase):
         self.assertEqual(v("mllp_tls_handshake_failures_total"), 0)
 
 
+    def test_scrape_during_shutdown(self) -> None:
+        """Metrics stay scrapeable while the staged shutdown runs."""
+        import signal
+
+        server = spawn_server(self, env={
+            "MLLP_METRICS_ADDR": f"tcp:0:interface={LOOPBACK}", "PRE_SHUTDOWN_DELAY": "1s",
+        })
+        metrics_port = server.wait_for_event("metrics_listening")["port"]
+        server.wait_listening()
+        server.send_signal(signal.SIGTERM)
+        server.wait_for_event("shutdown_pre_delay", timeout=10)
+        url = f"http://{LOOPBACK}:{metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            self.assertIn("mllp_connections_open", response.read().decode())
+        self.assertEqual(server.wait(timeout=30), 0, server.output())
+
+
 class OTLPReceiver(Resource):
     """Collects OTLP/HTTP protobuf export requests."""
 
