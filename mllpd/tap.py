@@ -215,22 +215,25 @@ class _Top(MultiService):
         import signal
 
         def on_term(signum: int, frame: object) -> None:
-            self._reactor.callFromThread(self._terminate)
+            self._reactor.callFromThread(self._terminate, signal.Signals(signum).name)
 
         signal.signal(signal.SIGTERM, on_term)
+        # Ctrl-C in a terminal: the same stages (a second one hurries them).
+        signal.signal(signal.SIGINT, on_term)
 
-    def _terminate(self) -> None:
+    def _terminate(self, name: str = "SIGTERM") -> None:
         from twisted.internet.error import ReactorNotRunning
 
         self._terms += 1
         if self._terms == 1:
-            log.info("SIGTERM: shutting down", event="sigterm", count=1)
+            log.info("{signal}: shutting down", event="sigterm", signal=name, count=1)
             try:
                 self._reactor.stop()
             except ReactorNotRunning:
                 pass  # already stopping for another reason
             return
-        log.warn("SIGTERM again: skipping to the abort", event="sigterm", count=self._terms)
+        log.warn("{signal} again: skipping to the abort", event="sigterm", signal=name,
+                 count=self._terms)
         if self._mllp is not None:
             self._mllp.hurry()
 
