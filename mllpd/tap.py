@@ -203,12 +203,14 @@ class _Top(MultiService):
         def on_hup(signum: int, frame: object) -> None:
             self._reactor.callFromThread(self._reload)
 
-        # Before the children log "listening": SIGHUP's default would kill us.
+        # Before the children log "listening": the default actions of SIGHUP
+        # and SIGTERM would kill us before the reactor installs its own.
         signal.signal(signal.SIGHUP, on_hup)
+        self._install_sigterm()
         MultiService.startService(self)
-        # The reactor installs its SIGTERM handler during startup; ours goes
-        # on top of it once running. A SIGTERM before then still starts the
-        # same staged shutdown, through reactor.stop().
+        # The reactor replaces SIGTERM's and SIGINT's handlers during startup
+        # (a signal then still starts the same shutdown, via reactor.stop());
+        # ours go back on top once it runs.
         self._reactor.callWhenRunning(self._install_sigterm)
 
     def _install_sigterm(self) -> None:

@@ -241,6 +241,7 @@ class Sender(threading.Thread):
         self.port = port
         self.prefix = name
         self.acked: list[str] = []
+        self.warm = threading.Event()  # set after 20 ACKs
         self.ended: str | None = None
         self.error: BaseException | None = None
 
@@ -262,8 +263,12 @@ class Sender(threading.Thread):
                     if ack.code != "AA" or ack.control_id != cid:
                         raise AssertionError(f"{cid}: {ack}")
                     self.acked.append(cid)
+                    if len(self.acked) == 20:
+                        self.warm.set()
         except BaseException as e:  # reported by the test
             self.error = e
+        finally:
+            self.warm.set()
 
 
 class ProcessTests(SynchronousTestCase):
@@ -277,11 +282,8 @@ class ProcessTests(SynchronousTestCase):
         senders = [Sender(port, f"S{i}") for i in range(4)]
         for sender in senders:
             sender.start()
-        deadline = time.monotonic() + 20
-        for _ in range(10_000):
-            if all(len(s.acked) >= 20 for s in senders) or time.monotonic() > deadline:
-                break
-            time.sleep(0.01)
+        for sender in senders:
+            self.assertTrue(sender.warm.wait(timeout=20))
         started = time.monotonic()
         server.send_signal(signal.SIGTERM)
         server.wait_for_event("shutdown_pre_delay", timeout=5)
@@ -341,3 +343,11 @@ class ProcessTests(SynchronousTestCase):
         self.assertEqual([(e["count"], e["why"]) for e in abort], [(1, "hurried")])
         self.assertNotIn("ReactorNotRunning", server.output())
         self.assertNotIn("Traceback", server.output())
+
+    def test_sigterm_right_after_listening(self) -> None:
+        """A SIGTERM as soon as the server logs "listening" still gives an orderly stop and exit 0."""
+        for _ in range(3):
+            server = start_server(self)
+            server.send_signal(signal.SIGTERM)
+            self.assertEqual(server.wait(timeout=30), 0, server.output())
+            self.assertIn("shutdown_outbox_closed", [e.get("event") for e in server.events()])

@@ -48,16 +48,8 @@ class TLSCase(SynchronousTestCase):
         return {row[0] for row in query(server.db_path, "SELECT control_id FROM messages")}
 
     def handshake_failures(self, server: ServerProcess, count: int) -> list[dict[str, object]]:
-        """Wait until ``count`` tls_handshake_failed events were logged."""
-        found: list[dict[str, object]] = []
-        deadline = time.monotonic() + 10
-        for _ in range(1000):
-            found = [e for e in server.events() if e.get("event") == "tls_handshake_failed"]
-            if len(found) >= count or time.monotonic() > deadline:
-                break
-            time.sleep(0.01)
-        self.assertEqual(len(found), count, server.output())
-        return found
+        """The next ``count`` tls_handshake_failed events (waiting for them)."""
+        return [server.wait_for_event("tls_handshake_failed", timeout=10) for _ in range(count)]
 
 
 class VersionTests(TLSCase):
