@@ -10,6 +10,7 @@ and leaves open connections alone.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import Counter
 from collections.abc import Callable
@@ -152,16 +153,21 @@ def load_context(files: TLSFiles) -> SSL.Context:
 
 
 def _stamp(paths: tuple[str, ...]) -> tuple[object, ...]:
-    """What identifies the files' current content: where each symlink points
-    now (Kubernetes swaps ``..data``) and the target's inode, size and mtime."""
+    """What identifies the files' current content: where each path leads now
+    (Kubernetes swaps the ``..data`` symlink) and a digest of what is there.
+
+    A digest rather than mtimes: a file rewritten in place within one
+    timestamp tick, at the same size, would otherwise go unnoticed. The files
+    are a few KiB, read once per poll.
+    """
     parts: list[object] = []
     for path in paths:
         real = os.path.realpath(path)
         try:
-            st = os.stat(real)
-            parts.append((real, st.st_ino, st.st_size, st.st_mtime_ns))
-        except OSError:
-            parts.append((real, None))
+            with open(real, "rb") as f:
+                parts.append((real, hashlib.sha256(f.read()).digest()))
+        except OSError as e:
+            parts.append((real, e.errno))
     return tuple(parts)
 
 

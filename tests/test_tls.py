@@ -434,3 +434,41 @@ class ProbeTests(TLSCase):
         names = [e.get("event") for e in server.events()]
         self.assertEqual(names.count("connection_closed"), 2, server.output())
         self.assertNotIn("tls_handshake_failed", names)
+
+
+class ServerTLSTests(SynchronousTestCase):
+    """ServerTLS's file watch, timed by a Clock."""
+
+    def test_poll_reloads_changed_files_only(self) -> None:
+        """A changed pair is loaded at the next poll; unchanged files are not reloaded; a bad pair keeps the old context."""
+        from twisted.internet.task import Clock
+
+        from mllpd.tls import ServerTLS
+
+        folder = make_workdir(self)
+        certs = CertDir(folder)
+        cert, key, _ = certs.server_pair()
+        clock = Clock()
+        tls = ServerTLS(TLSFiles(cert, key), clock, poll_interval=2.0)
+        first = tls.context
+        tls.start_watching()
+        self.addCleanup(tls.stop_watching)
+        clock.advance(2.0)
+        self.assertIs(tls.context, first)
+        self.assertEqual(sum(tls.reloads.values()), 0)
+        certs.server_pair()  # new files at the same paths
+        clock.advance(1.9)
+        self.assertIs(tls.context, first)
+        clock.advance(0.1)
+        second = tls.context
+        self.assertIsNot(second, first)
+        self.assertEqual(tls.reloads["ok"], 1)
+        with open(key, "wb") as f:
+            f.write(b"broken")
+        clock.advance(2.0)
+        self.assertIs(tls.context, second)
+        self.assertEqual(tls.reloads["failed"], 1)
+        clock.advance(2.0)  # unchanged since the failed attempt: not retried
+        self.assertEqual(tls.reloads["failed"], 1)
+        tls.stop_watching()
+        self.assertEqual(clock.getDelayedCalls(), [])
