@@ -263,7 +263,7 @@ SETTINGS: tuple[Setting, ...] = (
             "lowest level of log events written"),
     Setting("TLS_CERT_FILE", "tls_cert_file", "", _optional_path,
             "a PEM file: the server certificate, then its chain",
-            "TLS is on when this and TLS_KEY_FILE are set"),
+            "PEM server certificate and chain; TLS is on when this and TLS_KEY_FILE are set"),
     Setting("TLS_KEY_FILE", "tls_key_file", "", _optional_path,
             "a PEM file with the private key of TLS_CERT_FILE",
             "private key of the server certificate"),
