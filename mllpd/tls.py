@@ -133,15 +133,18 @@ def load_context(files: TLSFiles) -> SSL.Context:
         )
     trust: dict[str, Any] = {}
     if files.client_ca:
+        # The certificate store still wants pyOpenSSL's X509.
         cas = [
             Certificate(crypto.X509.from_cryptography(c))
             for c in _certificates("TLS_CLIENT_CA", files.client_ca)
         ]
         trust = {"trustRoot": trustRootFromCertificates(cas)}
     options = CertificateOptions(
-        privateKey=crypto.PKey.from_cryptography_key(key),  # type: ignore[arg-type]
-        certificate=crypto.X509.from_cryptography(chain[0]),
-        extraCertChain=[crypto.X509.from_cryptography(c) for c in chain[1:]],
+        # Twisted hands these to pyOpenSSL's Context, which takes
+        # cryptography's objects (its X509 and PKey wrappers are deprecated).
+        privateKey=key,  # type: ignore[arg-type]
+        certificate=chain[0],  # type: ignore[arg-type]
+        extraCertChain=chain[1:],  # type: ignore[arg-type]
         raiseMinimumTo=_VERSIONS[files.min_version],
         acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(AEAD_CIPHERS),
         **trust,
