@@ -10,6 +10,7 @@ import signal
 import socket
 import ssl
 import time
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -471,4 +472,54 @@ class ServerTLSTests(SynchronousTestCase):
         clock.advance(2.0)  # unchanged since the failed attempt: not retried
         self.assertEqual(tls.reloads["failed"], 1)
         tls.stop_watching()
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class ProxyHeaderUnitTests(SynchronousTestCase):
+    """The PROXY wrapper with a Clock and string transports."""
+
+    def make(self) -> tuple[Any, Any, Any, Any]:
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.task import Clock
+        from twisted.internet.testing import StringTransport
+
+        from mllpd.protocol import MLLPServerFactory
+        from mllpd.proxy import _HeaderFirstFactory
+        from mllpd.receiver import Receiver
+        from mllpd.testing import MemoryOutbox
+
+        clock = Clock()
+        outbox = MemoryOutbox()
+        inner = MLLPServerFactory(Receiver(outbox, clock), clock, max_connections=1)
+        wrapper = _HeaderFirstFactory(inner, clock)
+        proto = wrapper.buildProtocol(IPv4Address("TCP", "10.0.0.1", 1234))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 1234))
+        proto.makeConnection(transport)
+        return clock, inner, proto, transport
+
+    def test_counted_only_after_header(self) -> None:
+        """The connection counts (and is limited) under the header's address, from the header on; split headers work."""
+        from mllpd.framing import frame
+
+        clock, inner, proto, transport = self.make()
+        self.assertEqual(inner.open_connections, 0)
+        proto.dataReceived(b"PROXY TCP4 203.0.113.7 10.0.0.2 5")
+        self.assertEqual(inner.open_connections, 0)
+        proto.dataReceived(b"1234 2575\r\n" + frame(hl7_message("SPLIT-1")))
+        self.assertEqual(inner.open_connections, 1)
+        self.assertEqual([p.peer for p in inner.connections], ["203.0.113.7:51234"])
+        self.assertIn(b"MSA|AA|SPLIT-1", transport.value())
+        self.assertEqual(clock.getDelayedCalls()[0].func.__name__, "_idle_check")
+
+    def test_no_header_aborted(self) -> None:
+        """A connection that sends no header is aborted after HEADER_TIMEOUT without reaching MLLP."""
+        from mllpd.proxy import HEADER_TIMEOUT
+
+        clock, inner, proto, transport = self.make()
+        clock.advance(HEADER_TIMEOUT - 0.1)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(0.1)
+        self.assertTrue(transport.disconnecting)
+        proto.connectionLost(None)
+        self.assertEqual((inner.open_connections, inner.stats["connections_accepted"]), (0, 0))
         self.assertEqual(clock.getDelayedCalls(), [])
