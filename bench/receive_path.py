@@ -6,7 +6,9 @@ and prints microseconds per message: framing, parsing, checks, envelope,
 hashing and ACK building, i.e. what the reactor thread spends per message on
 top of Twisted's I/O.
 
-    python bench/receive_path.py [--messages 20000] [--profile]
+    python bench/receive_path.py [--messages 20000] [--profile] [--metrics]
+
+``--metrics`` turns on the metrics collectors (as MLLP_METRICS_ADDR does).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--messages", type=int, default=20000)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--metrics", action="store_true", help="with the metrics collectors on")
     args = parser.parse_args()
     prefix, suffix = loadgen.build_template(1024, "20260101120000")
     frames = [
@@ -54,7 +57,14 @@ def main() -> None:
     ]
     clock = Clock()
     clock.advance(1.8e9)
-    factory = MLLPServerFactory(Receiver(NullOutbox(), clock), clock)
+    metrics = None
+    if args.metrics:
+        from mllpd.metrics import Metrics
+
+        metrics = Metrics()
+    factory = MLLPServerFactory(Receiver(NullOutbox(), clock), clock, metrics=metrics)
+    if metrics is not None:
+        metrics.watch_connections(factory)
     proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000))
     assert proto is not None
     transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5000))

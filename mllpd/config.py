@@ -171,6 +171,30 @@ def _path(text: str) -> str:
     return text
 
 
+def _optional_path(text: str) -> str | None:
+    return text if text.strip() else None
+
+
+def _tls_version(text: str) -> str:
+    version = text.strip()
+    if version not in ("1.2", "1.3"):
+        raise ValueError(f"invalid TLS version {text!r}")
+    return version
+
+
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    raise ValueError(f"invalid boolean {text!r}")
+
+
+def _optional_address(text: str) -> str | None:
+    return parse_listen_address(text) if text.strip() else None
+
+
 def _positive_size(text: str) -> int:
     value = parse_size(text)
     if value <= 0:
@@ -228,12 +252,39 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MLLP_VALIDATE", "validate", "none", _validate_mode,
             "none or structure",
             "structure: also validate message structure with hl7apy (slow)"),
+    Setting("PRE_SHUTDOWN_DELAY", "pre_shutdown_delay", "0s", parse_duration,
+            "a duration such as 5s (0 turns it off)",
+            "after SIGTERM, keep serving (and accepting) this long"),
     Setting("SHUTDOWN_TIMEOUT", "shutdown_timeout", "30s", parse_duration,
             "a duration such as 30s",
             "on shutdown, how long open connections may finish their frames"),
     Setting("LOG_LEVEL", "log_level", "info", _log_level,
             "one of trace, debug, info, warn, error",
             "lowest level of log events written"),
+    Setting("TLS_CERT_FILE", "tls_cert_file", "", _optional_path,
+            "a PEM file: the server certificate, then its chain",
+            "PEM server certificate and chain; TLS is on when this and TLS_KEY_FILE are set"),
+    Setting("TLS_KEY_FILE", "tls_key_file", "", _optional_path,
+            "a PEM file with the private key of TLS_CERT_FILE",
+            "private key of the server certificate"),
+    Setting("TLS_CLIENT_CA", "tls_client_ca", "", _optional_path,
+            "a PEM file of CA certificates",
+            "require client certificates issued by these CAs (mutual TLS)"),
+    Setting("TLS_MIN_VERSION", "tls_min_version", "1.2", _tls_version,
+            "1.2 or 1.3",
+            "lowest TLS version accepted"),
+    Setting("TLS_HANDSHAKE_TIMEOUT", "tls_handshake_timeout", "10s", parse_duration,
+            "a duration such as 10s (0 turns it off)",
+            "close a connection whose TLS handshake is not done this long after accept"),
+    Setting("MLLP_CLIENT_IDENTITIES", "client_identities", "", _optional_path,
+            "a YAML file mapping certificate subjects or SANs to MSH-3/MSH-4 values",
+            "which MSH-3/MSH-4 each client certificate may send as (needs TLS_CLIENT_CA)"),
+    Setting("MLLP_PROXY_PROTOCOL", "proxy_protocol", "false", _boolean,
+            "true or false",
+            "expect a PROXY protocol v1/v2 header on every connection"),
+    Setting("MLLP_METRICS_ADDR", "metrics_addr", "", _optional_address,
+            "host:port, :port, a port number or a Twisted endpoint string",
+            "serve Prometheus metrics at /metrics on this address"),
 )
 
 
@@ -252,8 +303,17 @@ class Settings:
     db_path: str = "outbox.db"
     dedup_window: float = 24 * 3600.0
     validate: str = "none"
+    pre_shutdown_delay: float = 0.0
     shutdown_timeout: float = 30.0
     log_level: str = "info"
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_client_ca: str | None = None
+    tls_min_version: str = "1.2"
+    tls_handshake_timeout: float = 10.0
+    client_identities: str | None = None
+    proxy_protocol: bool = False
+    metrics_addr: str | None = None
     pod_name: str | None = None
     pod_namespace: str | None = None
 
@@ -267,9 +327,11 @@ def load_settings(
     command line, or None when the option was not given.
     """
     values: dict[str, object] = {}
+    sources: dict[str, str] = {}
     for s in SETTINGS:
         raw = options.get(s.attr)
         source = f"--{s.option}" if raw is not None else s.variable
+        sources[s.attr] = source
         if raw is None:
             raw = environ.get(s.variable)
         if raw is None:
@@ -281,8 +343,24 @@ def load_settings(
             raise ConfigError(
                 source, f"{detail}; expected {s.accepts}"
             ) from None
+    _check_together(values, sources)
     return Settings(
         pod_name=environ.get("POD_NAME") or None,
         pod_namespace=environ.get("POD_NAMESPACE") or None,
         **values,  # type: ignore[arg-type]
     )
+
+
+def _check_together(values: Mapping[str, object], sources: Mapping[str, str]) -> None:
+    """Settings that only make sense with another one."""
+    cert, key = values.get("tls_cert_file"), values.get("tls_key_file")
+    if cert and not key:
+        raise ConfigError(sources["tls_key_file"], "not set, but TLS_CERT_FILE is; set both or neither")
+    if key and not cert:
+        raise ConfigError(sources["tls_cert_file"], "not set, but TLS_KEY_FILE is; set both or neither")
+    if values.get("tls_client_ca") and not cert:
+        raise ConfigError(sources["tls_client_ca"], "needs TLS_CERT_FILE and TLS_KEY_FILE")
+    if values.get("client_identities") and not values.get("tls_client_ca"):
+        raise ConfigError(
+            sources["client_identities"], "needs TLS_CLIENT_CA (identities come from client certificates)"
+        )

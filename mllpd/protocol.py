@@ -10,11 +10,13 @@ from __future__ import annotations
 import socket
 from collections import Counter, deque
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from OpenSSL import SSL
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IDelayedCall,
+    IHandshakeListener,
     IPushProducer,
     IReactorTime,
     ITCPTransport,
@@ -28,6 +30,9 @@ from mllpd.ack import REJECT, AckError, build_ack, encode_ack, should_send
 from mllpd.framing import Frame, Framer, Junk, Oversized, frame
 from mllpd.hl7 import DecodeError, NotHL7Error, parse_message
 from mllpd.receiver import Receiver, Reply, new_ack_id
+
+if TYPE_CHECKING:
+    from mllpd.metrics import Metrics
 
 __all__ = ["MLLPServerFactory", "MLLPServerProtocol"]
 
@@ -60,7 +65,7 @@ class _Pending:
         self.close_after = False
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHandshakeListener)
 class MLLPServerProtocol(Protocol):
     """One sender's connection: frames in, ACKs out, in order."""
 
@@ -83,6 +88,11 @@ class MLLPServerProtocol(Protocol):
         self._closing = False
         self._draining = False
         self._counted = False
+        self._handshake_timer: IDelayedCall | None = None
+        self.handshake_done = False
+        self._handshake_expired = False
+        self.client_subject: str | None = None
+        self.client_names: frozenset[str] = frozenset()
         self.lost = False
 
     # -- connection lifecycle -------------------------------------------------
@@ -111,10 +121,45 @@ class MLLPServerProtocol(Protocol):
             "connection opened from {peer}", event="connection_opened",
             peer=self.peer, open=f.open_connections,
         )
+        if f.tls and f.tls_handshake_timeout:
+            self._handshake_timer = f.clock.callLater(
+                f.tls_handshake_timeout, self._handshake_timed_out
+            )
         if f.draining:
             self.drain()
         else:
             self._update_idle()
+
+    def handshakeCompleted(self) -> None:
+        """TLS is up (client certificate verified, under mutual TLS)."""
+        from mllpd.tls import peer_identity
+
+        self.handshake_done = True
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
+        self._handshake_timer = None
+        cert = self.transport.getPeerCertificate()
+        if cert is not None:
+            self.client_subject, self.client_names = peer_identity(cert)
+        connection = self.transport.getHandle()
+        log.info(
+            "TLS established with {peer}", event="tls_established", peer=self.peer,
+            client_subject=self.client_subject, tls_version=connection.get_protocol_version_name(),
+            cipher=connection.get_cipher_name(),
+        )
+
+    def _handshake_timed_out(self) -> None:
+        self._handshake_timer = None
+        if self.lost or self.handshake_done:
+            return
+        self._handshake_expired = True
+        self.factory.stats["tls_handshake_timeouts"] += 1
+        log.warn(
+            "closing connection from {peer}: TLS handshake not done in {seconds}s",
+            event="tls_handshake_timeout", peer=self.peer,
+            seconds=self.factory.tls_handshake_timeout,
+        )
+        self.abort()
 
     def _set_keepalive(self) -> None:
         period = self.factory.keepalive_period
@@ -138,13 +183,30 @@ class MLLPServerProtocol(Protocol):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.lost = True
-        for timer in (self._frame_timer, self._idle_timer, self._write_timer, self._linger_timer):
+        for timer in (
+            self._frame_timer, self._idle_timer, self._write_timer, self._linger_timer,
+            self._handshake_timer,
+        ):
             if timer is not None and timer.active():
                 timer.cancel()
         self._frame_timer = self._idle_timer = self._write_timer = self._linger_timer = None
+        self._handshake_timer = None
         if not self._counted:
             return
         f = self.factory
+        if f.tls and not self.handshake_done:
+            if reason is not None and (reason.check(SSL.Error) or self._handshake_expired):
+                # Refused versions and ciphers, plaintext, missing or
+                # untrusted client certificates, timeouts.
+                f.stats["tls_handshake_failures"] += 1
+                log.warn(
+                    "TLS handshake with {peer} failed: {reason}", event="tls_handshake_failed",
+                    peer=self.peer, reason=_tls_reason(reason),
+                )
+            else:
+                # A TCP probe (load balancer, kubelet) connects and closes.
+                log.debug("closed before TLS handshake by {peer}", event="tls_not_started",
+                          peer=self.peer)
         f.open_connections -= 1
         f.connections.discard(self)
         unanswered = sum(1 for p in self._queue if p.reply is None or p.reply.ack)
@@ -180,7 +242,7 @@ class MLLPServerProtocol(Protocol):
         self._queue.append(pending)
         if len(self._queue) >= MAX_PIPELINE:
             self._pause("pipeline")
-        d = f.receiver.receive(payload, self.peer)
+        d = f.receiver.receive(payload, self.peer, self.client_subject, self.client_names)
         d.addCallbacks(
             self._replied, self._receive_failed,
             callbackArgs=(pending,), errbackArgs=(pending, len(payload)),
@@ -270,7 +332,10 @@ class MLLPServerProtocol(Protocol):
             self._idle_since = None
             return
         if self._draining:
-            self._close_gracefully()
+            # Half-close and read on: a frame the sender wrote before it saw
+            # our FIN then meets a read, not a reset that could destroy the
+            # ACKs just written. It gets no ACK and is resent elsewhere.
+            self._close_discarding()
             return
         if self._idle_since is None:
             self._idle_since = self.factory.clock.seconds()
@@ -397,7 +462,9 @@ class MLLPServerProtocol(Protocol):
         """
         if not self._stop_input():
             return
-        lose_write = getattr(self.transport, "loseWriteConnection", None)
+        # Through TLS, loseWriteConnection would reach the TCP transport
+        # beneath it and skip the TLS close_notify.
+        lose_write = None if self.factory.tls else getattr(self.transport, "loseWriteConnection", None)
         if lose_write is None:
             self.transport.loseConnection()
             return
@@ -409,6 +476,9 @@ class MLLPServerProtocol(Protocol):
     def drain(self) -> None:
         """Finish the frame in progress and the ACKs owed, then close."""
         self._draining = True
+        if self.factory.tls and not self.handshake_done:
+            self.abort()  # nothing received yet, so nothing owed
+            return
         self._update_idle()
 
     def abort(self) -> None:
@@ -416,6 +486,19 @@ class MLLPServerProtocol(Protocol):
         if not self.lost:
             self._closing = True
             self.transport.abortConnection()
+
+
+def _tls_reason(reason: Failure | None) -> str:
+    """OpenSSL's reason text (library errors only, never data)."""
+    if reason is None:
+        return "connection closed"
+    value = reason.value
+    args = getattr(value, "args", None)
+    if args and isinstance(args[0], list) and args[0]:
+        parts = [str(e[-1]) for e in args[0] if isinstance(e, tuple) and e]
+        if parts:
+            return "; ".join(parts)
+    return type(value).__name__
 
 
 class MLLPServerFactory(Factory):
@@ -436,6 +519,9 @@ class MLLPServerFactory(Factory):
         write_timeout: float = 5.0,
         keepalive_period: float = 60.0,
         debug: bool = False,
+        tls: bool = False,
+        tls_handshake_timeout: float = 10.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.receiver = receiver
         self.clock = clock
@@ -446,6 +532,9 @@ class MLLPServerFactory(Factory):
         self.write_timeout = write_timeout
         self.keepalive_period = keepalive_period
         self.debug = debug
+        self.tls = tls
+        self.tls_handshake_timeout = tls_handshake_timeout
+        self.metrics = metrics
         self.open_connections = 0
         self.connections: set[MLLPServerProtocol] = set()
         self.stats: Counter[str] = Counter()
@@ -458,6 +547,8 @@ class MLLPServerFactory(Factory):
 
     def message_done(self, peer: str, reply: Reply, latency: float) -> None:
         self.acks[(reply.msg_type.split("^", 1)[0], reply.code)] += 1
+        if self.metrics is not None:
+            self.metrics.ack_latency.observe(latency)
         if reply.error is not None:
             log.info(
                 "{code} to {peer} for {msg_type} {control_id}: {reason}",

@@ -25,6 +25,7 @@ from mllpd.hl7 import (
     UnknownCharsetError,
     parse_message,
 )
+from mllpd.identities import ClientIdentities
 from mllpd.outbox import Envelope, IOutbox, OutboxError, StoreResult
 
 __all__ = ["Receiver", "Reply"]
@@ -81,11 +82,14 @@ class Receiver:
         validator: StructureValidator | None = None,
         ack_id: Callable[[], str] = new_ack_id,
         message_id: Callable[[], str] = new_message_id,
+        identities: ClientIdentities | None = None,
     ) -> None:
         self.outbox = outbox
         self.clock = clock
         self.default_charset = default_charset
         self.validator = validator
+        # MLLP_CLIENT_IDENTITIES: which MSH-3/MSH-4 a client certificate may use.
+        self.identities = identities
         self._ack_id = ack_id
         self._message_id = message_id
         self.accepting = True
@@ -93,9 +97,16 @@ class Receiver:
         self._second_dt = datetime.fromtimestamp(0, UTC)
 
     def receive(
-        self, payload: bytes, peer: str, client_subject: str | None = None
+        self,
+        payload: bytes,
+        peer: str,
+        client_subject: str | None = None,
+        client_names: frozenset[str] = frozenset(),
     ) -> Deferred[Reply]:
         """Decide, store when acceptable, and build the reply.
+
+        ``client_subject`` and ``client_names`` (subject and SANs) come from
+        the TLS client certificate, when the sender presented one.
 
         Every expected failure becomes a NAK; the Deferred fails only on a bug.
         Plain Deferreds rather than a coroutine: this runs once per message.
@@ -114,6 +125,11 @@ class Receiver:
         if problem is not None:
             outcome, error = problem
             return succeed(self._reply(message.header, message.codec, outcome, error, payload))
+        if self.identities is not None:
+            problem = self.identities.check(client_names, message.header)
+            if problem is not None:
+                outcome, error = problem
+                return succeed(self._reply(message.header, message.codec, outcome, error, payload))
         if self.validator is not None:
             return self.validator(message).addCallback(
                 self._validated, message, peer, client_subject

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
+    IDelayedCall,
     IListeningPort,
+    IProtocolFactory,
     IReactorTime,
     IStreamServerEndpoint,
 )
@@ -17,17 +19,47 @@ from twisted.python.failure import Failure
 from mllpd.outbox import IOutbox
 from mllpd.protocol import MLLPServerFactory
 
-__all__ = ["ListenError", "MLLPService"]
+if TYPE_CHECKING:
+    from mllpd.tls import ServerTLS
+
+__all__ = ["ListenError", "MLLPService", "MetricsService", "Relay"]
 
 log = Logger(namespace="mllpd.service")
+
+
+class Relay(Protocol):
+    """What the shutdown needs of the delivery relay: in-flight deliveries
+    finish or go back to pending, then the Deferred fires."""
+
+    def stop(self) -> Deferred[None]: ...
 
 
 class ListenError(Exception):
     """The listen address could not be bound."""
 
+    def __init__(self, message: str, variable: str = "MLLP_ADDR") -> None:
+        super().__init__(message)
+        self.variable = variable
+
+
+def _listen_now(
+    endpoint: IStreamServerEndpoint, factory: IProtocolFactory, address: str, variable: str
+) -> IListeningPort:
+    # Bind before privileges are dropped and before the reactor runs, so a
+    # busy or forbidden port stops startup with one clear line.
+    result: list[Any] = []
+    endpoint.listen(factory).addBoth(result.append)
+    if not result:
+        raise ListenError(f"listening on {address} did not complete", variable)
+    if isinstance(result[0], Failure):
+        raise ListenError(f"cannot listen on {address}: {result[0].getErrorMessage()}", variable)
+    port: IListeningPort = result[0]
+    return port
+
 
 class MLLPService(Service):
-    """Owns the listening port, the connections' factory and the outbox."""
+    """Owns the listening port, the connections' factory and the outbox, and
+    stops them in the stages of SPEC section 7."""
 
     name = "mllp"  # type: ignore[assignment]
 
@@ -40,6 +72,9 @@ class MLLPService(Service):
         *,
         address: str,
         shutdown_timeout: float = 30.0,
+        pre_shutdown_delay: float = 0.0,
+        relay: Relay | None = None,
+        tls: ServerTLS | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.factory = factory
@@ -47,18 +82,17 @@ class MLLPService(Service):
         self.clock = clock
         self.address = address
         self.shutdown_timeout = shutdown_timeout
+        self.pre_shutdown_delay = pre_shutdown_delay
+        self.relay = relay
+        self.tls = tls
         self.port: IListeningPort | None = None
+        self.stage: str | None = None
+        self.hurried = False
+        self._wake: Deferred[str] | None = None
+        self._stopping: Deferred[None] | None = None
 
     def privilegedStartService(self) -> None:
-        # Bind before privileges are dropped and before the reactor runs, so a
-        # busy or forbidden port stops startup with one clear line.
-        result: list[Any] = []
-        self.endpoint.listen(self.factory).addBoth(result.append)
-        if not result:
-            raise ListenError(f"listening on {self.address} did not complete")
-        if isinstance(result[0], Failure):
-            raise ListenError(f"cannot listen on {self.address}: {result[0].getErrorMessage()}")
-        self.port = result[0]
+        self.port = _listen_now(self.endpoint, self.factory, self.address, "MLLP_ADDR")
         Service.privilegedStartService(self)
 
     def startService(self) -> None:
@@ -66,41 +100,167 @@ class MLLPService(Service):
         start = getattr(self.outbox, "start", None)
         if start is not None:
             start()
+        if self.tls is not None:
+            self.tls.start_watching()
         host = self.port.getHost() if self.port is not None else None
         log.info(
             "listening on {host}:{port}", event="listening",
             host=getattr(host, "host", None), port=getattr(host, "port", None),
+            tls=self.tls is not None,
         )
 
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
-        return Deferred.fromCoroutine(self._shutdown())
+        if self._stopping is None:
+            self._stopping = Deferred.fromCoroutine(self._shutdown())
+            return self._stopping
+        # Asked again while stopping: fire when the one shutdown ends.
+        d: Deferred[None] = Deferred()
+        self._stopping.addBoth(self._chain, d)
+        return d
+
+    @staticmethod
+    def _chain(result: object, d: Deferred[None]) -> object:
+        if isinstance(result, Failure):
+            d.errback(result)
+        else:
+            d.callback(None)
+        return result
+
+    def hurry(self) -> None:
+        """A second SIGTERM: skip the pre-delay and the drain, abort now."""
+        if self.hurried:
+            return
+        self.hurried = True
+        log.warn("shutdown hurried: aborting open connections", event="shutdown_hurried",
+                 stage=self.stage)
+        if self._wake is not None and not self._wake.called:
+            self._wake.callback("hurried")
+
+    def _until(self, seconds: float, done: Deferred[None] | None = None) -> Deferred[str]:
+        """Fires with "timeout", "done" (``done`` fired) or "hurried"."""
+        wake: Deferred[str] = Deferred()
+        self._wake = wake
+
+        def fire(why: str) -> None:
+            if not wake.called:
+                wake.callback(why)
+
+        timer: IDelayedCall = self.clock.callLater(seconds, fire, "timeout")
+        if done is not None:
+            done.addCallback(lambda _: fire("done"))
+        if self.hurried:
+            fire("hurried")
+
+        def cleanup(why: str) -> str:
+            if timer.active():
+                timer.cancel()
+            self._wake = None
+            return why
+
+        return wake.addCallback(cleanup)
 
     async def _shutdown(self) -> None:
+        factory = self.factory
+        # (1) Keep serving, so the load balancer can notice the pod going.
+        self.stage = "pre_delay"
+        log.info(
+            "shutting down: serving on for {delay}s", event="shutdown_pre_delay",
+            delay=self.pre_shutdown_delay, open=len(factory.connections),
+        )
+        if self.pre_shutdown_delay > 0 and not self.hurried:
+            await self._until(self.pre_shutdown_delay)
+        # (2) Stop listening.
+        self.stage = "stop_listening"
         if self.port is not None:
             stopped = self.port.stopListening()
             if stopped is not None:
                 await stopped
-            log.info("stopped listening", event="shutdown_stop_listening")
-        open_now = len(self.factory.connections)
+        log.info("stopped listening", event="shutdown_stop_listening",
+                 open=len(factory.connections))
+        # (3) Drain: frames in progress finish and get their ACKs.
+        self.stage = "drain"
         log.info(
             "draining {count} connections for up to {timeout}s",
-            event="shutdown_drain", count=open_now, timeout=self.shutdown_timeout,
+            event="shutdown_drain", count=len(factory.connections), timeout=self.shutdown_timeout,
         )
-        drained = self.factory.drain()
-        timer = self.clock.callLater(self.shutdown_timeout, drained.cancel)
-        try:
-            await drained
-            timer.cancel()
-        except CancelledError:
-            aborted = self.factory.abort_all()
-            log.warn(
-                "aborted {count} connections still busy after {timeout}s",
-                event="shutdown_abort", count=aborted, timeout=self.shutdown_timeout,
-            )
+        drained = factory.drain()
+        why = "done"
+        if not drained.called:
+            why = await self._until(self.shutdown_timeout, drained)
+        # (4) Abort what remains, without ACKs: the senders resend.
+        self.stage = "abort"
+        aborted = factory.abort_all()
+        (log.warn if aborted else log.info)(
+            "aborted {count} connections ({why})", event="shutdown_abort",
+            count=aborted, why=why, timeout=self.shutdown_timeout,
+        )
+        # (5) Stop the delivery workers.
+        self.stage = "stop_relay"
+        workers = 0
+        if self.relay is not None:
+            workers = len(getattr(self.relay, "workers", ()) or ())
+            await self.relay.stop()
+        log.info("delivery stopped ({count} workers)", event="shutdown_relay_stopped",
+                 count=workers)
+        if self.tls is not None:
+            self.tls.stop_watching()
+        # (6) Close the outbox once its commits in progress are done.
+        self.stage = "close_outbox"
         await self.outbox.close()
+        self.stage = "stopped"
         log.info(
             "outbox closed", event="shutdown_outbox_closed",
             commits=getattr(self.outbox, "commits", None),
             messages=getattr(self.outbox, "committed_messages", None),
         )
+
+
+class MetricsService(Service):
+    """The Prometheus scrape endpoint (MLLP_METRICS_ADDR), and the OTLP
+    exporter when one is configured."""
+
+    name = "metrics"  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        endpoint: IStreamServerEndpoint | None,
+        site: IProtocolFactory | None,
+        *,
+        address: str | None,
+        otlp: Any = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.site = site
+        self.address = address
+        self.otlp = otlp
+        self.port: IListeningPort | None = None
+
+    def privilegedStartService(self) -> None:
+        if self.endpoint is not None and self.site is not None:
+            self.port = _listen_now(self.endpoint, self.site, str(self.address), "MLLP_METRICS_ADDR")
+        Service.privilegedStartService(self)
+
+    def startService(self) -> None:
+        Service.startService(self)
+        if self.port is not None:
+            host = self.port.getHost()
+            log.info(
+                "metrics on http://{host}:{port}/metrics", event="metrics_listening",
+                host=getattr(host, "host", None), port=getattr(host, "port", None),
+            )
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        if self.port is not None:
+            stopped = self.port.stopListening()
+            if stopped is not None:
+                await stopped
+        if self.otlp is not None:
+            from twisted.internet.threads import deferToThread
+
+            # The SDK's final export blocks on HTTP: not on the reactor thread.
+            await deferToThread(self.otlp.shutdown)

@@ -11,7 +11,7 @@ from typing import Any
 
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
-from twisted.logger import ILogObserver
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
 from mllpd.config import SETTINGS, ConfigError, Settings, load_settings
@@ -19,6 +19,8 @@ from mllpd.config import SETTINGS, ConfigError, Settings, load_settings
 __all__ = ["Options", "log_observer", "makeService"]
 
 _settings: Settings | None = None
+
+log = Logger(namespace="mllpd.tap")
 
 
 def _describe(variable: str, default: str, text: str) -> str:
@@ -65,11 +67,12 @@ def makeService(options: Any) -> IService:
     from twisted.internet import reactor
     from twisted.internet.endpoints import serverFromString
 
+    from mllpd.metrics import Metrics, metrics_site, otlp_enabled, start_otlp
     from mllpd.outbox import OutboxError
     from mllpd.outbox.sqlite import SQLiteOutbox
     from mllpd.protocol import MLLPServerFactory
     from mllpd.receiver import Receiver
-    from mllpd.service import MLLPService
+    from mllpd.service import MetricsService, MLLPService
     from mllpd.validation import structure_validator
 
     settings: Settings = getattr(options, "settings", None) or load_settings(os.environ, {})
@@ -77,17 +80,43 @@ def makeService(options: Any) -> IService:
         endpoint = serverFromString(reactor, settings.port)
     except (ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"mllpd: MLLP_ADDR: invalid endpoint {settings.port!r}: {e}") from None
+    if settings.proxy_protocol:
+        from mllpd.proxy import proxy_endpoint
+
+        # Innermost: the PROXY header comes before any TLS bytes.
+        endpoint = proxy_endpoint(endpoint, reactor)
+    tls = _server_tls(settings, reactor)
+    if tls is not None:
+        from mllpd.tls import tls_endpoint
+
+        endpoint = tls_endpoint(endpoint, tls)
+    identities = None
+    if settings.client_identities:
+        from mllpd.identities import IdentityError, load_identities
+
+        try:
+            identities = load_identities(settings.client_identities)
+        except IdentityError as e:
+            raise SystemExit(f"mllpd: MLLP_CLIENT_IDENTITIES: {e}") from None
     try:
         outbox = SQLiteOutbox(
             settings.db_path, reactor, dedup_window=settings.dedup_window  # type: ignore[arg-type]
         )
     except OutboxError as e:
         raise SystemExit(f"mllpd: MLLP_DB_PATH: {e}") from None
+    otlp_on = otlp_enabled(os.environ)
+    metrics = None
+    if settings.metrics_addr or otlp_on:
+        metrics = Metrics(pod=settings.pod_name, namespace=settings.pod_namespace)
+        outbox.commit_observer = metrics.commit_done
+        if tls is not None:
+            metrics.watch_tls_reloads(tls.reloads)
     receiver = Receiver(
         outbox,
         reactor,
         default_charset=settings.default_charset,
         validator=structure_validator(reactor) if settings.validate == "structure" else None,
+        identities=identities,
     )
     factory = MLLPServerFactory(
         receiver,
@@ -99,24 +128,62 @@ def makeService(options: Any) -> IService:
         write_timeout=settings.write_timeout,
         keepalive_period=settings.keepalive_period,
         debug=settings.log_level in ("debug", "trace"),
+        tls=tls is not None,
+        tls_handshake_timeout=settings.tls_handshake_timeout,
+        metrics=metrics,
     )
     mllp = MLLPService(
         endpoint, factory, outbox, reactor,
         address=settings.port, shutdown_timeout=settings.shutdown_timeout,
+        pre_shutdown_delay=settings.pre_shutdown_delay, tls=tls,
     )
-    top = _Top(reactor)
+    top = _Top(reactor, mllp)
+    if metrics is not None:
+        metrics.watch_connections(factory)
+        metrics_endpoint = None
+        if settings.metrics_addr:
+            try:
+                metrics_endpoint = serverFromString(reactor, settings.metrics_addr)
+            except (ValueError, KeyError, TypeError) as e:
+                raise SystemExit(
+                    f"mllpd: MLLP_METRICS_ADDR: invalid endpoint {settings.metrics_addr!r}: {e}"
+                ) from None
+        MetricsService(
+            metrics_endpoint,
+            metrics_site(metrics) if metrics_endpoint is not None else None,
+            address=settings.metrics_addr,
+            otlp=start_otlp(metrics) if otlp_on else None,
+        ).setServiceParent(top)
     mllp.setServiceParent(top)
     return top
 
 
+def _server_tls(settings: Settings, reactor: Any) -> Any:
+    if not (settings.tls_cert_file and settings.tls_key_file):
+        return None
+    from mllpd.tls import ServerTLS, TLSConfigError, TLSFiles
+
+    files = TLSFiles(
+        settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca,
+        settings.tls_min_version,
+    )
+    try:
+        return ServerTLS(files, reactor)
+    except TLSConfigError as e:
+        raise SystemExit(f"mllpd: {e}") from None
+
+
 class _Top(MultiService):
-    """Exit status for twistd: 1 with one stderr line when the bind fails,
-    0 after a completed shutdown.
+    """Exit status for twistd (1 with one stderr line when a bind fails, 0
+    after a completed shutdown) and the signals: SIGTERM once starts the
+    staged shutdown, SIGTERM again hurries it; SIGHUP reloads TLS files.
     """
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: Any, mllp: Any = None) -> None:
         super().__init__()
         self._reactor = reactor
+        self._mllp = mllp
+        self._terms = 0
 
     def privilegedStartService(self) -> None:
         from mllpd.service import ListenError
@@ -126,18 +193,69 @@ class _Top(MultiService):
         except ListenError as e:
             # twistd has already pointed sys.stderr at the log by now.
             stderr = sys.__stderr__ or sys.stderr
-            stderr.write(f"mllpd: MLLP_ADDR: {e}\n")
+            stderr.write(f"mllpd: {e.variable}: {e}\n")
             stderr.flush()
             raise SystemExit(1) from None
 
+    def startService(self) -> None:
+        import signal
+
+        def on_hup(signum: int, frame: object) -> None:
+            self._reactor.callFromThread(self._reload)
+
+        # Before the children log "listening": the default actions of SIGHUP
+        # and SIGTERM would kill us before the reactor installs its own.
+        signal.signal(signal.SIGHUP, on_hup)
+        self._install_sigterm()
+        MultiService.startService(self)
+        # The reactor replaces SIGTERM's and SIGINT's handlers during startup
+        # (a signal then still starts the same shutdown, via reactor.stop());
+        # ours go back on top once it runs.
+        self._reactor.callWhenRunning(self._install_sigterm)
+
+    def _install_sigterm(self) -> None:
+        import signal
+
+        def on_term(signum: int, frame: object) -> None:
+            self._reactor.callFromThread(self._terminate, signal.Signals(signum).name)
+
+        signal.signal(signal.SIGTERM, on_term)
+        # Ctrl-C in a terminal: the same stages (a second one hurries them).
+        signal.signal(signal.SIGINT, on_term)
+
+    def _terminate(self, name: str = "SIGTERM") -> None:
+        from twisted.internet.error import ReactorNotRunning
+
+        self._terms += 1
+        if self._terms == 1:
+            log.info("{signal}: shutting down", event="sigterm", signal=name, count=1)
+            try:
+                self._reactor.stop()
+            except ReactorNotRunning:
+                pass  # already stopping for another reason
+            return
+        log.warn("{signal} again: skipping to the abort", event="sigterm", signal=name,
+                 count=self._terms)
+        if self._mllp is not None:
+            self._mllp.hurry()
+
+    def _reload(self) -> None:
+        tls = getattr(self._mllp, "tls", None)
+        if tls is None:
+            log.info("SIGHUP ignored: TLS is off", event="sighup_ignored")
+            return
+        tls.reload("sighup")
+
     def stopService(self) -> Deferred[None]:
-        d = MultiService.stopService(self)
+        return Deferred.fromCoroutine(self._stop_in_order())
 
-        def clean_exit(result: object) -> object:
-            # twistd re-raises the SIGTERM it got once the reactor stops (exit
-            # 143); a drained, orderly stop is a success, so report 0.
-            if hasattr(self._reactor, "_exitSignal"):
-                self._reactor._exitSignal = None
-            return result
-
-        return d.addCallback(clean_exit)
+    async def _stop_in_order(self) -> None:
+        # The MLLP service first, alone: metrics stay scrapeable (and OTLP
+        # exports its last values) through the whole staged shutdown.
+        if self._mllp is not None:
+            await self._mllp.stopService()
+        await MultiService.stopService(self)
+        # twistd re-raises a SIGINT (or a SIGTERM that came before our
+        # handler) once the reactor stops; an orderly stop is a success: 0.
+        if hasattr(self._reactor, "_exitSignal"):
+            self._reactor._exitSignal = None

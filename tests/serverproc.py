@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -315,7 +316,19 @@ class MLLPClient:
 
     MAX_READS = 100_000
 
-    def __init__(self, port: int, *, timeout: float = 10.0, rcvbuf: int | None = None) -> None:
+    def __init__(
+        self,
+        port: int,
+        *,
+        timeout: float = 10.0,
+        rcvbuf: int | None = None,
+        sock: socket.socket | None = None,
+    ) -> None:
+        if sock is not None:
+            # Already connected (a TLS socket, say).
+            self.sock = sock
+            self._buf = bytearray()
+            return
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf is not None:
             # Before connect, so the window the server sees is small too.
@@ -381,7 +394,7 @@ class MLLPClient:
         self.sock.settimeout(remaining)
         try:
             data = self.sock.recv(65536)
-        except (ConnectionResetError, BrokenPipeError) as e:
+        except (ConnectionResetError, BrokenPipeError, ssl.SSLError) as e:
             raise ConnectionClosed(str(e)) from e
         except TimeoutError:
             raise TimeoutError("no frame from the server in time") from None

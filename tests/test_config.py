@@ -107,8 +107,14 @@ class LoadTests(SynchronousTestCase):
             "MLLP_VALIDATE": "everything",
             "SHUTDOWN_TIMEOUT": "soon",
             "LOG_LEVEL": "loud",
+            "PRE_SHUTDOWN_DELAY": "later",
+            "TLS_MIN_VERSION": "1.1",
+            "TLS_HANDSHAKE_TIMEOUT": "10",
+            "MLLP_PROXY_PROTOCOL": "maybe",
+            "MLLP_METRICS_ADDR": "nowhere",
         }
-        self.assertEqual(set(bad) | {"MLLP_DB_PATH"}, {s.variable for s in SETTINGS})
+        paths = {"MLLP_DB_PATH", "TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CLIENT_CA", "MLLP_CLIENT_IDENTITIES"}
+        self.assertEqual(set(bad) | paths, {s.variable for s in SETTINGS})
         for variable, value in bad.items():
             with self.assertRaises(ConfigError, msg=variable) as ctx:
                 load_settings({variable: value}, {})
@@ -116,6 +122,31 @@ class LoadTests(SynchronousTestCase):
             self.assertTrue(text.startswith(variable + ": "), text)
             self.assertIn("expected", text)
             self.assertNotIn("\n", text)
+
+    def test_tls_settings_need_each_other(self) -> None:
+        """A TLS file setting without its partner fails naming the missing one."""
+        cases = [
+            ({"TLS_CERT_FILE": "c.pem"}, "TLS_KEY_FILE: "),
+            ({"TLS_KEY_FILE": "k.pem"}, "TLS_CERT_FILE: "),
+            ({"TLS_CLIENT_CA": "ca.pem"}, "TLS_CLIENT_CA: "),
+            ({"TLS_CERT_FILE": "c", "TLS_KEY_FILE": "k", "MLLP_CLIENT_IDENTITIES": "i.yaml"},
+             "MLLP_CLIENT_IDENTITIES: "),
+        ]
+        for env, prefix in cases:
+            with self.assertRaises(ConfigError, msg=str(env)) as ctx:
+                load_settings(env, {})
+            self.assertTrue(str(ctx.exception).startswith(prefix), str(ctx.exception))
+        s = load_settings(
+            {"TLS_CERT_FILE": "c", "TLS_KEY_FILE": "k", "TLS_CLIENT_CA": "ca",
+             "MLLP_CLIENT_IDENTITIES": "i.yaml", "TLS_MIN_VERSION": "1.3",
+             "MLLP_PROXY_PROTOCOL": "true", "MLLP_METRICS_ADDR": ":9102",
+             "PRE_SHUTDOWN_DELAY": "5s"}, {},
+        )
+        self.assertEqual(
+            (s.tls_cert_file, s.tls_key_file, s.tls_client_ca, s.client_identities, s.tls_min_version),
+            ("c", "k", "ca", "i.yaml", "1.3"),
+        )
+        self.assertEqual((s.proxy_protocol, s.metrics_addr, s.pre_shutdown_delay), (True, "tcp:9102", 5.0))
 
     def test_error_names_option(self) -> None:
         """A bad command-line value is reported under its option name."""

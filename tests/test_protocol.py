@@ -282,18 +282,18 @@ class TimeoutTests(SynchronousTestCase):
 
 class DrainTests(SynchronousTestCase):
     def test_drain_closes_idle_and_finishes_busy(self) -> None:
-        """Draining closes idle connections now and busy ones after their ACK."""
+        """Draining half-closes idle connections now and busy ones after their ACK."""
         h = Harness(hold=True)
         idle, t_idle = h.connect(1)
         busy, t_busy = h.connect(2)
         busy.dataReceived(frame(adt("C1")))
         d = h.factory.drain()
-        self.assertTrue(t_idle.disconnecting)
+        self.assertTrue(t_idle.write_closed)
         idle.connectionLost(None)
-        self.assertFalse(t_busy.disconnecting)
+        self.assertFalse(t_busy.write_closed or t_busy.disconnecting)
         h.outbox.commit()
         self.assertEqual(msa(acks(t_busy)[0])[1], "AA")
-        self.assertTrue(t_busy.disconnecting)
+        self.assertTrue(t_busy.write_closed)
         self.assertNoResult(d)
         busy.connectionLost(None)
         self.successResultOf(d)
@@ -308,4 +308,4 @@ class DrainTests(SynchronousTestCase):
         self.assertFalse(t.disconnecting)
         proto.dataReceived(data[30:])
         self.assertEqual(msa(acks(t)[0])[1], "AA")
-        self.assertTrue(t.disconnecting)
+        self.assertTrue(t.write_closed)

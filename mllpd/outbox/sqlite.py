@@ -286,6 +286,9 @@ class SQLiteOutbox:
         self._close_waiters: list[Deferred[None]] = []
         self.commits = 0
         self.committed_messages = 0
+        # Told (batch size, seconds) after each successful commit: metrics.
+        self.commit_observer: Callable[[int, float], None] | None = None
+        self._commit_started = 0.0
 
     def start(self) -> None:
         self._pool.start()
@@ -457,6 +460,7 @@ class SQLiteOutbox:
         audits, self._audits = self._audits, []
         self._committing = True
         envelopes = [e for e, _ in batch]
+        self._commit_started = time.perf_counter()
         d = deferToThreadPool(self._reactor, self._pool, self._write, envelopes, ops, audits)
         d.addBoth(self._committed, batch, ops)
 
@@ -541,6 +545,7 @@ class SQLiteOutbox:
         ops: list[Op],
     ) -> None:
         self._committing = False
+        elapsed = time.perf_counter() - self._commit_started
         # Start the next commit before answering this one: the replies write
         # ACKs and parse newly arrived frames, which would otherwise delay it.
         if self._pending or self._ops or self._audits:
@@ -560,6 +565,8 @@ class SQLiteOutbox:
         else:
             self.commits += 1
             self.committed_messages += len(batch)
+            if self.commit_observer is not None:
+                self.commit_observer(len(batch), elapsed)
             routed: set[str] = set()
             for (envelope, d), stored in zip(batch, result, strict=True):
                 if not stored.duplicate:

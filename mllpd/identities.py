@@ -1,0 +1,107 @@
+"""Which MSH-3/MSH-4 each client certificate may send as (MLLP_CLIENT_IDENTITIES).
+
+The file is a YAML list; each entry names a certificate by its subject (RFC
+4514, as logged in ``client_subject``) or by one of its SANs, and the sending
+application (MSH-3) and facility (MSH-4) values it may use::
+
+    - client: "CN=lab-analyser-1,O=General Hospital"
+      msh3: [LAB]
+      msh4: [GENHOSP]
+    - client: "DNS:ris.hospital.internal"
+      msh3: [RIS, PACS]
+      msh4: ["*"]
+
+A value matches the whole field or, without a ``^``, its first component
+(``LAB`` matches ``LAB^1.2.3^ISO``); ``*`` matches anything. A certificate
+may match several entries; a message passes when one of them allows both its
+MSH-3 and MSH-4.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mllpd.ack import REJECT, AckError
+from mllpd.hl7 import Header
+
+__all__ = ["ClientIdentities", "IdentityError", "load_identities"]
+
+
+class IdentityError(ValueError):
+    """The identities file cannot be read or has the wrong shape."""
+
+
+def _matches(allowed: frozenset[str], field: str, component_sep: str) -> bool:
+    if "*" in allowed or field in allowed:
+        return True
+    return field.split(component_sep, 1)[0] in allowed
+
+
+@dataclass(frozen=True)
+class _Entry:
+    msh3: frozenset[str]
+    msh4: frozenset[str]
+
+
+class ClientIdentities:
+    """The parsed mapping, checked once per message."""
+
+    def __init__(self, entries: dict[str, list[_Entry]]) -> None:
+        self._entries = entries
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._entries.values())
+
+    def check(self, names: frozenset[str], header: Header) -> tuple[str, AckError] | None:
+        """None when one of the certificate's names may send as the message's
+        MSH-3/MSH-4; otherwise AR with ERR 207 at MSH-3."""
+        sep = header.component_sep
+        msh3, msh4 = header.field(3), header.field(4)
+        for name in names:
+            for entry in self._entries.get(name, ()):
+                if _matches(entry.msh3, msh3, sep) and _matches(entry.msh4, msh4, sep):
+                    return None
+        return REJECT, AckError(
+            "207", "MSH-3/MSH-4 not allowed for this client certificate", "MSH", 3
+        )
+
+
+def _values(entry: dict[str, object], key: str, where: str) -> frozenset[str]:
+    value = entry.get(key)
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise IdentityError(f"{where}: {key} must be a non-empty list of strings")
+    return frozenset(value)  # type: ignore[arg-type]
+
+
+def load_identities(path: str) -> ClientIdentities:
+    """Read and check the file; :class:`IdentityError` with a one-line reason."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise IdentityError(f"cannot read {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise IdentityError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(data, list) or not data:
+        raise IdentityError(f"{path}: expected a non-empty list of entries with client, msh3, msh4")
+    entries: dict[str, list[_Entry]] = {}
+    for n, item in enumerate(data, 1):
+        where = f"{path}: entry {n}"
+        if not isinstance(item, dict):
+            raise IdentityError(f"{where}: expected a mapping with client, msh3, msh4")
+        client = item.get("client")
+        if not isinstance(client, str) or not client.strip():
+            raise IdentityError(f"{where}: client must be a certificate subject or SAN")
+        unknown = set(item) - {"client", "msh3", "msh4"}
+        if unknown:
+            raise IdentityError(f"{where}: unknown keys {sorted(unknown)}")
+        entries.setdefault(client.strip(), []).append(
+            _Entry(_values(item, "msh3", where), _values(item, "msh4", where))
+        )
+    return ClientIdentities(entries)
