@@ -339,7 +339,7 @@ class SandboxTests(SynchronousTestCase):
         where = f"\n{json.dumps(result, indent=1)}"
 
         for process in ("driver", "server"):
-            status = result.get(process)
+            status = result[process]
             self.assertIsInstance(status, dict, where)
             self.assertEqual((status["Uid"], status["Gid"]), (NOBODY, NOBODY), where)
             self.assertEqual(status["Groups"], "65534", where)
