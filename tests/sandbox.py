@@ -306,7 +306,9 @@ def sandbox_command(
             argv += _searchable_parents(path, hidden) + ["--ro-bind", str(path), str(path)]
     # Hide the checkout: the server must run from the installed wheel.
     read_only = ["/"]
-    if not any(h == REPO or h in REPO.parents for h in hidden):
+    # (Not needed where a hidden directory or a volume already covers it.)
+    covering = hidden | {Path(m) for m in covered}
+    if not any(c == REPO or c in REPO.parents for c in covering):
         argv += ["--perms", "0755", "--tmpfs", str(REPO)]
         read_only.append(str(REPO))
 
