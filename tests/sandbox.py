@@ -260,11 +260,14 @@ _FSGROUP_PRELUDE = (
 
 
 def sandbox_command(
-    r: Rendered, inst: Installation, image: Dockerfile, workdir: Path, control_id: str
+    r: Rendered, inst: Installation, image: Dockerfile, workdir: Path, control_id: str,
+    seccomp_fd: int | None = None,
 ) -> tuple[list[str], dict[str, Path]]:
     """bwrap + setpriv argv that runs the driver (and through it the server)
     under the rendered pod's context; also the host directories standing in
-    for PersistentVolumeClaims, by claim name."""
+    for PersistentVolumeClaims, by claim name. A ``RuntimeDefault`` seccomp
+    profile needs ``seccomp_fd``, an open file holding the filter
+    (:func:`tests.seccomp.compile_filter`), passed on to bwrap."""
     pod = r.pod()
     container = r.container()
     psc: dict[str, Any] = pod.get("securityContext", {})
@@ -279,8 +282,15 @@ def sandbox_command(
     assert csc.get("runAsNonRoot", psc.get("runAsNonRoot")) is True, "runAsNonRoot is not set"
     assert gid is not None, "runAsGroup is not set: the image's group would be root's"
 
-    argv = [
-        "bwrap", "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+    profile = csc.get("seccompProfile", psc.get("seccompProfile", {})).get("type")
+    argv = ["bwrap"]
+    if profile == "RuntimeDefault":
+        assert seccomp_fd is not None, "the pod asks for RuntimeDefault: pass a seccomp filter"
+        argv += ["--seccomp", str(seccomp_fd)]
+    else:
+        assert profile in (None, "Unconfined"), f"unsupported seccomp profile {profile!r}"
+    argv += [
+        "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
         "--die-with-parent", "--new-session",
     ]
     # The root: an empty tmpfs holding read-only binds of this machine's

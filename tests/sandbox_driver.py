@@ -26,7 +26,14 @@ from typing import IO, Any
 START_TIMEOUT = 30.0
 ACK_TIMEOUT = 10.0
 STATUS_KEYS = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb",
-               "NoNewPrivs")
+               "NoNewPrivs", "Seccomp")
+# In a child, so the driver keeps its namespaces: a new user namespace needs
+# no privilege, so only a seccomp filter refuses it.
+_UNSHARE_PROBE = (
+    "import ctypes, errno; libc = ctypes.CDLL(None, use_errno=True); "
+    "rc = libc.unshare(0x10000000); "  # CLONE_NEWUSER
+    "print('allowed' if rc == 0 else errno.errorcode[ctypes.get_errno()])"
+)
 
 
 def status(pid: str) -> dict[str, str]:
@@ -155,6 +162,9 @@ def main() -> int:
 
     result: dict[str, Any] = {"driver": status("self"), "cwd": os.getcwd()}
     result["rw_mounts"] = rw_mounts()
+    result["unshare_user_namespace"] = subprocess.run(
+        [sys.executable, "-c", _UNSHARE_PROBE], capture_output=True, text=True, check=False,
+    ).stdout.strip()
     result["write_root"] = probe_write("/mllpd-sandbox-probe")
     result["write_volumes"] = {
         path: probe_write(os.path.join(path, "probe")) for path in json.loads(args.writable)

@@ -36,6 +36,7 @@ from tests.sandbox import (
     missing_tools,
     sandbox_command,
 )
+from tests.seccomp import compile_filter, libseccomp
 
 ENTRYPOINT = ["twistd", "--nodaemon", "--pidfile=", "mllp"]
 NOBODY = "65534 65534 65534 65534"  # real, effective, saved, filesystem ids
@@ -322,16 +323,21 @@ class SandboxTests(SynchronousTestCase):
         self.workdir = Path(tempfile.mkdtemp(prefix="mllpd-sandbox-"))
         self.addCleanup(shutil.rmtree, self.workdir, True)
         self.workdir.chmod(0o755)  # the pod's user reaches the installation through it
+        if libseccomp() is None:
+            raise SkipTest("libseccomp.so.2 is not installed (Debian package libseccomp2)")
+        self.seccomp = self.workdir / "runtime-default.bpf"
+        compile_filter(self.seccomp)
         self.image = dockerfile()
         (self.workdir / "install").mkdir()
         self.installation = install(self.workdir / "install", self.image)
 
     def _sandbox(self, r: Rendered, control_id: str) -> tuple[dict[str, Any], dict[str, Path]]:
-        argv, claims = sandbox_command(r, self.installation, self.image, self.workdir,
-                                       control_id)
-        grace = r.pod()["terminationGracePeriodSeconds"]
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=grace + 90,
-                              check=False)
+        with open(self.seccomp, "rb") as bpf:
+            argv, claims = sandbox_command(r, self.installation, self.image, self.workdir,
+                                           control_id, seccomp_fd=bpf.fileno())
+            grace = r.pod()["terminationGracePeriodSeconds"]
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=grace + 90,
+                                  check=False, pass_fds=(bpf.fileno(),))
         lines = done.stdout.strip().splitlines()
         self.assertEqual(done.returncode, 0, f"sandbox failed:\n{done.stdout}\n{done.stderr}")
         result: dict[str, Any] = json.loads(lines[-1])
@@ -346,6 +352,8 @@ class SandboxTests(SynchronousTestCase):
             for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
                 self.assertEqual(status[caps], NO_CAPS, f"{process} {caps}{where}")
             self.assertEqual(status["NoNewPrivs"], "1", where)
+            self.assertEqual(status["Seccomp"], "2", f"{process}: no seccomp filter{where}")
+        self.assertEqual(result["unshare_user_namespace"], "EPERM", where)
         writable = {m["mountPath"] for m in r.container()["volumeMounts"]
                     if not m.get("readOnly")}
         rw = {m for m in result["rw_mounts"]
