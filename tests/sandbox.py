@@ -305,9 +305,11 @@ def sandbox_command(
     needed = [Path(sys.base_prefix).resolve(), inst.root]
     hidden = {h for h in map(_unreachable_ancestor, needed) if h is not None}
     # Directories that must be rebuilt entry by entry because a mount point
-    # inside them does not exist here (/etc for /etc/mllp/config).
+    # inside them does not exist here (/etc for /etc/mllp/config), or
+    # because they hold a hidden directory.
     expand = {a for m in mounts if not Path(m["mountPath"]).exists()
               for a in Path(m["mountPath"]).parents if a.exists() and a != Path("/")}
+    expand |= {a for h in hidden for a in h.parents if a != Path("/")}
     argv += ["--tmpfs", "/"]
     argv += _mirror(Path("/"), covered, hidden, expand)
     argv += ["--dev", "/dev", "--proc", "/proc"]
