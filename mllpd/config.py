@@ -202,6 +202,27 @@ def _positive_size(text: str) -> int:
     return value
 
 
+def _positive_duration(text: str) -> float:
+    value = parse_duration(text)
+    if value <= 0:
+        raise ValueError(f"must be more than 0, got {text!r}")
+    return value
+
+
+def _max_outbox(text: str) -> tuple[int | None, int | None]:
+    """(message count, bytes): a plain number counts messages, a size with
+    a unit counts bytes; empty means no limit."""
+    text = text.strip()
+    if not text:
+        return (None, None)
+    if text.isdigit():
+        count = int(text)
+        if count <= 0:
+            raise ValueError(f"must be more than 0, got {text!r}")
+        return (count, None)
+    return (None, _positive_size(text))
+
+
 @dataclass(frozen=True)
 class Setting:
     """One configurable value: its variable, option name, default and parser."""
@@ -249,6 +270,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MLLP_DEDUP_WINDOW", "dedup_window", "24h", parse_duration,
             "a duration such as 24h or 30m (0 turns it off)",
             "how long a (MSH-3, MSH-4, MSH-10, payload hash) is remembered"),
+    Setting("MLLP_CONFIG", "config", "", _optional_path,
+            "a path to a YAML file with rules, connectors and retry",
+            "rules and connectors (none: accept all, deliver nowhere)"),
+    Setting("MLLP_RETENTION", "retention", "168h", _positive_duration,
+            "a duration such as 168h or 30m",
+            "how long delivered messages stay in the outbox"),
+    Setting("MLLP_MAX_OUTBOX", "max_outbox", "", _max_outbox,
+            "a message count such as 100000, or a size such as 5GiB",
+            "past this many undelivered messages (or bytes) new ones get AR"),
     Setting("MLLP_VALIDATE", "validate", "none", _validate_mode,
             "none or structure",
             "structure: also validate message structure with hl7apy (slow)"),
@@ -303,6 +333,9 @@ class Settings:
     db_path: str = "outbox.db"
     dedup_window: float = 24 * 3600.0
     validate: str = "none"
+    config: str | None = None
+    retention: float = 168 * 3600.0
+    max_outbox: tuple[int | None, int | None] = (None, None)
     pre_shutdown_delay: float = 0.0
     shutdown_timeout: float = 30.0
     log_level: str = "info"

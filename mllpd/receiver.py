@@ -26,7 +26,8 @@ from mllpd.hl7 import (
     parse_message,
 )
 from mllpd.identities import ClientIdentities
-from mllpd.outbox import Envelope, IOutbox, OutboxError, StoreResult
+from mllpd.outbox import AuditRecord, Envelope, IOutbox, OutboxError, StoreResult
+from mllpd.rules import RuleError, RuleSet
 
 __all__ = ["Receiver", "Reply"]
 
@@ -44,6 +45,7 @@ class Reply(NamedTuple):
     size: int
     error: AckError | None = None
     duplicate: bool = False
+    rule: str | None = None  # the rule that refused the message
 
 
 _ACK_PREFIX = os.urandom(5).hex()
@@ -83,6 +85,8 @@ class Receiver:
         ack_id: Callable[[], str] = new_ack_id,
         message_id: Callable[[], str] = new_message_id,
         identities: ClientIdentities | None = None,
+        rules: RuleSet | None = None,
+        max_outbox: tuple[int | None, int | None] = (None, None),
     ) -> None:
         self.outbox = outbox
         self.clock = clock
@@ -90,6 +94,8 @@ class Receiver:
         self.validator = validator
         # MLLP_CLIENT_IDENTITIES: which MSH-3/MSH-4 a client certificate may use.
         self.identities = identities
+        self.rules = rules
+        self.max_messages, self.max_bytes = max_outbox
         self._ack_id = ack_id
         self._message_id = message_id
         self.accepting = True
@@ -111,6 +117,35 @@ class Receiver:
         Every expected failure becomes a NAK; the Deferred fails only on a bug.
         Plain Deferreds rather than a coroutine: this runs once per message.
         """
+        d = self._decide(payload, peer, client_subject, client_names)
+        return d.addCallback(self._audit_nak, payload, peer, client_subject)
+
+    def _audit_nak(
+        self, reply: Reply, payload: bytes, peer: str, client_subject: str | None
+    ) -> Reply:
+        # A stored message's audit record is written in its own commit; a
+        # refused one's here, with the next commit.
+        if reply.outcome != ACCEPT:
+            self.outbox.audit(AuditRecord(
+                received_at=self.clock.seconds(),
+                peer=peer,
+                client_subject=client_subject,
+                control_id=reply.control_id,
+                msg_type=reply.msg_type,
+                size=len(payload),
+                sha256=hashlib.sha256(payload).hexdigest(),
+                ack_code=reply.code,
+                rule=reply.rule,
+            ))
+        return reply
+
+    def _decide(
+        self,
+        payload: bytes,
+        peer: str,
+        client_subject: str | None,
+        client_names: frozenset[str],
+    ) -> Deferred[Reply]:
         try:
             message = parse_message(payload, self.default_charset)
         except NotHL7Error as e:
@@ -155,6 +190,27 @@ class Receiver:
         if not self.accepting:
             error = AckError("207", "server is shutting down; resend later")
             return succeed(self._reply(header, message.codec, REJECT, error, payload))
+        if self.max_messages is not None or self.max_bytes is not None:
+            messages, size = self.outbox.backlog()
+            if (self.max_messages is not None and messages >= self.max_messages) or (
+                self.max_bytes is not None and size >= self.max_bytes
+            ):
+                error = AckError("207", "outbox is full (MLLP_MAX_OUTBOX); resend later")
+                return succeed(self._reply(header, message.codec, REJECT, error, payload))
+        routes: tuple[str, ...] = ()
+        if self.rules is not None:
+            model = self.rules.model(message)
+            violation = self.rules.check(model)
+            if violation is not None:
+                outcome = ERROR if violation.ack == "AE" and not violation.error else REJECT
+                error = AckError("207", f"rule {violation.rule}: {violation.message}")
+                reply = self._reply(header, message.codec, outcome, error, payload)
+                return succeed(reply._replace(rule=violation.rule))
+            try:
+                routes = self.rules.route(model)
+            except RuleError as e:
+                error = AckError("207", f"routing failed: {e}")
+                return succeed(self._reply(header, message.codec, REJECT, error, payload))
         envelope = Envelope(
             message_id=self._message_id(),
             received_at=self.clock.seconds(),
@@ -169,6 +225,7 @@ class Receiver:
             ack_code=ack.ack_code(ACCEPT, header),
             payload=payload,
             client_subject=client_subject,
+            routes=routes,
         )
         d = self.outbox.store(envelope)
         return d.addCallbacks(

@@ -41,12 +41,21 @@ STOP_TIMEOUT = 5.0
 
 class RetryPolicy(Protocol):
     max_attempts: int
+    max: float
 
     def delay(self, attempt: int, rand: Callable[[], float]) -> float: ...
 
 
 class DeliveryMetrics(Protocol):
     def delivery(self, connector: str, result: str) -> None: ...
+
+    def dead_letter(self, connector: str) -> None: ...
+
+
+def _loggable(reason: str) -> str:
+    """The kind of a failure without upstream's free text (an upstream ERR
+    text may quote patient data); the whole reason is in the queue row."""
+    return reason.split(":", 1)[0][:120]
 
 
 class Worker:
@@ -165,6 +174,7 @@ class Worker:
             control_id=row.control_id,
             msg_type=row.msg_type,
             attempt=attempt,
+            received_at=row.received_at,
         )
         try:
             outcome: Outcome = await maybeDeferred(self.connector.deliver, delivery)
@@ -193,14 +203,18 @@ class Worker:
             self._record(self.queue.mark_dead(row.seq, attempt, reason, now))
             self.dead += 1
             self._count("dead")
+            if self.metrics is not None:
+                self.metrics.dead_letter(self.name)
             log.warn(
                 "dead-lettered for {connector}: {reason}", event="dead_letter",
-                reason=reason, **fields,
+                reason=_loggable(reason), **fields,
             )
         else:
-            delay = outcome.after if outcome.after is not None else self.retry.delay(
-                attempt, self.rand
-            )
+            if outcome.after is not None:
+                # Upstream's Retry-After, but never longer than the policy allows.
+                delay = min(max(outcome.after, 0.0), self.retry.max)
+            else:
+                delay = self.retry.delay(attempt, self.rand)
             next_attempt = now + delay
             self._buffer[0] = row._replace(attempts=attempt, next_attempt=next_attempt)
             self._record(self.queue.mark_retry(row.seq, attempt, outcome.reason, next_attempt, now))
@@ -208,7 +222,8 @@ class Worker:
             self._count("retry")
             log.info(
                 "delivery to {connector} failed, retry in {delay:.1f}s: {reason}",
-                event="delivery_retry", delay=delay, reason=outcome.reason, **fields,
+                event="delivery_retry", delay=delay, reason=_loggable(outcome.reason),
+                **fields,
             )
 
     def _finish(self, row: QueuedDelivery) -> None:

@@ -100,6 +100,9 @@ class MLLPService(Service):
         start = getattr(self.outbox, "start", None)
         if start is not None:
             start()
+        relay_start = getattr(self.relay, "start", None)
+        if relay_start is not None:
+            relay_start()
         if self.tls is not None:
             self.tls.start_watching()
         host = self.port.getHost() if self.port is not None else None

@@ -98,9 +98,13 @@ def makeService(options: Any) -> IService:
             identities = load_identities(settings.client_identities)
         except IdentityError as e:
             raise SystemExit(f"mllpd: MLLP_CLIENT_IDENTITIES: {e}") from None
+    pipeline = _pipeline(settings, reactor)
     try:
         outbox = SQLiteOutbox(
-            settings.db_path, reactor, dedup_window=settings.dedup_window  # type: ignore[arg-type]
+            settings.db_path, reactor,  # type: ignore[arg-type]
+            dedup_window=settings.dedup_window,
+            retention=settings.retention,
+            pod=settings.pod_name,
         )
     except OutboxError as e:
         raise SystemExit(f"mllpd: MLLP_DB_PATH: {e}") from None
@@ -117,7 +121,10 @@ def makeService(options: Any) -> IService:
         default_charset=settings.default_charset,
         validator=structure_validator(reactor) if settings.validate == "structure" else None,
         identities=identities,
+        rules=pipeline[0].rules if pipeline is not None else None,
+        max_outbox=settings.max_outbox,
     )
+    relay = _relay(pipeline, outbox, reactor, metrics) if pipeline is not None else None
     factory = MLLPServerFactory(
         receiver,
         reactor,
@@ -135,7 +142,7 @@ def makeService(options: Any) -> IService:
     mllp = MLLPService(
         endpoint, factory, outbox, reactor,
         address=settings.port, shutdown_timeout=settings.shutdown_timeout,
-        pre_shutdown_delay=settings.pre_shutdown_delay, tls=tls,
+        pre_shutdown_delay=settings.pre_shutdown_delay, tls=tls, relay=relay,
     )
     top = _Top(reactor, mllp)
     if metrics is not None:
@@ -156,6 +163,52 @@ def makeService(options: Any) -> IService:
         ).setServiceParent(top)
     mllp.setServiceParent(top)
     return top
+
+
+def _pipeline(settings: Settings, reactor: Any) -> Any:
+    """MLLP_CONFIG: rules compiled and every connector built, or one line."""
+    if not settings.config:
+        return None
+    from mllpd.pipeline import load_pipeline_config
+
+    try:
+        pipeline = load_pipeline_config(settings.config, os.environ)
+        connectors = [_connector(spec, reactor) for spec in pipeline.connectors]
+    except ConfigError as e:
+        raise SystemExit(f"mllpd: {e}") from None
+    return pipeline, connectors
+
+
+def _connector(spec: Any, reactor: Any) -> Any:
+    from mllpd.connectors import http, mllp, postgres
+
+    builders = {"mllp": mllp.build, "http": http.build, "postgres": postgres.build}
+    return builders[spec.type](spec, reactor, os.environ)
+
+
+def _relay(pipeline: Any, outbox: Any, reactor: Any, metrics: Any) -> Any:
+    from mllpd.relay import Relay, Worker
+
+    config, connectors = pipeline
+    relay = Relay([
+        Worker(connector, outbox, config.retry, reactor, metrics=metrics)
+        for connector in connectors
+    ])
+    outbox.add_listener(relay.notify)
+    if metrics is not None:
+        names = [c.name for c in connectors]
+
+        def depths(counted: dict[str, Any]) -> None:
+            now = reactor.seconds()
+            for name in names:
+                depth = counted.get(name)
+                if depth is None or depth.oldest is None:
+                    metrics.set_depth(name, 0, 0.0)
+                else:
+                    metrics.set_depth(name, depth.pending, max(0.0, now - depth.oldest))
+
+        outbox.count_observer = depths
+    return relay
 
 
 def _server_tls(settings: Settings, reactor: Any) -> Any:

@@ -7,7 +7,6 @@ outbox is a real file on its own threads.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import reactor as _reactor
@@ -18,20 +17,16 @@ from zope.interface import implementer
 
 from mllpd.connectors import Dead, Delivered, Delivery, IConnector, Outcome, Retry
 from mllpd.outbox.sqlite import SQLiteOutbox
+from mllpd.pipeline import RetryPolicy
 from mllpd.relay import Relay, Worker
 from tests.test_outbox import envelope, temp_db
 
 reactor: Any = _reactor
 
 
-class Policy:
-    """Backoff of 10 s, 20 s, 40 s ... with the jitter taken from ``rand``."""
-
-    def __init__(self, max_attempts: int = 20) -> None:
-        self.max_attempts = max_attempts
-
-    def delay(self, attempt: int, rand: Callable[[], float]) -> float:
-        return 10.0 * 2 ** (attempt - 1) * (1 + 0.2 * (2 * rand() - 1))
+def Policy(max_attempts: int = 20) -> RetryPolicy:
+    """Backoff of 10 s, 20 s, 40 s ... (the tests' rand of 0.5 means no jitter)."""
+    return RetryPolicy(initial=10.0, max=300.0, multiplier=2.0, jitter=0.2, max_attempts=max_attempts)
 
 
 @implementer(IConnector)
@@ -178,9 +173,9 @@ class RelayTests(TestCase):
         )
 
     async def test_retry_after_overrides_backoff(self) -> None:
-        """An upstream's Retry-After wait replaces the computed backoff."""
+        """An upstream's Retry-After replaces the computed backoff, capped at the policy's max."""
         outbox = self.open()
-        up = ScriptedConnector("up", [Retry("429", after=120.0)])
+        up = ScriptedConnector("up", [Retry("429", after=120.0), Retry("429", after=86400.0)])
         self.worker(outbox, up)
         await self.store(outbox, "LIMITED")
         await up.wait_for(1)
@@ -188,6 +183,10 @@ class RelayTests(TestCase):
         self.assertEqual(len(up.seen), 1)
         self.clock.advance(1.5)
         await up.wait_for(2)
+        self.clock.advance(299)
+        self.assertEqual(len(up.seen), 2)
+        self.clock.advance(1.5)
+        await up.wait_for(3)
 
     async def test_dead_letter_then_next(self) -> None:
         """A refused message goes to the dead-letter queue and the next one is delivered."""

@@ -270,6 +270,8 @@ class SQLiteOutbox:
         self._ops: list[Op] = []
         self._audits: list[AuditRecord] = []
         self._listeners: list[Callable[[set[str]], None]] = []
+        # Called with every connector's queue depth after each recount.
+        self.count_observer: Callable[[dict[str, QueueDepth]], None] | None = None
         # Checkpoints copy the WAL into the database file and fsync it. Left
         # to SQLite they run inside a COMMIT every 1000 pages and stall the
         # ACKs of that batch; a second connection on its own thread does them
@@ -344,6 +346,8 @@ class SQLiteOutbox:
         for name in self.depths:
             depths.setdefault(name, QueueDepth(0, 0, None))
         self.depths = depths
+        if self.count_observer is not None:
+            self.count_observer(depths)
 
     def _count_failed(self, failure: Failure) -> None:
         log.warn(
