@@ -338,3 +338,38 @@ class LiveServerTests(SynchronousTestCase):
                    what=f"lake receiving all {len(acks)} streamed messages")
         self.assertEqual([r.body for r in lake.received],
                          [hl7_message(f"S{i}") for i in range(len(acks))])
+
+    def test_delete_unblocks_a_stuck_queue(self) -> None:
+        """Deleting the message at the head of a queue that upstream keeps
+        refusing for now (503) lets the next one through, and the deleted
+        one is never delivered once upstream recovers."""
+        pacs = HTTPUpstream.start(self, status=503)
+        workdir = make_workdir(self)
+        config = write_config(os.path.join(workdir, "mllp.yaml"), [
+            {"name": "pacs", "type": "http", "url": pacs.url},
+        ])
+        server = start_server(self, workdir=workdir, env={"MLLP_CONFIG": config})
+        assert server.port is not None
+        with MLLPClient(server.port) as client:
+            for cid in ("STUCK", "NEXT"):
+                self.assertEqual(client.request(hl7_message(cid)).code, "AA")
+        ids = dict(query(server.db_path, "SELECT control_id, message_id FROM messages"))
+        wait_until(lambda: [r.message_id for r in pacs.received],
+                   lambda seen: seen.count(ids["STUCK"]) >= 2,
+                   what="retries of the head of the queue")
+
+        deleted = mllp_cli(["--db", server.db_path, "delete", ids["STUCK"], "--yes"])
+        self.assertEqual((deleted.returncode, deleted.stdout), (0, f"deleted {ids['STUCK']}\n"),
+                         deleted.stderr)
+        # The relay moves on to the next message (still refused for now) ...
+        wait_until(lambda: [r.message_id for r in pacs.received],
+                   lambda seen: ids["NEXT"] in seen,
+                   what="an attempt of the message behind the deleted one")
+        # ... and once upstream takes messages, only that one is delivered.
+        pacs.status = 200
+        wait_until(
+            lambda: query(server.db_path, "SELECT state FROM deliveries"),
+            lambda rows: rows == [("delivered",)],
+            what="delivery of the message behind the deleted one",
+        )
+        self.assertEqual([r.message_id for r in pacs.received if r.status == 200], [ids["NEXT"]])

@@ -150,4 +150,4 @@ def wait_until(
         if time.monotonic() >= deadline:
             break
         time.sleep(POLL_STEP)
-    raise AssertionError(f"{what} not reached within {timeout}s; last: {last!r}")
+    raise AssertionError(f"{what} not reached within {timeout}s; last: {last!r:.500}")
