@@ -35,8 +35,27 @@ log = Logger(namespace="mllpd.relay")
 # mllp-cli writes from another process).
 FETCH_LIMIT = 32
 POLL_INTERVAL = 1.0
-# Seconds a stopping worker waits for the delivery in progress.
-STOP_TIMEOUT = 5.0
+# Seconds a stopping worker waits for the delivery in progress, then for its
+# connector to close: together well inside the 2 s that the shutdown bound
+# (PRE_SHUTDOWN_DELAY + SHUTDOWN_TIMEOUT + 2 s) leaves after the drain.
+STOP_TIMEOUT = 1.0
+CLOSE_TIMEOUT = 0.5
+
+
+def _within(d: Deferred[Any], seconds: float, clock: IReactorTime) -> Deferred[None]:
+    """Fires when ``d`` does or after ``seconds``, whichever is first; ``d``
+    itself is left alone (its result or failure is consumed here)."""
+    done: Deferred[None] = Deferred()
+
+    def end(_: object = None) -> None:
+        if timer.active():
+            timer.cancel()
+        if not done.called:
+            done.callback(None)
+
+    timer = clock.callLater(seconds, end)
+    d.addBoth(end)
+    return done
 
 
 class RetryPolicy(Protocol):
@@ -106,23 +125,16 @@ class Worker:
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> Deferred[None]:
         """Start no other delivery; let the one in progress finish for up to
-        ``timeout`` seconds, then close the connector (which ends it: the
-        row stays in its queue and is delivered again later)."""
+        ``timeout`` seconds, then close the connector, waiting for that at
+        most CLOSE_TIMEOUT more. An unfinished delivery's row stays in its
+        queue and is delivered again later (same message id)."""
         self._running = False
         self._fire_wake()
-        done: Deferred[None] = Deferred()
         finished = self._done if self._done is not None else succeed(None)
-
-        def ended(_: object = None) -> None:
-            if timer.active():
-                timer.cancel()
-            if not done.called:
-                done.callback(None)
-
-        timer = self.clock.callLater(timeout, ended)
-
-        finished.addBoth(ended)
-        return done.addCallback(lambda _: self.connector.stop())
+        d = _within(finished, timeout, self.clock)
+        return d.addCallback(
+            lambda _: _within(maybeDeferred(self.connector.stop), CLOSE_TIMEOUT, self.clock)
+        )
 
     def _fire_wake(self) -> None:
         if self._timer is not None and self._timer.active():

@@ -266,6 +266,22 @@ class RelayTests(TestCase):
         await outbox.close()
         self.assertEqual(queue_rows(self.path, "up")[0][:2], ("HUNG", "pending"))
 
+    async def test_stop_is_bounded_even_if_the_connector_hangs(self) -> None:
+        """A connector that never finishes closing cannot hold up the shutdown past both timeouts."""
+        outbox = self.open()
+        up = ScriptedConnector("up", ["hold"])
+        up.stop = lambda: Deferred()  # type: ignore[method-assign]
+        worker = self.worker(outbox, up)
+        await self.store(outbox, "STUCK")
+        await up.wait_for(1)
+        stopped = worker.stop(timeout=1.0)
+        self.clock.advance(1.0)
+        self.assertNoResult(stopped)
+        self.clock.advance(0.5)
+        self.assertIsNone(self.successResultOf(stopped))
+        up.stop = lambda: succeed(None)  # type: ignore[method-assign]
+        up.held[0].callback(Retry("late"))
+
     async def test_in_flight_row_is_visible(self) -> None:
         """While upstream works on a message, its queue row says in_flight."""
         outbox = self.open()

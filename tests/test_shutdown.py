@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import threading
@@ -29,6 +30,7 @@ from tests.serverproc import (
     MLLPClient,
     ServerProcess,
     hl7_message,
+    make_workdir,
     query,
     start_server,
 )
@@ -343,6 +345,59 @@ class ProcessTests(SynchronousTestCase):
         self.assertEqual([(e["count"], e["why"]) for e in abort], [(1, "hurried")])
         self.assertNotIn("ReactorNotRunning", server.output())
         self.assertNotIn("Traceback", server.output())
+
+    def test_delivery_in_flight_at_sigterm(self) -> None:
+        """Stage 5 lets a delivery in flight finish: upstream's answer is recorded and the process still exits 0 in time."""
+        from tests.upstreams import HTTPUpstream, wait_until, write_config
+
+        upstream = HTTPUpstream.start(self)
+        upstream.answering.clear()
+        workdir = make_workdir(self)
+        config = write_config(os.path.join(workdir, "mllp.yaml"), [
+            {"name": "lake", "type": "http", "url": upstream.url},
+        ])
+        server = start_server(self, workdir=workdir, env={
+            "MLLP_CONFIG": config, "PRE_SHUTDOWN_DELAY": "0s", "SHUTDOWN_TIMEOUT": "1s",
+        })
+        with MLLPClient(_port(server)) as client:
+            self.assertEqual(client.request(hl7_message("SLOW-1")).code, "AA")
+        wait_until(lambda: upstream.received, bool, timeout=20, what="the delivery to start")
+        started = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        server.wait_for_event("shutdown_abort", timeout=10)
+        upstream.answering.set()  # upstream answers while stage 5 waits
+        code = server.wait(timeout=30)
+        self.assertEqual(code, 0, server.output())
+        self.assertLess(time.monotonic() - started, 0 + 1 + 2)
+        stage = [e for e in server.events() if e.get("event") == "shutdown_relay_stopped"]
+        self.assertEqual([e["count"] for e in stage], [1])
+        rows = query(server.db_path, "SELECT state, attempts FROM deliveries")
+        self.assertEqual(rows, [("delivered", 1)])
+
+    def test_hung_delivery_does_not_hold_shutdown(self) -> None:
+        """An upstream that never answers cannot hold the process past the bound; its message stays queued."""
+        from tests.upstreams import HTTPUpstream, wait_until, write_config
+
+        upstream = HTTPUpstream.start(self)
+        upstream.answering.clear()
+        self.addCleanup(upstream.answering.set)
+        workdir = make_workdir(self)
+        config = write_config(os.path.join(workdir, "mllp.yaml"), [
+            {"name": "lake", "type": "http", "url": upstream.url},
+        ])
+        server = start_server(self, workdir=workdir, env={
+            "MLLP_CONFIG": config, "PRE_SHUTDOWN_DELAY": "0s", "SHUTDOWN_TIMEOUT": "1s",
+        })
+        with MLLPClient(_port(server)) as client:
+            self.assertEqual(client.request(hl7_message("HUNG-1")).code, "AA")
+        wait_until(lambda: upstream.received, bool, timeout=20, what="the delivery to start")
+        started = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(timeout=30)
+        self.assertEqual(code, 0, server.output())
+        self.assertLess(time.monotonic() - started, 0 + 1 + 2)
+        rows = query(server.db_path, "SELECT state FROM deliveries")
+        self.assertEqual(rows, [("pending",)])
 
     def test_sigterm_right_after_listening(self) -> None:
         """A SIGTERM as soon as the server logs "listening" still gives an orderly stop and exit 0."""

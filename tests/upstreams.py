@@ -60,6 +60,9 @@ class HTTPUpstream:
 
     def __init__(self, status: int = 200) -> None:
         self.status = status
+        # Cleared: requests are recorded, then their answer waits until set.
+        self.answering = threading.Event()
+        self.answering.set()
         self._lock = threading.Lock()
         self._received: list[Received] = []
         upstream = self
@@ -77,6 +80,7 @@ class HTTPUpstream:
                         self.headers.get("X-MLLP-Message-Id"),
                         self.headers.get("Content-Type"), body, status,
                     ))
+                upstream.answering.wait(30)
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
