@@ -28,7 +28,7 @@ from mllpd.outbox import (
     StoreResult,
 )
 
-__all__ = ["SQLiteOutbox", "open_database", "schema_files"]
+__all__ = ["SQLiteOutbox", "open_database", "prune_interval", "schema_files"]
 
 log = Logger(namespace="mllpd.outbox")
 
@@ -40,6 +40,15 @@ BACKLOG_INTERVAL = 1.0
 # a sweep never holds the write lock long enough to delay ACKs noticeably.
 PRUNE_INTERVAL = 60.0
 PRUNE_BATCH = 1000
+# A sweep is a write transaction: never more often than this.
+MIN_PRUNE_INTERVAL = 0.5
+
+
+def prune_interval(retention: float) -> float:
+    """Seconds between sweeps: PRUNE_INTERVAL, or half the retention when
+    that is shorter, so a short retention (minutes) is kept to within half
+    of itself instead of being overrun by a whole interval."""
+    return max(MIN_PRUNE_INTERVAL, min(PRUNE_INTERVAL, retention / 2))
 
 
 def schema_files(dialect: str) -> list[tuple[int, str]]:
@@ -299,7 +308,7 @@ class SQLiteOutbox:
         if self._checkpoints is not None:
             self._checkpoints.start()
         self._counting.start(BACKLOG_INTERVAL, now=True)
-        self._pruning.start(PRUNE_INTERVAL, now=False)
+        self._pruning.start(prune_interval(self.retention), now=False)
 
     def add_listener(self, listener: Callable[[set[str]], None]) -> None:
         """Call ``listener(connectors)`` after each commit that queued
