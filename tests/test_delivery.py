@@ -558,8 +558,8 @@ class CrashTests(TestCase):
         """After kill -9 mid-queue and a restart, every AA'd message reaches both upstreams,
         in queue order of first arrival, and every duplicate carries the same key and bytes."""
         ehr, lake = MLLPUpstream(self), HTTPUpstream(self)
-        ehr.reserve()
-        lake.reserve()
+        ehr.listen()
+        lake.listen()
         config = (
             "connectors:\n" + mllp_connector("ehr", ehr.port)
             + http_connector("lake", lake.port) + FAST_RETRY + "\n"
@@ -574,9 +574,6 @@ class CrashTests(TestCase):
         acks = [a for batch in results for a in batch]
         self.assertEqual(len(acks), 2400)
         self.assertEqual({a.code for a in acks}, {"AA"})
-        # The upstreams come up now, with the whole backlog queued.
-        ehr.listen()
-        lake.listen()
         await eventually(
             lambda: len(ehr.received) >= 300 and len(lake.posts) >= 300, 30,
             lambda: f"ehr {len(ehr.received)} lake {len(lake.posts)}",
@@ -584,7 +581,7 @@ class CrashTests(TestCase):
         server.process.kill()
         await deferToThread(server.wait)
         at_kill = (len(ehr.received), len(lake.posts))
-        self.assertLess(min(at_kill), 2400, "the kill came after delivery had finished")
+        self.assertLess(max(at_kill), 2400, "the kill came after a queue had drained")
 
         restarted = spawn_server(
             self, env={"MLLP_CONFIG": os.path.join(workdir, "mllp.yaml")}, workdir=workdir
