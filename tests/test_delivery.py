@@ -349,9 +349,7 @@ class RoutingTests(TestCase):
     """Rules decide the ACK, filters decide where a message goes."""
 
     async def test_routed_messages_reach_their_upstreams_once_in_order(self) -> None:
-        """Each accepted message reaches every connector it is routed to once, byte-identical
-        and in order; a filtered one reaches only the other; a failing rule gets AE and
-        reaches nobody; every message has an audit record."""
+        """Routed messages reach each of their upstreams once, exact and in order; filtered and AE'd ones do not; all are audited."""
         ehr, lake = MLLPUpstream(self), HTTPUpstream(self)
         ehr.listen()
         lake.listen()
@@ -428,8 +426,7 @@ class OutageTests(TestCase):
     """Upstreams that go away and come back, or misbehave."""
 
     async def test_upstreams_down_then_back_on_the_same_port(self) -> None:
-        """Messages accepted while both upstreams are down are delivered once each, in order,
-        when they come back on the same ports."""
+        """Messages accepted while both upstreams are down arrive once each, in order, when they return on the same ports."""
         ehr, lake = MLLPUpstream(self), HTTPUpstream(self)
         ehr.listen()
         lake.listen()
@@ -471,8 +468,7 @@ class OutageTests(TestCase):
         self.assertEqual([p.body for p in lake.posts], before + during)
 
     async def test_retry_after_honoured_and_dead_letter_replayed(self) -> None:
-        """HTTP 503 with Retry-After: 1 is retried no sooner than 1 s later; a 400 is
-        dead-lettered without stalling the queue, and mllp-cli replay delivers it."""
+        """A 503 waits out Retry-After; a 400 is dead-lettered without stalling the queue and mllp-cli replay delivers it."""
         refuse = {"BAD-0001": True}
 
         def status(body: bytes, n: int) -> tuple[int, dict[str, str]]:
@@ -522,8 +518,7 @@ class OutageTests(TestCase):
         self.assertEqual(len({p.key for p in lake.posts if control_id(p.body) == "BAD-0001"}), 1)
 
     async def test_stale_ack_does_not_mark_the_message_delivered(self) -> None:
-        """An upstream ACK whose MSA-2 names another message leaves the message undelivered;
-        it is sent again and only the matching ACK delivers it."""
+        """An ACK whose MSA-2 names another message does not deliver it: it is sent again and the matching ACK does."""
 
         def answer(payload: bytes, n: int) -> bytes | None:
             if n == 0:
@@ -555,8 +550,7 @@ class CrashTests(TestCase):
     timeout = 180
 
     async def test_kill_during_delivery_loses_nothing(self) -> None:
-        """After kill -9 mid-queue and a restart, every AA'd message reaches both upstreams,
-        in queue order of first arrival, and every duplicate carries the same key and bytes."""
+        """After kill -9 mid-queue and a restart every AA'd message reaches both upstreams in queue order; resends are identical."""
         ehr, lake = MLLPUpstream(self), HTTPUpstream(self)
         ehr.listen()
         lake.listen()
@@ -639,8 +633,7 @@ class BackPressureTests(TestCase):
     """MLLP_MAX_OUTBOX: AR while the backlog is full, never a false AA."""
 
     async def test_full_outbox_refuses_until_the_backlog_drains(self) -> None:
-        """With MLLP_MAX_OUTBOX=5 and the upstream down, the sixth message gets AR (207);
-        once the upstream is back and the backlog drained, new messages get AA again."""
+        """With MLLP_MAX_OUTBOX=5 and the upstream down, new messages get AR 207 (never AA) until the backlog drains."""
         ehr = MLLPUpstream(self)
         ehr.reserve()
         server = await run_server(
@@ -679,8 +672,7 @@ class PostgresTests(TestCase):
     """The postgres connector against a real server."""
 
     async def test_rows_in_the_table_byte_identical_and_idempotent(self) -> None:
-        """Messages land as rows in the configured table byte for byte; delivering them
-        again (as after a crash before the delivered mark) adds no second row."""
+        """Messages become byte-identical rows in the configured table; delivering them again adds no second row."""
         if not PG_DSN:
             raise self.skipTest(
                 "MLLPD_TEST_POSTGRES_DSN is not set (.ci/run starts a throwaway PostgreSQL: "
@@ -746,8 +738,7 @@ class RetentionTests(TestCase):
     """MLLP_RETENTION: delivered messages go, undelivered ones stay."""
 
     async def test_delivered_messages_pruned_after_retention(self) -> None:
-        """With MLLP_RETENTION=1s, delivered messages and their audit records are deleted
-        within seconds, while a message still waiting for its upstream stays."""
+        """With MLLP_RETENTION=1s delivered messages are deleted within seconds; one still waiting for its upstream stays."""
         lake, ehr = HTTPUpstream(self), MLLPUpstream(self)
         lake.listen()
         ehr.reserve()  # down for the whole test

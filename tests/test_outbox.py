@@ -223,8 +223,7 @@ class AuditTests(_Opening):
     """One audit record per received message, and none can be changed."""
 
     async def test_audit_rows_for_stored_duplicate_and_refused(self) -> None:
-        """A stored message, its resend and a refused message each leave one audit record;
-        the resend adds no second queue row."""
+        """A stored message, its resend and a refused message leave one audit record each; the resend queues nothing."""
         path = temp_db(self)
         outbox = self.open(path, pod="mllpd-0", wall_clock=lambda: 1000.0)
         first = await outbox.store(routed("A1", "ehr", "lake"))
@@ -302,8 +301,7 @@ class QueueTests(_Opening):
         return outbox, seen
 
     async def test_backlog_counts_undelivered_messages(self) -> None:
-        """backlog() counts routed, undelivered messages (not queue rows) at once on store,
-        and drops a delivered one at the next recount; past max_count the outbox is full."""
+        """backlog() counts routed undelivered messages on store and drops delivered ones at the recount; max_count makes it full."""
         outbox, seen = self.counted(temp_db(self), max_count=3)
         await _until(lambda: seen, 5, lambda: "no recount")
         size = len(routed("B1").payload)
@@ -324,8 +322,7 @@ class QueueTests(_Opening):
         self.assertFalse(outbox.full)
 
     async def test_recount_during_commits_never_undercounts(self) -> None:
-        """Stores committed while a recount reads are never dropped from the backlog (which
-        would let MLLP_MAX_OUTBOX be passed); the next quiet recount is exact."""
+        """A recount that races commits never drops stored messages from the backlog; a quiet recount is exact."""
         outbox, seen = self.counted(temp_db(self), max_count=20)
         # start() recounted at once, on another thread, while these commit.
         stored = await defer.gatherResults(
@@ -339,8 +336,7 @@ class QueueTests(_Opening):
         self.assertTrue(outbox.full)
 
     async def test_in_flight_rows_pending_again_after_reopen(self) -> None:
-        """Rows in flight when the process died are pending again, in their old order, when
-        the outbox is opened next."""
+        """Rows in flight when the process died are pending again, in their old order, when the outbox is reopened."""
         path = temp_db(self)
         outbox = self.open(path)
         for n in range(3):
@@ -368,8 +364,7 @@ class RetentionTests(_Opening):
     """MLLP_RETENTION: what is pruned and when."""
 
     async def test_prune_deletes_only_delivered_messages_past_retention(self) -> None:
-        """A message goes once it arrived and was delivered everywhere longer ago than the
-        retention; one still waiting for a connector stays."""
+        """A message is pruned once it arrived and was delivered everywhere longer ago than the retention, not before."""
         now = [1000.0]
         path = temp_db(self)
         outbox = self.open(path, retention=100.0, wall_clock=lambda: now[0])
