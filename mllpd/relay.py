@@ -82,6 +82,7 @@ class Worker:
         self.metrics = metrics
         self.cursor = 0
         self._buffer: list[QueuedDelivery] = []
+        self._stale = False
         self._running = False
         self._notified = False
         self._wake: Deferred[None] | None = None
@@ -140,16 +141,22 @@ class Worker:
 
     async def _run(self) -> None:
         while self._running:
-            if not self._buffer:
+            if not self._buffer or self._stale:
                 self._notified = False
+                self._stale = False
                 try:
-                    self._buffer = await self.queue.fetch(self.name, self.cursor, FETCH_LIMIT)
+                    fetched = await self.queue.fetch(self.name, self.cursor, FETCH_LIMIT)
                 except Exception as e:  # noqa: BLE001 - storage trouble: try again later
                     log.error(
                         "reading queue of {connector} failed: {reason}",
                         event="queue_read_failed", connector=self.name, reason=str(e),
                     )
-                    self._buffer = []
+                else:
+                    # Rows already in hand keep their attempts and backoff
+                    # as this worker knows them: its own marks may not be
+                    # committed yet.
+                    known = {row.seq: row for row in self._buffer}
+                    self._buffer = [known.get(row.seq, row) for row in fetched]
                 if not self._buffer:
                     if self._running and not self._notified:
                         await self._sleep(POLL_INTERVAL)
@@ -158,6 +165,12 @@ class Worker:
             wait = head.next_attempt - self._now()
             if wait > 0:
                 await self._sleep(wait)
+                if self._now() >= head.next_attempt:
+                    # During the backoff mllp-cli may have deleted or purged
+                    # the rows in hand: read the queue again rather than
+                    # retry a removed message forever (and deliver it once
+                    # upstream is back). Once per retry, not on every wake.
+                    self._stale = True
                 continue
             await self._attempt(head)
 

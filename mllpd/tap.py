@@ -182,7 +182,9 @@ def _pipeline(settings: Settings, reactor: Any) -> Any:
 def _connector(spec: Any, reactor: Any) -> Any:
     from mllpd.connectors import http, mllp, postgres
 
-    builders = {"mllp": mllp.build, "http": http.build, "postgres": postgres.build}
+    builders: dict[str, Any] = {
+        "mllp": mllp.build, "http": http.build, "postgres": postgres.build,
+    }
     return builders[spec.type](spec, reactor, os.environ)
 
 

@@ -348,8 +348,17 @@ def sandbox_command(
             assert cm is not None, f"ConfigMap {volume['configMap']['name']} is not rendered"
             host = workdir / "configmaps" / cm["metadata"]["name"]
             host.mkdir(parents=True, exist_ok=True)
+            # The kubelet's modes, whatever this process's umask: directories
+            # searchable, files the volume's defaultMode (0644 unless set).
+            host.parent.chmod(0o755)
+            host.chmod(0o755)
             for key, value in cm.get("data", {}).items():
                 (host / key).write_text(value)
+                (host / key).chmod(volume["configMap"].get("defaultMode", 0o644))
+            # The kubelet creates missing parents (/etc/mllp) searchable.
+            for parent in reversed(Path(path).parents):
+                if not parent.exists():
+                    argv += ["--perms", "0755", "--dir", str(parent)]
             argv += ["--ro-bind", str(host), path]  # configMap volumes are read-only
         else:
             raise AssertionError(f"the sandbox cannot stand in for volume {volume}")

@@ -1,18 +1,21 @@
 """The mllp-cli terminal UI driven by Textual's pilot, against an outbox that
-the real ``twistd mllp`` process is writing to.
+the real ``twistd mllp`` process is writing to and delivering from.
 
 Textual needs a running asyncio loop; trial's and pytest-twisted's reactors
 need not be asyncio ones. Each scenario therefore runs ``asyncio.run`` on a
 thread of its own, which works the same under both runners, and the test
 waits for that thread with a bound.
 
-Until routing lands, the queue rows (pending, dead) for the messages the
-server stored are added with SQL, as the router will write them.
+The live test's queues are the server's own: MLLP_CONFIG routes each
+message to connectors whose upstreams run in this process (or are down), and
+the server's relay marks the rows delivered, dead or pending. Only the
+dialog tests, which need exact states on a quiet file, write rows with SQL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Coroutine
@@ -25,7 +28,15 @@ from twisted.trial.unittest import SynchronousTestCase
 from mllpd.cli.app import ConfirmScreen, MessageScreen, OutboxApp
 from mllpd.cli.store import Store
 from tests.outboxrows import add_delivery, add_message, connect, new_outbox
-from tests.serverproc import MLLPClient, ServerProcess, hl7_message, query, start_server
+from tests.serverproc import (
+    MLLPClient,
+    ServerProcess,
+    hl7_message,
+    make_workdir,
+    query,
+    start_server,
+)
+from tests.upstreams import HTTPUpstream, refusing_port, wait_until, write_config
 
 SCENARIO_TIMEOUT = 120.0
 # Bound on polls while waiting for the UI to catch up (each 50 ms).
@@ -95,30 +106,76 @@ def send(server: ServerProcess, control_ids: list[str]) -> dict[str, str]:
     return dict(rows)
 
 
-def queue(path: str, rows: list[tuple[str, str, str]], *, now: float = 0.0) -> None:
-    """Add (message id, connector, state) queue rows as routing will."""
-    conn = connect(path)
-    try:
-        for mid, connector, state in rows:
-            attempts, error = (20, "AE: unknown patient") if state == "dead" else (0, None)
-            add_delivery(conn, mid, connector, state, updated_at=now, attempts=attempts,
-                         last_error=error)
-    finally:
-        conn.close()
+def routed_server(case: SynchronousTestCase) -> tuple[ServerProcess, HTTPUpstream, HTTPUpstream]:
+    """The server routing to three connectors: ``ehr`` (control ids DEAD*)
+    at an upstream that refuses them (400: dead letters), ``lake`` (every
+    message) at one that takes them, ``pacs`` (control ids HELD*) at a port
+    nothing listens on (a pending backlog). Returns (server, ehr, lake)."""
+    ehr = HTTPUpstream.start(case, status=400)
+    lake = HTTPUpstream.start(case, status=200)
+    down = refusing_port(case)
+    workdir = make_workdir(case)
+    config = write_config(os.path.join(workdir, "mllp.yaml"), [
+        {"name": "ehr", "type": "http", "url": ehr.url,
+         "filter": 'msh.control_id.startsWith("DEAD")'},
+        {"name": "lake", "type": "http", "url": lake.url},
+        {"name": "pacs", "type": "http", "url": f"http://127.0.0.1:{down}/hl7",
+         "filter": 'msh.control_id.startsWith("HELD")'},
+    ])
+    return start_server(case, workdir=workdir, env={"MLLP_CONFIG": config}), ehr, lake
+
+
+def queue_states(path: str) -> dict[str, dict[str, int]]:
+    """connector -> state -> rows, read from the outbox file."""
+    counts: dict[str, dict[str, int]] = {}
+    for connector, state, n in query(
+        path, "SELECT connector, state, COUNT(*) FROM deliveries GROUP BY connector, state"
+    ):
+        counts.setdefault(connector, {})[state] = n
+    return counts
+
+
+def backlog(counts: tuple[int, int, int, int]) -> int:
+    """Queued rows of a connector whose upstream is down: its head may be
+    in an attempt (in flight) at any moment, the rest are pending."""
+    pending, in_flight, delivered, dead = counts
+    assert (in_flight, delivered, dead) in ((0, 0, 0), (1, 0, 0)), counts
+    return pending + in_flight
+
+
+async def wait_for_counts(
+    app: OutboxApp, pilot: Pilot[None], done: Callable[[dict[str, tuple[int, int, int, int]]], bool]
+) -> dict[str, tuple[int, int, int, int]]:
+    """Wait until the counts on screen (refreshed on the UI's interval) satisfy ``done``."""
+    counts = connector_counts(app)
+    for _ in range(MAX_POLLS):
+        counts = connector_counts(app)
+        if done(counts):
+            return counts
+        await pilot.pause(0.05)
+    raise AssertionError(f"the UI never showed the expected counts; last: {counts}")
 
 
 class LiveOutboxTests(SynchronousTestCase):
-    def test_counts_view_and_replay_while_server_writes(self) -> None:
-        """With the server storing messages, the UI shows live queue counts,
-        a message field by field, and replays a confirmed dead letter to the
-        tail of its queue (and nothing when the dialog is declined)."""
-        server = start_server(self)
-        first = send(server, [f"LIVE{i}" for i in range(6)])
-        ids = [first[f"LIVE{i}"] for i in range(6)]
-        queue(server.db_path,
-              [(mid, "ehr", "pending") for mid in ids[:4]]
-              + [(mid, "ehr", "dead") for mid in ids[4:]]
-              + [(mid, "lake", "delivered") for mid in ids])
+    def test_counts_view_and_replay_while_server_routes(self) -> None:
+        """With the server routing and delivering, the UI shows the real
+        queue counts, a message field by field, and a confirmed replay of a
+        dead letter gets it delivered upstream (nothing when declined)."""
+        server, ehr, lake = routed_server(self)
+        names = [f"HELD{i}" for i in range(4)] + ["DEAD4", "DEAD5"]
+        sent = send(server, names)
+        ids = [sent[n] for n in names]
+        # The relay's own doing: two refused for good, six delivered, and the
+        # backlog retried against the closed port.
+        wait_until(
+            lambda: (queue_states(server.db_path),
+                     query(server.db_path, "SELECT MAX(attempts) FROM deliveries"
+                           " WHERE connector = 'pacs'")),
+            lambda q: (q[0].get("ehr") == {"dead": 2} and q[0].get("lake") == {"delivered": 6}
+                       and sum(q[0].get("pacs", {}).values()) == 4 and (q[1][0][0] or 0) >= 2),
+            what="routing of the first six messages",
+        )
+        later: list[str] = []
 
         async def scenario() -> None:
             store = Store(server.db_path)
@@ -126,23 +183,28 @@ class LiveOutboxTests(SynchronousTestCase):
             try:
                 async with app.run_test(size=(200, 50)) as pilot:
                     await settle(app, pilot)
-                    self.assertEqual(connector_counts(app),
-                                     {"ehr": (4, 0, 0, 2), "lake": (0, 0, 6, 0)})
+                    counts = connector_counts(app)
+                    self.assertEqual((counts["ehr"], counts["lake"]),
+                                     ((0, 0, 0, 2), (0, 0, 6, 0)))
+                    self.assertEqual(backlog(counts["pacs"]), 4)
 
                     # More traffic while the UI is open: it refreshes by itself.
-                    more = await asyncio.to_thread(send, server, ["LIVE6", "LIVE7", "LIVE8"])
-                    await asyncio.to_thread(
-                        queue, server.db_path, [(m, "ehr", "pending") for m in more.values()]
-                    )
-                    await wait_for_reloads(app, pilot, 2)
-                    self.assertEqual(connector_counts(app)["ehr"], (7, 0, 0, 2))
+                    more = await asyncio.to_thread(send, server, ["HELD6", "HELD7", "HELD8"])
+                    later.extend(more[n] for n in ["HELD6", "HELD7", "HELD8"])
+                    counts = await wait_for_counts(
+                        app, pilot, lambda c: c["lake"] == (0, 0, 9, 0)
+                        and backlog(c["pacs"]) == 7)
+                    self.assertEqual(counts["ehr"], (0, 0, 0, 2))
 
                     # The dead-letter list of the first connector, head first.
                     self.assertEqual(app.connector, "ehr")
                     self.assertEqual(app.state, "dead")
                     dead = table_rows(app, "#messages")
-                    self.assertEqual([(r[0], r[2], r[4], r[7]) for r in dead],
-                                     [(ids[4], "dead", "LIVE4", 20), (ids[5], "dead", "LIVE5", 20)])
+                    self.assertEqual(
+                        [(r[0], r[2], r[4], r[7], r[8]) for r in dead],
+                        [(ids[4], "dead", "DEAD4", 1, "HTTP 400 Bad Request"),
+                         (ids[5], "dead", "DEAD5", 1, "HTTP 400 Bad Request")],
+                    )
 
                     # View the selected one.
                     await pilot.press("v")
@@ -151,7 +213,7 @@ class LiveOutboxTests(SynchronousTestCase):
                     self.assertIsInstance(screen, MessageScreen)
                     assert isinstance(screen, MessageScreen)
                     self.assertIn("    PID-5 (patient_name): DOE^JANE", screen.lines)
-                    self.assertIn("    MSH-10 (message_control_id): LIVE4", screen.lines)
+                    self.assertIn("    MSH-10 (message_control_id): DEAD4", screen.lines)
                     await pilot.press("d")  # the list's keys do nothing over the view
                     await settle(app, pilot)
                     self.assertIs(app.screen, screen)
@@ -163,11 +225,11 @@ class LiveOutboxTests(SynchronousTestCase):
                     await pilot.press("tab", "down")
                     await wait_for_reloads(app, pilot, 2)
                     selected = app.selected_message()
-                    self.assertEqual(selected.control_id if selected else None, "LIVE5")
+                    self.assertEqual(selected.control_id if selected else None, "DEAD5")
                     await pilot.press("up")
                     await settle(app, pilot)
                     selected = app.selected_message()
-                    self.assertEqual(selected.control_id if selected else None, "LIVE4")
+                    self.assertEqual(selected.control_id if selected else None, "DEAD4")
 
                     # Replay, declined: nothing changes.
                     await pilot.press("r")
@@ -176,25 +238,45 @@ class LiveOutboxTests(SynchronousTestCase):
                     await pilot.click("#no")
                     await settle(app, pilot)
                     self.assertEqual(app.status, "cancelled")
-                    self.assertEqual(connector_counts(app)["ehr"], (7, 0, 0, 2))
+                    self.assertEqual(connector_counts(app)["ehr"], (0, 0, 0, 2))
 
-                    # Replay, confirmed.
+                    # Upstream is fixed; replay, confirmed: the running server
+                    # delivers it.
+                    ehr.status = 200
                     await pilot.press("r")
                     await settle(app, pilot)
                     await pilot.click("#yes")
                     await settle(app, pilot)
                     self.assertEqual(app.status, "replayed 1 dead letter(s) of ehr")
-                    self.assertEqual(connector_counts(app)["ehr"], (8, 0, 0, 1))
-                    self.assertEqual([r[4] for r in table_rows(app, "#messages")], ["LIVE5"])
+                    await wait_for_counts(app, pilot, lambda c: c["ehr"] == (0, 0, 1, 1))
+                    await wait_for_reloads(app, pilot, 1)
+                    self.assertEqual([r[4] for r in table_rows(app, "#messages")], ["DEAD5"])
             finally:
                 store.close()
 
         run_scenario(scenario)
 
-        tail = query(server.db_path,
-                     "SELECT message_id, state, attempts, last_error FROM deliveries"
-                     " WHERE connector = 'ehr' ORDER BY seq DESC LIMIT 1")
-        self.assertEqual(tail, [(ids[4], "pending", 0, None)])
+        # Upstream got DEAD4 again, byte for byte, after refusing both once;
+        # the declined replay sent nothing.
+        self.assertEqual(
+            [(r.message_id, r.body, r.status) for r in ehr.received],
+            [(ids[4], hl7_message("DEAD4"), 400), (ids[5], hl7_message("DEAD5"), 400),
+             (ids[4], hl7_message("DEAD4"), 200)],
+        )
+        self.assertEqual(
+            query(server.db_path, "SELECT message_id, state, attempts, last_error"
+                  " FROM deliveries WHERE connector = 'ehr' ORDER BY seq"),
+            [(ids[5], "dead", 1, "HTTP 400 Bad Request"), (ids[4], "delivered", 1, None)],
+        )
+        # lake got every message once, in arrival order.
+        self.assertEqual([(r.message_id, r.status) for r in lake.received],
+                         [(mid, 200) for mid in [*ids, *later]])
+        # Nothing of the backlog got through the closed port.
+        self.assertEqual(
+            query(server.db_path, "SELECT DISTINCT last_error FROM deliveries"
+                  " WHERE connector = 'pacs' AND attempts > 0"),
+            [("connection refused",)],
+        )
         # The server kept serving throughout.
         self.assertEqual(send(server, ["AFTER"]).keys(), {"AFTER"})
         self.assertTrue(server.alive())

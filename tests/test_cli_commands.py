@@ -1,5 +1,9 @@
 """mllp-cli subcommands run as a real process (``python -m mllpd.cli``) on
-real outbox files: output, exit codes and confirmations."""
+real outbox files: output, exit codes and confirmations.
+
+CommandTests write exact queue states with SQL into a quiet file; the live
+test runs the real server, whose relay fills the queues by delivering to
+upstreams of the test's own."""
 
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ from collections.abc import Mapping, Sequence
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.outboxrows import add_delivery, add_message, connect, new_outbox
-from tests.serverproc import REPO, MLLPClient, hl7_message, query, start_server
+from tests.serverproc import REPO, MLLPClient, hl7_message, make_workdir, query, start_server
+from tests.upstreams import HTTPUpstream, refusing_port, wait_until, write_config
 
 RUN_TIMEOUT = 60.0
 # Bound on the messages streamed while commands run against a live server.
@@ -227,18 +232,38 @@ class CommandTests(SynchronousTestCase):
 
 
 class LiveServerTests(SynchronousTestCase):
-    def test_commands_while_server_writes(self) -> None:
-        """stats, list and replay work, and the server keeps acknowledging,
-        while a sender streams messages into the outbox."""
-        server = start_server(self)
+    def test_commands_while_server_routes(self) -> None:
+        """stats, list and show see the queues the server's relay keeps, and
+        a replay gets the dead letter delivered by the running server, while
+        a sender streams messages that the server acknowledges and delivers."""
+        ehr = HTTPUpstream.start(self, status=400)
+        lake = HTTPUpstream.start(self)
+        down = refusing_port(self)
+        workdir = make_workdir(self)
+        config = write_config(os.path.join(workdir, "mllp.yaml"), [
+            {"name": "ehr", "type": "http", "url": ehr.url,
+             "filter": 'msh.control_id.startsWith("DEAD")'},
+            {"name": "lake", "type": "http", "url": lake.url,
+             "filter": 'msh.control_id.startsWith("S")'},
+            {"name": "pacs", "type": "http", "url": f"http://127.0.0.1:{down}/hl7",
+             "filter": 'msh.control_id.startsWith("HELD")'},
+        ])
+        server = start_server(self, workdir=workdir, env={"MLLP_CONFIG": config})
         assert server.port is not None
         with MLLPClient(server.port) as client:
-            self.assertEqual(client.request(hl7_message("DEAD1")).code, "AA")
+            for cid in ("DEAD1", "HELD1", "HELD2"):
+                self.assertEqual(client.request(hl7_message(cid)).code, "AA")
         ((dead_id,),) = query(server.db_path,
                               "SELECT message_id FROM messages WHERE control_id = 'DEAD1'")
-        conn = connect(server.db_path)
-        add_delivery(conn, dead_id, "ehr", "dead", updated_at=time.time(), attempts=20)
-        conn.close()
+        wait_until(
+            lambda: query(server.db_path,
+                          "SELECT connector, state, MAX(attempts) FROM deliveries"
+                          " GROUP BY connector, state ORDER BY connector, state"),
+            lambda rows: len(rows) >= 2 and rows[0] == ("ehr", "dead", 1)
+            and all(r[0] == "pacs" and r[1] != "dead" for r in rows[1:])
+            and max(r[2] for r in rows[1:]) >= 2,
+            what="a dead letter for ehr and a retried backlog for pacs",
+        )
 
         acks: list[str] = []
         errors: list[BaseException] = []
@@ -261,13 +286,39 @@ class LiveServerTests(SynchronousTestCase):
             db = ["--db", server.db_path]
             stats = mllp_cli([*db, "stats", "--json"])
             self.assertEqual(stats.returncode, 0, stats.stderr)
-            self.assertEqual(json.loads(stats.stdout)[0]["dead"], 1)
-            listed = mllp_cli([*db, "list", "-s", "dead"])
+            by_name = {s["connector"]: s for s in json.loads(stats.stdout)}
+            self.assertEqual(
+                [by_name["ehr"][k] for k in ("pending", "in_flight", "delivered", "dead")],
+                [0, 0, 0, 1],
+            )
+            pacs = by_name["pacs"]
+            self.assertEqual((pacs["pending"] + pacs["in_flight"], pacs["delivered"],
+                              pacs["dead"]), (2, 0, 0))
+            self.assertIsNotNone(pacs["oldest_pending_age"])
+            listed = mllp_cli([*db, "list", "-s", "dead", "--json"])
             self.assertEqual(listed.returncode, 0, listed.stderr)
-            self.assertIn(dead_id, listed.stdout)
+            self.assertEqual(
+                [(r["message_id"], r["connector"], r["attempts"], r["last_error"])
+                 for r in json.loads(listed.stdout)],
+                [(dead_id, "ehr", 1, "HTTP 400 Bad Request")],
+            )
+            shown = mllp_cli([*db, "show", dead_id])
+            self.assertEqual(shown.returncode, 0, shown.stderr)
+            self.assertIn("    MSH-10 (message_control_id): DEAD1", shown.stdout.splitlines())
+            self.assertIn("queues      ehr: dead, 1 attempts, last error: HTTP 400 Bad Request",
+                          shown.stdout.splitlines())
+
+            # Upstream is fixed; the replay is delivered by the running server.
+            ehr.status = 200
             replay = mllp_cli([*db, "replay", "-c", "ehr", "--all", "-y"])
             self.assertEqual((replay.returncode, replay.stdout), (0, f"replayed {dead_id}\n"),
                              replay.stderr)
+            wait_until(
+                lambda: query(server.db_path, "SELECT state, attempts FROM deliveries"
+                              " WHERE message_id = ?", (dead_id,)),
+                lambda rows: rows == [("delivered", 1)],
+                what="delivery of the replayed message",
+            )
             sent_during = len(acks) - sent_before
         finally:
             done.set()
@@ -276,10 +327,49 @@ class LiveServerTests(SynchronousTestCase):
         self.assertEqual(errors, [])
         self.assertGreater(sent_during, 0, "the server stopped acknowledging during the commands")
         self.assertEqual(set(acks), {"AA"})
-        self.assertEqual(query(server.db_path, "SELECT COUNT(*) FROM messages"),
-                         [(len(acks) + 1,)])
         self.assertEqual(
-            query(server.db_path, "SELECT state, attempts FROM deliveries WHERE message_id = ?",
-                  (dead_id,)),
-            [("pending", 0)],
+            [(r.message_id, r.body, r.status) for r in ehr.received],
+            [(dead_id, hl7_message("DEAD1"), 400), (dead_id, hl7_message("DEAD1"), 200)],
         )
+        self.assertEqual(query(server.db_path, "SELECT COUNT(*) FROM messages"),
+                         [(len(acks) + 3,)])
+        # The streamed messages were delivered too, each once and in order.
+        wait_until(lambda: len(lake.received), lambda n: n >= len(acks), timeout=60.0,
+                   what=f"lake receiving all {len(acks)} streamed messages")
+        self.assertEqual([r.body for r in lake.received],
+                         [hl7_message(f"S{i}") for i in range(len(acks))])
+
+    def test_delete_unblocks_a_stuck_queue(self) -> None:
+        """Deleting the message at the head of a queue that upstream keeps
+        refusing for now (503) lets the next one through, and the deleted
+        one is never delivered once upstream recovers."""
+        pacs = HTTPUpstream.start(self, status=503)
+        workdir = make_workdir(self)
+        config = write_config(os.path.join(workdir, "mllp.yaml"), [
+            {"name": "pacs", "type": "http", "url": pacs.url},
+        ])
+        server = start_server(self, workdir=workdir, env={"MLLP_CONFIG": config})
+        assert server.port is not None
+        with MLLPClient(server.port) as client:
+            for cid in ("STUCK", "NEXT"):
+                self.assertEqual(client.request(hl7_message(cid)).code, "AA")
+        ids = dict(query(server.db_path, "SELECT control_id, message_id FROM messages"))
+        wait_until(lambda: [r.message_id for r in pacs.received],
+                   lambda seen: seen.count(ids["STUCK"]) >= 2,
+                   what="retries of the head of the queue")
+
+        deleted = mllp_cli(["--db", server.db_path, "delete", ids["STUCK"], "--yes"])
+        self.assertEqual((deleted.returncode, deleted.stdout), (0, f"deleted {ids['STUCK']}\n"),
+                         deleted.stderr)
+        # The relay moves on to the next message (still refused for now) ...
+        wait_until(lambda: [r.message_id for r in pacs.received],
+                   lambda seen: ids["NEXT"] in seen,
+                   what="an attempt of the message behind the deleted one")
+        # ... and once upstream takes messages, only that one is delivered.
+        pacs.status = 200
+        wait_until(
+            lambda: query(server.db_path, "SELECT state FROM deliveries"),
+            lambda rows: rows == [("delivered",)],
+            what="delivery of the message behind the deleted one",
+        )
+        self.assertEqual([r.message_id for r in pacs.received if r.status == 200], [ids["NEXT"]])

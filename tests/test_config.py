@@ -112,8 +112,13 @@ class LoadTests(SynchronousTestCase):
             "TLS_HANDSHAKE_TIMEOUT": "10",
             "MLLP_PROXY_PROTOCOL": "maybe",
             "MLLP_METRICS_ADDR": "nowhere",
+            "MLLP_RETENTION": "0",
+            "MLLP_MAX_OUTBOX": "plenty",
         }
-        paths = {"MLLP_DB_PATH", "TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CLIENT_CA", "MLLP_CLIENT_IDENTITIES"}
+        paths = {
+            "MLLP_DB_PATH", "TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CLIENT_CA",
+            "MLLP_CLIENT_IDENTITIES", "MLLP_CONFIG",
+        }
         self.assertEqual(set(bad) | paths, {s.variable for s in SETTINGS})
         for variable, value in bad.items():
             with self.assertRaises(ConfigError, msg=variable) as ctx:

@@ -292,6 +292,45 @@ class HTTPConnectorTests(UpstreamCase):
         self.assertIsInstance(outcome, Retry)
         self.assertIn("ConnectionDone", outcome.reason)
 
+    async def test_kept_alive_connection_closed_by_server(self) -> None:
+        """A pooled connection the server closed is replaced at once: Delivered, not a Retry."""
+        from twisted.internet.protocol import Factory
+
+        class OneRequestPerConnection(Protocol):
+            """Answers one request keep-alive, then drops the connection when
+            the next request arrives on it (as servers with short keep-alive
+            timeouts do)."""
+
+            def connectionMade(self) -> None:
+                self.buffer = b""
+                self.answered = False
+
+            def dataReceived(self, data: bytes) -> None:
+                assert self.transport is not None
+                if self.answered:
+                    self.transport.loseConnection()
+                    return
+                self.buffer += data
+                head, sep, body = self.buffer.partition(b"\r\n\r\n")
+                if not sep:
+                    return
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                if len(body) >= length:
+                    self.answered = True
+                    self.factory.bodies.append(body[:length])  # type: ignore[attr-defined]
+                    self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+        factory = Factory.forProtocol(OneRequestPerConnection)
+        factory.bodies = []  # type: ignore[attr-defined]
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        connector = self.connector(f"http://127.0.0.1:{port.getHost().port}/")
+        first = await connector.deliver(delivery())
+        second = await connector.deliver(delivery())
+        self.assertIsInstance(first, Delivered)
+        self.assertIsInstance(second, Delivered)
+        self.assertEqual(len(factory.bodies), 2)  # type: ignore[attr-defined]
+
     async def test_env_expansion_in_headers(self) -> None:
         """Header values take ${VAR} from the environment; $${ stays literal."""
         upstream, _, url = self.serve(Reply(200))

@@ -28,6 +28,7 @@ from tests.serverproc import (
     MLLPClient,
     ServerProcess,
     hl7_message,
+    make_workdir,
     spawn_server,
     start_server,
 )
@@ -184,6 +185,76 @@ class PrometheusTests(SynchronousTestCase):
         self.assertGreaterEqual(v("mllp_commit_latency_seconds_count"), 1)
         self.assertEqual(v("mllp_tls_handshake_failures_total"), 0)
 
+
+    def test_delivery_metrics(self) -> None:
+        """Deliveries, dead letters and queue depth per connector show on /metrics."""
+        import http.server
+        import os
+        import socket
+        import threading
+
+        class Upstream(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                self.send_response(400 if b"|BAD-1|" in body else 200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        upstream = http.server.ThreadingHTTPServer((LOOPBACK, 0), Upstream)
+        upstream.daemon_threads = True
+        upstream.block_on_close = False  # type: ignore[attr-defined]
+        threading.Thread(target=upstream.serve_forever, daemon=True).start()
+        self.addCleanup(upstream.server_close)
+        self.addCleanup(upstream.shutdown)
+        closed = socket.socket()
+        closed.bind((LOOPBACK, 0))  # bound, never listening: connections refused
+        self.addCleanup(closed.close)
+        workdir = make_workdir(self)
+        config = os.path.join(workdir, "mllp.yaml")
+        with open(config, "w") as f:
+            f.write(
+                "connectors:\n"
+                f"  - {{name: lake, type: http, url: 'http://{LOOPBACK}:{upstream.server_port}/'}}\n"
+                f"  - {{name: ehr, type: mllp, address: 'tcp:{LOOPBACK}:{closed.getsockname()[1]}',"
+                " connect_timeout: 500ms}\n"
+                "retry: {initial: 10s, max: 1m}\n"
+            )
+        server = spawn_server(self, workdir=workdir, env={
+            "MLLP_METRICS_ADDR": f"tcp:0:interface={LOOPBACK}", "MLLP_CONFIG": config,
+        })
+        metrics_port = server.wait_for_event("metrics_listening")["port"]
+        port = server.wait_listening()
+        with MLLPClient(port) as client:
+            for control_id in ("OK-1", "OK-2", "BAD-1", "OK-3"):
+                self.assertEqual(client.request(hl7_message(control_id)).code, "AA")
+
+        def v(got: dict[Any, float], name: str, **labels: str) -> float:
+            return got.get((name, tuple(sorted(labels.items()))), -1)
+
+        url = f"http://{LOOPBACK}:{metrics_port}/metrics"
+        deadline = time.monotonic() + 20
+        while True:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                got = samples(response.read().decode())
+            settled = (
+                v(got, "mllp_deliveries_total", connector="lake", result="delivered") == 3
+                and v(got, "mllp_outbox_depth", connector="lake") == 0
+                and v(got, "mllp_outbox_depth", connector="ehr") == 4
+                and v(got, "mllp_deliveries_total", connector="ehr", result="retry") >= 1
+            )
+            if settled or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        self.assertEqual(v(got, "mllp_deliveries_total", connector="lake", result="delivered"), 3)
+        self.assertEqual(v(got, "mllp_deliveries_total", connector="lake", result="dead"), 1)
+        self.assertEqual(v(got, "mllp_dead_letters_total", connector="lake"), 1)
+        self.assertEqual(v(got, "mllp_outbox_depth", connector="lake"), 0)
+        self.assertEqual(v(got, "mllp_outbox_depth", connector="ehr"), 4)
+        self.assertGreaterEqual(v(got, "mllp_deliveries_total", connector="ehr", result="retry"), 1)
+        self.assertGreater(v(got, "mllp_outbox_oldest_age_seconds", connector="ehr"), 0)
 
     def test_scrape_during_shutdown(self) -> None:
         """Metrics stay scrapeable while the staged shutdown runs."""

@@ -135,3 +135,108 @@ class ReceiverTests(SynchronousTestCase):
         reply = self.receive(msh().encode(), receiver)
         self.assertEqual(reply.code, "AE")
         self.assertEqual(self.outbox.stored, [])
+
+
+class RulesAndRoutingTests(SynchronousTestCase):
+    """MLLP_CONFIG rules decide the ACK; connector filters decide the queues."""
+
+    def setUp(self) -> None:
+        from mllpd.rules import Rule, RuleSet
+
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        self.outbox = MemoryOutbox()
+        rules = RuleSet(
+            rules=(
+                Rule("patient-id-required", 'has(pid.id) && pid.id != ""', "PID-3 is required"),
+                Rule("no-test-patients", 'pid.name != "TEST^PATIENT"', "", ack="AR"),
+            ),
+            filters=(("ehr", 'msh.msg_type in ["ADT", "ORU"]'), ("lake", None)),
+        )
+        self.receiver = Receiver(self.outbox, self.clock, ack_id=lambda: "ACKID", rules=rules)
+
+    def receive(self, payload: bytes, receiver: Receiver | None = None) -> Reply:
+        r = receiver or self.receiver
+        return self.successResultOf(r.receive(payload, "10.1.1.1:999", client_subject="CN=lab"))
+
+    def test_routes_follow_filters(self) -> None:
+        """An ADT goes to both connectors, an ORM only to the one without a filter."""
+        adt = (msh("A1") + "PID|1||123||DOE^JOHN\r").encode()
+        orm = (msh("O1").replace("ADT^A01^ADT_A01", "ORM^O01") + "PID|1||123\r").encode()
+        self.assertEqual(self.receive(adt).code, "AA")
+        self.assertEqual(self.receive(orm).code, "AA")
+        self.assertEqual([e.routes for e in self.outbox.stored], [("ehr", "lake"), ("lake",)])
+        self.assertEqual(self.outbox.stored[0].client_subject, "CN=lab")
+
+    def test_failed_rule_gives_ae_naming_rule(self) -> None:
+        """A message breaking a rule gets AE whose ERR names the rule, is not stored, and is audited."""
+        payload = (msh("R1") + "PID|1||||DOE^JOHN\r").encode()
+        reply = self.receive(payload)
+        self.assertEqual(reply.code, "AE")
+        assert reply.ack is not None
+        self.assertIn(b"patient-id-required", reply.ack)
+        self.assertIn(b"PID-3 is required", reply.ack)
+        self.assertEqual(self.outbox.stored, [])
+        [audit] = self.outbox.audits
+        self.assertEqual(
+            (audit.control_id, audit.ack_code, audit.rule, audit.peer, audit.client_subject),
+            ("R1", "AE", "patient-id-required", "10.1.1.1:999", "CN=lab"),
+        )
+
+    def test_rule_with_ack_ar(self) -> None:
+        """A rule configured with ack: AR answers AR."""
+        payload = (msh("T1") + "PID|1||9||TEST^PATIENT\r").encode()
+        reply = self.receive(payload)
+        self.assertEqual(reply.code, "AR")
+        self.assertEqual(reply.rule, "no-test-patients")
+
+    def test_evaluation_error_gives_ar(self) -> None:
+        """A rule that cannot be evaluated on a message answers AR, never AA."""
+        from mllpd.rules import Rule, RuleSet
+
+        rules = RuleSet(rules=(Rule("needs-pid", 'pid.id != ""', "PID-3 is required"),))
+        receiver = Receiver(self.outbox, self.clock, ack_id=lambda: "ACKID", rules=rules)
+        reply = self.receive(msh("E1").encode(), receiver)  # no PID: pid.id is an error
+        self.assertEqual(reply.code, "AR")
+        self.assertEqual(self.outbox.stored, [])
+
+    def test_enhanced_mode_rule_failure(self) -> None:
+        """In enhanced mode a failed rule answers CE."""
+        payload = (msh("C9", msh15="AL") + "PID|1||||DOE\r").encode()
+        self.assertEqual(self.receive(payload).code, "CE")
+
+
+class BackPressureTests(SynchronousTestCase):
+    """MLLP_MAX_OUTBOX: past the limit new messages get AR, never AA."""
+
+    def setUp(self) -> None:
+        from mllpd.outbox import Backlog
+
+        self.Backlog = Backlog
+        self.clock = Clock()
+        self.outbox = MemoryOutbox()
+
+    def reply(self, receiver: Receiver, control_id: str) -> Reply:
+        return self.successResultOf(receiver.receive(msh(control_id).encode(), "10.1.1.1:9"))
+
+    def test_count_limit(self) -> None:
+        """At the message limit AR 207; once the backlog falls, AA again."""
+        receiver = Receiver(self.outbox, self.clock, max_outbox=(3, None))
+        self.outbox.pending = self.Backlog(2, 2000)
+        self.assertEqual(self.reply(receiver, "B1").code, "AA")
+        self.outbox.pending = self.Backlog(3, 3000)
+        full = self.reply(receiver, "B2")
+        self.assertEqual(full.code, "AR")
+        assert full.error is not None
+        self.assertEqual(full.error.code, "207")
+        self.assertEqual([e.control_id for e in self.outbox.stored], ["B1"])
+        self.outbox.pending = self.Backlog(0, 0)
+        self.assertEqual(self.reply(receiver, "B3").code, "AA")
+
+    def test_size_limit(self) -> None:
+        """A size limit counts the bytes of undelivered messages."""
+        receiver = Receiver(self.outbox, self.clock, max_outbox=(None, 10_000))
+        self.outbox.pending = self.Backlog(1, 10_000)
+        self.assertEqual(self.reply(receiver, "S1").code, "AR")
+        self.outbox.pending = self.Backlog(1, 9_999)
+        self.assertEqual(self.reply(receiver, "S2").code, "AA")

@@ -295,3 +295,22 @@ class RelayTests(TestCase):
         self.clock.advance(1.0)
         await up.wait_for(2)
         self.assertEqual(up.seen[1].message_id, up.seen[0].message_id)
+
+    async def test_row_deleted_during_backoff_is_not_retried(self) -> None:
+        """A message deleted (mllp-cli delete) while it waits out its backoff
+        is not attempted again; the next one in the queue is delivered."""
+        outbox = self.open()
+        up = ScriptedConnector("up", [Retry("503 Service Unavailable")])
+        self.worker(outbox, up)
+        await self.store(outbox, "GONE", "NEXT")
+        await up.wait_for(1)
+        await self.settle(outbox)
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("DELETE FROM messages WHERE control_id = 'GONE'")
+        conn.close()
+        self.clock.advance(10.1)
+        await up.wait_for(2)
+        await self.settle(outbox)
+        self.assertEqual([d.control_id for d in up.seen], ["GONE", "NEXT"])
+        self.assertEqual(queue_rows(self.path, "up"), [("NEXT", "delivered", 1, None)])

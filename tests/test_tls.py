@@ -174,6 +174,14 @@ class MutualTLSTests(TLSCase):
             self.assertEqual(client.request(hl7_message("RIS-AS-LAB")).code, "AR")
         server.stop()
         self.assertEqual(self.stored_ids(server), {"LAB-OK", "RIS-OK"})
+        # The audit trail names the certificate behind every message, refused or not.
+        audit = query(server.db_path, "SELECT control_id, ack_code, client_subject FROM audit ORDER BY id")
+        self.assertEqual(audit, [
+            ("LAB-OK", "AA", self.certs.subject(lab)),
+            ("LAB-AS-RIS", "AR", self.certs.subject(lab)),
+            ("RIS-OK", "AA", self.certs.subject(ris)),
+            ("RIS-AS-LAB", "AR", self.certs.subject(ris)),
+        ])
 
 
 class ReloadTests(TLSCase):

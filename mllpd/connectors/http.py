@@ -22,12 +22,24 @@ from OpenSSL import crypto
 from treq.client import HTTPClient
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import ConnectionRefusedError, DNSLookupError, VerifyError
+from twisted.internet.error import (
+    ConnectionDone,
+    ConnectionLost,
+    ConnectionRefusedError,
+    DNSLookupError,
+    VerifyError,
+)
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseNeverReceived,
+)
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS, IResponse
@@ -167,6 +179,14 @@ class _Discard(Protocol):
 
 
 @implementer(IConnector)
+def _closed_before_response(error: BaseException) -> bool:
+    """The connection closed before any response byte: a pooled connection
+    the server had already given up on."""
+    if not isinstance(error, ResponseNeverReceived | RequestTransmissionFailed):
+        return False
+    return any(r.check(ConnectionDone, ConnectionLost) for r in error.reasons)
+
+
 class HTTPConnector:
     """POSTs each delivery over one persistent connection pool."""
 
@@ -248,38 +268,49 @@ class HTTPConnector:
 
     async def _deliver(self, delivery: Delivery) -> Outcome:
         started = self._clock.seconds()
-        try:
-            request = self._client.post(
-                self.url,
-                data=delivery.payload,
-                headers=self._request_headers(delivery),
-                allow_redirects=False,
-                unbuffered=True,
-            )
-        except Exception as e:  # noqa: BLE001 - deliver() answers with an outcome, never fails
-            return Retry(f"request not sent: {describe_error(e)}")
-        timed_out = []
+        for fresh in (False, True):
+            try:
+                request = self._client.post(
+                    self.url,
+                    data=delivery.payload,
+                    headers=self._request_headers(delivery),
+                    allow_redirects=False,
+                    unbuffered=True,
+                )
+            except Exception as e:  # noqa: BLE001 - deliver() answers with an outcome, never fails
+                return Retry(f"request not sent: {describe_error(e)}")
+            timed_out: list[bool] = []
 
-        def expire() -> None:
-            timed_out.append(True)
-            request.cancel()
+            def expire(
+                request: Deferred[Any] = request, timed_out: list[bool] = timed_out
+            ) -> None:
+                timed_out.append(True)
+                request.cancel()
 
-        timer = self._clock.callLater(self.timeout, expire)
-        try:
-            response: IResponse = await request
-        except Exception as e:  # noqa: BLE001 - every network failure is a Retry
-            reason = (
-                f"no response within {self.timeout:g}s" if timed_out else describe_error(e)
-            )
-            self.log.info(
-                "connector {connector}: {control_id} not delivered: {reason}",
-                connector=self.name, control_id=delivery.control_id, reason=reason,
-                attempt=delivery.attempt,
-            )
-            return Retry(reason)
-        finally:
-            if timer.active():
-                timer.cancel()
+            remaining = max(0.0, self.timeout - (self._clock.seconds() - started))
+            timer = self._clock.callLater(remaining, expire)
+            try:
+                response: IResponse = await request
+                break
+            except Exception as e:  # noqa: BLE001 - every network failure is a Retry
+                if not fresh and not timed_out and _closed_before_response(e):
+                    # A kept-alive connection the server had closed: the
+                    # request never reached it. Once more on a new connection
+                    # at once (the Idempotency-Key makes a repeat harmless)
+                    # rather than after a full backoff.
+                    continue
+                reason = (
+                    f"no response within {self.timeout:g}s" if timed_out else describe_error(e)
+                )
+                self.log.info(
+                    "connector {connector}: {control_id} not delivered: {reason}",
+                    connector=self.name, control_id=delivery.control_id, reason=reason,
+                    attempt=delivery.attempt,
+                )
+                return Retry(reason)
+            finally:
+                if timer.active():
+                    timer.cancel()
         status = response.code
         await self._drain(response, max(0.0, self.timeout - (self._clock.seconds() - started)))
         outcome = self._classify(status, response)
