@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sqlite3
 import tempfile
+import time
 import uuid
 from typing import Any
 
 from twisted.internet import defer
 from twisted.internet import reactor as _reactor
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from mllpd.outbox import Envelope, OutboxError
-from mllpd.outbox.sqlite import SQLiteOutbox, open_database, schema_files
+from mllpd.outbox import AuditRecord, Backlog, Envelope, OutboxError
+from mllpd.outbox.sqlite import SQLiteOutbox, open_database, prune_interval, schema_files
 
 reactor: Any = _reactor
 
@@ -194,3 +197,205 @@ class CheckpointTests(TestCase):
         assert outbox._checkpoints is not None
         await outbox._checkpoints._run()
         self.assertGreater(os.path.getsize(path), before + 20 * 50_000)
+
+
+def routed(control_id: str, *routes: str, received_at: float = 1000.0) -> Envelope:
+    return envelope(control_id, received_at=received_at)._replace(routes=routes)
+
+
+def select(path: str, sql: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+class _Opening(TestCase):
+    def open(self, path: str, **kw: object) -> SQLiteOutbox:
+        outbox = SQLiteOutbox(path, reactor, **kw)  # type: ignore[arg-type]
+        outbox.start()
+        self.addCleanup(outbox.close)
+        return outbox
+
+
+class AuditTests(_Opening):
+    """One audit record per received message, and none can be changed."""
+
+    async def test_audit_rows_for_stored_duplicate_and_refused(self) -> None:
+        """A stored message, its resend and a refused message leave one audit record each; the resend queues nothing."""
+        path = temp_db(self)
+        outbox = self.open(path, pod="mllpd-0", wall_clock=lambda: 1000.0)
+        first = await outbox.store(routed("A1", "ehr", "lake"))
+        again = await outbox.store(routed("A1", "ehr", "lake"))
+        self.assertEqual((again.duplicate, again.message_id), (True, first.message_id))
+        outbox.audit(AuditRecord(
+            received_at=1001.0, peer="10.0.0.9:4000", client_subject="CN=lab", control_id="A3",
+            msg_type="ORU^R01", size=321, sha256="ab" * 32, ack_code="AE",
+            rule="patient-id-required",
+        ))
+        # The refused message's record goes with the next commit.
+        await outbox.store(routed("A4"))
+        trail = select(
+            path,
+            "SELECT control_id, message_id, ack_code, rule, connectors, pod, peer,"
+            " client_subject, size FROM audit ORDER BY id",
+        )
+        size = len(routed("A1").payload)
+        stored, resent, *rest = trail
+        self.assertEqual(
+            stored,
+            ("A1", first.message_id, "AA", None, "ehr,lake", "mllpd-0", "127.0.0.1:5000", None, size),
+        )
+        # The resend points at the stored copy and was routed nowhere again.
+        self.assertEqual(
+            resent,
+            ("A1", first.message_id, "AA", None, "", "mllpd-0", "127.0.0.1:5000", None, size),
+        )
+        by_id = {row[0]: row for row in rest}
+        self.assertEqual(sorted(by_id), ["A3", "A4"])
+        self.assertEqual(
+            by_id["A3"],
+            ("A3", None, "AE", "patient-id-required", "", "mllpd-0", "10.0.0.9:4000", "CN=lab", 321),
+        )
+        self.assertEqual(by_id["A4"][2:5], ("AA", None, ""))
+        queued = select(
+            path, "SELECT connector FROM deliveries WHERE message_id = ? ORDER BY seq",
+            (first.message_id,),
+        )
+        self.assertEqual(queued, [("ehr",), ("lake",)])
+        self.assertEqual(select(path, "SELECT COUNT(*) FROM messages"), [(2,)])
+
+    async def test_audit_records_cannot_be_updated(self) -> None:
+        """An UPDATE of an audit record is refused by the database itself."""
+        path = temp_db(self)
+        outbox = self.open(path)
+        await outbox.store(routed("U1", "ehr"))
+        conn = sqlite3.connect(path)
+        self.addCleanup(conn.close)
+        with self.assertRaises(sqlite3.DatabaseError) as ctx:
+            conn.execute("UPDATE audit SET ack_code = 'AR'")
+        self.assertIn("immutable", str(ctx.exception))
+        self.assertEqual(select(path, "SELECT ack_code FROM audit"), [("AA",)])
+
+
+async def _until(check: Any, timeout: float, what: Any) -> None:
+    """Poll ``check()`` on the reactor until true, for at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what()}")
+        await deferLater(reactor, 0.02, lambda: None)
+
+
+class QueueTests(_Opening):
+    """The backlog behind MLLP_MAX_OUTBOX, and the queues across a crash."""
+
+    def counted(self, path: str, **kw: object) -> tuple[SQLiteOutbox, list[Backlog]]:
+        """An open outbox and the backlog seen after each of its recounts."""
+        outbox = SQLiteOutbox(path, reactor, **kw)  # type: ignore[arg-type]
+        seen: list[Backlog] = []
+        outbox.count_observer = lambda depths: seen.append(outbox.backlog())
+        outbox.start()
+        self.addCleanup(outbox.close)
+        return outbox, seen
+
+    async def test_backlog_counts_undelivered_messages(self) -> None:
+        """backlog() counts routed undelivered messages on store and drops delivered ones at the recount; max_count makes it full."""
+        outbox, seen = self.counted(temp_db(self), max_count=3)
+        await _until(lambda: seen, 5, lambda: "no recount")
+        size = len(routed("B1").payload)
+        await outbox.store(routed("B1", "ehr", "lake"))
+        await outbox.store(routed("B2", "ehr"))
+        await outbox.store(routed("B3"))  # routed nowhere: nothing to deliver
+        self.assertEqual(outbox.backlog(), Backlog(2, 2 * size))
+        self.assertFalse(outbox.full)
+        await outbox.store(routed("B4", "lake"))
+        self.assertEqual(outbox.backlog(), Backlog(3, 3 * size))
+        self.assertTrue(outbox.full)
+        ehr = await outbox.fetch("ehr", 0, 10)
+        self.assertEqual([r.control_id for r in ehr], ["B1", "B2"])
+        # B1 still waits for lake: only B2 leaves the backlog.
+        await outbox.mark_delivered(ehr[0].seq, 1001.0)
+        await outbox.mark_delivered(ehr[1].seq, 1001.0)
+        await _until(lambda: outbox.backlog() == Backlog(2, 2 * size), 5, outbox.backlog)
+        self.assertFalse(outbox.full)
+
+    async def test_recount_during_commits_never_undercounts(self) -> None:
+        """A recount that races commits never drops stored messages from the backlog; a quiet recount is exact."""
+        outbox, seen = self.counted(temp_db(self), max_count=20)
+        # start() recounted at once, on another thread, while these commit.
+        stored = await defer.gatherResults(
+            [outbox.store(routed(f"R{n}", "ehr")) for n in range(20)]
+        )
+        self.assertEqual(len(stored), 20)
+        self.assertTrue(outbox.full)
+        await _until(lambda: len(seen) >= 2, 5, lambda: str(seen))
+        self.assertEqual([b.messages >= 20 for b in seen], [True] * len(seen), str(seen))
+        self.assertEqual(outbox.backlog().messages, 20)
+        self.assertTrue(outbox.full)
+
+    async def test_in_flight_rows_pending_again_after_reopen(self) -> None:
+        """Rows in flight when the process died are pending again, in their old order, when the outbox is reopened."""
+        path = temp_db(self)
+        outbox = self.open(path)
+        for n in range(3):
+            await outbox.store(routed(f"F{n}", "ehr"))
+        rows = await outbox.fetch("ehr", 0, 10)
+        await outbox.mark_in_flight(rows[0].seq, 1001.0)
+        await outbox.mark_in_flight(rows[1].seq, 1001.0)
+        # A copy of the committed files is what a kill -9 leaves behind.
+        crashed = temp_db(self)
+        for suffix in ("", "-wal"):
+            shutil.copyfile(path + suffix, crashed + suffix)
+        self.assertEqual(
+            select(crashed, "SELECT state FROM deliveries ORDER BY seq"),
+            [("in_flight",), ("in_flight",), ("pending",)],
+        )
+        reopened = self.open(crashed)
+        again = await reopened.fetch("ehr", 0, 10)
+        self.assertEqual([(r.seq, r.control_id) for r in again], [(r.seq, r.control_id) for r in rows])
+        self.assertEqual(
+            select(crashed, "SELECT state FROM deliveries ORDER BY seq"), [("pending",)] * 3
+        )
+
+
+class RetentionTests(_Opening):
+    """MLLP_RETENTION: what is pruned and when."""
+
+    async def test_prune_deletes_only_delivered_messages_past_retention(self) -> None:
+        """A message is pruned once it arrived and was delivered everywhere longer ago than the retention, not before."""
+        now = [1000.0]
+        path = temp_db(self)
+        outbox = self.open(path, retention=100.0, wall_clock=lambda: now[0])
+        await outbox.store(routed("P-delivered", "ehr"))
+        await outbox.store(routed("P-pending", "ehr"))
+        await outbox.store(routed("P-nowhere"))
+        rows = await outbox.fetch("ehr", 0, 10)
+        await outbox.mark_delivered(rows[0].seq, 1010.0)
+
+        def stored() -> list[str]:
+            return [r[0] for r in select(path, "SELECT control_id FROM messages ORDER BY id")]
+
+        now[0] = 1099.0
+        self.assertEqual(await outbox.prune(), 0)
+        self.assertEqual(stored(), ["P-delivered", "P-pending", "P-nowhere"])
+        now[0] = 1105.0  # past retention since arrival, not yet since delivery
+        self.assertEqual(await outbox.prune(), 1)
+        self.assertEqual(stored(), ["P-delivered", "P-pending"])
+        now[0] = 1111.0
+        self.assertEqual(await outbox.prune(), 1)
+        self.assertEqual(stored(), ["P-pending"])
+        self.assertEqual(
+            select(path, "SELECT state FROM deliveries"), [("pending",)],
+        )
+        # Audit records older than the retention go too.
+        self.assertEqual(select(path, "SELECT COUNT(*) FROM audit"), [(0,)])
+
+    def test_prune_interval_follows_short_retention(self) -> None:
+        """Sweeps run every 60 s, or every half retention when that is shorter (at least 0.5 s)."""
+        self.assertEqual(prune_interval(168 * 3600.0), 60.0)
+        self.assertEqual(prune_interval(120.0), 60.0)
+        self.assertEqual(prune_interval(30.0), 15.0)
+        self.assertEqual(prune_interval(1.0), 0.5)
+        self.assertEqual(prune_interval(0.01), 0.5)

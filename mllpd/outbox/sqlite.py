@@ -28,7 +28,7 @@ from mllpd.outbox import (
     StoreResult,
 )
 
-__all__ = ["SQLiteOutbox", "open_database", "schema_files"]
+__all__ = ["SQLiteOutbox", "open_database", "prune_interval", "schema_files"]
 
 log = Logger(namespace="mllpd.outbox")
 
@@ -40,6 +40,15 @@ BACKLOG_INTERVAL = 1.0
 # a sweep never holds the write lock long enough to delay ACKs noticeably.
 PRUNE_INTERVAL = 60.0
 PRUNE_BATCH = 1000
+# A sweep is a write transaction: never more often than this.
+MIN_PRUNE_INTERVAL = 0.5
+
+
+def prune_interval(retention: float) -> float:
+    """Seconds between sweeps: PRUNE_INTERVAL, or half the retention when
+    that is shorter, so a short retention (minutes) is kept to within half
+    of itself instead of being overrun by a whole interval."""
+    return max(MIN_PRUNE_INTERVAL, min(PRUNE_INTERVAL, retention / 2))
 
 
 def schema_files(dialect: str) -> list[tuple[int, str]]:
@@ -201,6 +210,12 @@ _PRUNE_AUDIT = (
 )
 
 
+def _plus(backlog: Backlog, envelope: Envelope, sign: int = 1) -> Backlog:
+    return Backlog(
+        backlog.messages + sign, backlog.size + sign * len(envelope.payload)
+    )
+
+
 class QueueDepth(NamedTuple):
     """One connector's queue as of the last count."""
 
@@ -254,6 +269,11 @@ class SQLiteOutbox:
             self._conn.close()
             raise OutboxError(f"cannot open outbox {path}: {e}") from None
         self._backlog = Backlog(counted[0], int(counted[1]))
+        # Routed stores whose commit has not returned yet, and those a
+        # recount in progress may not see: a recount reads a snapshot on
+        # another thread, so it adds these rather than forget them.
+        self._uncommitted = Backlog(0, 0)
+        self._unseen = Backlog(0, 0)
         self.depths: dict[str, QueueDepth] = {}
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="mllpd-outbox")
         # Queue reads and counts run on a connection and thread of their own:
@@ -299,7 +319,7 @@ class SQLiteOutbox:
         if self._checkpoints is not None:
             self._checkpoints.start()
         self._counting.start(BACKLOG_INTERVAL, now=True)
-        self._pruning.start(PRUNE_INTERVAL, now=False)
+        self._pruning.start(prune_interval(self.retention), now=False)
 
     def add_listener(self, listener: Callable[[set[str]], None]) -> None:
         """Call ``listener(connectors)`` after each commit that queued
@@ -320,6 +340,9 @@ class SQLiteOutbox:
         )
 
     def _count(self) -> Deferred[object]:
+        # Commits that return during the read may be in its snapshot or
+        # not; counting them twice until the next recount errs towards AR.
+        self._unseen = self._uncommitted
         d = deferToThreadPool(self._reactor, self._reader_pool, self._read_counts)
         d.addCallback(self._counted)
         return d.addErrback(self._count_failed)
@@ -341,7 +364,10 @@ class SQLiteOutbox:
         }
 
     def _counted(self, result: tuple[Backlog, dict[str, QueueDepth]]) -> None:
-        self._backlog, depths = result
+        counted, depths = result
+        self._backlog = Backlog(
+            counted.messages + self._unseen.messages, counted.size + self._unseen.size
+        )
         # Connectors whose queues emptied keep a zero entry.
         for name in self.depths:
             depths.setdefault(name, QueueDepth(0, 0, None))
@@ -445,8 +471,9 @@ class SQLiteOutbox:
             return d
         self._pending.append((envelope, d))
         if envelope.routes:
-            count, size = self._backlog
-            self._backlog = Backlog(count + 1, size + len(envelope.payload))
+            self._backlog = _plus(self._backlog, envelope)
+            self._uncommitted = _plus(self._uncommitted, envelope)
+            self._unseen = _plus(self._unseen, envelope)
         self._schedule()
         return d
 
@@ -550,6 +577,9 @@ class SQLiteOutbox:
     ) -> None:
         self._committing = False
         elapsed = time.perf_counter() - self._commit_started
+        for envelope, _ in batch:
+            if envelope.routes:
+                self._uncommitted = _plus(self._uncommitted, envelope, -1)
         # Start the next commit before answering this one: the replies write
         # ACKs and parse newly arrived frames, which would otherwise delay it.
         if self._pending or self._ops or self._audits:
