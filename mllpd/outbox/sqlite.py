@@ -204,9 +204,13 @@ _PRUNE_MESSAGES = (
     " AND (d.state != 'delivered' OR d.updated_at >= :cutoff))"
     " ORDER BY m.id LIMIT :batch)"
 )
+# An audit record outlives the retention as long as its message is still
+# in the outbox (waiting for a connector, or dead-lettered).
 _PRUNE_AUDIT = (
-    "DELETE FROM audit WHERE id IN (SELECT id FROM audit"
-    " WHERE received_at < :cutoff ORDER BY id LIMIT :batch)"
+    "DELETE FROM audit WHERE id IN (SELECT a.id FROM audit a"
+    " WHERE a.received_at < :cutoff AND (a.message_id IS NULL OR NOT EXISTS"
+    " (SELECT 1 FROM messages m WHERE m.message_id = a.message_id))"
+    " ORDER BY a.id LIMIT :batch)"
 )
 
 
@@ -452,9 +456,9 @@ class SQLiteOutbox:
         deleted = 0
         while True:
             n = self._conn.execute(_PRUNE_MESSAGES, params).rowcount
-            self._conn.execute(_PRUNE_AUDIT, params)
+            audited = self._conn.execute(_PRUNE_AUDIT, params).rowcount
             deleted += n
-            if n < PRUNE_BATCH:
+            if n < PRUNE_BATCH and audited < PRUNE_BATCH:
                 return deleted
 
     def _prune_failed(self, failure: Failure) -> int:
