@@ -346,12 +346,14 @@ class ProcessTests(SynchronousTestCase):
         self.assertNotIn("ReactorNotRunning", server.output())
         self.assertNotIn("Traceback", server.output())
 
-    def test_delivery_in_flight_at_sigterm(self) -> None:
-        """Stage 5 lets a delivery in flight finish: upstream's answer is recorded and the process still exits 0 in time."""
+    def held_delivery(self, control_id: str) -> tuple[ServerProcess, Any]:
+        """A server whose one message is being delivered to an HTTP upstream
+        that has not answered yet (SHUTDOWN_TIMEOUT 1s, no pre-delay)."""
         from tests.upstreams import HTTPUpstream, wait_until, write_config
 
         upstream = HTTPUpstream.start(self)
         upstream.answering.clear()
+        self.addCleanup(upstream.answering.set)
         workdir = make_workdir(self)
         config = write_config(os.path.join(workdir, "mllp.yaml"), [
             {"name": "lake", "type": "http", "url": upstream.url},
@@ -360,8 +362,13 @@ class ProcessTests(SynchronousTestCase):
             "MLLP_CONFIG": config, "PRE_SHUTDOWN_DELAY": "0s", "SHUTDOWN_TIMEOUT": "1s",
         })
         with MLLPClient(_port(server)) as client:
-            self.assertEqual(client.request(hl7_message("SLOW-1")).code, "AA")
+            self.assertEqual(client.request(hl7_message(control_id)).code, "AA")
         wait_until(lambda: upstream.received, bool, timeout=20, what="the delivery to start")
+        return server, upstream
+
+    def test_delivery_in_flight_at_sigterm(self) -> None:
+        """Stage 5 lets a delivery in flight finish: upstream's answer is recorded and the process still exits 0 in time."""
+        server, upstream = self.held_delivery("SLOW-1")
         started = time.monotonic()
         server.send_signal(signal.SIGTERM)
         server.wait_for_event("shutdown_abort", timeout=10)
@@ -376,21 +383,7 @@ class ProcessTests(SynchronousTestCase):
 
     def test_hung_delivery_does_not_hold_shutdown(self) -> None:
         """An upstream that never answers cannot hold the process past the bound; its message stays queued."""
-        from tests.upstreams import HTTPUpstream, wait_until, write_config
-
-        upstream = HTTPUpstream.start(self)
-        upstream.answering.clear()
-        self.addCleanup(upstream.answering.set)
-        workdir = make_workdir(self)
-        config = write_config(os.path.join(workdir, "mllp.yaml"), [
-            {"name": "lake", "type": "http", "url": upstream.url},
-        ])
-        server = start_server(self, workdir=workdir, env={
-            "MLLP_CONFIG": config, "PRE_SHUTDOWN_DELAY": "0s", "SHUTDOWN_TIMEOUT": "1s",
-        })
-        with MLLPClient(_port(server)) as client:
-            self.assertEqual(client.request(hl7_message("HUNG-1")).code, "AA")
-        wait_until(lambda: upstream.received, bool, timeout=20, what="the delivery to start")
+        server, _ = self.held_delivery("HUNG-1")
         started = time.monotonic()
         server.send_signal(signal.SIGTERM)
         code = server.wait(timeout=30)

@@ -18,6 +18,7 @@ from mllpd.config import ConfigError, parse_duration
 from . import ConnectorSpec
 
 __all__ = [
+    "CurrentDelivery",
     "check_keys",
     "duration_option",
     "expand_env",
@@ -119,3 +120,24 @@ async def settled(d: Deferred[Any]) -> None:
 
     d.addBoth(fire)
     await waiter
+
+
+class CurrentDelivery:
+    """The delivery in progress, so that ``stop`` can let it finish first."""
+
+    def __init__(self) -> None:
+        self._d: Deferred[Any] | None = None
+
+    def track(self, d: Deferred[Any]) -> Deferred[Any]:
+        self._d = d
+
+        def done(outcome: object) -> object:
+            if self._d is d:
+                self._d = None
+            return outcome
+
+        return d.addCallback(done)
+
+    async def finished(self) -> None:
+        if self._d is not None:
+            await settled(self._d)

@@ -47,12 +47,12 @@ from zope.interface import implementer
 
 from . import ConnectorSpec, Dead, Delivered, Delivery, IConnector, Outcome, Retry
 from ._common import (
+    CurrentDelivery,
     check_keys,
     duration_option,
     expand_env,
     mapping_option,
     option_error,
-    settled,
     string_option,
 )
 
@@ -217,7 +217,7 @@ class HTTPConnector:
             if tls is not None else Agent(reactor, pool=self._pool)
         )
         self._client = HTTPClient(agent)
-        self._current: Deferred[Outcome] | None = None
+        self._current = CurrentDelivery()
         self._stopping = False
 
     def start(self) -> None:
@@ -230,15 +230,7 @@ class HTTPConnector:
         if self._stopping:
             return succeed(Retry("connector is stopping"))
         d = Deferred.fromCoroutine(self._deliver(delivery)).addErrback(self._unexpected)
-        self._current = d
-
-        def done(outcome: Outcome) -> Outcome:
-            if self._current is d:
-                self._current = None
-            return outcome
-
-        d.addCallback(done)
-        return d
+        return self._current.track(d)
 
     def _unexpected(self, failure: Failure) -> Outcome:
         self.log.failure("connector {connector} (http): unexpected error", failure, connector=self.name)
@@ -249,10 +241,8 @@ class HTTPConnector:
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
-        current = self._current
-        if current is not None:
-            # deliver() never fails, and the timeout bounds the wait.
-            await settled(current)
+        # deliver() never fails, and the timeout bounds the wait.
+        await self._current.finished()
         await self._pool.closeCachedConnections()
 
     def _request_headers(self, delivery: Delivery) -> Headers:

@@ -35,11 +35,11 @@ from zope.interface import implementer
 
 from . import ConnectorSpec, Dead, Delivered, Delivery, IConnector, Outcome, Retry
 from ._common import (
+    CurrentDelivery,
     check_keys,
     duration_option,
     expand_env,
     option_error,
-    settled,
     string_option,
 )
 
@@ -127,7 +127,7 @@ class PostgresConnector:
         self._reactor = reactor
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name=f"mllpd-postgres-{name}")
         self._conn: psycopg.Connection[Any] | None = None  # used on the pool thread only
-        self._current: Deferred[Outcome] | None = None
+        self._current = CurrentDelivery()
         self._stopping = False
         self._up: bool | None = None
         self._shutdown_trigger: Any = None
@@ -152,24 +152,14 @@ class PostgresConnector:
         d: Deferred[Outcome] = deferToThreadPool(
             self._reactor, self._pool, self._store, delivery
         ).addCallbacks(self._note, self._unexpected)
-        self._current = d
-
-        def done(outcome: Outcome) -> Outcome:
-            if self._current is d:
-                self._current = None
-            return outcome
-
-        d.addCallback(done)
-        return d
+        return self._current.track(d)
 
     def stop(self) -> Deferred[None]:
         self._stopping = True
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
-        current = self._current
-        if current is not None:
-            await settled(current)
+        await self._current.finished()
         if self._pool.started:
             await deferToThreadPool(self._reactor, self._pool, self._close)
             self._stop_pool()
