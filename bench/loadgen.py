@@ -27,6 +27,7 @@ import string
 import sys
 import time
 from array import array
+from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -140,6 +141,7 @@ class Plan:
     ack_timeout_ns: int
     connect_timeout: float
     server_pid: int = 0
+    rate: float = 0.0  # messages/s for this worker; 0 = as fast as ACKs come
 
 
 @dataclass
@@ -234,6 +236,11 @@ class Engine:
         self.srv0: float | None = None
         self.started = False
         self.ended = False
+        # Rate limit: the k-th message of this worker is due at start + k/rate;
+        # a connection whose next message is not due yet waits in ``idle``.
+        self.interval_ns = int(NS / plan.rate) if plan.rate > 0 else 0
+        self.next_due = plan.start_ns
+        self.idle: deque[Client] = deque()
 
     # connection management --------------------------------------------------
     def connect_all(self) -> None:
@@ -281,6 +288,13 @@ class Engine:
         if now >= plan.hard_deadline_ns or c.seq >= MAX_SEQ:
             self.finish(c)
             return
+        if self.interval_ns:
+            if now < self.next_due:
+                self.idle.append(c)
+                return
+            # Catch up after a stall by at most 10 ms worth of messages, so a
+            # hiccup does not turn into a burst.
+            self.next_due = max(self.next_due, now - 10_000_000) + self.interval_ns
         c.seq += 1
         ctrl = b"%s%09d" % (c.prefix, c.seq)
         c.cur_measured = now >= plan.measure_start_ns
@@ -432,7 +446,16 @@ class Engine:
                 if now >= next_check:
                     self.check_timeouts(now)
                     next_check = now + NS // 4
-                for fd, ev in poll(0.05):
+                timeout = 0.05
+                idle = self.idle
+                while idle and (now >= self.next_due or (
+                        plan.measure_end_ns and now >= plan.measure_end_ns)):
+                    waiting = idle.popleft()
+                    if waiting.fd in clients:
+                        self.send_next(waiting, now)
+                if idle:
+                    timeout = min(timeout, max(self.next_due - now, 0) / NS)
+                for fd, ev in poll(timeout):
                     ready = clients.get(fd)
                     if ready is None:
                         continue
@@ -515,6 +538,12 @@ def summarize(args: argparse.Namespace, plan: Plan, parts: list[Stats], worker_e
         "duration_s": None if plan.messages else args.duration,
         "warmup_s": args.warmup,
         "payload_bytes": args.actual_size,
+        "rate_limit": args.rate or None,
+        # CLOCK_MONOTONIC is system-wide: other processes can place their own
+        # timestamps inside the measured window.
+        "window_monotonic_s": [plan.measure_start_ns / NS,
+                               (plan.measure_end_ns or max(
+                                   (s.last_measured_ns for s in parts), default=0)) / NS],
         "window_s": round(window, 4),
         "msgs_per_s": round(tot.measured_ok / window, 1) if window > 0 else 0.0,
         "latency_ms": {
@@ -549,8 +578,9 @@ def human_line(r: dict[str, Any]) -> str:
         return "-" if v is None else f"{v:.3f}"
     lat, e, cpu = r["latency_ms"], r["errors"], r["cpu"]
     srv = "" if cpu["server_pct_of_core"] is None else f", server CPU {cpu['server_pct_of_core']}%"
+    rate = f" rate={r['rate_limit']:g}/s" if r.get("rate_limit") else ""
     return (
-        f"{r['target']} conns={r['connections']} workers={r['workers']}: "
+        f"{r['target']} conns={r['connections']} workers={r['workers']}{rate}: "
         f"{r['msgs_per_s']:.0f} msg/s over {r['window_s']:.2f}s, "
         f"latency ms p50 {ms(lat['p50'])} p90 {ms(lat['p90'])} p99 {ms(lat['p99'])} "
         f"max {ms(lat['max'])}; ok {r['totals']['ok']}/{r['totals']['sent']}, "
@@ -584,6 +614,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--connect-timeout", type=float, default=10.0)
     p.add_argument("--max-time", type=float, default=600.0,
                    help="hard cap on the whole run in seconds")
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="offered load in messages/s across all connections (0 = no limit: "
+                        "each connection sends its next message when the ACK arrives)")
     p.add_argument("--server-pid", type=int, default=0,
                    help="also report this process's CPU over the window")
     p.add_argument("--json-out", default=None, help="also write the JSON report here")
@@ -596,6 +629,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.duration = 10.0
     if args.duration is not None and not 0 < args.duration <= 3600:
         p.error("--duration must be in (0, 3600]")
+    if not 0 <= args.rate <= 10_000_000:
+        p.error("--rate must be 0 (no limit) or a positive messages/s")
     if not 0 <= args.warmup <= 600 or args.connections > 10000:
         p.error("bad --warmup/--connections")
     if args.workers == "auto":
@@ -620,6 +655,7 @@ def main(argv: list[str] | None = None) -> int:
         measure_end_ns=m_end, hard_deadline_ns=hard,
         ack_timeout_ns=int(args.ack_timeout * NS),
         connect_timeout=args.connect_timeout, server_pid=args.server_pid,
+        rate=args.rate / args.workers,
     )
     head, tail = build_template(args.size, "20250101120000")
     args.actual_size = len(head) + CTRL_ID_LEN + len(tail)

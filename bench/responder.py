@@ -60,6 +60,8 @@ def build_ack(msg: bytes) -> bytes:
 class Responder(protocol.Protocol):
     """Frame MLLP messages and answer each with an AA."""
 
+    answer = staticmethod(build_ack)  # payload -> framed ACK; sinks.py counts here
+
     def __init__(self) -> None:
         self._parts: list[bytes] = []  # chunks of an unterminated frame
         self._size = 0
@@ -92,7 +94,7 @@ class Responder(protocol.Protocol):
                 break
             start = buf.find(SB, 0, end)
             if start >= 0:
-                out.append(build_ack(buf[start + 1 : end]))
+                out.append(self.answer(buf[start + 1 : end]))
             buf = buf[end + 2 :]
         if out:
             transport.write(b"".join(out))

@@ -162,6 +162,21 @@ def count_rows(db: Path) -> int | str:
         return f"sqlite: {e}"
 
 
+def server_env(args: argparse.Namespace, db: Path) -> dict[str, str]:
+    """Environment for mllpd: this checkout first on PYTHONPATH (so the code
+    measured is the code here, not an installed copy), the outbox in ``db``,
+    ``--log-level`` and every ``--server-env``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(HERE.parent), os.environ.get("PYTHONPATH", "")) if p
+    )
+    env.update({"MLLP_DB_PATH": str(db), "LOG_LEVEL": args.log_level})
+    for kv in args.server_env:
+        k, _, v = kv.partition("=")
+        env[k] = v
+    return env
+
+
 def run_loadgen(args: argparse.Namespace, port: int, conns: int,
                 server_pid: int) -> dict[str, Any]:
     """Run loadgen.py once; return its JSON report."""
@@ -197,10 +212,7 @@ def one_run(args: argparse.Namespace, target: str, conns: int, rep: int,
     env = dict(os.environ)
     if target == "mllpd":
         db = workdir / "outbox.db"
-        env.update({"MLLP_DB_PATH": str(db), "LOG_LEVEL": args.log_level})
-        for kv in args.server_env:
-            k, _, v = kv.partition("=")
-            env[k] = v
+        env = server_env(args, db)
         argv = [*twistd_command(args.twistd), "-n", "--pidfile=", "mllp",
                 "--port", "tcp:0:interface=127.0.0.1"]
     else:
@@ -344,7 +356,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run every cell, print the table, write results; 0 if all passed."""
+    """Run every cell, print the table, write results; 0 if all passed.
+
+    ``--delivery`` as the first argument runs ``delivery.py`` (receive and
+    delivery to two connectors) with the remaining arguments instead."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--delivery"]:
+        import delivery
+
+        return delivery.main(argv[1:])
     args = parse_args(argv)
     targets = [args.only] if args.only else list(TARGETS)
     results = Path(args.results_dir)

@@ -129,6 +129,59 @@ class OutboxTests(TestCase):
         stored = await outbox.store(envelope("F2"))
         self.assertFalse(stored.duplicate)
 
+    async def test_fetch_returns_queue_head_in_order(self) -> None:
+        """A queue read gives the connector's first rows after the cursor, pending and in-flight
+        together in arrival order, without delivered or dead rows or other connectors' rows."""
+        path = temp_db(self)
+        outbox = self.open(path, dedup_window=0)
+        await defer.gatherResults([
+            outbox.store(envelope(f"Q{i}")._replace(routes=("up", "other")))
+            for i in range(12)
+        ])
+        seqs = [s for s, in sqlite3.connect(path).execute(
+            "SELECT seq FROM deliveries WHERE connector = 'up' ORDER BY seq")]
+        states = {1: "in_flight", 2: "delivered", 4: "dead", 5: "in_flight", 9: "in_flight"}
+        for i, state in states.items():
+            await outbox._op("UPDATE deliveries SET state = ? WHERE seq = ?", (state, seqs[i]))
+        head = await outbox.fetch("up", seqs[0], 5)
+        self.assertEqual([d.control_id for d in head], ["Q1", "Q3", "Q5", "Q6", "Q7"])
+        self.assertEqual({d.connector for d in head}, {"up"})
+        rest = await outbox.fetch("up", head[-1].seq, 32)
+        self.assertEqual([d.control_id for d in rest], ["Q8", "Q9", "Q10", "Q11"])
+        self.assertEqual(await outbox.fetch("up", rest[-1].seq, 32), [])
+
+    async def test_fetch_cost_does_not_grow_with_backlog(self) -> None:
+        """Reading the head of a queue of 3,000 rows costs no more than of 40, so a
+        backlog does not slow its own delivery down."""
+        path = temp_db(self)
+        outbox = self.open(path, dedup_window=0)
+
+        async def steps_for_head() -> int:
+            # SQLite's progress handler counts the virtual machine's steps:
+            # a measure of work that does not depend on the machine's load.
+            steps = [0]
+
+            def count() -> int:
+                steps[0] += 1
+                return 0
+
+            outbox._reader.set_progress_handler(count, 1)
+            try:
+                self.assertEqual(len(await outbox.fetch("up", 0, 32)), 32)
+            finally:
+                outbox._reader.set_progress_handler(None, 1)
+            return steps[0]
+
+        await defer.gatherResults([
+            outbox.store(envelope(f"S{i}")._replace(routes=("up",))) for i in range(40)
+        ])
+        small = await steps_for_head()
+        await defer.gatherResults([
+            outbox.store(envelope(f"L{i}")._replace(routes=("up",))) for i in range(2960)
+        ])
+        large = await steps_for_head()
+        self.assertLess(large, small * 1.5)
+
     async def test_close_waits_for_commit(self) -> None:
         """close() lets commits in progress finish; a store after close fails."""
         path = temp_db(self)

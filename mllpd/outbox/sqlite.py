@@ -179,12 +179,20 @@ _AUDIT_COLUMNS = (
 _AUDIT_ROW = "(" + ", ".join("?" * 12) + ")"
 _QUEUE_ROW = "(?, ?, 'pending', 0, ?, ?)"
 
+# The head of a queue: one ordered index range per state, each stopping after
+# `limit` rows, merged. With `state IN (...)` SQLite read, joined and sorted
+# every queued row (payloads included) to return the first 32: a read cost
+# that grew with the backlog (2.5 ms at 5,000 queued, 0.17 ms now).
 _FETCH = (
     "SELECT d.seq, d.message_id, d.connector, d.attempts, d.next_attempt,"
     " m.received_at, m.control_id, m.msg_type, m.charset, m.payload"
-    " FROM deliveries d JOIN messages m ON m.message_id = d.message_id"
-    " WHERE d.connector = ? AND d.state IN ('pending', 'in_flight') AND d.seq > ?"
-    " ORDER BY d.seq LIMIT ?"
+    " FROM (SELECT * FROM (SELECT seq FROM deliveries WHERE connector = :connector"
+    " AND state = 'pending' AND seq > :after ORDER BY seq LIMIT :limit)"
+    " UNION ALL SELECT * FROM (SELECT seq FROM deliveries WHERE connector = :connector"
+    " AND state = 'in_flight' AND seq > :after ORDER BY seq LIMIT :limit)) head"
+    " JOIN deliveries d ON d.seq = head.seq"
+    " JOIN messages m ON m.message_id = d.message_id"
+    " ORDER BY d.seq LIMIT :limit"
 )
 _BACKLOG = (
     "SELECT COUNT(*), TOTAL(size) FROM messages WHERE message_id IN"
@@ -393,7 +401,9 @@ class SQLiteOutbox:
         )
 
     def _fetch(self, connector: str, after: int, limit: int) -> list[QueuedDelivery]:
-        cursor = self._reader.execute(_FETCH, (connector, after, limit))
+        cursor = self._reader.execute(
+            _FETCH, {"connector": connector, "after": after, "limit": limit}
+        )
         try:
             return [QueuedDelivery(*row) for row in cursor]
         finally:
