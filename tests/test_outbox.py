@@ -455,3 +455,36 @@ class RetentionTests(_Opening):
         self.assertEqual(prune_interval(30.0), 15.0)
         self.assertEqual(prune_interval(1.0), 0.5)
         self.assertEqual(prune_interval(0.01), 0.5)
+
+
+class SynchronousModeTests(_Opening):
+    """Every commit that stores a message is fsync'd (synchronous=FULL);
+    commits of delivery states alone may skip the fsync."""
+
+    async def test_message_commits_always_full(self) -> None:
+        """Whatever the interleaving of stores and state changes, a message INSERT commits under synchronous=FULL."""
+        path = temp_db(self)
+        outbox = self.open(path)
+        trace: list[str] = []
+        outbox._conn.set_trace_callback(trace.append)
+        await outbox.store(routed("S-1", "ehr"))
+        [row] = await outbox.fetch("ehr", 0, 10)
+        await outbox.mark_in_flight(row.seq, 1001.0)
+        await outbox.mark_delivered(row.seq, 1002.0)
+        await outbox.store(routed("S-2", "ehr"))
+        await outbox.mark_in_flight(row.seq, 1003.0)
+
+        mode = "FULL"  # as open_database leaves it
+        modes_at_message_commit: list[str] = []
+        modes_at_state_commit: list[str] = []
+        stored = False
+        for statement in trace:
+            if statement.startswith("PRAGMA synchronous"):
+                mode = statement.split("=")[1].strip()
+            elif statement.startswith("INSERT INTO messages"):
+                stored = True
+            elif statement == "COMMIT":
+                (modes_at_message_commit if stored else modes_at_state_commit).append(mode)
+                stored = False
+        self.assertEqual(modes_at_message_commit, ["FULL", "FULL"])
+        self.assertEqual(modes_at_state_commit, ["NORMAL", "NORMAL", "NORMAL"])

@@ -301,6 +301,7 @@ class SQLiteOutbox:
         self._pruning.clock = reactor  # type: ignore[assignment]
         self._ops: list[Op] = []
         self._audits: list[AuditRecord] = []
+        self._durable = True  # the connection's synchronous mode is FULL
         self._listeners: list[Callable[[set[str]], None]] = []
         # Called with every connector's queue depth after each recount.
         self.count_observer: Callable[[dict[str, QueueDepth]], None] | None = None
@@ -516,6 +517,16 @@ class SQLiteOutbox:
         # statement step releases and retakes the GIL, which the reactor
         # thread holds while it parses, so few steps keep commits short.
         conn = self._conn
+        # Only a commit that stores messages must reach the disk before it
+        # returns: their AA depends on it. One that only records delivery
+        # states (and refused messages' audit rows) skips the fsync; the next
+        # message commit's fsync of the WAL covers its frames too, and a
+        # crash before that only means those deliveries are made again, with
+        # the same message id. WAL stays consistent either way.
+        durable = bool(envelopes)
+        if durable != self._durable:
+            conn.execute("PRAGMA synchronous = FULL" if durable else "PRAGMA synchronous = NORMAL")
+            self._durable = durable
         try:
             conn.execute("BEGIN IMMEDIATE")
             known = self._known_duplicates(envelopes) if self.dedup_window > 0 else {}
