@@ -488,3 +488,35 @@ class SynchronousModeTests(_Opening):
                 stored = False
         self.assertEqual(modes_at_message_commit, ["FULL", "FULL"])
         self.assertEqual(modes_at_state_commit, ["NORMAL", "NORMAL", "NORMAL"])
+
+    async def test_state_changes_ride_with_the_next_message(self) -> None:
+        """A delivery-state change waits (up to STATE_HOLD) and goes out in the next message's commit: one commit, not two."""
+        from twisted.internet.task import Clock, deferLater
+
+        hold = Clock()
+        outbox = self.open(temp_db(self), hold_clock=hold)
+        await outbox.store(routed("R-1", "ehr"))
+        [row] = await outbox.fetch("ehr", 0, 10)
+        before = outbox.commits
+        marked = outbox.mark_in_flight(row.seq, 1001.0)
+        await deferLater(reactor, 0, lambda: None)  # a reactor turn: a commit would have started
+        self.assertEqual(outbox.commits, before)  # held
+        await outbox.store(routed("R-2", "ehr"))
+        await marked
+        self.assertEqual(outbox.commits - before, 1)
+
+    async def test_state_changes_alone_are_committed(self) -> None:
+        """With no message to ride with, a state change is committed once STATE_HOLD has passed."""
+        from twisted.internet.task import Clock
+
+        from mllpd.outbox.sqlite import STATE_HOLD
+
+        hold = Clock()
+        path = temp_db(self)
+        outbox = self.open(path, hold_clock=hold)
+        await outbox.store(routed("R-3", "ehr"))
+        [row] = await outbox.fetch("ehr", 0, 10)
+        delivered = outbox.mark_delivered(row.seq, 1001.0)
+        hold.advance(STATE_HOLD)
+        await delivered
+        self.assertEqual(select(path, "SELECT state FROM deliveries"), [("delivered",)])

@@ -9,7 +9,7 @@ from importlib import resources
 from typing import NamedTuple
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -40,6 +40,8 @@ BACKLOG_INTERVAL = 1.0
 # a sweep never holds the write lock long enough to delay ACKs noticeably.
 PRUNE_INTERVAL = 60.0
 PRUNE_BATCH = 1000
+# Seconds delivery-state changes may wait for a message commit to ride along.
+STATE_HOLD = 0.01
 # A sweep is a write transaction: never more often than this.
 MIN_PRUNE_INTERVAL = 0.5
 
@@ -260,6 +262,7 @@ class SQLiteOutbox:
         max_count: int | None = None,
         max_bytes: int | None = None,
         pod: str | None = None,
+        hold_clock: IReactorTime | None = None,
     ) -> None:
         self.path = path
         self.dedup_window = dedup_window
@@ -302,6 +305,8 @@ class SQLiteOutbox:
         self._ops: list[Op] = []
         self._audits: list[AuditRecord] = []
         self._durable = True  # the connection's synchronous mode is FULL
+        self._held: IDelayedCall | None = None
+        self._hold_clock: IReactorTime = hold_clock or reactor  # type: ignore[assignment]
         self._listeners: list[Callable[[set[str]], None]] = []
         # Called with every connector's queue depth after each recount.
         self.count_observer: Callable[[dict[str, QueueDepth]], None] | None = None
@@ -416,8 +421,17 @@ class SQLiteOutbox:
             d.errback(OutboxError("outbox is closing"))
             return d
         self._ops.append((sql, params, d))
-        self._schedule()
+        if not self._committing and self._held is None:
+            # State changes alone wait a little for company: a message
+            # commit or more changes. Nothing waits on them but the relay's
+            # bookkeeping, and each commit costs the reactor a thread round
+            # trip.
+            self._held = self._hold_clock.callLater(STATE_HOLD, self._release_held)
         return d
+
+    def _release_held(self) -> None:
+        self._held = None
+        self._schedule()
 
     def mark_in_flight(self, seq: int, now: float) -> Deferred[None]:
         return self._op(
@@ -493,6 +507,10 @@ class SQLiteOutbox:
         return d
 
     def _schedule(self) -> None:
+        if self._held is not None:
+            # Messages are waiting: held state changes go with them, now.
+            self._held.cancel()
+            self._held = None
         if not self._committing:
             # Start at the end of this reactor turn, not now: every frame read
             # in the same turn then shares the commit, instead of the first
@@ -647,7 +665,9 @@ class SQLiteOutbox:
         self._close_waiters.append(d)
         if not self._closing:
             self._closing = True
-            if not self._committing:
+            if self._held is not None:
+                self._schedule()  # commit held state changes before closing
+            elif not self._committing:
                 self._finish_close()
         return d
 
