@@ -373,3 +373,44 @@ class LiveServerTests(SynchronousTestCase):
             what="delivery of the message behind the deleted one",
         )
         self.assertEqual([r.message_id for r in pacs.received if r.status == 200], [ids["NEXT"]])
+
+
+class AuditCommandTests(SynchronousTestCase):
+    """``mllp-cli audit`` reads the audit trail a running server writes."""
+
+    def test_audit_shows_accepted_and_refused(self) -> None:
+        """Every received message is listed, newest first, with its ACK code, rule and connectors; filters narrow it."""
+        workdir = make_workdir(self)
+        config = os.path.join(workdir, "mllp.yaml")
+        with open(config, "w") as f:
+            f.write(
+                "rules:\n"
+                "  - {name: pid-required, expr: 'has(pid.id) && pid.id != \"\"', message: PID-3 is required}\n"
+                "connectors:\n"
+                f"  - {{name: lake, type: mllp, address: 'tcp:127.0.0.1:{refusing_port(self)}'}}\n"
+            )
+        server = start_server(self, workdir=workdir, env={"MLLP_CONFIG": config})
+        assert server.port is not None
+        with MLLPClient(server.port) as client:
+            self.assertEqual(client.request(hl7_message("AUD-OK")).code, "AA")
+            no_pid = hl7_message("AUD-BAD", pid="ZPI|1")
+            self.assertEqual(client.request(no_pid).code, "AE")
+
+        def audit(*extra: str) -> list[dict[str, object]]:
+            result = mllp_cli(["--db", server.db_path, "audit", "--json", *extra])
+            self.assertEqual(result.returncode, 0, result.stderr)
+            rows: list[dict[str, object]] = json.loads(result.stdout)
+            return rows
+
+        rows = wait_until(audit, lambda rows: len(rows) == 2, what="two audit records")
+        self.assertEqual(
+            [(r["control_id"], r["ack_code"], r["rule"], r["connectors"]) for r in rows],
+            [("AUD-BAD", "AE", "pid-required", ""), ("AUD-OK", "AA", None, "lake")],
+        )
+        self.assertIsNone(rows[0]["message_id"])
+        self.assertIsNotNone(rows[1]["message_id"])
+        self.assertEqual([r["control_id"] for r in audit("--code", "AE")], ["AUD-BAD"])
+        self.assertEqual([r["control_id"] for r in audit("--control-id", "AUD-OK")], ["AUD-OK"])
+        table = mllp_cli(["--db", server.db_path, "audit"]).stdout
+        self.assertIn("pid-required", table)
+        self.assertNotIn("PID|", table)  # no content, only the record

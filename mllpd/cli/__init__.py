@@ -150,6 +150,29 @@ def _cmd_show(store: Store, args: argparse.Namespace, now: float) -> int:
     return EXIT_OK
 
 
+def _cmd_audit(store: Store, args: argparse.Namespace, now: float) -> int:
+    since = now - args.since.seconds if args.since is not None else None
+    rows = store.audit(
+        limit=args.limit, control_id=args.control_id, ack_code=args.code,
+        peer=args.peer, since=since,
+    )
+    if args.json:
+        json.dump([asdict(r) for r in rows], sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return EXIT_OK
+    _table(
+        ["received", "peer", "client", "type", "control_id", "size", "ack", "rule",
+         "connectors", "message_id"],
+        [
+            [_timestamp(r.received_at), r.peer, r.client_subject or "", r.msg_type,
+             r.control_id, r.size, r.ack_code, r.rule or "", r.connectors, r.message_id or ""]
+            for r in rows
+        ],
+        sys.stdout,
+    )
+    return EXIT_OK
+
+
 def _cmd_replay(store: Store, args: argparse.Namespace, now: float) -> int:
     wanted: list[str] | None = None if args.all else list(args.message_ids)
     if wanted is None:
@@ -265,6 +288,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", "-n", type=_positive, default=50, help="at most N rows (50)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
+    p = sub.add_parser(
+        "audit", parents=[common], help="the audit trail: every received message, newest first",
+    )
+    p.add_argument("--control-id", help="only this MSH-10")
+    p.add_argument("--code", choices=("AA", "AE", "AR", "CA", "CE", "CR"), help="only this ACK code")
+    p.add_argument("--peer", help="only this peer (host:port as logged)")
+    p.add_argument("--since", type=_duration, metavar="DURATION", help="only the last DURATION (1h, 30m)")
+    p.add_argument("--limit", "-n", type=_positive, default=50, help="at most N rows (50)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
     p = sub.add_parser("show", parents=[common], help="one message, field by field")
     p.add_argument("message_id", metavar="MESSAGE_ID")
 
@@ -307,6 +340,7 @@ _COMMANDS: dict[str, Callable[[Store, argparse.Namespace, float], int]] = {
     "stats": _cmd_stats,
     "list": _cmd_list,
     "show": _cmd_show,
+    "audit": _cmd_audit,
     "replay": _cmd_replay,
     "delete": _cmd_delete,
     "purge": _cmd_purge,

@@ -77,6 +77,25 @@ class ConnectorStats:
 
 
 @dataclass(frozen=True)
+class AuditRow:
+    """One audit record: a received message and what was decided about it."""
+
+    id: int
+    received_at: float
+    peer: str
+    client_subject: str | None
+    pod: str | None
+    message_id: str | None
+    control_id: str
+    msg_type: str
+    size: int
+    sha256: str
+    ack_code: str
+    rule: str | None
+    connectors: str
+
+
+@dataclass(frozen=True)
 class MessageRow:
     """One queue entry: a message as routed to one connector."""
 
@@ -396,6 +415,34 @@ class Store:
             mid, received_at, peer, control_id, msg_type, sending_app, sending_fac, version,
             charset, size, sha256, ack_code, bytes(payload), deliveries,
         )
+
+    def audit(
+        self,
+        *,
+        limit: int = 50,
+        control_id: str | None = None,
+        ack_code: str | None = None,
+        peer: str | None = None,
+        since: float | None = None,
+    ) -> list[AuditRow]:
+        """Audit records, newest first, optionally only those matching."""
+        where: list[str] = ["1 = 1"]
+        params: list[object] = []
+        for column, value in (("control_id", control_id), ("ack_code", ack_code), ("peer", peer)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if since is not None:
+            where.append("received_at >= ?")
+            params.append(since)
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT id, received_at, peer, client_subject, pod, message_id, control_id,"
+                " msg_type, size, sha256, ack_code, rule, connectors FROM audit"
+                f" WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
+                (*params, limit),
+            ).fetchall()
+        return [AuditRow(*row) for row in rows]
 
     def dead_letters(self, connector: str) -> list[str]:
         """Message ids in a connector's dead-letter queue, oldest first."""
