@@ -178,7 +178,6 @@ class _Discard(Protocol):
             self.done.errback(reason)
 
 
-@implementer(IConnector)
 def _closed_before_response(error: BaseException) -> bool:
     """The connection closed before any response byte: a pooled connection
     the server had already given up on."""
@@ -187,6 +186,7 @@ def _closed_before_response(error: BaseException) -> bool:
     return any(r.check(ConnectionDone, ConnectionLost) for r in error.reasons)
 
 
+@implementer(IConnector)
 class HTTPConnector:
     """POSTs each delivery over one persistent connection pool."""
 
