@@ -34,7 +34,6 @@ import platform
 import shutil
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,7 +46,6 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from run import (  # noqa: E402
-    LOADGEN,
     BenchError,
     Server,
     _cpu_list,
@@ -55,6 +53,7 @@ from run import (  # noqa: E402
     _git_rev,
     _tail,
     count_rows,
+    run_loadgen,
     server_env,
     twistd_command,
 )
@@ -136,33 +135,6 @@ def queue_depths(db: Path) -> dict[str, int] | str:
     return depths
 
 
-def run_loadgen(args: argparse.Namespace, port: int, conns: int, rate: float,
-                server_pid: int) -> dict[str, Any]:
-    """Run loadgen.py once; return its JSON report."""
-    cmd = [
-        sys.executable, str(LOADGEN), "--port", str(port), "--connections", str(conns),
-        "--duration", str(args.duration), "--warmup", str(args.warmup),
-        "--size", str(args.size), "--workers", str(args.workers),
-        "--ack-timeout", str(args.ack_timeout), "--server-pid", str(server_pid),
-        "--rate", str(rate),
-    ]
-    budget = args.warmup + args.duration + args.ack_timeout + 60
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    if args.pin != "none":
-        os.sched_setaffinity(proc.pid, _cpu_list(args.loadgen_cpus))
-    try:
-        stdout, stderr = proc.communicate(timeout=budget)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate(timeout=10)
-        raise BenchError(f"loadgen did not finish within {budget:.0f}s") from None
-    sys.stderr.write("    " + stderr.decode(errors="replace").strip().replace("\n", "\n    ") + "\n")
-    try:
-        return dict(json.loads(stdout.decode().strip().splitlines()[-1]))
-    except (ValueError, IndexError):
-        raise BenchError(f"loadgen rc={proc.returncode}, no JSON: {stderr.decode()[-800:]}") from None
-
-
 def one_run(args: argparse.Namespace, conns: int, rate: float, rep: int,
             tmp: Path) -> dict[str, Any]:
     """Fresh sinks and server, one loadgen run, then wait for the queues to drain."""
@@ -198,7 +170,7 @@ def one_run(args: argparse.Namespace, conns: int, rate: float, rep: int,
         sys.stderr.write(f"  c={conns} rate={rate or 'max'} r={rep}: mllpd pid "
                          f"{server.proc.pid} port {port}, sinks {sinks['mllp'].port} "
                          f"(mllp) {sinks['http'].port} (http)\n")
-        load = run_loadgen(args, port, conns, rate, server.proc.pid)
+        load = run_loadgen(args, port, conns, server.proc.pid, rate)
         rec["load"] = load
         rec["queue_at_end"] = queue_depths(db)
         stored = count_rows(db)

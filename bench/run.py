@@ -178,14 +178,15 @@ def server_env(args: argparse.Namespace, db: Path) -> dict[str, str]:
 
 
 def run_loadgen(args: argparse.Namespace, port: int, conns: int,
-                server_pid: int) -> dict[str, Any]:
-    """Run loadgen.py once; return its JSON report."""
+                server_pid: int, rate: float = 0.0) -> dict[str, Any]:
+    """Run loadgen.py once (``rate`` msgs/s in all, 0: as fast as ACKs come
+    back); return its JSON report."""
     cmd = [
         sys.executable, str(LOADGEN), "--port", str(port), "--connections", str(conns),
         "--duration", str(args.duration), "--warmup", str(args.warmup),
         "--size", str(args.size), "--workers", str(args.workers),
         "--ack-timeout", str(args.ack_timeout),
-        "--server-pid", str(server_pid),
+        "--server-pid", str(server_pid), "--rate", str(rate),
     ]
     budget = args.warmup + args.duration + args.ack_timeout + 60
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

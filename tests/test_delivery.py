@@ -94,19 +94,13 @@ class _UpstreamProtocol(Protocol):
                 self.transport.write(frame(reply))  # type: ignore[union-attr]
 
 
-class MLLPUpstream:
-    """An MLLP server on 127.0.0.1 that records every frame it gets and
-    answers each with ``answer(payload, index)`` (None: hold the answer)."""
+class _Port:
+    """The port of an upstream: reserved (connections refused), listening, or
+    down with every open connection cut."""
 
-    def __init__(self, case: TestCase, answer: Answer | None = None) -> None:
-        self.answer: Answer = answer or (lambda payload, n: upstream_ack(payload))
-        self.received: list[bytes] = []
-        self.held: list[tuple[_UpstreamProtocol, bytes]] = []
-        self.connections: set[_UpstreamProtocol] = set()
-        self.port = 0
-        self._listening: Any = None
-        self._reserved: socket.socket | None = None
-        case.addCleanup(self.close)
+    port = 0
+    _listening: Any = None
+    _reserved: socket.socket | None = None
 
     def reserve(self) -> int:
         """Take a port without listening: connections to it are refused."""
@@ -116,16 +110,47 @@ class MLLPUpstream:
         self.port = sock.getsockname()[1]
         return self.port
 
-    def listen(self) -> int:
+    def _listen(self, factory: Any) -> int:
         """Listen on the reserved (or the last) port, or a new one."""
         if self._reserved is not None:
             self._reserved.close()
             self._reserved = None
-        factory = Factory.forProtocol(lambda: _UpstreamProtocol(self))
-        factory.noisy = False
         self._listening = reactor.listenTCP(self.port, factory, interface=LOOPBACK)
         self.port = self._listening.getHost().port
         return self.port
+
+    def _open_transports(self) -> list[Any]:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Go down: stop listening and cut every open connection (the
+        connector's kept-alive ones too)."""
+        if self._reserved is not None:
+            self._reserved.close()
+            self._reserved = None
+        listening, self._listening = self._listening, None
+        for transport in self._open_transports():
+            transport.abortConnection()
+        if listening is not None:
+            await listening.stopListening()
+
+
+class MLLPUpstream(_Port):
+    """An MLLP server on 127.0.0.1 that records every frame it gets and
+    answers each with ``answer(payload, index)`` (None: hold the answer)."""
+
+    def __init__(self, case: TestCase, answer: Answer | None = None) -> None:
+        self.answer: Answer = answer or (lambda payload, n: upstream_ack(payload))
+        self.received: list[bytes] = []
+        self.held: list[tuple[_UpstreamProtocol, bytes]] = []
+        self.connections: set[_UpstreamProtocol] = set()
+        case.addCleanup(self.close)
+
+    def listen(self) -> int:
+        """Listen on the reserved (or the last) port, or a new one."""
+        factory = Factory.forProtocol(lambda: _UpstreamProtocol(self))
+        factory.noisy = False
+        return self._listen(factory)
 
     def release(self) -> None:
         """Answer every held message with an AA."""
@@ -134,16 +159,8 @@ class MLLPUpstream:
             if proto.transport is not None:
                 proto.transport.write(frame(upstream_ack(payload)))
 
-    async def close(self) -> None:
-        """Go down: stop listening and cut every open connection."""
-        if self._reserved is not None:
-            self._reserved.close()
-            self._reserved = None
-        listening, self._listening = self._listening, None
-        for proto in list(self.connections):
-            proto.transport.abortConnection()  # type: ignore[union-attr]
-        if listening is not None:
-            await listening.stopListening()
+    def _open_transports(self) -> list[Any]:
+        return [p.transport for p in self.connections if p.transport is not None]
 
     def control_ids(self) -> list[str]:
         return [control_id(p) for p in self.received]
@@ -188,7 +205,7 @@ class _TrackingSite(Site):
         pass
 
 
-class HTTPUpstream(Resource):
+class HTTPUpstream(_Port, Resource):
     """A twisted.web server that records every POST and answers with
     ``status(body, index) -> (code, headers)``."""
 
@@ -199,9 +216,6 @@ class HTTPUpstream(Resource):
         self.status: Status = status or (lambda body, n: (200, {}))
         self.posts: list[Posted] = []
         self.codes: list[int] = []
-        self.port = 0
-        self._listening: Any = None
-        self._reserved: socket.socket | None = None
         self.connections: set[Any] = set()
         self._site = _TrackingSite(self)
         case.addCleanup(self.close)
@@ -220,31 +234,11 @@ class HTTPUpstream(Resource):
             request.setHeader(name, value)
         return b""
 
-    def reserve(self) -> int:
-        sock = socket.socket()
-        sock.bind((LOOPBACK, 0))
-        self._reserved = sock
-        self.port = sock.getsockname()[1]
-        return self.port
-
     def listen(self) -> int:
-        if self._reserved is not None:
-            self._reserved.close()
-            self._reserved = None
-        self._listening = reactor.listenTCP(self.port, self._site, interface=LOOPBACK)
-        self.port = self._listening.getHost().port
-        return self.port
+        return self._listen(self._site)
 
-    async def close(self) -> None:
-        if self._reserved is not None:
-            self._reserved.close()
-            self._reserved = None
-        listening, self._listening = self._listening, None
-        if listening is not None:
-            await listening.stopListening()
-        # Persistent connections from the connector's pool: cut them too.
-        for transport in list(self.connections):
-            transport.abortConnection()
+    def _open_transports(self) -> list[Any]:
+        return list(self.connections)
 
     def control_ids(self) -> list[str]:
         return [control_id(p.body) for p in self.posts]

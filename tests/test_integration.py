@@ -393,23 +393,22 @@ class StartupTests(SynchronousTestCase):
         server = spawn_server(self, workdir=workdir, db_path=missing)
         self.assert_startup_error(server, "MLLP_DB_PATH")
 
-    def test_bad_config_names_the_rule(self) -> None:
-        """A rule that does not compile stops startup with one line naming MLLP_CONFIG and the rule."""
+    def start_with_config(self, text: str) -> ServerProcess:
         workdir = make_workdir(self)
         config = os.path.join(workdir, "mllp.yaml")
         with open(config, "w") as f:
-            f.write("rules:\n  - name: broken-rule\n    expr: pid.id ==\n")
-        server = spawn_server(self, workdir=workdir, env={"MLLP_CONFIG": config})
+            f.write(text)
+        return spawn_server(self, workdir=workdir, env={"MLLP_CONFIG": config})
+
+    def test_bad_config_names_the_rule(self) -> None:
+        """A rule that does not compile stops startup with one line naming MLLP_CONFIG and the rule."""
+        server = self.start_with_config("rules:\n  - name: broken-rule\n    expr: pid.id ==\n")
         self.assert_startup_error(server, "MLLP_CONFIG")
         self.assertIn("broken-rule", server.stderr_lines[0])
 
     def test_bad_connector_option_names_it(self) -> None:
         """A connector with a bad option stops startup with one line naming the connector."""
-        workdir = make_workdir(self)
-        config = os.path.join(workdir, "mllp.yaml")
-        with open(config, "w") as f:
-            f.write("connectors:\n  - name: lake\n    type: http\n    url: ftp://x\n")
-        server = spawn_server(self, workdir=workdir, env={"MLLP_CONFIG": config})
+        server = self.start_with_config("connectors:\n  - name: lake\n    type: http\n    url: ftp://x\n")
         self.assert_startup_error(server, "MLLP_CONFIG")
         self.assertIn("lake", server.stderr_lines[0])
 
