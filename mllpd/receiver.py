@@ -26,7 +26,14 @@ from mllpd.hl7 import (
     parse_message,
 )
 from mllpd.identities import ClientIdentities
-from mllpd.outbox import AuditRecord, Envelope, IOutbox, OutboxError, StoreResult
+from mllpd.outbox import (
+    AuditRecord,
+    Envelope,
+    IOutbox,
+    OutboxError,
+    StoreResult,
+    over_limit,
+)
 from mllpd.rules import RuleError, RuleSet
 
 __all__ = ["Receiver", "Reply"]
@@ -190,13 +197,10 @@ class Receiver:
         if not self.accepting:
             error = AckError("207", "server is shutting down; resend later")
             return succeed(self._reply(header, message.codec, REJECT, error, payload))
-        if self.max_messages is not None or self.max_bytes is not None:
-            messages, size = self.outbox.backlog()
-            if (self.max_messages is not None and messages >= self.max_messages) or (
-                self.max_bytes is not None and size >= self.max_bytes
-            ):
-                error = AckError("207", "outbox is full (MLLP_MAX_OUTBOX); resend later")
-                return succeed(self._reply(header, message.codec, REJECT, error, payload))
+        limited = self.max_messages is not None or self.max_bytes is not None
+        if limited and over_limit(self.outbox.backlog(), self.max_messages, self.max_bytes):
+            error = AckError("207", "outbox is full (MLLP_MAX_OUTBOX); resend later")
+            return succeed(self._reply(header, message.codec, REJECT, error, payload))
         routes: tuple[str, ...] = ()
         if self.rules is not None:
             model = self.rules.model(message)

@@ -620,9 +620,10 @@ class UpstreamTests(UpstreamBase):
         self.assertEqual(upstream.connections[0].raw, b"".join(SB + p + EB for p in payloads))
         self.assertEqual(len(upstream.connections), 1)
 
-    async def test_wrong_msa2_then_delivered_on_new_connection(self) -> None:
-        """A foreign ACK gives Retry and closes the connection; the retry is delivered on a new one."""
-        upstream = Upstream(["wrong", "AA"])
+    async def retried_on_new_connection(self, first: str) -> Upstream:
+        """Upstream answers ``first``, then AA: Retry, the connection dropped,
+        and the retry delivered over a second connection."""
+        upstream = Upstream([first, "AA"])
         connector, clock = self.connector(self.listen(upstream))
         outcome = await self.settle(connector.deliver(delivery("C1")), clock)
         self.assertIsInstance(outcome, Retry)
@@ -630,6 +631,11 @@ class UpstreamTests(UpstreamBase):
         outcome = await self.settle(connector.deliver(delivery("C1", attempt=2)), clock)
         self.assertEqual(outcome, Delivered("AA"))
         self.assertEqual(len(upstream.connections), 2)
+        return upstream
+
+    async def test_wrong_msa2_then_delivered_on_new_connection(self) -> None:
+        """A foreign ACK gives Retry and closes the connection; the retry is delivered on a new one."""
+        upstream = await self.retried_on_new_connection("wrong")
         self.assertEqual(upstream.received, [hl7("C1"), hl7("C1")])
 
     async def test_stale_ack_after_timeout_cannot_deliver_next_message(self) -> None:
@@ -648,14 +654,7 @@ class UpstreamTests(UpstreamBase):
 
     async def test_garbage_then_delivered(self) -> None:
         """Garbage instead of an ACK gives Retry and a new connection for the retry."""
-        upstream = Upstream(["garbage", "AA"])
-        connector, clock = self.connector(self.listen(upstream))
-        outcome = await self.settle(connector.deliver(delivery("C1")), clock)
-        self.assertIsInstance(outcome, Retry)
-        await upstream.connections[0].lost
-        outcome = await self.settle(connector.deliver(delivery("C1", attempt=2)), clock)
-        self.assertEqual(outcome, Delivered("AA"))
-        self.assertEqual(len(upstream.connections), 2)
+        await self.retried_on_new_connection("garbage")
 
     async def test_no_answer(self) -> None:
         """An upstream that never answers: Retry after ack_timeout and the connection is closed."""

@@ -21,6 +21,7 @@ __all__ = [
     "OutboxError",
     "QueuedDelivery",
     "StoreResult",
+    "over_limit",
 ]
 
 
@@ -99,6 +100,13 @@ class Backlog(NamedTuple):
 
     messages: int
     size: int
+
+
+def over_limit(backlog: Backlog, max_messages: int | None, max_bytes: int | None) -> bool:
+    """Past MLLP_MAX_OUTBOX (a message count, a size, or neither)."""
+    return (max_messages is not None and backlog.messages >= max_messages) or (
+        max_bytes is not None and backlog.size >= max_bytes
+    )
 
 
 class IOutbox(Interface):

@@ -26,6 +26,7 @@ from mllpd.outbox import (
     OutboxError,
     QueuedDelivery,
     StoreResult,
+    over_limit,
 )
 
 __all__ = ["SQLiteOutbox", "open_database", "prune_interval", "schema_files"]
@@ -352,10 +353,7 @@ class SQLiteOutbox:
     @property
     def full(self) -> bool:
         """Past MLLP_MAX_OUTBOX: new messages must get AR."""
-        count, size = self._backlog
-        return (self.max_count is not None and count >= self.max_count) or (
-            self.max_bytes is not None and size >= self.max_bytes
-        )
+        return over_limit(self._backlog, self.max_count, self.max_bytes)
 
     def _count(self) -> Deferred[object]:
         # Commits that return during the read may be in its snapshot or
