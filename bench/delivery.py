@@ -30,14 +30,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sqlite3
 import statistics
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +47,12 @@ from run import (  # noqa: E402
     BenchError,
     Server,
     _cpu_list,
-    _fs_type,
-    _git_rev,
     _tail,
     count_rows,
     run_loadgen,
     server_env,
     twistd_command,
+    write_report,
 )
 
 SINKS = HERE / "sinks.py"
@@ -362,18 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     md = table(cells)
-    meta = {
-        "time": stamp, "git": _git_rev(), "python": platform.python_version(),
-        "twisted": metadata.version("twisted"), "cpus": os.cpu_count(),
-        "platform": platform.platform(), "args": vars(args), "rule": RULE,
-        "twistd": twistd_command(args.twistd), "outbox_fs": _fs_type(tmp),
-    }
-    out = results / f"delivery-{stamp}.json"
-    out.write_text(json.dumps({"meta": meta, "table": md, "runs": runs}, indent=2) + "\n")
-    (results / f"delivery-{stamp}.md").write_text(md + "\n")
-    print(md)
-    print(f"\nresults: {out}" + ("" if not failed else "  (SOME RUNS FAILED, see JSON)"))
-    return 1 if failed else 0
+    return write_report(args, tmp, stamp, "delivery", md, runs, failed, rule=RULE)
 
 
 if __name__ == "__main__":

@@ -392,16 +392,23 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     md = table(cells, args.conns, targets)
+    return write_report(args, tmp, stamp, "run", md, runs, failed)
+
+
+def write_report(args: argparse.Namespace, tmp: Path, stamp: str, kind: str, md: str,
+                 runs: list[dict[str, Any]], failed: bool, **meta: Any) -> int:
+    """Print the table and keep it, the runs and how they were made as
+    ``<kind>-<stamp>.json`` and ``.md`` in --results-dir; 1 if a run failed."""
+    results = Path(args.results_dir)
     meta = {
         "time": stamp, "git": _git_rev(), "python": platform.python_version(),
         "twisted": metadata.version("twisted"), "cpus": os.cpu_count(),
-        "platform": platform.platform(), "args": {k: v for k, v in vars(args).items()},
-        "twistd": twistd_command(args.twistd), "outbox_fs": _fs_type(tmp),
+        "platform": platform.platform(), "args": vars(args),
+        "twistd": twistd_command(args.twistd), "outbox_fs": _fs_type(tmp), **meta,
     }
-    report = {"meta": meta, "table": md, "runs": runs}
-    out = results / f"run-{stamp}.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    (results / f"run-{stamp}.md").write_text(md + "\n")
+    out = results / f"{kind}-{stamp}.json"
+    out.write_text(json.dumps({"meta": meta, "table": md, "runs": runs}, indent=2) + "\n")
+    (results / f"{kind}-{stamp}.md").write_text(md + "\n")
     print(md)
     print(f"\nresults: {out}" + ("" if not failed else "  (SOME RUNS FAILED, see JSON)"))
     return 1 if failed else 0
