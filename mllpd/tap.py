@@ -105,6 +105,7 @@ def makeService(options: Any) -> IService:
             dedup_window=settings.dedup_window,
             retention=settings.retention,
             pod=settings.pod_name,
+            wal_limit=settings.wal_limit,
         )
     except OutboxError as e:
         raise SystemExit(f"mllpd: MLLP_DB_PATH: {e}") from None
@@ -113,6 +114,8 @@ def makeService(options: Any) -> IService:
     if settings.metrics_addr or otlp_on:
         metrics = Metrics(pod=settings.pod_name, namespace=settings.pod_namespace)
         outbox.commit_observer = metrics.commit_done
+        if outbox.wal is not None:
+            metrics.watch_wal(outbox.wal)
         if tls is not None:
             metrics.watch_tls_reloads(tls.reloads)
     receiver = Receiver(

@@ -425,7 +425,12 @@ class Store:
         peer: str | None = None,
         since: float | None = None,
     ) -> list[AuditRow]:
-        """Audit records, newest first, optionally only those matching."""
+        """Audit records, newest first, optionally only those matching.
+
+        A stored message's record is its row in ``messages``; the others
+        are in ``audit_log``. Each is read newest first (by id, which is
+        arrival order) and the two are merged.
+        """
         where: list[str] = ["1 = 1"]
         params: list[object] = []
         for column, value in (("control_id", control_id), ("ack_code", ack_code), ("peer", peer)):
@@ -435,14 +440,20 @@ class Store:
         if since is not None:
             where.append("received_at >= ?")
             params.append(since)
+        condition = " AND ".join(where)
+        found: list[AuditRow] = []
         with self._read() as conn:
-            rows = conn.execute(
-                "SELECT id, received_at, peer, client_subject, pod, message_id, control_id,"
-                " msg_type, size, sha256, ack_code, rule, connectors FROM audit"
-                f" WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
-                (*params, limit),
-            ).fetchall()
-        return [AuditRow(*row) for row in rows]
+            for source, rule in (("messages", "NULL"), ("audit_log", "rule")):
+                found.extend(
+                    AuditRow(*row) for row in conn.execute(
+                        "SELECT id, received_at, peer, client_subject, pod, message_id,"
+                        f" control_id, msg_type, size, sha256, ack_code, {rule}, connectors"
+                        f" FROM {source} WHERE {condition} ORDER BY id DESC LIMIT ?",
+                        (*params, limit),
+                    )
+                )
+        found.sort(key=lambda row: row.received_at, reverse=True)
+        return found[:limit]
 
     def dead_letters(self, connector: str) -> list[str]:
         """Message ids in a connector's dead-letter queue, oldest first."""
@@ -537,6 +548,7 @@ class Store:
         False when there is no such message."""
         with self._write() as conn:
             conn.execute("DELETE FROM deliveries WHERE message_id = ?", (message_id,))
+            _keep_audit(conn, "message_id = ?", (message_id,))
             gone = conn.execute("DELETE FROM messages WHERE message_id = ?", (message_id,))
             return gone.rowcount > 0
 
@@ -581,6 +593,11 @@ class Store:
                 )
                 ids = sorted({r[1] for r in rows})
                 id_marks = ", ".join("?" * len(ids))
+                orphaned = (
+                    f"message_id IN ({id_marks}) AND NOT EXISTS (SELECT 1 FROM deliveries d"
+                    " WHERE d.message_id = messages.message_id)"
+                )
+                _keep_audit(conn, orphaned, ids)
                 conn.execute(
                     f"DELETE FROM messages WHERE message_id IN ({id_marks})"
                     " AND NOT EXISTS (SELECT 1 FROM deliveries d"
@@ -589,3 +606,16 @@ class Store:
                 )
             removed += len(rows)
         return removed
+
+
+def _keep_audit(conn: sqlite3.Connection, condition: str, params: Sequence[object]) -> None:
+    """Move the audit records of the messages about to be deleted into
+    ``audit_log``: a stored message's record is part of its row, and audit
+    records outlive a deletion."""
+    conn.execute(
+        "INSERT INTO audit_log (received_at, peer, client_subject, pod, message_id,"
+        " control_id, msg_type, size, sha256, ack_code, rule, connectors)"
+        " SELECT received_at, peer, client_subject, pod, message_id, control_id, msg_type,"
+        f" size, sha256, ack_code, NULL, connectors FROM messages WHERE {condition}",
+        params,
+    )
