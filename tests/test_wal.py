@@ -180,7 +180,7 @@ class CrashTests(TestCase):
         rows = select(path, "SELECT message_id, payload FROM messages ORDER BY id")
         self.assertEqual(len(rows), count)
         for i, (message_id, payload) in enumerate(rows):
-            self.assertEqual(message_id, "m%08d" % i)
+            self.assertEqual(message_id, f"m{i:08d}")
             self.assertEqual(payload, b"MSH|^~\\&|A|B|C|D|||ADT^A01|C%d|P|2.5\r" % i + b"x" * 2000)
         self.assertEqual(
             select(path, "SELECT COUNT(*) FROM deliveries WHERE state = 'pending'"), [(count,)]
