@@ -76,6 +76,9 @@ def makeService(options: Any) -> IService:
     from mllpd.validation import structure_validator
 
     settings: Settings = getattr(options, "settings", None) or load_settings(os.environ, {})
+    # What mllpd writes (the outbox holds PHI) is for mllpd alone; twistd's
+    # --umask, applied after makeService, still wins when given.
+    os.umask(0o077)
     try:
         endpoint = serverFromString(reactor, settings.port)
     except (ValueError, KeyError, TypeError) as e:

@@ -9,6 +9,7 @@ import random
 import selectors
 import signal
 import socket
+import stat
 import string
 import threading
 import time
@@ -433,6 +434,24 @@ class StartupTests(SynchronousTestCase):
 
 PATIENT = "ZZTESTPATIENT"
 MRN = "MRN123"
+
+
+class FilePermissionTests(SynchronousTestCase):
+    """The outbox holds PHI: only mllpd's user can read it."""
+
+    def test_outbox_files_private_under_nodaemon(self) -> None:
+        """Started with umask 022 under twistd --nodaemon, every file mllpd writes (outbox.db, -wal, -shm) is 0600."""
+        old_umask = os.umask(0o022)
+        try:
+            server = spawn_server(self)
+        finally:
+            os.umask(old_umask)
+        server.wait_listening()
+        assert_serves(self, server, "PERM-1")
+        names = sorted(os.listdir(server.workdir))
+        self.assertEqual(names, ["outbox.db", "outbox.db-shm", "outbox.db-wal"])
+        modes = {n: oct(stat.S_IMODE(os.stat(os.path.join(server.workdir, n)).st_mode)) for n in names}
+        self.assertEqual(set(modes.values()), {"0o600"}, modes)
 
 
 class LoggingAndShutdownTests(SynchronousTestCase):

@@ -6,6 +6,7 @@ import hashlib
 import os
 import shutil
 import sqlite3
+import stat
 import tempfile
 import time
 import uuid
@@ -225,6 +226,26 @@ class SchemaTests(SynchronousTestCase):
         with self.assertRaises(OutboxError) as ctx:
             open_database(path)
         self.assertIn("newer", str(ctx.exception))
+
+    def test_files_private_whatever_the_umask(self) -> None:
+        """Under umask 022 the outbox and its -wal and -shm are created 0600; an older 0644 outbox is made 0600."""
+        old_umask = os.umask(0o022)
+        self.addCleanup(os.umask, old_umask)
+        path = temp_db(self)
+        conn = open_database(path)
+        conn.execute("INSERT INTO schema_version VALUES (0)")  # something in the WAL
+        modes = {s: stat.S_IMODE(os.stat(path + s).st_mode) for s in ("", "-wal", "-shm")}
+        conn.close()
+        self.assertEqual(modes, {"": 0o600, "-wal": 0o600, "-shm": 0o600})
+        older = os.path.join(os.path.dirname(path), "older.db")
+        conn = sqlite3.connect(older)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("CREATE TABLE t (x)")
+        self.assertEqual(stat.S_IMODE(os.stat(older + "-wal").st_mode), 0o644)
+        open_database(older).close()
+        modes = {s: stat.S_IMODE(os.stat(older + s).st_mode) for s in ("", "-wal", "-shm")}
+        conn.close()
+        self.assertEqual(modes, {"": 0o600, "-wal": 0o600, "-shm": 0o600})
 
     def test_unopenable_path(self) -> None:
         """A path in a missing directory fails with one line naming the file."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -71,6 +72,7 @@ def open_database(path: str) -> sqlite3.Connection:
     Raises :class:`OutboxError` with a one-line reason when the file cannot
     be opened, written or migrated.
     """
+    _private_files(path)
     try:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA busy_timeout = 5000")
@@ -83,6 +85,34 @@ def open_database(path: str) -> sqlite3.Connection:
     except sqlite3.Error as e:
         raise OutboxError(f"cannot open outbox {path}: {e}") from None
     return conn
+
+
+def _private_files(path: str) -> None:
+    """Create the outbox 0600 and take group and other access off existing files.
+
+    The outbox holds PHI. SQLite gives ``-wal`` and ``-shm`` the mode of the
+    database file, so creating that one private (whatever the umask) keeps
+    all three private; files left by an older version are tightened here.
+    """
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise OutboxError(f"cannot open outbox {path}: {e.strerror or e}") from None
+    os.close(fd)
+    for name in (path, path + "-wal", path + "-shm"):
+        try:
+            mode = os.stat(name).st_mode & 0o777
+            if mode & 0o077:
+                os.chmod(name, mode & 0o700)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            log.warn(
+                "cannot make {path} private ({reason}); it stays readable by others",
+                event="outbox_permissions", path=name, reason=e.strerror or str(e),
+            )
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
