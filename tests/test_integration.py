@@ -454,6 +454,25 @@ class FilePermissionTests(SynchronousTestCase):
         self.assertEqual(set(modes.values()), {"0o600"}, modes)
 
 
+class AuditBoundTests(SynchronousTestCase):
+    """Refused messages leave small audit records, whatever they carried."""
+
+    def test_refused_huge_control_ids_leave_bounded_audit_rows(self) -> None:
+        """20 refused frames with 1 MiB MSH-10s add 20 audit rows of at most a few hundred bytes each."""
+        server = start_server(self)
+        huge = "C" * (1024 * 1024)
+        with MLLPClient(_port(server)) as client:
+            for n in range(20):
+                ack = client.request(hl7_message(f"{n:02d}{huge}", version="9.9"), timeout=30)
+                self.assertEqual(ack.code, "AR")
+        assert_serves(self, server, "AFTER-HUGE")
+        server.stop()
+        rows = query(server.db_path, "SELECT ack_code, length(control_id), substr(control_id, 1, 2) FROM audit"
+                                     " WHERE ack_code = 'AR' ORDER BY id")
+        self.assertEqual([(code, start) for code, _, start in rows], [("AR", f"{n:02d}") for n in range(20)])
+        self.assertLessEqual(max(length for _, length, _ in rows), 250)
+
+
 class LoggingAndShutdownTests(SynchronousTestCase):
     """Logs carry fields, never message content; SIGTERM stops in stages."""
 

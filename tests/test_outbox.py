@@ -340,6 +340,31 @@ class AuditTests(_Opening):
         self.assertEqual(queued, [("ehr",), ("lake",)])
         self.assertEqual(select(path, "SELECT COUNT(*) FROM messages"), [(2,)])
 
+    async def test_audit_fields_bounded(self) -> None:
+        """A 2 MiB MSH-10 (and an oversized type, peer or subject) is stored cut to its limit with the full length marked."""
+        path = temp_db(self)
+        outbox = self.open(path)
+        huge = "X" * (2 * 1024 * 1024)
+        for n in range(20):
+            outbox.audit(AuditRecord(
+                received_at=1001.0, peer="p" * 500, client_subject="CN=" + "s" * 5000,
+                control_id=f"{n:02d}{huge}", msg_type="T" * 1000, size=len(huge), sha256="ab" * 32,
+                ack_code="AR",
+            ))
+        await outbox.store(routed("Y" * 300, "ehr"))
+        trail = select(path, "SELECT control_id, msg_type, peer, client_subject FROM audit ORDER BY id")
+        self.assertEqual(len(trail), 21)
+        by_start = {r[0][:2]: r for r in trail}
+        control_id, msg_type, peer, subject = by_start["00"]
+        self.assertEqual(control_id, "00" + "X" * 197 + f"…[{2 * 1024 * 1024 + 2} chars]")
+        self.assertEqual(msg_type, "T" * 15 + "…[1000 chars]")
+        self.assertEqual(peer, "p" * 128 + "…[500 chars]")
+        self.assertEqual(subject, "CN=" + "s" * 1021 + "…[5003 chars]")
+        self.assertEqual(by_start["YY"][0], "Y" * 199 + "…[300 chars]")
+        # The stored message itself keeps every byte.
+        self.assertEqual(select(path, "SELECT length(control_id) FROM messages"), [(300,)])
+        self.assertLess(sum(len(r[0]) for r in trail), 21 * 250)
+
     async def test_audit_records_cannot_be_updated(self) -> None:
         """An UPDATE of an audit record is refused by the database itself."""
         path = temp_db(self)

@@ -19,6 +19,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mllpd.outbox import (
+    AUDIT_LIMITS,
     AuditRecord,
     Backlog,
     Envelope,
@@ -27,6 +28,8 @@ from mllpd.outbox import (
     OutboxError,
     QueuedDelivery,
     StoreResult,
+    bounded,
+    bounded_audit,
     over_limit,
 )
 
@@ -180,9 +183,12 @@ def _row(e: Envelope) -> tuple[object, ...]:
 
 
 def _audit_row(e: Envelope, message_id: str, pod: str | None, connectors: str) -> tuple[object, ...]:
+    subject = e.client_subject
     return (
-        e.received_at, e.peer, e.client_subject, pod, message_id, e.control_id,
-        e.msg_type, e.size, e.sha256, e.ack_code, None, connectors,
+        e.received_at, bounded(e.peer, AUDIT_LIMITS["peer"]),
+        None if subject is None else bounded(subject, AUDIT_LIMITS["client_subject"]),
+        pod, message_id, bounded(e.control_id, AUDIT_LIMITS["control_id"]),
+        bounded(e.msg_type, AUDIT_LIMITS["msg_type"]), e.size, e.sha256, e.ack_code, None, connectors,
     )
 
 
@@ -493,7 +499,8 @@ class SQLiteOutbox:
     def audit(self, record: AuditRecord) -> None:
         if self._closing:
             return
-        self._audits.append(record)
+        # Bounded now: the record waits in memory for the next commit.
+        self._audits.append(bounded_audit(record))
         self._schedule()
 
     def prune(self) -> Deferred[int]:
