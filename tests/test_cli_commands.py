@@ -253,6 +253,18 @@ class CommandTests(SynchronousTestCase):
                          f"mllp-cli: no outbox at {missing} (set --db or MLLP_DB_PATH)\n")
         self.assertFalse(os.path.exists(missing))
 
+    def test_older_outbox_not_migrated(self) -> None:
+        """An outbox at an older schema (an older server on it) exits 2 with one line; the schema is unchanged."""
+        conn = connect(self.path)
+        conn.execute("DELETE FROM schema_version WHERE version > 1")
+        conn.close()
+        result = self.run_cli("stats")
+        self.assertEqual(result.returncode, 2)
+        self.assertTrue(result.stderr.startswith("mllp-cli: outbox schema version 1 is older than this mllp-cli"),
+                        result.stderr)
+        self.assertEqual(result.stderr.count("\n"), 1)
+        self.assertEqual(query(self.path, "SELECT MAX(version) FROM schema_version"), [(1,)])
+
 
 class LiveServerTests(SynchronousTestCase):
     def test_commands_while_server_routes(self) -> None:
