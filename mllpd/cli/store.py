@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from mllpd.cli.fields import field_names
 from mllpd.hl7 import DecodeError, NotHL7Error, codec_for_charset, parse_message
 from mllpd.outbox import OutboxError
-from mllpd.outbox.sqlite import open_database, schema_files
+from mllpd.outbox.sqlite import schema_files
 
 __all__ = [
     "STATES",
@@ -223,7 +223,7 @@ def _preview(head: bytes, charset: str | None) -> str:
 
 
 class Store:
-    """The outbox file, opened with the server's own migration code.
+    """The outbox file, at the schema version this mllpd writes; never migrated.
 
     A file the server has not created yet is refused rather than created, so
     a mistyped path does not silently show an empty outbox.
@@ -251,9 +251,9 @@ class Store:
 
     @staticmethod
     def _open(path: str, busy_timeout: float) -> sqlite3.Connection:
-        # Migrating takes the write lock, so only an outbox that is behind
-        # goes through open_database; an up-to-date one is opened with a
-        # read, which never waits for the server's commit in progress.
+        # Read/write, never migrated from here: a newer mllp-cli must not
+        # change the schema under an older server that is running on it
+        # (the server migrates its own file when it starts).
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
         newest = schema_files("sqlite")[-1][0]
@@ -265,12 +265,15 @@ class Store:
             conn.close()
             raise StoreError(
                 f"outbox schema version {current} is newer than this mllpd knows "
-                f"({newest}); upgrade mllpd"
+                f"({newest}); use the mllp-cli of the mllpd that wrote it"
             )
         if current < newest:
             conn.close()
-            conn = open_database(path)
-            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            raise StoreError(
+                f"outbox schema version {current} is older than this mllp-cli needs ({newest}); "
+                "it does not migrate the outbox: use the mllp-cli of the running mllpd, "
+                "or start this version's mllpd, which migrates it"
+            )
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute("PRAGMA synchronous = FULL")
         return conn
