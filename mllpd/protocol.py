@@ -546,6 +546,17 @@ class MLLPServerFactory(Factory):
         return datetime.fromtimestamp(self.clock.seconds(), UTC)
 
     def message_done(self, peer: str, reply: Reply, latency: float) -> None:
+        if reply.parts:
+            # An HL7 batch: counted and logged message by message.
+            for part in reply.parts:
+                self.message_done(peer, part, latency)
+            log.info(
+                "batch {control_id} from {peer}: {count} messages",
+                event="batch", peer=peer, control_id=reply.control_id,
+                count=len(reply.parts), size=reply.size,
+                accepted=sum(1 for p in reply.parts if p.outcome == "A"),
+            )
+            return
         self.acks[(reply.msg_type.split("^", 1)[0], reply.code)] += 1
         if self.metrics is not None:
             self.metrics.ack_latency.observe(latency)

@@ -114,6 +114,7 @@ class LoadTests(SynchronousTestCase):
             "MLLP_METRICS_ADDR": "nowhere",
             "MLLP_RETENTION": "0",
             "MLLP_MAX_OUTBOX": "plenty",
+            "MLLP_MAX_BATCH_MESSAGES": "0",
         }
         paths = {
             "MLLP_DB_PATH", "TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CLIENT_CA",

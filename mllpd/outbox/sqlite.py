@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import NamedTuple
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, FirstError, gatherResults, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
@@ -134,10 +134,11 @@ def _statements(script: str) -> list[str]:
 
 _COLUMNS = (
     "message_id, received_at, peer, control_id, msg_type, sending_app, "
-    "sending_fac, version, charset, size, sha256, ack_code, payload"
+    "sending_fac, version, charset, size, sha256, ack_code, payload, "
+    "batch_control_id, batch_position"
 )
-_ROW = "(" + ", ".join("?" * 13) + ")"
-# Rows per INSERT statement: 13 parameters each, far below SQLite's limit.
+_ROW = "(" + ", ".join("?" * 15) + ")"
+# Rows per INSERT statement: 15 parameters each, far below SQLite's limit.
 _ROWS_PER_STATEMENT = 500
 
 
@@ -145,14 +146,14 @@ def _row(e: Envelope) -> tuple[object, ...]:
     return (
         e.message_id, e.received_at, e.peer, e.control_id, e.msg_type,
         e.sending_app, e.sending_fac, e.version, e.charset, e.size, e.sha256,
-        e.ack_code, e.payload,
+        e.ack_code, e.payload, e.batch_control_id, e.batch_position,
     )
 
 
 def _audit_row(e: Envelope, message_id: str, pod: str | None, connectors: str) -> tuple[object, ...]:
     return (
         e.received_at, e.peer, e.client_subject, pod, message_id, e.control_id,
-        e.msg_type, e.size, e.sha256, e.ack_code, None, connectors,
+        e.msg_type, e.size, e.sha256, e.ack_code, None, connectors, e.batch_control_id,
     )
 
 
@@ -177,9 +178,9 @@ def _key(e: Envelope) -> DedupKey:
 
 _AUDIT_COLUMNS = (
     "received_at, peer, client_subject, pod, message_id, control_id, msg_type, "
-    "size, sha256, ack_code, rule, connectors"
+    "size, sha256, ack_code, rule, connectors, batch_control_id"
 )
-_AUDIT_ROW = "(" + ", ".join("?" * 12) + ")"
+_AUDIT_ROW = "(" + ", ".join("?" * 13) + ")"
 _QUEUE_ROW = "(?, ?, 'pending', 0, ?, ?)"
 
 # The head of a queue: one ordered index range per state, each stopping after
@@ -229,6 +230,11 @@ def _plus(backlog: Backlog, envelope: Envelope, sign: int = 1) -> Backlog:
     return Backlog(
         backlog.messages + sign, backlog.size + sign * len(envelope.payload)
     )
+
+
+def _first_error(failure: Failure) -> Failure:
+    failure.trap(FirstError)
+    return failure.value.subFailure  # type: ignore[no-any-return]
 
 
 class QueueDepth(NamedTuple):
@@ -504,6 +510,12 @@ class SQLiteOutbox:
         self._schedule()
         return d
 
+    def store_batch(self, envelopes: Sequence[Envelope]) -> Deferred[list[StoreResult]]:
+        # Queued in one call, with no reactor turn between them, they all go
+        # into the same group-commit transaction: stored together or not at all.
+        stores = [self.store(e) for e in envelopes]
+        return gatherResults(stores, consumeErrors=True).addErrback(_first_error)
+
     def _schedule(self) -> None:
         if self._held is not None:
             # Messages are waiting: held state changes go with them, now.
@@ -570,7 +582,7 @@ class SQLiteOutbox:
             for a in audits:
                 trail.append((
                     a.received_at, a.peer, a.client_subject, pod, None, a.control_id,
-                    a.msg_type, a.size, a.sha256, a.ack_code, a.rule, "",
+                    a.msg_type, a.size, a.sha256, a.ack_code, a.rule, "", a.batch_control_id,
                 ))
             _insert(conn, "messages", _COLUMNS, _ROW, rows)
             _insert(
