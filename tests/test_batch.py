@@ -10,19 +10,23 @@ from __future__ import annotations
 import codecs
 import os
 import re
+import sqlite3
 from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet.task import Clock, deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mllpd.ack import AckError
 from mllpd.batch import BatchError, has_several_messages, is_batch, parse_batch
 from mllpd.hl7 import Message
+from mllpd.outbox import OutboxError
+from mllpd.outbox.sqlite import SQLiteOutbox
 from mllpd.receiver import Receiver, Reply
 from mllpd.testing import MemoryOutbox
+from tests.test_outbox import envelope, reactor, rows, temp_db
 
 GOLDEN = Path(__file__).parent / "golden" / "batch_ack"
 VERSIONS = ("2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.8")
@@ -374,3 +378,60 @@ class RoundTripProperty(SynchronousTestCase):
         code = "CA" if enhanced else "AA"
         self.assertEqual(msa(reply.ack, delims[0]), [(code, cid) for cid in ids])
         self.assertIn(f"BTS{delims[0]}{len(ids)}\r".encode(), reply.ack)
+
+
+class SQLiteBatchTests(TestCase):
+    """store_batch on a real SQLite file: one transaction for the whole batch."""
+
+    def open(self, path: str) -> SQLiteOutbox:
+        outbox = SQLiteOutbox(path, reactor)
+        outbox.start()
+        self.addCleanup(outbox.close)
+        return outbox
+
+    async def test_batch_stored_with_its_place(self) -> None:
+        """A stored batch keeps its order, batch control id and positions, also in the audit trail."""
+        path = temp_db(self)
+        outbox = self.open(path)
+        sent = [envelope(f"P{n}")._replace(batch_control_id="B7", batch_position=n)
+                for n in range(1, 4)]
+        results = await outbox.store_batch(sent)
+        self.assertEqual([r.message_id for r in results], [e.message_id for e in sent])
+        conn = sqlite3.connect(path)
+        self.addCleanup(conn.close)
+        self.assertEqual(
+            conn.execute("SELECT control_id, batch_control_id, batch_position FROM messages"
+                         " ORDER BY id").fetchall(),
+            [("P1", "B7", 1), ("P2", "B7", 2), ("P3", "B7", 3)],
+        )
+        self.assertEqual(
+            conn.execute("SELECT DISTINCT batch_control_id FROM audit").fetchall(), [("B7",)]
+        )
+
+    async def test_batch_all_or_nothing(self) -> None:
+        """When one message of a batch cannot be written, none of the batch is stored."""
+        path = temp_db(self)
+        outbox = self.open(path)
+        await outbox.store(envelope("F0"))
+        conn = sqlite3.connect(path)
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.close()
+        # SQLite's own limit makes it answer SQLITE_FULL exactly as on a full disk.
+        outbox._conn.execute(f"PRAGMA max_page_count = {pages + 2}")
+        big = b"MSH|^~\\&|A|B|C|D|||ADT^A01|F3|P|2.5\r" + b"x" * 200_000
+        batch_ = [envelope("F1"), envelope("F2"), envelope("F3", big)]
+        with self.assertRaises(OutboxError):
+            await outbox.store_batch(batch_)
+        self.assertEqual([r[0] for r in rows(path)], ["F0"])
+
+    async def test_batch_during_a_commit_is_not_split(self) -> None:
+        """A batch queued while another commit runs goes whole into one later commit."""
+        outbox = self.open(temp_db(self))
+        seen: list[int] = []
+        outbox.commit_observer = lambda n, _: seen.append(n)
+        first = outbox.store(envelope("S0"))
+        await deferLater(reactor, 0, lambda: None)  # S0's commit is now running
+        results = await outbox.store_batch([envelope(f"S{n}") for n in range(1, 301)])
+        await first
+        self.assertEqual(len(results), 300)
+        self.assertEqual(seen, [1, 300])
