@@ -21,6 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mllpd.ack import AckError
 from mllpd.batch import BatchError, has_several_messages, is_batch, parse_batch
+from mllpd.framing import frame
 from mllpd.hl7 import Message
 from mllpd.outbox import OutboxError
 from mllpd.outbox.sqlite import SQLiteOutbox
@@ -435,3 +436,33 @@ class SQLiteBatchTests(TestCase):
         await first
         self.assertEqual(len(results), 300)
         self.assertEqual(seen, [1, 300])
+
+
+class ProtocolTests(SynchronousTestCase):
+    """A batch frame on a connection: one reply frame, counters per message."""
+
+    def test_batch_frame_gets_one_reply_frame_in_order(self) -> None:
+        """A batch between two single messages gets one batch ACK frame, in arrival order; counters count its messages."""
+        from tests.test_protocol import Harness as ProtocolHarness
+        from tests.test_protocol import acks
+
+        h = ProtocolHarness(hold=True)
+        proto, transport = h.connect()
+        bad = "MSH|^~\\&|LAB|HOSP|EHR|HOSP|20260101||ADT^A01||P|2.5\r"
+        proto.dataReceived(
+            frame(message("S1").encode())
+            + frame(batch(message("C1"), bad, message("C2")).encode())
+            + frame(message("S2").encode())
+        )
+        h.outbox.commit_batch()
+        self.assertEqual(acks(transport), [])  # S1 still waits for its commit
+        h.outbox.commit()
+        h.outbox.commit()
+        replies = acks(transport)
+        self.assertEqual(len(replies), 3)
+        self.assertEqual(msa(replies[0].encode()), [("AA", "S1")])
+        self.assertTrue(replies[1].startswith("FHS|"))
+        self.assertEqual(msa(replies[1].encode()), [("AA", "C1"), ("AE", ""), ("AA", "C2")])
+        self.assertEqual(msa(replies[2].encode()), [("AA", "S2")])
+        self.assertEqual(h.factory.acks[("ADT", "AA")], 4)
+        self.assertEqual(h.factory.acks[("ADT", "AE")], 1)

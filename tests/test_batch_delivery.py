@@ -1,0 +1,82 @@
+"""HL7 batches end to end: the real ``twistd -n mllp`` process takes batches
+of 1, 100 and 1,000 messages and delivers every message once, in batch
+order, to an MLLP upstream of the test's own.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from tests.serverproc import MLLPClient, hl7_message, query
+from tests.test_delivery import (
+    FAST_RETRY,
+    MLLPUpstream,
+    all_delivered,
+    control_id,
+    eventually,
+    mllp_connector,
+    run_server,
+    states,
+)
+
+SIZES = (1, 100, 1000)
+
+
+def batch_payload(batch_id: str, messages: list[bytes]) -> bytes:
+    head = f"FHS|^~\\&|TESTAPP|TESTFAC|MLLPD|HOSP|20240101120000||||F-{batch_id}\r"
+    head += f"BHS|^~\\&|TESTAPP|TESTFAC|MLLPD|HOSP|20240101120000||||{batch_id}\r"
+    tail = f"BTS|{len(messages)}\rFTS|1\r"
+    return head.encode() + b"".join(messages) + tail.encode()
+
+
+def send_batches(port: int, batches: list[bytes]) -> list[bytes]:
+    """Send each batch in its own frame on one connection; the reply frames."""
+    with MLLPClient(port, timeout=60) as client:
+        client.send(*batches)
+        return [client.read_frame(60) for _ in batches]
+
+
+def msa(reply: bytes) -> list[tuple[str, str]]:
+    segments = [s.decode() for s in reply.split(b"\r") if s.startswith(b"MSA|")]
+    return [(s.split("|")[1], s.split("|")[2]) for s in segments]
+
+
+class BatchDeliveryTests(TestCase):
+    """What a batch sender gets, and what the upstream gets, through the real process."""
+
+    async def test_batches_delivered_once_in_order(self) -> None:
+        """Batches of 1, 100 and 1,000 get one AA each in a batch ACK; upstream gets every message once, in order."""
+        upstream = MLLPUpstream(self)
+        upstream.listen()
+        config = "connectors:\n" + mllp_connector("ehr", upstream.port) + FAST_RETRY + "\n"
+        server = await run_server(self, config)
+        sent: list[list[bytes]] = [
+            [hl7_message(f"B{size}-{n:04d}", pid=f"PID|1||{n}^^^HOSP^MR") for n in range(size)]
+            for size in SIZES
+        ]
+        assert server.port is not None
+        replies = await deferToThread(
+            send_batches, server.port, [batch_payload(f"B{size}", m) for size, m in zip(SIZES, sent, strict=True)]
+        )
+        for size, reply, messages in zip(SIZES, replies, sent, strict=True):
+            self.assertTrue(reply.startswith(b"FHS|"), reply[:40])
+            self.assertIn(f"|F-B{size}\rBHS|".encode(), reply)  # FHS-12
+            self.assertIn(f"|B{size}\rMSH|".encode(), reply)  # BHS-12
+            self.assertIn(f"BTS|{size}\rFTS|1\r".encode(), reply)
+            self.assertEqual(msa(reply), [("AA", control_id(m)) for m in messages])
+
+        everything = [m for messages in sent for m in messages]
+        await eventually(
+            lambda: all_delivered(server, "ehr", len(everything)), 60,
+            lambda: f"{len(upstream.received)} received; queue {states(server, 'ehr')[-3:]}",
+        )
+        self.assertEqual(upstream.received, everything)
+        rows = query(
+            server.db_path,
+            "SELECT batch_control_id, batch_position FROM messages ORDER BY id",
+        )
+        expected = [(f"B{size}", n + 1) for size in SIZES for n in range(size)]
+        self.assertEqual(rows, expected)
+        audited = query(server.db_path, "SELECT COUNT(*), COUNT(DISTINCT batch_control_id) FROM audit")
+        self.assertEqual(audited, [(len(everything), 3)])
