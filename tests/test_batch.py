@@ -466,3 +466,52 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(msa(replies[2].encode()), [("AA", "S2")])
         self.assertEqual(h.factory.acks[("ADT", "AA")], 4)
         self.assertEqual(h.factory.acks[("ADT", "AE")], 1)
+
+
+class CLITests(SynchronousTestCase):
+    """mllp-cli and the TUI show which batch a message came in."""
+
+    def setUp(self) -> None:
+        import time
+
+        from tests.outboxrows import add_message, connect, new_outbox
+
+        self.path = new_outbox(self)
+        conn = connect(self.path)
+        self.addCleanup(conn.close)
+        now = time.time()
+        self.single = add_message(conn, "ALONE", received_at=now - 5)
+        self.member = add_message(conn, "IN-BATCH", received_at=now - 4)
+        conn.execute(
+            "UPDATE messages SET batch_control_id = 'B42', batch_position = 7 WHERE message_id = ?",
+            (self.member,),
+        )
+        conn.execute(
+            "INSERT INTO audit (received_at, peer, message_id, control_id, msg_type, size,"
+            " sha256, ack_code, connectors, batch_control_id)"
+            " VALUES (?, 'p', ?, 'IN-BATCH', 'ADT^A01', 1, 'x', 'AA', '', 'B42')",
+            (now - 4, self.member),
+        )
+
+    def test_show_names_the_batch(self) -> None:
+        """``show`` (and the TUI's message screen, which renders the same lines) gives batch control id and position."""
+        from tests.test_cli_commands import mllp_cli
+
+        shown = mllp_cli(["--db", self.path, "show", self.member])
+        self.assertEqual(shown.returncode, 0, shown.stderr)
+        self.assertIn("batch       control id B42   position 7", shown.stdout.splitlines())
+        alone = mllp_cli(["--db", self.path, "show", self.single])
+        self.assertNotIn("batch ", alone.stdout)
+
+    def test_audit_names_the_batch(self) -> None:
+        """``audit`` lists the batch control id of records that came in a batch."""
+        import json
+
+        from tests.test_cli_commands import mllp_cli
+
+        result = mllp_cli(["--db", self.path, "audit", "--json"])
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual([r["batch_control_id"] for r in json.loads(result.stdout)], ["B42"])
+        table = mllp_cli(["--db", self.path, "audit"]).stdout.splitlines()
+        self.assertEqual(table[0].split()[-1], "batch")
+        self.assertEqual(table[1].split()[-1], "B42")
