@@ -24,6 +24,7 @@ __all__ = [
     "Envelope",
     "SubBatch",
     "build_batch_ack",
+    "forward_payload",
     "has_several_messages",
     "is_batch",
     "parse_batch",
@@ -348,6 +349,24 @@ def build_batch_ack(
 
 
 _DEFAULT_BHS = Envelope(("BHS", "|", "^~\\&"))
+
+
+def forward_payload(messages: Sequence[bytes], batch_control_id: str, now: datetime) -> bytes:
+    """A batch of stored messages for an upstream: BHS (sender and
+    receiver from the first MSH, BHS-11 the batch control id it came with),
+    the messages exactly as stored, BTS with their count."""
+    end = _SEGMENT_END.search(messages[0])
+    line = messages[0][: end.start()] if end is not None else messages[0]
+    # latin-1 is byte for byte: the header's bytes go back unchanged.
+    fs = line[3:4].decode("latin-1") or "|"
+    fields = line.decode("latin-1").split(fs)
+    msh = [*fields, "", "", "", "", "", ""]  # msh[n - 1] is MSH-n from MSH-2 on
+    bhs = fs.join(["BHS", *msh[1:6], _hl7_timestamp(now), "", "", "", batch_control_id])
+    body = [m if m.endswith((b"\r", b"\n")) else m + b"\r" for m in messages]
+    return (
+        (bhs + "\r").encode("latin-1") + b"".join(body)
+        + f"BTS{fs}{len(messages)}\r".encode("latin-1")
+    )
 
 
 def reject_header(error: BatchError) -> Header:

@@ -12,15 +12,18 @@ import os
 import re
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 
 from mllpd.ack import AckError
 from mllpd.batch import BatchError, has_several_messages, is_batch, parse_batch
+from mllpd.connectors import Delivered, Delivery, IBatchConnector, Outcome, Retry
 from mllpd.framing import frame
 from mllpd.hl7 import Message
 from mllpd.outbox import OutboxError
@@ -515,3 +518,121 @@ class CLITests(SynchronousTestCase):
         table = mllp_cli(["--db", self.path, "audit"]).stdout.splitlines()
         self.assertEqual(table[0].split()[-1], "batch")
         self.assertEqual(table[1].split()[-1], "B42")
+
+
+class ForwardingRelayTests(TestCase):
+    """The relay hands a forwarding connector a batch's queued messages together."""
+
+    timeout = 15
+
+    def setUp(self) -> None:
+        self.path = temp_db(self)
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        self.outbox = SQLiteOutbox(self.path, reactor, wall_clock=self.clock.seconds)
+        self.outbox.start()
+        self.addCleanup(self.outbox.close)
+
+    def start(self, connector: Any) -> None:
+        from mllpd.relay import Relay, Worker
+        from tests.test_relay import Policy
+
+        worker = Worker(connector, self.outbox, Policy(), self.clock, rand=lambda: 0.5)
+        self.outbox.add_listener(Relay([worker]).notify)
+        worker.start()
+        self.addCleanup(worker.stop)
+
+    async def store_batch(self, batch_id: str, *control_ids: str) -> None:
+        await self.outbox.store_batch([
+            envelope(cid, received_at=self.clock.seconds())._replace(
+                routes=("up",), batch_control_id=batch_id, batch_position=n)
+            for n, cid in enumerate(control_ids, 1)
+        ])
+
+    async def test_batches_go_together_and_retry_keeps_order(self) -> None:
+        """Each batch goes as one call; an AR'd message and those after it are retried together after the backoff."""
+        from tests.test_relay import queue_rows
+
+        up = BatchConnector([[Delivered(), Retry("upstream AR"), Delivered()]])
+        self.start(up)
+        await self.store_batch("B1", "A", "B", "C")
+        await self.outbox.store(envelope("ALONE", received_at=self.clock.seconds())._replace(routes=("up",)))
+        await up.wait_for(1)
+        await self.outbox.mark_in_flight(-1, 0)  # every state change so far is committed
+        self.assertEqual(
+            [(c, s, n) for c, s, n, _ in queue_rows(self.path, "up")],
+            [("A", "delivered", 1), ("B", "pending", 1), ("C", "pending", 1), ("ALONE", "pending", 0)],
+        )
+        self.clock.advance(10.1)
+        await up.wait_for(3)
+        self.assertEqual(up.calls, [["A", "B", "C"], ["B", "C"], ["ALONE"]])
+        self.assertEqual([d.attempt for d in up.seen[1]], [2, 2])
+
+
+@implementer(IBatchConnector)
+class BatchConnector:
+    """Records each call (a batch or a single message) and answers a batch
+    with the next scripted outcomes (all Delivered when none are left)."""
+
+    forward_batches = True
+
+    def __init__(self, script: list[list[Outcome]]) -> None:
+        self.name = "up"
+        self.script = script
+        self.seen: list[list[Delivery]] = []
+        self.waiters: list[tuple[int, Deferred[None]]] = []
+
+    @property
+    def calls(self) -> list[list[str]]:
+        return [[d.control_id for d in call] for call in self.seen]
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> Deferred[None]:
+        return succeed(None)
+
+    def _called(self, deliveries: list[Delivery]) -> None:
+        self.seen.append(deliveries)
+        for n, d in list(self.waiters):
+            if len(self.seen) >= n:
+                self.waiters.remove((n, d))
+                reactor.callLater(0, d.callback, None)
+
+    def deliver(self, delivery: Delivery) -> Deferred[Outcome]:
+        self._called([delivery])
+        return succeed(Delivered())
+
+    def deliver_batch(self, deliveries: list[Delivery], batch_control_id: str) -> Deferred[list[Outcome]]:
+        self._called(list(deliveries))
+        outcomes = self.script.pop(0) if self.script else [Delivered()] * len(deliveries)
+        return succeed(outcomes)
+
+    def wait_for(self, n: int) -> Deferred[None]:
+        if len(self.seen) >= n:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self.waiters.append((n, d))
+        return d
+
+
+class ForwardOptionTests(SynchronousTestCase):
+    """The mllp connector's ``batch`` option."""
+
+    def test_batch_option(self) -> None:
+        """``batch`` is per-message by default or forward; anything else fails naming the option."""
+        from twisted.internet.task import Clock as FakeReactor
+
+        from mllpd.config import ConfigError
+        from mllpd.connectors import ConnectorSpec
+        from mllpd.connectors.mllp import build
+
+        def make(**options: str) -> Any:
+            spec = ConnectorSpec("ehr", "mllp", None, {"address": "tcp:127.0.0.1:1", **options})
+            return build(spec, FakeReactor(), {})
+
+        self.assertFalse(make().forward_batches)
+        self.assertTrue(make(batch="forward").forward_batches)
+        with self.assertRaises(ConfigError) as ctx:
+            make(batch="whole")
+        self.assertIn("connectors.ehr.batch: 'whole'; expected per-message or forward", str(ctx.exception))

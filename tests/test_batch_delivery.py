@@ -80,3 +80,55 @@ class BatchDeliveryTests(TestCase):
         self.assertEqual(rows, expected)
         audited = query(server.db_path, "SELECT COUNT(*), COUNT(DISTINCT batch_control_id) FROM audit")
         self.assertEqual(audited, [(len(everything), 3)])
+
+
+def batch_ack(payload: bytes, refuse: frozenset[str] = frozenset()) -> bytes:
+    """An upstream's batch ACK: AA for each message (AE for those in ``refuse``)."""
+    lines = payload.split(b"\r")
+    bhs = lines[0].decode().split("|")
+    ids = [line.decode().split("|")[9] for line in lines if line.startswith(b"MSH|")]
+    out = [f"BHS|^~\\&|UPSTREAM|UPFAC|MLLPD|HOSP|20240101120000||||U-{bhs[10]}|{bhs[10]}"]
+    for cid in ids:
+        code = "AE" if cid in refuse else "AA"
+        out.append(f"MSH|^~\\&|UPSTREAM|UPFAC|MLLPD|HOSP|20240101120000||ACK^A01^ACK|U-{cid}|P|2.5")
+        out.append(f"MSA|{code}|{cid}")
+        if code == "AE":
+            out.append("ERR||PID^1^3|101^Required field missing^HL70357|E")
+    out.append(f"BTS|{len(ids)}")
+    return ("\r".join(out) + "\r").encode()
+
+
+class ForwardBatchTests(TestCase):
+    """``batch: forward`` on an mllp connector: batches go upstream whole."""
+
+    async def test_batch_forwarded_whole_codes_mapped(self) -> None:
+        """Each batch reaches upstream as one batch frame, messages exact and in order; upstream's AE dead-letters only its message."""
+        upstream = MLLPUpstream(self, answer=lambda payload, n: batch_ack(payload, frozenset({"F2-0003"})))
+        upstream.listen()
+        config = (
+            "connectors:\n" + mllp_connector("ehr", upstream.port, "    batch: forward\n")
+            + FAST_RETRY + "\n"
+        )
+        server = await run_server(self, config)
+        sent = {
+            f"F{n}": [hl7_message(f"F{n}-{i:04d}", pid=f"PID|1||{i}^^^HOSP^MR") for i in range(size)]
+            for n, size in ((1, 3), (2, 50))
+        }
+        assert server.port is not None
+        replies = await deferToThread(
+            send_batches, server.port, [batch_payload(b, m) for b, m in sent.items()]
+        )
+        self.assertEqual([len(msa(r)) for r in replies], [3, 50])
+        total = sum(len(m) for m in sent.values())
+        await eventually(
+            lambda: sum(1 for row in states(server, "ehr") if row[1] in ("delivered", "dead")) == total,
+            30, lambda: str(states(server, "ehr")[-3:]),
+        )
+        self.assertEqual(len(upstream.received), 2)
+        for frame_, (batch_id, messages) in zip(upstream.received, sent.items(), strict=True):
+            self.assertTrue(frame_.startswith(b"BHS|^~\\&|TESTAPP|TESTFAC|MLLPD|HOSP|"), frame_[:60])
+            self.assertIn(f"||||{batch_id}\r".encode(), frame_.split(b"MSH|", 1)[0])
+            self.assertEqual(frame_.split(b"\r", 1)[1], b"".join(messages) + f"BTS|{len(messages)}\r".encode())
+        dead = [(cid, error) for cid, state, _, error in states(server, "ehr") if state == "dead"]
+        self.assertEqual([cid for cid, _ in dead], ["F2-0003"])
+        self.assertIn("upstream AE (ERR 101)", dead[0][1] or "")

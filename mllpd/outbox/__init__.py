@@ -99,6 +99,9 @@ class QueuedDelivery(NamedTuple):
     msg_type: str
     charset: str | None
     payload: bytes
+    # BHS-11 and position when the message came in an HL7 batch.
+    batch_control_id: str | None = None
+    batch_position: int | None = None
 
 
 class Backlog(NamedTuple):
