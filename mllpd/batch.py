@@ -25,6 +25,7 @@ __all__ = [
     "SubBatch",
     "build_batch_ack",
     "forward_payload",
+    "head_error",
     "has_several_messages",
     "is_batch",
     "parse_batch",
@@ -280,6 +281,35 @@ def parse_batch(payload: bytes, max_messages: int) -> Batch:
     if file_header is not None and file_trailer is None:
         raise fail("FTS missing: a file that starts with FHS ends with FTS")
     return Batch(file_header, tuple(batches), file_trailer, bom, codec)
+
+
+def head_error(head: bytes, text: str) -> BatchError:
+    """What a batch reject needs (FHS, BHS, first MSH) from the start of a
+    batch frame that will not be read whole (oversized, timed out)."""
+    body, bom = _body(head)
+    codec = "utf-8" if bom else "latin-1"
+    found: dict[bytes, bytes] = {}
+    for start, end, seg_id in _segments(body):
+        if end == len(body) and not body.endswith((b"\r", b"\n")):
+            break  # cut off: not a whole segment
+        if seg_id in (b"FHS", b"BHS", b"MSH") and seg_id not in found:
+            found[seg_id] = body[start:end]
+        if b"MSH" in found:
+            break
+
+    def read(seg_id: bytes) -> Envelope | None:
+        line = found.get(seg_id)
+        if line is None:
+            return None
+        try:
+            return _envelope(line, codec)
+        except ValueError:
+            return None
+
+    return BatchError(
+        text, file_header=read(b"FHS"), batch_header=read(b"BHS"),
+        first_msh=found.get(b"MSH", b""), codec=codec,
+    )
 
 
 def _delimiters(envelope: Envelope) -> Header:

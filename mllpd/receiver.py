@@ -23,6 +23,7 @@ from mllpd.batch import (
     BatchError,
     build_batch_ack,
     has_several_messages,
+    head_error,
     is_batch,
     parse_batch,
     reject_header,
@@ -372,17 +373,40 @@ class Receiver:
             parts=tuple(replies),
         )
 
+    def frame_reject(self, head: bytes, text: str) -> bytes | None:
+        """The AR for a batch frame that will not be read whole (oversized,
+        timed out), built from what its head shows; None when it shows no
+        batch header."""
+        error = head_error(head, text)
+        if error.batch_header is None and error.file_header is None:
+            return None
+        # Not audited here: the protocol logs and counts a frame it refuses to read.
+        reply = self._batch_reject(
+            error, head, "", None, REJECT, AckError("207", text), audit=False
+        )
+        return reply.ack
+
     def _batch_reject(
-        self, error: BatchError, payload: bytes, peer: str, client_subject: str | None
+        self,
+        error: BatchError,
+        payload: bytes,
+        peer: str,
+        client_subject: str | None,
+        outcome: str = ERROR,
+        reason: AckError | None = None,
+        audit: bool = True,
     ) -> Reply:
         """One reject for a malformed batch; nothing in it is stored."""
         header = reject_header(error)
-        reply = self._reply(header, error.codec, ERROR, AckError("100", str(error)), payload)
+        reason = reason or AckError("100", str(error))
+        reply = self._reply(header, error.codec, outcome, reason, payload)
         acks = [[reply.ack]] if reply.ack is not None else [[]]
         data = build_batch_ack(
             error, acks, now=self._now(), new_id=self._ack_id, comment=str(error)
         )
         reply = reply._replace(ack=data, msg_type="batch")
+        if not audit:
+            return reply
         return self._audit_nak(reply, payload, peer, client_subject, error.control_id)
 
     @staticmethod

@@ -636,3 +636,35 @@ class ForwardOptionTests(SynchronousTestCase):
         with self.assertRaises(ConfigError) as ctx:
             make(batch="whole")
         self.assertIn("connectors.ehr.batch: 'whole'; expected per-message or forward", str(ctx.exception))
+
+
+class OversizedBatchTests(SynchronousTestCase):
+    """A batch counts against MLLP_MAX_FRAME_SIZE as one frame."""
+
+    def test_oversized_batch_gets_batch_level_ar(self) -> None:
+        """A batch frame over MLLP_MAX_FRAME_SIZE gets one batch-level AR naming its BHS-11, then the connection closes; nothing is stored."""
+        from tests.test_protocol import Harness as ProtocolHarness
+        from tests.test_protocol import acks
+
+        h = ProtocolHarness(max_frame_size=2000)
+        proto, transport = h.connect()
+        text = batch(*(message(f"C{n}") for n in range(40)))
+        proto.dataReceived(b"\x0b" + text.encode())
+        [reply] = acks(transport)
+        self.assertEqual(msa(reply.encode()), [("AR", "B1")])
+        self.assertIn("BHS|^~\\&|EHR|HOSP|LAB|HOSP|", reply)
+        self.assertIn("frame larger than 2000 bytes", reply)
+        self.assertEqual(segments(reply.encode())[-2:], ["BTS|1", "FTS|1"])
+        self.assertTrue(transport.write_closed)
+        self.assertEqual(h.outbox.stored, [])
+
+    def test_small_batch_fits(self) -> None:
+        """The same limit takes a batch that fits: the frame's size is what counts."""
+        from tests.test_protocol import Harness as ProtocolHarness
+        from tests.test_protocol import acks
+
+        h = ProtocolHarness(max_frame_size=2000)
+        proto, transport = h.connect()
+        proto.dataReceived(frame(batch(*(message(f"C{n}") for n in range(5))).encode()))
+        [reply] = acks(transport)
+        self.assertEqual([code for code, _ in msa(reply.encode())], ["AA"] * 5)
