@@ -59,10 +59,13 @@ def is_batch(payload: bytes) -> bool:
 
 def has_several_messages(payload: bytes) -> bool:
     """Whether an MSH segment starts anywhere after the first one."""
-    first = payload.find(b"MSH")
-    if first < 0:
-        return False
-    return payload.find(b"\rMSH", first) >= 0 or payload.find(b"\nMSH", first) >= 0
+    # One scan on the hot path: "MSH" rarely occurs again at all.
+    at = payload.find(b"MSH", payload.find(b"MSH") + 3)
+    while at > 0:
+        if payload[at - 1] in (0x0D, 0x0A):
+            return True
+        at = payload.find(b"MSH", at + 3)
+    return False
 
 
 class Envelope:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from tests.serverproc import MLLPClient, hl7_message, query
+from tests.serverproc import MLLPClient, hl7_message, query, spawn_server
 from tests.test_delivery import (
     FAST_RETRY,
     MLLPUpstream,
@@ -132,3 +132,17 @@ class ForwardBatchTests(TestCase):
         dead = [(cid, error) for cid, state, _, error in states(server, "ehr") if state == "dead"]
         self.assertEqual([cid for cid, _ in dead], ["F2-0003"])
         self.assertIn("upstream AE (ERR 101)", dead[0][1] or "")
+
+
+class BatchLimitStartupTests(TestCase):
+    """MLLP_MAX_BATCH_MESSAGES is checked at startup."""
+
+    def test_bad_batch_limit_names_variable(self) -> None:
+        """MLLP_MAX_BATCH_MESSAGES=0 stops startup with one line naming it."""
+        server = spawn_server(self, env={"MLLP_MAX_BATCH_MESSAGES": "0"})
+        self.assertNotEqual(server.wait(timeout=30), 0, server.output())
+        self.assertEqual(len(server.stderr_lines), 1, server.output())
+        self.assertTrue(
+            server.stderr_lines[0].startswith("mllpd: MLLP_MAX_BATCH_MESSAGES: "),
+            server.stderr_lines[0],
+        )
