@@ -506,6 +506,33 @@ class CLITests(SynchronousTestCase):
         alone = mllp_cli(["--db", self.path, "show", self.single])
         self.assertNotIn("batch ", alone.stdout)
 
+    def test_tui_message_screen_names_the_batch(self) -> None:
+        """In the TUI, viewing a message that came in a batch shows its batch control id and position."""
+        from mllpd.cli.app import MessageScreen, OutboxApp
+        from mllpd.cli.store import Store
+        from tests.outboxrows import add_delivery, connect
+        from tests.test_cli_app import run_scenario, settle
+
+        conn = connect(self.path)
+        self.addCleanup(conn.close)
+        add_delivery(conn, self.member, "ehr", "dead", updated_at=1000.0)
+
+        async def scenario() -> None:
+            store = Store(self.path)
+            app = OutboxApp(store, interval=0, clock=lambda: 2000.0)
+            try:
+                async with app.run_test(size=(200, 50)) as pilot:
+                    await settle(app, pilot)
+                    await pilot.press("v")
+                    await settle(app, pilot)
+                    screen = app.screen
+                    assert isinstance(screen, MessageScreen)
+                    self.assertIn("batch       control id B42   position 7", screen.lines)
+            finally:
+                store.close()
+
+        run_scenario(scenario)
+
     def test_audit_names_the_batch(self) -> None:
         """``audit`` lists the batch control id of records that came in a batch."""
         import json
