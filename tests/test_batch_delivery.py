@@ -5,9 +5,14 @@ order, to an MLLP upstream of the test's own.
 
 from __future__ import annotations
 
+from typing import Any
+
+from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from mllpd.connectors import ConnectorSpec, Delivery
+from mllpd.connectors.mllp import build
 from tests.serverproc import MLLPClient, hl7_message, query, spawn_server
 from tests.test_delivery import (
     FAST_RETRY,
@@ -146,3 +151,64 @@ class BatchLimitStartupTests(TestCase):
             server.stderr_lines[0].startswith("mllpd: MLLP_MAX_BATCH_MESSAGES: "),
             server.stderr_lines[0],
         )
+
+
+def delivery(cid: str) -> Delivery:
+    payload = hl7_message(cid)
+    return Delivery(
+        message_id=f"id-{cid}", connector="ehr", payload=payload, charset=None,
+        codec="iso8859-1", control_id=cid, msg_type="ADT^A01", attempt=1,
+    )
+
+
+def exception_ack(payload: bytes, refuse: str, reference: str | None = None) -> bytes:
+    """A batch ACK by exception: only the AE for ``refuse``, BHS-12 naming the batch."""
+    bhs = payload.split(b"\r", 1)[0].decode().split("|")
+    ref = bhs[10] if reference is None else reference
+    return (
+        f"BHS|^~\\&|UPSTREAM|UPFAC|MLLPD|HOSP|20240101120000||||U1|{ref}\r"
+        f"MSH|^~\\&|UPSTREAM|UPFAC|MLLPD|HOSP|20240101120000||ACK^A01^ACK|U2|P|2.5\r"
+        f"MSA|AE|{refuse}\rBTS|1\r"
+    ).encode()
+
+
+class ForwardConnectorTests(TestCase):
+    """The mllp connector's batch judgement against a real upstream socket."""
+
+    async def forward(self, answer: Any, ids: list[str]) -> list[Any]:
+        upstream = MLLPUpstream(self, answer=answer)
+        port = upstream.listen()
+        spec = ConnectorSpec("ehr", "mllp", None, {
+            "address": f"tcp:127.0.0.1:{port}", "ack_timeout": "5s", "batch": "forward"})
+        connector: Any = build(spec, reactor, {})
+        connector.start()
+        self.addCleanup(connector.stop)
+        outcomes: list[Any] = await connector.deliver_batch([delivery(c) for c in ids], "BX")
+        self.assertEqual(len(upstream.received), 1)
+        return outcomes
+
+    async def test_acknowledgement_by_exception(self) -> None:
+        """A batch ACK naming our batch with only an AE: that message is dead-lettered, the rest delivered."""
+        outcomes = await self.forward(lambda p, n: exception_ack(p, "X2"), ["X1", "X2", "X3"])
+        self.assertEqual([type(o).__name__ for o in outcomes], ["Delivered", "Dead", "Delivered"])
+
+    async def test_missing_ack_is_retried(self) -> None:
+        """A batch ACK for another batch, or one listing some AAs, leaves unlisted messages to retry."""
+        foreign = await self.forward(lambda p, n: exception_ack(p, "X2", reference="OTHER"), ["X1", "X2"])
+        self.assertEqual([type(o).__name__ for o in foreign], ["Retry", "Dead"])
+
+        def partial(payload: bytes, n: int) -> bytes:
+            ack = batch_ack(payload)
+            x3 = ack.index(b"MSH|^~\\&|UPSTREAM|UPFAC|MLLPD|HOSP|20240101120000||ACK^A01^ACK|U-X3|")
+            return ack[:x3] + b"BTS|2\r"
+
+        outcomes = await self.forward(partial, ["X1", "X2", "X3"])
+        self.assertEqual([type(o).__name__ for o in outcomes], ["Delivered", "Delivered", "Retry"])
+
+    async def test_one_ack_for_the_batch(self) -> None:
+        """A single ACK whose MSA-2 is the batch control id answers every message."""
+        def whole(payload: bytes, n: int) -> bytes:
+            return b"MSH|^~\\&|UP|F|M|H|20240101||ACK|U1|P|2.5\rMSA|AR|BX\r"
+
+        outcomes = await self.forward(whole, ["X1", "X2"])
+        self.assertEqual([type(o).__name__ for o in outcomes], ["Retry", "Retry"])

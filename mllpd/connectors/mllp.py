@@ -454,12 +454,18 @@ class MLLPConnector:
         self, proto: MLLPClientProtocol, items: list[Delivery], batch_control_id: str, payload: bytes
     ) -> list[Outcome]:
         """Map the upstream's batch ACK to each message by MSA-2; one ACK
-        answering the batch control id answers every message."""
+        answering the batch control id answers every message. A batch ACK
+        that names our batch (BHS-12) and holds only negative ACKs accepts
+        the messages it does not list (HL7 v2 chapter 2: acknowledgement by
+        exception)."""
+        references = None
         try:
-            raws = (
-                [raw for _, _, raw in parse_batch(payload, len(items) + 1).messages()]
-                if is_batch(payload) else [payload]
-            )
+            if is_batch(payload):
+                answered = parse_batch(payload, 2 * len(items) + 1)
+                references = answered.batches[0].header.field(12).strip()
+                raws = [raw for _, _, raw in answered.messages()]
+            else:
+                raws = [payload]
             acks = [parse_message(raw, default_charset=items[0].charset) for raw in raws]
         except (BatchError, NotHL7Error, DecodeError):
             proto.drop("upstream answered the batch with a frame that is not an HL7 batch ACK")
@@ -474,11 +480,16 @@ class MLLPConnector:
             acked = ack.pick(msa[2]).strip() if len(msa) > 2 else ""
             answers.setdefault(acked, []).append((ack, code))
         whole = answers.get(batch_control_id.strip()) if len(acks) == 1 else None
+        by_exception = references == batch_control_id.strip() and all(
+            code not in ("AA", "CA") for listed in answers.values() for _, code in listed
+        )
         outcomes: list[Outcome] = []
         for delivery in items:
             mine = answers.get(delivery.control_id.strip())
             answer = mine.pop(0) if mine else (whole[0] if whole else None)
-            if answer is None:
+            if answer is None and by_exception:
+                outcomes.append(self._delivered(delivery, proto, "implicit AA"))
+            elif answer is None:
                 outcomes.append(self._retry(delivery, "upstream's batch ACK has no ACK for this message"))
             else:
                 outcomes.append(self._verdict(proto, delivery, *answer))
