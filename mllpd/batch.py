@@ -142,8 +142,9 @@ class BatchError(ValueError):
 
     @property
     def control_id(self) -> str:
-        """The batch's BHS-11, or '' when no BHS was read."""
-        return self.batch_header.field(11) if self.batch_header is not None else ""
+        """The batch's BHS-11; the file's FHS-11 when no BHS was read."""
+        envelope = self.batch_header or self.file_header
+        return envelope.field(11) if envelope is not None else ""
 
 
 def _segments(body: bytes) -> Iterator[tuple[int, int, bytes]]:
@@ -220,11 +221,11 @@ def parse_batch(payload: bytes, max_messages: int) -> Batch:
         if file_trailer is not None:
             raise fail("segments after FTS")
         if seg_id == b"MSH":
+            if not first_msh:
+                first_msh = body[start:end]
             if batch_header is None:
                 raise fail("MSH before BHS: messages of a batch follow its BHS")
             close_message(start)
-            if not first_msh:
-                first_msh = body[start:end]
             total += 1
             if total > max_messages:
                 raise fail(
@@ -358,7 +359,11 @@ def build_batch_ack(
     """
     if isinstance(received, BatchError):
         file_header = received.file_header
-        headers = [received.batch_header or received.file_header or _DEFAULT_BHS]
+        header = received.batch_header
+        if header is None:
+            # No BHS read: the file's sender and delimiters, no batch to refer to.
+            header = Envelope(file_header.fields[:11]) if file_header else _DEFAULT_BHS
+        headers = [header]
         codec = received.codec
     else:
         file_header = received.file_header

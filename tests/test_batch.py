@@ -339,6 +339,35 @@ class GoldenAckTests(Harness):
         prefix = "C" if enhanced else "A"
         self.assertEqual(codes, [(prefix + "A", "G1"), (prefix + "E", "BAD"), (prefix + "A", "G2")], name)
 
+    def test_golden_batch_rejects(self) -> None:
+        """Batch-level rejects match their golden files: AE naming the problem, MSA-2 the BHS-11, hl7apy reads them."""
+        from hl7apy.consts import VALIDATION_LEVEL
+        from hl7apy.parser import parse_message
+
+        cases = {
+            "reject-count-2.5-original-standard.er7": batch(message("R1"), count="2"),
+            "reject-count-2.8-enhanced-custom.er7": batch(
+                message("R1", "2.8", CUSTOM, enhanced=True), delims=CUSTOM, count="5"),
+            "reject-no-bhs-2.5-original-standard.er7":
+                "FHS|^~\\&|LAB|HOSP|EHR|HOSP|20260101120000||||F1\r" + message("R1") + "FTS|1\r",
+        }
+        for name, text in cases.items():
+            reply = self.receive(text)
+            assert reply.ack is not None
+            got = reply.ack.decode("ascii").replace("\r", "\n")
+            path = GOLDEN / name
+            if os.environ.get("MLLPD_UPDATE_GOLDEN"):
+                path.write_text(got, encoding="ascii")
+            self.assertEqual(got, path.read_text(encoding="ascii"), name)
+            fs = got.split("\n")[0][3]
+            lines = [s for s in reply.ack.decode("ascii").split("\r") if s]
+            ack_text = "\r".join(s for s in lines if s[:3] in ("MSH", "MSA", "ERR")) + "\r"
+            parsed = parse_message(ack_text, validation_level=VALIDATION_LEVEL.STRICT, find_groups=False)
+            parsed.validate()
+            self.assertIn(parsed.msa.msa_1.value, ("AE", "CE"), name)
+            self.assertEqual(lines[-2 if lines[-1].startswith("FTS") else -1], f"BTS{fs}1", name)
+        self.assertEqual(self.outbox.stored, [])
+
     def test_golden(self) -> None:
         """Each batch ACK matches its golden file and reads back in hl7apy: BHS-12, one MSA each, BTS count."""
         for version in VERSIONS:
