@@ -115,6 +115,7 @@ class LoadTests(SynchronousTestCase):
             "MLLP_RETENTION": "0",
             "MLLP_MAX_OUTBOX": "plenty",
             "MLLP_WAL_LIMIT": "1MiB",
+            "MLLP_MAX_BATCH_MESSAGES": "0",
         }
         paths = {
             "MLLP_DB_PATH", "TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CLIENT_CA",
