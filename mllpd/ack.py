@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 
-from mllpd.hl7 import Header, escape
+from mllpd.hl7 import Header, escape, max_length
 
 __all__ = [
     "ACCEPT",
@@ -112,7 +112,7 @@ def _hl7_timestamp(now: datetime) -> str:
 
 def _ack_type(header: Header, version: tuple[int, ...]) -> str:
     cs = header.component_sep
-    trigger = header.trigger
+    trigger = header.trigger[: max_length(9)]
     if version >= (2, 4):
         return f"ACK{cs}{trigger}{cs}ACK"
     if version >= (2, 3) and trigger:
@@ -162,20 +162,20 @@ def build_ack(
     msh = [
         "MSH",
         h.encoding_chars,
-        h.field(5),
-        h.field(6),
-        h.field(3),
-        h.field(4),
+        h.bounded(5),
+        h.bounded(6),
+        h.bounded(3),
+        h.bounded(4),
         _hl7_timestamp(now),
         "",
         _ack_type(h, version),
         ack_id,
-        h.field(11) or "P",
-        h.field(12) or "2.5",
+        h.bounded(11) or "P",
+        h.bounded(12) or "2.5",
     ]
     if h.field(18):
-        msh += ["", "", "", "", "", h.field(18)]
-    msa = ["MSA", code, h.control_id]
+        msh += ["", "", "", "", "", h.bounded(18)]
+    msa = ["MSA", code, h.bounded(10)]
     if error is not None and version < (2, 7):
         msa.append(_escaped_prefix(error.text, h, 80))
     segments = [fs.join(msh), fs.join(msa)]

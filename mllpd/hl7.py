@@ -10,16 +10,18 @@ from __future__ import annotations
 import codecs
 import re
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 __all__ = [
     "DecodeError",
     "Header",
     "Message",
+    "MSH_MAX_LENGTH",
     "NotHL7Error",
     "UnknownCharsetError",
     "codec_for_charset",
     "escape",
+    "max_length",
     "parse_message",
     "unescape",
 ]
@@ -98,6 +100,23 @@ _WIDE_SIGNATURES: tuple[tuple[bytes, str], ...] = (
 )
 
 
+# The longest value HL7 v2 allows in each MSH field (per repetition), taking
+# the most generous version (MSH-10 is 20 characters in 2.5, 199 in 2.7);
+# fields HL7 gives no maximum get 200. A longer field is refused, never
+# echoed, stored or counted whole.
+MSH_MAX_LENGTH: dict[int, int] = {
+    3: 227, 4: 227, 5: 227, 6: 227, 7: 26, 8: 40, 9: 15, 10: 199, 11: 3, 12: 60,
+    13: 15, 14: 180, 15: 2, 16: 2, 17: 3, 18: 16, 19: 250, 20: 20, 21: 427,
+    22: 567, 23: 567, 24: 227, 25: 227,
+}
+DEFAULT_MAX_LENGTH = 200
+
+
+def max_length(n: int) -> int:
+    """The longest value MSH-n may hold, per repetition."""
+    return MSH_MAX_LENGTH.get(n, DEFAULT_MAX_LENGTH)
+
+
 class Header:
     """The MSH segment, read by position. ``fields[n]`` is MSH-n.
 
@@ -141,6 +160,23 @@ class Header:
         """MSH-n as raw text ('' when absent)."""
         return self.fields[n] if n < len(self.fields) else ""
 
+    def overlong(self) -> int | None:
+        """The first MSH field longer than HL7 allows (n of MSH-n), or None.
+
+        The limit holds per repetition; a whole field, however repeated, is
+        never longer than ten times its limit (and never than 2,000).
+        """
+        for n in range(3, len(self.fields)):
+            if _overlong(self.fields[n], max_length(n), self):
+                return n
+        return None
+
+    def bounded(self, n: int) -> str:
+        """MSH-n for echoing: cut to HL7's maximum when it is longer."""
+        value = self.field(n)
+        limit = max_length(n)
+        return value[:limit] if _overlong(value, limit, self) else value
+
     def component(self, n: int, c: int = 1) -> str:
         """Component c of the first repetition of MSH-n, raw."""
         rep = self.field(n).split(self.repetition_sep, 1)[0]
@@ -155,10 +191,19 @@ class Header:
     def type_label(self) -> str:
         """``ADT^A01`` style label for logs and storage."""
         if self._type_label is None:
-            t = unescape(self.msg_type, self)
-            trig = unescape(self.trigger, self)
+            limit = max_length(9)
+            t = unescape(self.msg_type[:limit], self)
+            trig = unescape(self.trigger[:limit], self)
             self._type_label = f"{t}^{trig}" if trig else t
         return self._type_label
+
+
+def _overlong(value: str, limit: int, header: Header) -> bool:
+    if len(value) <= limit:
+        return False
+    if len(value) > min(10 * limit, 2000):
+        return True
+    return any(len(r) > limit for r in value.split(header.repetition_sep))
 
 
 def _read_header(line: str) -> Header:
@@ -313,7 +358,11 @@ def parse_message(payload: bytes, default_charset: str | None = None) -> Message
     return Message(payload, text, header, codec, charset)
 
 
-_ESCAPE_SEQ_CACHE: dict[str, re.Pattern[str]] = {}
+@lru_cache(maxsize=16)
+def _escape_pattern(esc: str) -> re.Pattern[str]:
+    # Any character can be a sender's escape character: a bounded cache.
+    e = re.escape(esc)
+    return re.compile(f"{e}([^{e}]*){e}")
 
 
 def unescape(value: str, header: Header) -> str:
@@ -321,11 +370,7 @@ def unescape(value: str, header: Header) -> str:
     esc = header.escape_char
     if esc not in value:
         return value
-    pattern = _ESCAPE_SEQ_CACHE.get(esc)
-    if pattern is None:
-        e = re.escape(esc)
-        pattern = re.compile(f"{e}([^{e}]*){e}")
-        _ESCAPE_SEQ_CACHE[esc] = pattern
+    pattern = _escape_pattern(esc)
     mapping = {
         "F": header.field_sep,
         "S": header.component_sep,

@@ -7,6 +7,7 @@ the commits interleave.
 
 from __future__ import annotations
 
+import re
 import socket
 from collections import Counter, deque
 from datetime import UTC, datetime
@@ -44,6 +45,16 @@ MAX_PIPELINE = 64
 
 # After a NAK for a frame we refuse to read, how long the sender has to close.
 LINGER = 5.0
+
+
+_TYPE = re.compile(r"[A-Z0-9]{3}")
+
+
+def type_bucket(msg_type: str) -> str:
+    """The metric label of a message type: its code, or ``other`` when it
+    is not three capitals or digits, so senders cannot mint labels."""
+    code = msg_type.split("^", 1)[0]
+    return code if _TYPE.fullmatch(code) else "other"
 
 
 def format_peer(address: Any) -> str:
@@ -417,7 +428,7 @@ class MLLPServerProtocol(Protocol):
                 pass
         log.warn(
             "closing connection from {peer}: {reason}", event=reason, peer=self.peer,
-            reason=text, control_id=header.control_id if header else None,
+            reason=text, control_id=header.bounded(10) if header else None,
         )
         self._framer = None
         self._pause("closing")
@@ -433,7 +444,7 @@ class MLLPServerProtocol(Protocol):
                 error=AckError("207", text),
             )
             data = encode_ack(nak, codec)
-        pending.reply = Reply(REJECT, "AR", data, header.control_id if header else "",
+        pending.reply = Reply(REJECT, "AR", data, header.bounded(10) if header else "",
                               header.type_label if header else "", len(head),
                               AckError("207", text))
         self._queue.append(pending)
@@ -546,7 +557,7 @@ class MLLPServerFactory(Factory):
         return datetime.fromtimestamp(self.clock.seconds(), UTC)
 
     def message_done(self, peer: str, reply: Reply, latency: float) -> None:
-        self.acks[(reply.msg_type.split("^", 1)[0], reply.code)] += 1
+        self.acks[(type_bucket(reply.msg_type), reply.code)] += 1
         if self.metrics is not None:
             self.metrics.ack_latency.observe(latency)
         if reply.error is not None:

@@ -23,6 +23,7 @@ from mllpd.hl7 import (
     Message,
     NotHL7Error,
     UnknownCharsetError,
+    max_length,
     parse_message,
 )
 from mllpd.identities import ClientIdentities
@@ -160,6 +161,9 @@ class Receiver:
                 self._reply(None, "iso8859-1", REJECT, AckError("100", str(e)), payload)
             )
         except DecodeError as e:
+            too_long = overlong_field(e.header)
+            if too_long is not None:
+                return succeed(self._reply(e.header, "iso8859-1", REJECT, too_long, payload))
             code = "103" if isinstance(e, UnknownCharsetError) else "102"
             error = AckError(code, str(e), "MSH", 18)
             return succeed(self._reply(e.header, "iso8859-1", ERROR, error, payload))
@@ -251,7 +255,10 @@ class Receiver:
 
     @staticmethod
     def check_header(header: Header) -> tuple[str, AckError] | None:
-        """Required MSH fields and a supported version."""
+        """Fields within HL7's lengths, required MSH fields and a supported version."""
+        too_long = overlong_field(header)
+        if too_long is not None:
+            return REJECT, too_long
         for n, name, value in (
             (9, "message type", header.msg_type),
             (10, "message control id", header.control_id),
@@ -293,9 +300,17 @@ class Receiver:
             outcome=outcome,
             code=code,
             ack=data,
-            control_id=header.control_id if header is not None else "",
+            control_id=header.bounded(10) if header is not None else "",
             msg_type=header.type_label if header is not None else "",
             size=len(payload),
             error=error,
             duplicate=duplicate,
         )
+
+
+def overlong_field(header: Header | None) -> AckError | None:
+    """AR's reason when an MSH field is longer than HL7 allows."""
+    n = header.overlong() if header is not None else None
+    if n is None:
+        return None
+    return AckError("102", f"MSH-{n} is longer than {max_length(n)} characters", "MSH", n)

@@ -482,6 +482,16 @@ class EscapeTests(SynchronousTestCase):
         self.assertNotIn("\r", out)
         self.assertNotIn("\n", out)
 
+    def test_escape_pattern_cache_bounded(self) -> None:
+        """Messages with thousands of different escape characters leave a bounded pattern cache."""
+        from mllpd import hl7
+
+        escapes = [c for c in map(chr, range(0x2000, 0x3000)) if not c.isalnum()][:500]
+        for esc in escapes:
+            h = Header(fields=("MSH", "|", f"^~{esc}&", "A"))
+            self.assertEqual(unescape(f"a{esc}F{esc}b", h), "a|b")
+        self.assertLessEqual(hl7._escape_pattern.cache_info().currsize, 16)
+
     @settings(deadline=None, max_examples=500)
     @given(header=headers(), value=st.text(max_size=200))
     def test_round_trip(self, header: Header, value: str) -> None:

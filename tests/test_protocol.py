@@ -138,6 +138,19 @@ class FramingTests(SynchronousTestCase):
 
 
 class LimitTests(SynchronousTestCase):
+    def test_metric_labels_bounded(self) -> None:
+        """Reply counts use the message type only when it is three capitals or digits, else 'other'."""
+        h = Harness()
+        proto, t = h.connect()
+        for i, kind in enumerate(["ADT", "x" * 15, "A-B", "ORU", "Ab1"]):
+            payload = f"MSH|^~\\&|A|B|C|D|||{kind}^A01|C{i}|P|9.9\r".encode()
+            proto.dataReceived(frame(payload))
+        big = f"MSH|^~\\&|A|B|C|D|||{'Q' * 1_000_000}^A01|C9|P|9.9\r".encode()
+        proto.dataReceived(frame(big))
+        self.assertEqual(
+            dict(h.factory.acks), {("ADT", "AR"): 1, ("ORU", "AR"): 1, ("other", "AR"): 4}
+        )
+
     def test_oversized_frame_nak_and_close(self) -> None:
         """A frame over MLLP_MAX_FRAME_SIZE gets an AR echoing its MSH-10, then a half-close."""
         h = Harness(max_frame_size=1000)

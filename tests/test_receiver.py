@@ -240,3 +240,37 @@ class BackPressureTests(SynchronousTestCase):
         self.assertEqual(self.reply(receiver, "S1").code, "AR")
         self.outbox.pending = self.Backlog(1, 9_999)
         self.assertEqual(self.reply(receiver, "S2").code, "AA")
+
+
+class OverlongFieldTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.outbox = MemoryOutbox()
+        self.receiver = Receiver(self.outbox, self.clock, ack_id=lambda: "ACKID")
+
+    def receive(self, payload: bytes) -> Reply:
+        return self.successResultOf(self.receiver.receive(payload, "10.1.1.1:999"))
+
+    def test_overlong_fields_get_ar_not_echoed(self) -> None:
+        """An MSH field past HL7's maximum gets AR naming it; the ACK, log fields and audit hold a bounded prefix."""
+        big = "X" * 1_000_000
+        cases = {
+            f"MSH|^~\\&|A|B|C|D|||{big}^A01|C1|P|9.9\r": 9,
+            f"MSH|^~\\&|A|B|C|D|||ADT^A01|{big}|P|2.5\r": 10,
+            f"MSH|^~\\&|{big}|B|C|D|||ADT^A01|C1|P|2.5\r": 3,
+            f"MSH|^~\\&|A|B|C|D|||ADT^A01|C1|P|2.5|||||||||||||||||{'Z' * 201}\r": 29,
+        }
+        for text, n in cases.items():
+            reply = self.receive(text.encode())
+            self.assertEqual(reply.code, "AR")
+            assert reply.error is not None and reply.ack is not None
+            self.assertIn(f"MSH-{n} is longer than", reply.error.text)
+            self.assertLess(len(reply.ack), 2000)
+            self.assertLessEqual(len(reply.control_id), 199)
+            self.assertLessEqual(len(reply.msg_type), 40)
+        self.assertEqual(self.outbox.stored, [])
+
+    def test_repeated_charsets_within_limits_accepted(self) -> None:
+        """MSH-18 with two repetitions, each within 16 characters, is not overlong."""
+        text = "MSH|^~\\&|A|B|C|D|||ADT^A01|C1|P|2.5|||||||ASCII~ISO IR87\r"
+        self.assertEqual(self.receive(text.encode()).code, "AA")
