@@ -190,6 +190,7 @@ _FRAME_RESULTS = (
     ("oversized", "frames_oversized"),
     ("timed_out", "frames_timed_out"),
     ("junk", "frames_junk"),
+    ("restarted", "frame_restarts"),
 )
 
 

@@ -96,6 +96,7 @@ class MLLPServerProtocol(Protocol):
         self._write_timer: IDelayedCall | None = None
         self._linger_timer: IDelayedCall | None = None
         self._junk_logged = False
+        self._restarts = 0
         self._closing = False
         self._draining = False
         self._counted = False
@@ -242,6 +243,9 @@ class MLLPServerProtocol(Protocol):
                 self.factory.stats["frames_oversized"] += 1
                 self._fail_frame(event.head, "oversized", f"frame larger than {self.factory.max_frame_size} bytes")
                 return
+        if framer.restarts != self._restarts:
+            self._restarted(framer.restarts - self._restarts)
+            self._restarts = framer.restarts
         self._update_frame_timer()
         self._update_idle()
 
@@ -281,6 +285,17 @@ class MLLPServerProtocol(Protocol):
             log.warn(
                 "discarded {size} bytes outside any frame from {peer}",
                 event="junk", peer=self.peer, size=size,
+            )
+
+    def _restarted(self, count: int) -> None:
+        # A start byte inside an unfinished frame: the frame timer keeps
+        # running from the first one, so trickled start bytes cannot hold a
+        # connection open.
+        self.factory.stats["frame_restarts"] += count
+        if not self._restarts:
+            log.warn(
+                "start byte inside an unfinished frame from {peer}; frame abandoned",
+                event="frame_restarted", peer=self.peer, count=count,
             )
 
     # -- output, in order -------------------------------------------------------

@@ -237,6 +237,19 @@ class TimeoutTests(SynchronousTestCase):
         self.assertTrue(t.write_closed)
         self.assertEqual(h.factory.stats["frames_timed_out"], 1)
 
+    def test_start_bytes_do_not_restart_frame_timer(self) -> None:
+        """Start bytes trickled into an unfinished frame neither restart MLLP_FRAME_TIMEOUT nor hold the connection; they are counted."""
+        h = Harness(frame_timeout=60.0, idle_timeout=30.0)
+        proto, t = h.connect()
+        proto.dataReceived(b"\x0b")
+        h.clock.advance(55)
+        proto.dataReceived(b"\x0b")
+        self.assertFalse(proto.lost or t.write_closed or t.disconnecting)
+        h.clock.advance(5)
+        self.assertTrue(t.write_closed or t.disconnecting)
+        self.assertEqual(h.factory.stats["frames_timed_out"], 1)
+        self.assertEqual(h.factory.stats["frame_restarts"], 1)
+
     def test_frame_timeout_restarts_per_frame(self) -> None:
         """Each frame gets the full MLLP_FRAME_TIMEOUT from its own start byte."""
         h = Harness(frame_timeout=10.0, idle_timeout=0)
