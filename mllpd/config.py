@@ -258,6 +258,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MLLP_MAX_FRAME_SIZE", "max_frame_size", "2MiB", _positive_size,
             "a size such as 2MiB, 512KiB or a number of bytes",
             "larger frames are rejected and the connection closed"),
+    Setting("MLLP_MAX_BUFFER", "max_buffer", "64MiB", _positive_size,
+            "a size such as 64MiB, 256MiB or a number of bytes, at least MLLP_MAX_FRAME_SIZE",
+            "all bytes of frames in progress and messages awaiting commit; above it reading pauses"),
     Setting("MLLP_KEEPALIVE_PERIOD", "keepalive_period", "60s", parse_duration,
             "a duration such as 30s or 1m (0 turns keepalive off)",
             "TCP keepalive period (0: off)"),
@@ -328,6 +331,7 @@ class Settings:
     frame_timeout: float = 60.0
     write_timeout: float = 5.0
     max_frame_size: int = 2 * 1024 * 1024
+    max_buffer: int = 64 * 1024 * 1024
     keepalive_period: float = 60.0
     default_charset: str | None = None
     db_path: str = "outbox.db"
@@ -386,6 +390,11 @@ def load_settings(
 
 def _check_together(values: Mapping[str, object], sources: Mapping[str, str]) -> None:
     """Settings that only make sense with another one."""
+    max_buffer, max_frame = values.get("max_buffer"), values.get("max_frame_size")
+    if isinstance(max_buffer, int) and isinstance(max_frame, int) and max_buffer < max_frame:
+        raise ConfigError(
+            sources["max_buffer"], f"{max_buffer} bytes is less than MLLP_MAX_FRAME_SIZE ({max_frame})"
+        )
     cert, key = values.get("tls_cert_file"), values.get("tls_key_file")
     if cert and not key:
         raise ConfigError(sources["tls_key_file"], "not set, but TLS_CERT_FILE is; set both or neither")

@@ -68,12 +68,13 @@ def format_peer(address: Any) -> str:
 class _Pending:
     """A frame awaiting its reply, in arrival order."""
 
-    __slots__ = ("close_after", "received", "reply")
+    __slots__ = ("close_after", "received", "reply", "size")
 
-    def __init__(self, received: float) -> None:
+    def __init__(self, received: float, size: int = 0) -> None:
         self.reply: Reply | None = None
         self.received = received
         self.close_after = False
+        self.size = size  # bytes held against MLLP_MAX_BUFFER until the reply
 
 
 @implementer(IPushProducer, IHandshakeListener)
@@ -87,6 +88,7 @@ class MLLPServerProtocol(Protocol):
     def __init__(self) -> None:
         self.peer = "?"
         self._framer: Framer | None = None
+        self._held = 0  # the framer's bytes, as counted against MLLP_MAX_BUFFER
         self._queue: deque[_Pending] = deque()
         self._pause_reasons: set[str] = set()
         self._frame_timer: IDelayedCall | None = None
@@ -129,6 +131,8 @@ class MLLPServerProtocol(Protocol):
         self._framer = Framer(f.max_frame_size)
         self._set_keepalive()
         self.transport.registerProducer(self, True)
+        if f.buffer_full:
+            self._pause("buffer")
         log.info(
             "connection opened from {peer}", event="connection_opened",
             peer=self.peer, open=f.open_connections,
@@ -203,6 +207,7 @@ class MLLPServerProtocol(Protocol):
                 timer.cancel()
         self._frame_timer = self._idle_timer = self._write_timer = self._linger_timer = None
         self._handshake_timer = None
+        self._release_framer()
         if not self._counted:
             return
         f = self.factory
@@ -246,14 +251,27 @@ class MLLPServerProtocol(Protocol):
         if framer.restarts != self._restarts:
             self._restarted(framer.restarts - self._restarts)
             self._restarts = framer.restarts
+        self._hold_framer()
         self._update_frame_timer()
         self._update_idle()
+
+    def _hold_framer(self) -> None:
+        framer = self._framer
+        held = framer.buffered if framer is not None else 0
+        if held != self._held:
+            delta, self._held = held - self._held, held
+            self.factory.hold(delta)
+
+    def _release_framer(self) -> None:
+        self._framer = None
+        self._hold_framer()
 
     def _frame_received(self, payload: bytes) -> None:
         f = self.factory
         f.stats["frames_ok"] += 1
         self._cancel_idle()
-        pending = _Pending(f.clock.seconds())
+        pending = _Pending(f.clock.seconds(), len(payload))
+        f.hold(pending.size)
         self._queue.append(pending)
         if len(self._queue) >= MAX_PIPELINE:
             self._pause("pipeline")
@@ -265,7 +283,14 @@ class MLLPServerProtocol(Protocol):
 
     def _replied(self, reply: Reply, pending: _Pending) -> None:
         pending.reply = reply
+        self._unhold(pending)
         self._flush()
+
+    def _unhold(self, pending: _Pending) -> None:
+        # Committed or refused: the receiver no longer holds the payload,
+        # whether or not this connection is still open.
+        self.factory.hold(-pending.size)
+        pending.size = 0
 
     def _receive_failed(self, failure: Failure, pending: _Pending, size: int) -> None:
         # The receiver turns every expected failure into a NAK; this is a bug.
@@ -275,6 +300,7 @@ class MLLPServerProtocol(Protocol):
             error=AckError("207", "internal error; resend later"),
         )
         pending.reply = Reply(REJECT, "AR", encode_ack(nak, "ascii"), "", "", size)
+        self._unhold(pending)
         self._flush()
 
     def _junk(self, size: int) -> None:
@@ -339,6 +365,13 @@ class MLLPServerProtocol(Protocol):
         if not self._pause_reasons and not self.lost:
             self.transport.pauseProducing()
         self._pause_reasons.add(reason)
+
+    def buffer_full(self) -> None:
+        """MLLP_MAX_BUFFER is reached: read nothing more until it falls."""
+        self._pause("buffer")
+
+    def buffer_free(self) -> None:
+        self._unpause("buffer")
 
     def _unpause(self, reason: str) -> None:
         if reason in self._pause_reasons:
@@ -445,7 +478,7 @@ class MLLPServerProtocol(Protocol):
             "closing connection from {peer}: {reason}", event=reason, peer=self.peer,
             reason=text, control_id=header.bounded(10) if header else None,
         )
-        self._framer = None
+        self._release_framer()
         self._pause("closing")
         if self._frame_timer is not None and self._frame_timer.active():
             self._frame_timer.cancel()
@@ -469,7 +502,7 @@ class MLLPServerProtocol(Protocol):
         if self._closing or self.lost:
             return False
         self._closing = True
-        self._framer = None
+        self._release_framer()
         for timer in (self._idle_timer, self._frame_timer):
             if timer is not None and timer.active():
                 timer.cancel()
@@ -548,6 +581,7 @@ class MLLPServerFactory(Factory):
         tls: bool = False,
         tls_handshake_timeout: float = 10.0,
         metrics: Metrics | None = None,
+        max_buffer: int = 64 * 1024 * 1024,
     ) -> None:
         self.receiver = receiver
         self.clock = clock
@@ -561,6 +595,11 @@ class MLLPServerFactory(Factory):
         self.tls = tls
         self.tls_handshake_timeout = tls_handshake_timeout
         self.metrics = metrics
+        self.max_buffer = max_buffer
+        # Bytes of frames in progress and of messages awaiting their commit,
+        # across all connections (MLLP_MAX_BUFFER).
+        self.buffered = 0
+        self.buffer_full = False
         self.open_connections = 0
         self.connections: set[MLLPServerProtocol] = set()
         self.stats: Counter[str] = Counter()
@@ -570,6 +609,35 @@ class MLLPServerFactory(Factory):
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.seconds(), UTC)
+
+    def hold(self, delta: int) -> None:
+        """Count bytes taken (or, negative, freed) against MLLP_MAX_BUFFER.
+
+        Past the limit every connection stops reading; below seven eighths
+        of it they all read again. Reads that arrive together may overshoot
+        by one read each, never more: a paused transport reads nothing.
+        """
+        self.buffered += delta
+        if not self.max_buffer:
+            return
+        if not self.buffer_full and self.buffered > self.max_buffer:
+            self.buffer_full = True
+            self.stats["buffer_full"] += 1
+            log.warn(
+                "MLLP_MAX_BUFFER reached ({buffered} bytes held): reading paused on all connections",
+                event="buffer_full", buffered=self.buffered, max=self.max_buffer,
+                open=self.open_connections,
+            )
+            for proto in list(self.connections):
+                proto.buffer_full()
+        elif self.buffer_full and self.buffered <= self.max_buffer * 7 // 8:
+            self.buffer_full = False
+            log.info(
+                "buffered bytes down to {buffered}: reading resumed", event="buffer_resumed",
+                buffered=self.buffered, max=self.max_buffer,
+            )
+            for proto in list(self.connections):
+                proto.buffer_free()
 
     def message_done(self, peer: str, reply: Reply, latency: float) -> None:
         self.acks[(type_bucket(reply.msg_type), reply.code)] += 1

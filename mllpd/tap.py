@@ -130,6 +130,7 @@ def makeService(options: Any) -> IService:
         reactor,
         max_connections=settings.max_connections,
         max_frame_size=settings.max_frame_size,
+        max_buffer=settings.max_buffer,
         idle_timeout=settings.idle_timeout,
         frame_timeout=settings.frame_timeout,
         write_timeout=settings.write_timeout,

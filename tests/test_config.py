@@ -78,6 +78,7 @@ class LoadTests(SynchronousTestCase):
         self.assertEqual(s.max_connections, 0)
         self.assertEqual(s.log_level, "info")
         self.assertIsNone(s.default_charset)
+        self.assertEqual(s.max_buffer, 64 * 1024 * 1024)
 
     def test_option_beats_env_beats_default(self) -> None:
         """An option beats the environment, which beats the default."""
@@ -86,6 +87,14 @@ class LoadTests(SynchronousTestCase):
         self.assertEqual(s.idle_timeout, 1)
         self.assertEqual(s.frame_timeout, 20)
         self.assertEqual(s.write_timeout, 5)
+
+    def test_max_buffer_below_frame_size(self) -> None:
+        """MLLP_MAX_BUFFER smaller than MLLP_MAX_FRAME_SIZE fails naming MLLP_MAX_BUFFER."""
+        with self.assertRaises(ConfigError) as ctx:
+            load_settings({"MLLP_MAX_BUFFER": "1MiB"}, {})
+        self.assertTrue(str(ctx.exception).startswith("MLLP_MAX_BUFFER: "))
+        s = load_settings({"MLLP_MAX_BUFFER": "1MiB", "MLLP_MAX_FRAME_SIZE": "512KiB"}, {})
+        self.assertEqual(s.max_buffer, 1024 * 1024)
 
     def test_pod_identity(self) -> None:
         """POD_NAME and POD_NAMESPACE come from the environment."""
@@ -114,6 +123,7 @@ class LoadTests(SynchronousTestCase):
             "MLLP_METRICS_ADDR": "nowhere",
             "MLLP_RETENTION": "0",
             "MLLP_MAX_OUTBOX": "plenty",
+            "MLLP_MAX_BUFFER": "lots",
         }
         paths = {
             "MLLP_DB_PATH", "TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CLIENT_CA",

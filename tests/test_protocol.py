@@ -190,6 +190,30 @@ class LimitTests(SynchronousTestCase):
         p3.connectionLost(None)
         self.assertEqual(h.factory.open_connections, 2)
 
+    def test_max_buffer_pauses_every_connection(self) -> None:
+        """Past MLLP_MAX_BUFFER (partial frames plus uncommitted messages, all connections) nobody is read until it falls."""
+        h = Harness(hold=True, max_buffer=100_000, max_frame_size=60_000)
+        conns = [h.connect(40000 + i) for i in range(4)]
+        (p0, t0), (p1, t1), (p2, t2), (p3, t3) = conns
+        big = adt("C0") + b"NTE|1||" + b"x" * 45_000 + b"\r"
+        p0.dataReceived(frame(big))  # awaiting commit
+        partial = adt("C1") + b"y" * 40_000
+        p1.dataReceived(b"\x0b" + partial)  # in progress
+        self.assertTrue(all(t.producerState == "producing" for _, t in conns))
+        p2.dataReceived(b"\x0b" + b"z" * 20_000)
+        self.assertEqual(h.factory.buffered, len(big) + len(partial) + 20_000)
+        self.assertTrue(all(t.producerState == "paused" for _, t in conns))
+        _, t4 = h.connect(40010)
+        self.assertEqual(t4.producerState, "paused")
+        self.assertEqual(h.factory.stats["buffer_full"], 1)
+        h.outbox.commit()  # C0's bytes are freed
+        self.assertEqual(msa(acks(t0)[0])[1:3], ["AA", "C0"])
+        self.assertTrue(all(t.producerState == "producing" for _, t in [*conns, (None, t4)]))
+        p2.connectionLost(None)
+        p1.dataReceived(b"\x1c\r")
+        h.outbox.commit()
+        self.assertEqual(h.factory.buffered, 0)
+
     def test_pipeline_depth_pauses_reading(self) -> None:
         """A client with MAX_PIPELINE unanswered frames is not read from until ACKs go out."""
         h = Harness(hold=True)
