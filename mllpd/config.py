@@ -20,6 +20,7 @@ __all__ = [
     "parse_duration",
     "parse_listen_address",
     "parse_size",
+    "with_backlog",
 ]
 
 
@@ -121,6 +122,18 @@ def parse_listen_address(text: str) -> str:
     return s
 
 
+# Endpoint types whose serverFromString parser takes ``backlog=``.
+_BACKLOG_TYPES = frozenset({"tcp", "tcp6", "ssl", "unix"})
+
+
+def with_backlog(endpoint: str, backlog: int) -> str:
+    """``endpoint`` listening with this backlog, unless it names its own."""
+    kind = endpoint.split(":", 1)[0].lower()
+    if kind not in _BACKLOG_TYPES or re.search(r"(?<!\\):backlog=", endpoint):
+        return endpoint
+    return f"{endpoint}:backlog={backlog}"
+
+
 def _port(text: str) -> int:
     port = int(text)
     if not 0 <= port <= 65535:
@@ -136,6 +149,13 @@ def _nonneg_int(text: str) -> int:
 
 
 _LOG_LEVELS = ("trace", "debug", "info", "warn", "error")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text.strip())
+    if value <= 0:
+        raise ValueError("must be more than 0")
+    return value
 
 
 def _log_level(text: str) -> str:
@@ -243,6 +263,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MLLP_ADDR", "port", ":2575", parse_listen_address,
             "host:port, :port, a port number or a Twisted endpoint string",
             "listen address"),
+    Setting("MLLP_LISTEN_BACKLOG", "listen_backlog", "4096", _positive_int,
+            "a whole number above 0 (the kernel caps it at net.core.somaxconn)",
+            "listen(2) backlog: connections the kernel queues before mllpd accepts them"),
     Setting("MLLP_MAX_CONNECTIONS", "max_connections", "0", _nonneg_int,
             "a whole number, 0 for unlimited",
             "connections beyond this are closed at once (0: unlimited)"),
@@ -326,6 +349,7 @@ class Settings:
     """All of mllpd's settings, parsed."""
 
     port: str = "tcp:2575"
+    listen_backlog: int = 4096
     max_connections: int = 0
     idle_timeout: float = 30.0
     frame_timeout: float = 60.0

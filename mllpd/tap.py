@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
-from mllpd.config import SETTINGS, ConfigError, Settings, load_settings
+from mllpd.config import SETTINGS, ConfigError, Settings, load_settings, with_backlog
 
 __all__ = ["Options", "log_observer", "makeService"]
 
@@ -76,8 +76,9 @@ def makeService(options: Any) -> IService:
     from mllpd.validation import structure_validator
 
     settings: Settings = getattr(options, "settings", None) or load_settings(os.environ, {})
+    backlog = _listen_backlog(settings.listen_backlog)
     try:
-        endpoint = serverFromString(reactor, settings.port)
+        endpoint = serverFromString(reactor, with_backlog(settings.port, backlog))
     except (ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"mllpd: MLLP_ADDR: invalid endpoint {settings.port!r}: {e}") from None
     if settings.proxy_protocol:
@@ -164,6 +165,22 @@ def makeService(options: Any) -> IService:
         ).setServiceParent(top)
     mllp.setServiceParent(top)
     return top
+
+
+def _listen_backlog(requested: int, somaxconn: str = "/proc/sys/net/core/somaxconn") -> int:
+    """MLLP_LISTEN_BACKLOG, capped (as the kernel would, silently) at somaxconn."""
+    try:
+        with open(somaxconn, encoding="ascii") as f:
+            limit = int(f.read().strip())
+    except (OSError, ValueError):
+        return requested
+    if requested > limit:
+        log.warn(
+            "MLLP_LISTEN_BACKLOG {requested} capped at net.core.somaxconn {limit}",
+            event="listen_backlog_capped", requested=requested, limit=limit,
+        )
+        return limit
+    return requested
 
 
 def _pipeline(settings: Settings, reactor: Any) -> Any:

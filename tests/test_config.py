@@ -88,6 +88,16 @@ class LoadTests(SynchronousTestCase):
         self.assertEqual(s.frame_timeout, 20)
         self.assertEqual(s.write_timeout, 5)
 
+    def test_backlog_added_to_endpoint(self) -> None:
+        """MLLP_LISTEN_BACKLOG goes into tcp, ssl and unix endpoints, unless they name a backlog."""
+        from mllpd.config import with_backlog
+
+        self.assertEqual(with_backlog("tcp:2575", 4096), "tcp:2575:backlog=4096")
+        self.assertEqual(with_backlog("unix:/run/m.sock", 8), "unix:/run/m.sock:backlog=8")
+        self.assertEqual(with_backlog("tcp:1:backlog=9", 4096), "tcp:1:backlog=9")
+        self.assertEqual(with_backlog("systemd:domain=INET:index=0", 9), "systemd:domain=INET:index=0")
+        self.assertEqual(load_settings({}, {}).listen_backlog, 4096)
+
     def test_max_buffer_below_frame_size(self) -> None:
         """MLLP_MAX_BUFFER smaller than MLLP_MAX_FRAME_SIZE fails naming MLLP_MAX_BUFFER."""
         with self.assertRaises(ConfigError) as ctx:
@@ -124,6 +134,7 @@ class LoadTests(SynchronousTestCase):
             "MLLP_RETENTION": "0",
             "MLLP_MAX_OUTBOX": "plenty",
             "MLLP_MAX_BUFFER": "lots",
+            "MLLP_LISTEN_BACKLOG": "0",
         }
         paths = {
             "MLLP_DB_PATH", "TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CLIENT_CA",

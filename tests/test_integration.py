@@ -383,6 +383,32 @@ class MemoryBoundTests(SynchronousTestCase):
         self.assertNotIn("Traceback", server.output())
 
 
+class ListenBacklogTests(SynchronousTestCase):
+    """MLLP_LISTEN_BACKLOG reaches listen(2)."""
+
+    def _backlog(self, port: int) -> int:
+        import shutil
+        import subprocess
+
+        if shutil.which("ss") is None:
+            self.skipTest("ss (iproute2) is not installed")
+        out = subprocess.run(
+            ["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True,
+            timeout=10,
+        ).stdout.split()
+        # State Recv-Q Send-Q ...: for a listening socket Send-Q is the backlog.
+        return int(out[2])
+
+    def test_backlog_reaches_listen(self) -> None:
+        """The listening socket's backlog is MLLP_LISTEN_BACKLOG, and 4096 (or somaxconn) by default."""
+        server = start_server(self, env={"MLLP_LISTEN_BACKLOG": "777"})
+        self.assertEqual(self._backlog(_port(server)), 777)
+        with open("/proc/sys/net/core/somaxconn", encoding="ascii") as f:
+            somaxconn = int(f.read())
+        default = start_server(self)
+        self.assertEqual(self._backlog(_port(default)), min(4096, somaxconn))
+
+
 class CrashTests(SynchronousTestCase):
     """kill -9 never loses an acknowledged message."""
 
