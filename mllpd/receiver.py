@@ -35,7 +35,7 @@ from mllpd.outbox import (
     StoreResult,
     over_limit,
 )
-from mllpd.rules import RuleError, RuleSet
+from mllpd.rules import ModelLimitError, RuleError, RuleSet
 
 __all__ = ["Receiver", "Reply"]
 
@@ -207,7 +207,11 @@ class Receiver:
             return succeed(self._reply(header, message.codec, REJECT, error, payload))
         routes: tuple[str, ...] = ()
         if self.rules is not None:
-            model = self.rules.model(message)
+            try:
+                model = self.rules.model(message)
+            except ModelLimitError as e:
+                error = AckError("207", f"message too large for rules: {e}")
+                return succeed(self._reply(header, message.codec, ERROR, error, payload))
             violation = self.rules.check(model)
             if violation is not None:
                 outcome = ERROR if violation.ack == "AE" and not violation.error else REJECT

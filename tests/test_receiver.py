@@ -206,6 +206,49 @@ class RulesAndRoutingTests(SynchronousTestCase):
         self.assertEqual(self.receive(payload).code, "CE")
 
 
+class ModelCapTests(SynchronousTestCase):
+    """What rules model is bounded; a message past the bound gets AE."""
+
+    def receiver(self, *rules: tuple[str, str]) -> Receiver:
+        from mllpd.rules import Rule, RuleSet
+
+        self.outbox = MemoryOutbox()
+        ruleset = RuleSet(rules=[Rule(name, expr) for name, expr in rules])
+        return Receiver(self.outbox, Clock(), ack_id=lambda: "ACKID", rules=ruleset)
+
+    def test_obx_past_cap_gets_ae(self) -> None:
+        """An obx_list rule sees up to MAX_MODEL_SEGMENTS OBX; one more gives AE naming the cap, nothing stored."""
+        from mllpd.rules import MAX_MODEL_SEGMENTS
+
+        r = self.receiver(("all-final", 'obx_list.all(o, o.status == "F")'))
+        obx = "OBX|1|NM|8867-4||72|/min|||||F\r"
+        at_cap = (msh("C1") + obx * MAX_MODEL_SEGMENTS).encode()
+        over = (msh("C2") + obx * (MAX_MODEL_SEGMENTS + 1)).encode()
+        self.assertEqual(self.successResultOf(r.receive(at_cap, "p")).code, "AA")
+        reply = self.successResultOf(r.receive(over, "p"))
+        self.assertEqual(reply.code, "AE")
+        assert reply.error is not None
+        self.assertIn(f"more than {MAX_MODEL_SEGMENTS} OBX", reply.error.text)
+        self.assertEqual([e.control_id for e in self.outbox.stored], ["C1"])
+
+    def test_cap_applies_only_to_what_rules_read(self) -> None:
+        """A 20,000-OBX message is accepted when no rule reads obx_list."""
+        r = self.receiver(("first-final", 'obx.status == "F"'))
+        payload = (msh("C1") + "OBX|1|NM|8867-4||72|/min|||||F\r" * 20_000).encode()
+        self.assertEqual(self.successResultOf(r.receive(payload, "p")).code, "AA")
+
+    def test_composite_past_cap_gets_ae(self) -> None:
+        """A composite value with MAX_MODEL_COMPONENTS or more components gets AE when a rule reads it."""
+        from mllpd.rules import MAX_MODEL_COMPONENTS
+
+        r = self.receiver(("located", 'pv1.assigned_location != ""'))
+        ok = (msh("C1") + "PV1|1|I|" + "W^" * 10 + "\r").encode()
+        over = (msh("C2") + "PV1|1|I|" + "W^" * MAX_MODEL_COMPONENTS + "\r").encode()
+        self.assertEqual(self.successResultOf(r.receive(ok, "p")).code, "AA")
+        reply = self.successResultOf(r.receive(over, "p"))
+        self.assertEqual(reply.code, "AE")
+
+
 class BackPressureTests(SynchronousTestCase):
     """MLLP_MAX_OUTBOX: past the limit new messages get AR, never AA."""
 
