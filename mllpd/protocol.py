@@ -601,6 +601,7 @@ class MLLPServerFactory(Factory):
         self.buffered = 0
         self.buffer_full = False
         self.open_connections = 0
+        self.awaiting_header = 0  # accepted, PROXY header not yet read
         self.connections: set[MLLPServerProtocol] = set()
         self.stats: Counter[str] = Counter()
         self.acks: Counter[tuple[str, str]] = Counter()
@@ -609,6 +610,27 @@ class MLLPServerFactory(Factory):
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.seconds(), UTC)
+
+    def admit(self, peer: str) -> bool:
+        """A connection that has yet to send its PROXY header: it counts
+        against MLLP_MAX_CONNECTIONS from now (False: refuse it)."""
+        taken = self.open_connections + self.awaiting_header
+        if self.max_connections and taken >= self.max_connections:
+            self.stats["connections_accepted"] += 1
+            self.stats["connections_refused"] += 1
+            log.warn(
+                "connection refused from {peer}: {open} open, MLLP_MAX_CONNECTIONS is {max}",
+                event="connection_refused", peer=peer, open=self.open_connections,
+                awaiting_header=self.awaiting_header, max=self.max_connections,
+            )
+            return False
+        self.awaiting_header += 1
+        return True
+
+    def header_done(self) -> None:
+        """The PROXY header is read (the connection now counts as open) or
+        the connection closed without one."""
+        self.awaiting_header -= 1
 
     def hold(self, delta: int) -> None:
         """Count bytes taken (or, negative, freed) against MLLP_MAX_BUFFER.

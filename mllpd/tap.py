@@ -81,16 +81,7 @@ def makeService(options: Any) -> IService:
         endpoint = serverFromString(reactor, with_backlog(settings.port, backlog))
     except (ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"mllpd: MLLP_ADDR: invalid endpoint {settings.port!r}: {e}") from None
-    if settings.proxy_protocol:
-        from mllpd.proxy import proxy_endpoint
-
-        # Innermost: the PROXY header comes before any TLS bytes.
-        endpoint = proxy_endpoint(endpoint, reactor)
     tls = _server_tls(settings, reactor)
-    if tls is not None:
-        from mllpd.tls import tls_endpoint
-
-        endpoint = tls_endpoint(endpoint, tls)
     identities = None
     if settings.client_identities:
         from mllpd.identities import IdentityError, load_identities
@@ -141,6 +132,16 @@ def makeService(options: Any) -> IService:
         tls_handshake_timeout=settings.tls_handshake_timeout,
         metrics=metrics,
     )
+    if settings.proxy_protocol:
+        from mllpd.proxy import proxy_endpoint
+
+        # Innermost: the PROXY header comes before any TLS bytes. Connections
+        # waiting for it count against MLLP_MAX_CONNECTIONS.
+        endpoint = proxy_endpoint(endpoint, reactor, factory)
+    if tls is not None:
+        from mllpd.tls import tls_endpoint
+
+        endpoint = tls_endpoint(endpoint, tls)
     mllp = MLLPService(
         endpoint, factory, outbox, reactor,
         address=settings.port, shutdown_timeout=settings.shutdown_timeout,
