@@ -175,13 +175,16 @@ def _validate_mode(text: str) -> str:
 
 
 def _charset(text: str) -> str | None:
-    from mllpd.hl7 import codec_for_charset  # a leaf-to-leaf import
+    from mllpd.hl7 import codec_for_charset, is_wide  # a leaf-to-leaf import
 
     name = text.strip()
     if not name:
         return None
-    if codec_for_charset(name) is None:
+    codec = codec_for_charset(name)
+    if codec is None:
         raise ValueError(f"unknown HL7 character set {text!r}")
+    if is_wide(codec):
+        raise ValueError(f"{text!r}: UTF-16 and UTF-32 cannot be framed safely by MLLP")
     return name
 
 

@@ -19,7 +19,9 @@ __all__ = [
     "MSH_MAX_LENGTH",
     "NotHL7Error",
     "UnknownCharsetError",
+    "WideCharsetError",
     "codec_for_charset",
+    "framing_safe",
     "escape",
     "max_length",
     "parse_message",
@@ -83,6 +85,32 @@ class DecodeError(ValueError):
 
 class UnknownCharsetError(DecodeError):
     """MSH-18 names a character set that is not in HL7 table 0211."""
+
+
+class WideCharsetError(DecodeError):
+    """UTF-16 or UTF-32: a character can hold the bytes 0x1C 0x0D, so MLLP
+    may have cut the message short without anyone noticing."""
+
+
+WIDE_CHARSET_TEXT = "UTF-16 and UTF-32 cannot be framed safely by MLLP; send UTF-8"
+
+
+def is_wide(codec: str) -> bool:
+    """Whether a Python codec is UTF-16 or UTF-32 (in any byte order)."""
+    return codec.startswith(("utf-16", "utf-32", "utf_16", "utf_32"))
+
+
+# Bytes that would end or restart the sender's MLLP frame, or a segment.
+_FRAMING = ("\x0b", "\x1c", "\r", "\n")
+
+
+def framing_safe(value: str, escape_char: str) -> str:
+    """``value`` with 0x0B, 0x1C, CR and LF as hex escapes (\\X0B\\ ...), so
+    an echoed field can never break the sender's framing."""
+    for char in _FRAMING:
+        if char in value:
+            value = value.replace(char, f"{escape_char}X{ord(char):02X}{escape_char}")
+    return value
 
 
 _SEGMENT_SPLIT = re.compile(r"\r\n|\r|\n")
@@ -210,11 +238,11 @@ def _read_header(line: str) -> Header:
     if not line.startswith("MSH") or len(line) < 8:
         raise NotHL7Error("payload does not start with an MSH segment")
     fs = line[3]
-    if fs.isalnum() or fs in " \t":
+    if fs.isalnum() or fs in " \t\x0b\x1c":
         raise NotHL7Error("MSH field separator is not a delimiter character")
     rest = line[4:].split(fs)
     enc = rest[0]
-    if not 1 <= len(enc) <= 5 or any(c.isalnum() or c == fs for c in enc):
+    if not 1 <= len(enc) <= 5 or any(c.isalnum() or c == fs or c in _FRAMING for c in enc):
         raise NotHL7Error("MSH-2 encoding characters are missing or invalid")
     return Header(fields=("MSH", fs, *rest))
 
@@ -339,12 +367,14 @@ def parse_message(payload: bytes, default_charset: str | None = None) -> Message
             try:
                 text = body.decode(codec)
             except UnicodeDecodeError:
-                raise DecodeError(f"payload is not valid {codec}") from None
+                raise WideCharsetError(WIDE_CHARSET_TEXT) from None
             text = text.lstrip("\ufeff")
             header = _read_header(_first_line(text))
-            return Message(payload, text, header, codecs.lookup(codec).name, header.field(18) or None)
+            raise WideCharsetError(WIDE_CHARSET_TEXT, header)
     header = _bytes_header(body)
     codec, charset = _choose_codec(header, default_charset)
+    if is_wide(codec):
+        raise WideCharsetError(WIDE_CHARSET_TEXT, header)
     try:
         text = body.decode(codec)
     except UnicodeDecodeError as e:
@@ -410,4 +440,4 @@ def escape(value: str, header: Header) -> str:
     trunc = header.encoding_chars[4:5]
     if trunc:
         out = out.replace(trunc, f"{esc}P{esc}")
-    return out.replace("\r", f"{esc}X0D{esc}").replace("\n", f"{esc}X0A{esc}")
+    return framing_safe(out, esc)

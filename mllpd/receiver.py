@@ -23,6 +23,7 @@ from mllpd.hl7 import (
     Message,
     NotHL7Error,
     UnknownCharsetError,
+    WideCharsetError,
     max_length,
     parse_message,
 )
@@ -164,6 +165,10 @@ class Receiver:
             too_long = overlong_field(e.header)
             if too_long is not None:
                 return succeed(self._reply(e.header, "iso8859-1", REJECT, too_long, payload))
+            if isinstance(e, WideCharsetError):
+                # The frame may have been cut inside a character: refuse it.
+                error = AckError("103", str(e), "MSH", 18)
+                return succeed(self._reply(e.header, "iso8859-1", REJECT, error, payload))
             code = "103" if isinstance(e, UnknownCharsetError) else "102"
             error = AckError(code, str(e), "MSH", 18)
             return succeed(self._reply(e.header, "iso8859-1", ERROR, error, payload))

@@ -88,6 +88,13 @@ class LoadTests(SynchronousTestCase):
         self.assertEqual(s.frame_timeout, 20)
         self.assertEqual(s.write_timeout, 5)
 
+    def test_wide_default_charset_refused(self) -> None:
+        """MLLP_DEFAULT_CHARSET of UTF-16 or UTF-32 fails at startup naming it."""
+        for name in ("UNICODE", "UNICODE UTF-16", "UNICODE UTF-32"):
+            with self.assertRaises(ConfigError) as ctx:
+                load_settings({"MLLP_DEFAULT_CHARSET": name}, {})
+            self.assertTrue(str(ctx.exception).startswith("MLLP_DEFAULT_CHARSET: "))
+
     def test_backlog_added_to_endpoint(self) -> None:
         """MLLP_LISTEN_BACKLOG goes into tcp, ssl and unix endpoints, unless they name a backlog."""
         from mllpd.config import with_backlog

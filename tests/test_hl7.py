@@ -14,6 +14,7 @@ from mllpd.hl7 import (
     Header,
     Message,
     NotHL7Error,
+    WideCharsetError,
     codec_for_charset,
     escape,
     parse_message,
@@ -240,27 +241,24 @@ class CharsetTests(SynchronousTestCase):
             self.assertEqual(m.header.control_id, "CTRL123", charset)
             self.assertEqual(m.header.field(18), charset)
 
-    def test_utf16_with_bom(self) -> None:
-        """UTF-16 payloads with a little- or big-endian BOM are read."""
+    def test_utf16_and_utf32_refused(self) -> None:
+        """UTF-16/32 payloads (BOM, bare 'MSH' bytes, or only MSH-18) raise WideCharsetError, with the header when readable."""
         text = message_text(name="Ωmega 山田", charset="UNICODE UTF-16")
         for payload in (
             codecs.BOM_UTF16_LE + text.encode("utf-16-le"),
             codecs.BOM_UTF16_BE + text.encode("utf-16-be"),
+            text.encode("utf-16-le"),
+            text.encode("utf-16-be"),
+            message_text(charset="UNICODE UTF-32").encode("utf-32"),
         ):
-            m = parse_message(payload)
-            self.assertEqual(m.get("PID", 5, 1), "Ωmega 山田")
-            self.assertEqual(m.header.control_id, "CTRL123")
-            self.assertEqual(m.header.field(18), "UNICODE UTF-16")
-            self.assertEqual(m.raw, payload)
-            # The codec chosen must read the payload back to the same text.
-            self.assertEqual(payload.decode(m.codec).lstrip("\ufeff"), text)
-
-    def test_utf16_without_bom(self) -> None:
-        """UTF-16 payloads without a BOM are recognised from the 'MSH' bytes."""
-        text = message_text(name="Ωmega", charset="UNICODE UTF-16")
-        for codec in ("utf-16-le", "utf-16-be"):
-            m = parse_message(text.encode(codec))
-            self.assertEqual(m.get("PID", 5, 1), "Ωmega", codec)
+            with self.assertRaises(WideCharsetError) as ctx:
+                parse_message(payload)
+            assert ctx.exception.header is not None
+            self.assertEqual(ctx.exception.header.control_id, "CTRL123")
+        with self.assertRaises(WideCharsetError):
+            parse_message(message_text(charset="UNICODE UTF-16").encode("ascii"))
+        with self.assertRaises(WideCharsetError):
+            parse_message(message_text().encode("ascii"), "UNICODE")
 
     def test_multibyte_trail_bytes_in_fields(self) -> None:
         """Big-5 and GB 18030 characters whose second byte is '|' or '^' stay in one field."""

@@ -116,6 +116,16 @@ class FramingTests(SynchronousTestCase):
         self.assertEqual(msa(acks(t)[1])[1:3], ["AA", "C2"])
         self.assertFalse(t.disconnecting)
 
+    def test_framing_bytes_in_echoed_fields_escaped(self) -> None:
+        """An MSH-10 of X<0x1C> gets exactly one intact ACK frame whose MSA-2 holds the escape, not the byte."""
+        h = Harness()
+        proto, t = h.connect()
+        proto.dataReceived(frame(adt("X\x1c")) + frame(adt("NEXT")))
+        answers = acks(t)
+        self.assertEqual([msa(a)[1:3] for a in answers], [["AA", "X\\X1C\\"], ["AA", "NEXT"]])
+        self.assertNotIn(b"\x1c\x0d\x1c", t.value())
+        self.assertEqual(t.value().count(b"\x1c"), 2)
+
     def test_junk_discarded_and_counted(self) -> None:
         """Bytes before a start block are counted and never reach the stored message."""
         h = Harness()

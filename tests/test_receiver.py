@@ -285,6 +285,22 @@ class BackPressureTests(SynchronousTestCase):
         self.assertEqual(self.reply(receiver, "S2").code, "AA")
 
 
+class WideCharsetTests(SynchronousTestCase):
+    def test_utf16_and_utf32_get_ar(self) -> None:
+        """UTF-16/32 messages get AR 103 on MSH-18 in an 8-bit ACK without framing bytes; nothing is stored."""
+        outbox = MemoryOutbox()
+        receiver = Receiver(outbox, Clock(), ack_id=lambda: "ACKID")
+        for charset, codec in (("UNICODE UTF-16", "utf-16"), ("UNICODE UTF-32", "utf-32-le")):
+            text = msh("W1", msh18=charset) + "PID|1||\u0d1c\r"
+            reply = self.successResultOf(receiver.receive(text.encode(codec), "p"))
+            self.assertEqual(reply.code, "AR")
+            assert reply.ack is not None and reply.error is not None
+            self.assertEqual(reply.error.code, "103")
+            self.assertIn(b"MSA|AR|W1", reply.ack)
+            self.assertNotIn(b"\x1c", reply.ack)
+        self.assertEqual(outbox.stored, [])
+
+
 class OverlongFieldTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
