@@ -101,6 +101,9 @@ class _HeaderFirst(HAProxyProtocolWrapper):
             gate.header_done()
 
     def _invalid(self, why: str) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None  # reads nothing more
         log.warn("invalid PROXY header from {address}: {why}", event="proxy_header_invalid",
                  address=str(self.transport.getPeer()), why=why)
         self.transport.abortConnection()
