@@ -239,7 +239,11 @@ class MLLPServerProtocol(Protocol):
         if self._framer is None or self._closing:
             return
         framer = self._framer
-        for event in framer.feed(data):
+        events = framer.feed(data)
+        # Before the frames are counted as awaiting commit, so their bytes
+        # are never counted twice against MLLP_MAX_BUFFER.
+        self._hold_framer()
+        for event in events:
             if isinstance(event, Frame):
                 self._frame_received(event.payload)
             elif isinstance(event, Junk):

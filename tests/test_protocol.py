@@ -223,6 +223,17 @@ class LimitTests(SynchronousTestCase):
         p1.dataReceived(b"\x1c\r")
         h.outbox.commit()
         self.assertEqual(h.factory.buffered, 0)
+        self.assertEqual(h.factory.stats["buffer_full"], 1)
+
+    def test_frame_completed_is_not_counted_twice(self) -> None:
+        """A frame finishing in a read moves its bytes from in-progress to awaiting-commit without pausing anyone."""
+        h = Harness(hold=True, max_buffer=100_000, max_frame_size=90_000)
+        proto, t = h.connect()
+        big = adt("C0") + b"NTE|1||" + b"x" * 60_000 + b"\r"
+        proto.dataReceived(b"\x0b" + big)
+        proto.dataReceived(b"\x1c\r")
+        self.assertEqual(h.factory.buffered, len(big))
+        self.assertEqual((t.producerState, h.factory.stats["buffer_full"]), ("producing", 0))
 
     def test_pipeline_depth_pauses_reading(self) -> None:
         """A client with MAX_PIPELINE unanswered frames is not read from until ACKs go out."""
