@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -138,3 +140,28 @@ class ProxyProcessTests(SynchronousTestCase):
         server.wait_for_event("proxy_header_invalid")
         self.assertNotIn("Traceback", server.output())
         self.assertFalse([e for e in server.events() if e.get("level") == "critical"])
+
+
+_V2_PREFIX = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+class ProxyPropertyTests(SynchronousTestCase):
+    @settings(max_examples=300, deadline=None)
+    @given(
+        start=st.sampled_from([b"", b"PROXY ", b"PROXY TCP4 ", b"PROXY TCP6 ", _V2_PREFIX + b"\x21\x11"]),
+        chunks=st.lists(st.binary(max_size=80), max_size=6),
+    )
+    def test_any_bytes_never_raise(self, start: bytes, chunks: list[bytes]) -> None:
+        """Any bytes after any header start neither raise nor leak a slot; a connection that gets through has a real address."""
+        import ipaddress
+
+        h = Harness(max_connections=5)
+        proto, t = h.connect()
+        for chunk in [start, *chunks]:
+            proto.dataReceived(chunk)
+        for p in h.inner.connections:
+            host, _, port = p.peer.rpartition(":")
+            ipaddress.ip_address(host.strip("[]"))
+            self.assertLessEqual(int(port), 65535)
+        proto.connectionLost(None)
+        self.assertEqual((h.inner.awaiting_header, h.inner.open_connections), (0, 0))
