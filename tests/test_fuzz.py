@@ -78,6 +78,7 @@ class _Conn:
     expected: list[str | None] = field(default_factory=list)  # MSA-2 per complete frame
     client_closed: bool = False
     lost: bool = False
+    last_frame_at: float = 0.0  # clock time of its last complete frame (or connect)
 
 
 @st.composite
@@ -203,7 +204,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         assert isinstance(proto, MLLPServerProtocol)
         transport = _Transport(peerAddress=IPv4Address("TCP", "10.0.0.1", port))
         proto.makeConnection(transport)
-        self.conns.append(_Conn(proto, transport))
+        self.conns.append(_Conn(proto, transport, last_frame_at=self.clock.seconds()))
 
     @precondition(lambda self: bool(self._open()))
     @rule(data=st.data(), cuts=st.lists(st.integers(0, 10_000), max_size=6))
@@ -213,6 +214,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         cid = f"C{self.next_id}"
         payload = data.draw(messages(cid))
         c.expected.append(cid)
+        c.last_frame_at = self.clock.seconds()
         self._send(c, b"\x0b" + payload + b"\x1c\x0d", cuts)
 
     @precondition(lambda self: bool(self._open()))
@@ -221,6 +223,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         c = data.draw(st.sampled_from(self._open()))
         payload = payload.replace(b"\x0b", b"").replace(b"\x1c", b"")
         c.expected.append(None)
+        c.last_frame_at = self.clock.seconds()
         self._send(c, b"\x0b" + payload + b"\x1c\x0d", cuts)
 
     @precondition(lambda self: bool(self._open()))
@@ -228,6 +231,23 @@ class ProtocolMachine(RuleBasedStateMachine):
     def send_junk(self, data: st.DataObject, junk: bytes) -> None:
         c = data.draw(st.sampled_from(self._open()))
         self._send(c, junk.replace(b"\x0b", b"").replace(b"\x1c", b""), [])
+
+    @precondition(lambda self: bool(self._open()))
+    @rule(data=st.data())
+    def send_start_byte(self, data: st.DataObject) -> None:
+        """A lone start byte, as a sender holding a socket open would trickle."""
+        self._send(data.draw(st.sampled_from(self._open())), b"\x0b", [])
+
+    @precondition(lambda self: bool(self._open()))
+    @rule(data=st.data(), gap=st.sampled_from([10.0, 31.0, 55.0, 59.0]), times=st.integers(1, 8),
+          byte=st.sampled_from([b"\x0b", b"x", b"\x1c"]))
+    def trickle(self, data: st.DataObject, gap: float, times: int, byte: bytes) -> None:
+        """One byte every ``gap`` seconds, as a sender holding a socket would."""
+        c = data.draw(st.sampled_from(self._open()))
+        for _ in range(times):
+            self._send(c, byte, [])
+            self.clock.advance(gap)
+            self._pump()
 
     @precondition(lambda self: bool(self._open()))
     @rule(data=st.data(), size=st.integers(0, 2 * MAX_FRAME))
@@ -253,6 +273,8 @@ class ProtocolMachine(RuleBasedStateMachine):
             self.outbox.commit(index)
         else:
             self.outbox.fail(index)
+        for c in self.conns:
+            c.last_frame_at = self.clock.seconds()  # an ACK written is activity too
         self._pump()
 
     @rule(seconds=st.sampled_from([0.5, 4.0, 6.0, 29.0, 31.0, 59.0, 61.0]))
@@ -289,6 +311,19 @@ class ProtocolMachine(RuleBasedStateMachine):
     @invariant()
     def buffer_within_budget(self) -> None:
         assert 0 <= self.factory.buffered <= MAX_BUFFER + READ, self.factory.buffered
+
+    @invariant()
+    def no_connection_held_without_frames(self) -> None:
+        """Start bytes, junk or unfinished frames cannot keep a connection:
+        without complete frames or commits owed, it closes within the frame
+        and idle timeouts (plus a frame's wait behind a full buffer)."""
+        owed = {envelope.peer for envelope, _ in self.outbox.waiting}
+        now = self.clock.seconds()
+        for c in self.conns:
+            if c.proto.peer in owed:
+                continue
+            closed = c.lost or c.transport.disconnecting or c.transport.write_closed
+            assert closed or now - c.last_frame_at <= 200, (c.proto.peer, now - c.last_frame_at)
 
     @invariant()
     def replies_in_order(self) -> None:
