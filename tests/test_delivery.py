@@ -14,13 +14,14 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor as _reactor
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
@@ -250,9 +251,14 @@ class HTTPUpstream(_Port, Resource):
 # -- helpers ----------------------------------------------------------------------------
 
 
-async def pause(seconds: float) -> None:
-    """Let the reactor run (the upstreams answer) for a moment."""
-    await deferLater(reactor, seconds, lambda: None)
+def outbox_depth(metrics_port: int, connector: str) -> tuple[float, float]:
+    """(queue depth, oldest age) of ``connector`` on the server's metrics
+    page: both change at each recount of the backlog."""
+    with urllib.request.urlopen(f"http://{LOOPBACK}:{metrics_port}/metrics", timeout=10) as page:
+        text = page.read().decode()
+    got = {s.name: s.value for family in text_string_to_metric_families(text)
+           for s in family.samples if s.labels.get("connector") == connector}
+    return got.get("mllp_outbox_depth", -1.0), got.get("mllp_outbox_oldest_age_seconds", -1.0)
 
 
 def send_all(port: int, payloads: Sequence[bytes], timeout: float = 30.0) -> list[Ack]:
@@ -633,7 +639,11 @@ class BackPressureTests(TestCase):
         ehr.reserve()
         server = await run_server(
             self, "connectors:\n" + mllp_connector("ehr", ehr.port) + FAST_RETRY + "\n",
-            env={"MLLP_MAX_OUTBOX": "5"},
+            env={"MLLP_MAX_OUTBOX": "5", "MLLP_METRICS_ADDR": f"tcp:0:interface={LOOPBACK}"},
+        )
+        [metrics_port] = await until(
+            lambda: [e["port"] for e in server.events() if e.get("event") == "metrics_listening"],
+            what="the metrics_listening event",
         )
         first = await send(server, messages("BP", 5))
         self.assertEqual({a.code for a in first}, {"AA"})
@@ -643,7 +653,9 @@ class BackPressureTests(TestCase):
             self.assertTrue(a.has_err)
             self.assertIn(b"207", a.raw)
         # Still full a recount later (the backlog is recounted every second).
-        await pause(1.2)
+        before = await deferToThread(outbox_depth, metrics_port, "ehr")
+        await until(lambda: deferToThread(outbox_depth, metrics_port, "ehr"),
+                    lambda now: now[0] == 5 and now[1] > before[1], what="a recount after the refusals")
         self.assertEqual([a.code for a in await send(server, messages("STILL", 1))], ["AR"])
 
         ehr.listen()
