@@ -140,9 +140,14 @@ MSH_MAX_LENGTH: dict[int, int] = {
 DEFAULT_MAX_LENGTH = 200
 
 
+# max_length(n) for the fields a header usually has: a tuple index is the
+# cheapest lookup, and every message's every MSH field is looked up.
+_LIMITS = tuple(MSH_MAX_LENGTH.get(n, DEFAULT_MAX_LENGTH) for n in range(32))
+
+
 def max_length(n: int) -> int:
     """The longest value MSH-n may hold, per repetition."""
-    return MSH_MAX_LENGTH.get(n, DEFAULT_MAX_LENGTH)
+    return _LIMITS[n] if n < 32 else DEFAULT_MAX_LENGTH
 
 
 class Header:
@@ -155,7 +160,7 @@ class Header:
     __slots__ = (
         "fields", "field_sep", "encoding_chars", "component_sep", "repetition_sep",
         "escape_char", "subcomponent_sep", "msg_type", "trigger", "control_id",
-        "version", "accept_ack_type", "_type_label",
+        "version", "accept_ack_type", "_type_label", "_within",
     )
 
     def __init__(self, fields: tuple[str, ...]) -> None:
@@ -180,6 +185,8 @@ class Header:
         )
         self.accept_ack_type = fields[15].strip().upper() if n > 15 else ""
         self._type_label: str | None = None
+        # Set once overlong() found every field within HL7's lengths.
+        self._within = False
 
     def __repr__(self) -> str:
         return f"Header(control_id={self.control_id!r}, type={self.msg_type!r})"
@@ -194,14 +201,19 @@ class Header:
         The limit holds per repetition; a whole field, however repeated, is
         never longer than ten times its limit (and never than 2,000).
         """
-        for n in range(3, len(self.fields)):
-            if _overlong(self.fields[n], max_length(n), self):
+        fields = self.fields
+        for n in range(3, len(fields)):
+            limit = _LIMITS[n] if n < 32 else DEFAULT_MAX_LENGTH
+            if len(fields[n]) > limit and _overlong(fields[n], limit, self):
                 return n
+        self._within = True
         return None
 
     def bounded(self, n: int) -> str:
         """MSH-n for echoing: cut to HL7's maximum when it is longer."""
         value = self.field(n)
+        if self._within:
+            return value
         limit = max_length(n)
         return value[:limit] if _overlong(value, limit, self) else value
 
