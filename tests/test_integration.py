@@ -330,6 +330,8 @@ def _flood_partial_frames(port: int, connections: int, size: int, stall: float) 
                 n = socks[c].send(left[c][:65536])
             except BlockingIOError:
                 continue
+            except (ConnectionResetError, BrokenPipeError):
+                n = len(left[c])  # closed by the server (its frame timed out)
             written += n
             last_progress = time.monotonic()
             left[c] = left[c][n:]
