@@ -175,6 +175,12 @@ def _optional_path(text: str) -> str | None:
     return text if text.strip() else None
 
 
+def _db_url(text: str) -> str | None:
+    # Checked (without echoing it: it may hold a password) when the
+    # outbox opens.
+    return text.strip() or None
+
+
 def _tls_version(text: str) -> str:
     version = text.strip()
     if version not in ("1.2", "1.3"):
@@ -267,6 +273,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MLLP_DB_PATH", "db_path", "outbox.db", _path,
             "a file path (':memory:' only for tests)",
             "SQLite outbox file"),
+    Setting("MLLP_DB_URL", "db_url", "", _db_url,
+            "a libpq URL (postgresql://user@host/db) or key=value string",
+            "PostgreSQL outbox shared by replicas (instead of MLLP_DB_PATH)"),
     Setting("MLLP_DEDUP_WINDOW", "dedup_window", "24h", parse_duration,
             "a duration such as 24h or 30m (0 turns it off)",
             "how long a (MSH-3, MSH-4, MSH-10, payload hash) is remembered"),
@@ -331,6 +340,7 @@ class Settings:
     keepalive_period: float = 60.0
     default_charset: str | None = None
     db_path: str = "outbox.db"
+    db_url: str | None = None
     dedup_window: float = 24 * 3600.0
     validate: str = "none"
     config: str | None = None

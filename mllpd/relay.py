@@ -65,6 +65,12 @@ class RetryPolicy(Protocol):
     def delay(self, attempt: int, rand: Callable[[], float]) -> float: ...
 
 
+class Leases(Protocol):
+    def start(self) -> None: ...
+
+    def stop(self) -> Deferred[None]: ...
+
+
 class DeliveryMetrics(Protocol):
     def delivery(self, connector: str, result: str) -> None: ...
 
@@ -100,6 +106,11 @@ class Worker:
         self.rand = rand
         self.metrics = metrics
         self.cursor = 0
+        # Rows this worker finished whose state change is not committed yet:
+        # a queue read by state (PostgreSQL) still shows them as pending.
+        self._finishing: set[int] = set()
+        # False while another replica holds this connector's lease.
+        self.active = True
         self._buffer: list[QueuedDelivery] = []
         self._stale = False
         self._running = False
@@ -136,6 +147,19 @@ class Worker:
             lambda _: _within(maybeDeferred(self.connector.stop), CLOSE_TIMEOUT, self.clock)
         )
 
+    def pause(self) -> None:
+        """Start no other delivery (the lease is lost) until resume(); the
+        one in progress, if any, finishes."""
+        self.active = False
+        self._buffer = []
+        self._fire_wake()
+
+    def resume(self) -> None:
+        """Deliver again (the lease is ours), from the queue as it is now."""
+        self.active = True
+        self._buffer = []
+        self._fire_wake()
+
     def _fire_wake(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
@@ -153,6 +177,9 @@ class Worker:
 
     async def _run(self) -> None:
         while self._running:
+            if not self.active:
+                await self._sleep(POLL_INTERVAL)
+                continue
             if not self._buffer or self._stale:
                 self._notified = False
                 self._stale = False
@@ -168,11 +195,16 @@ class Worker:
                     # as this worker knows them: its own marks may not be
                     # committed yet.
                     known = {row.seq: row for row in self._buffer}
-                    self._buffer = [known.get(row.seq, row) for row in fetched]
+                    self._buffer = [
+                        known.get(row.seq, row) for row in fetched
+                        if row.seq not in self._finishing
+                    ]
                 if not self._buffer:
                     if self._running and not self._notified:
                         await self._sleep(POLL_INTERVAL)
                     continue
+            if not self.active or not self._buffer:
+                continue  # paused during the read
             head = self._buffer[0]
             wait = head.next_attempt - self._now()
             if wait > 0:
@@ -215,8 +247,7 @@ class Worker:
             msg_type=row.msg_type, attempt=attempt,
         )
         if isinstance(outcome, Delivered):
-            self._finish(row)
-            self._record(self.queue.mark_delivered(row.seq, now))
+            self._finish(row, self.queue.mark_delivered(row.seq, now))
             self.delivered += 1
             self._count("delivered")
             log.debug("delivered to {connector}", event="delivered", **fields)
@@ -224,8 +255,7 @@ class Worker:
             reason = outcome.reason
             if not isinstance(outcome, Dead):
                 reason = f"gave up after {attempt} attempts: {reason}"
-            self._finish(row)
-            self._record(self.queue.mark_dead(row.seq, attempt, reason, now))
+            self._finish(row, self.queue.mark_dead(row.seq, attempt, reason, now))
             self.dead += 1
             self._count("dead")
             if self.metrics is not None:
@@ -241,7 +271,8 @@ class Worker:
             else:
                 delay = self.retry.delay(attempt, self.rand)
             next_attempt = now + delay
-            self._buffer[0] = row._replace(attempts=attempt, next_attempt=next_attempt)
+            if self._buffer and self._buffer[0].seq == row.seq:
+                self._buffer[0] = row._replace(attempts=attempt, next_attempt=next_attempt)
             self._record(self.queue.mark_retry(row.seq, attempt, outcome.reason, next_attempt, now))
             self.retried += 1
             self._count("retry")
@@ -251,9 +282,17 @@ class Worker:
                 **fields,
             )
 
-    def _finish(self, row: QueuedDelivery) -> None:
-        self._buffer.pop(0)
+    def _finish(self, row: QueuedDelivery, marked: Deferred[None]) -> None:
+        if self._buffer and self._buffer[0].seq == row.seq:
+            self._buffer.pop(0)
         self.cursor = max(self.cursor, row.seq)
+        self._finishing.add(row.seq)
+
+        def settled(result: object) -> object:
+            self._finishing.discard(row.seq)
+            return result
+
+        self._record(marked.addBoth(settled))
 
     def _count(self, result: str) -> None:
         if self.metrics is not None:
@@ -281,12 +320,17 @@ class Worker:
 class Relay:
     """All the delivery workers; the outbox wakes them after each commit."""
 
-    def __init__(self, workers: list[Worker]) -> None:
+    def __init__(self, workers: list[Worker], *, leases: Leases | None = None) -> None:
         self.workers = {w.name: w for w in workers}
+        self.leases = leases
 
     def start(self) -> None:
         for worker in self.workers.values():
+            if self.leases is not None:
+                worker.active = False  # until this replica holds the lease
             worker.start()
+        if self.leases is not None:
+            self.leases.start()
 
     def notify(self, connectors: set[str]) -> None:
         for name in connectors:
@@ -297,5 +341,10 @@ class Relay:
     def stop(self) -> Deferred[None]:
         """Stop every worker; fires when all in-progress deliveries ended."""
         d = DeferredList([w.stop() for w in self.workers.values()], consumeErrors=True)
+        leases = self.leases
+        if leases is not None:
+            # Released once the deliveries in progress ended, so the next
+            # holder does not deliver them a second time.
+            d.addCallback(lambda _: leases.stop())
         return d.addCallback(lambda _: None)
 

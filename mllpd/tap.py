@@ -68,8 +68,6 @@ def makeService(options: Any) -> IService:
     from twisted.internet.endpoints import serverFromString
 
     from mllpd.metrics import Metrics, metrics_site, otlp_enabled, start_otlp
-    from mllpd.outbox import OutboxError
-    from mllpd.outbox.sqlite import SQLiteOutbox
     from mllpd.protocol import MLLPServerFactory
     from mllpd.receiver import Receiver
     from mllpd.service import MetricsService, MLLPService
@@ -99,15 +97,7 @@ def makeService(options: Any) -> IService:
         except IdentityError as e:
             raise SystemExit(f"mllpd: MLLP_CLIENT_IDENTITIES: {e}") from None
     pipeline = _pipeline(settings, reactor)
-    try:
-        outbox = SQLiteOutbox(
-            settings.db_path, reactor,  # type: ignore[arg-type]
-            dedup_window=settings.dedup_window,
-            retention=settings.retention,
-            pod=settings.pod_name,
-        )
-    except OutboxError as e:
-        raise SystemExit(f"mllpd: MLLP_DB_PATH: {e}") from None
+    outbox = _outbox(settings, reactor)
     otlp_on = otlp_enabled(os.environ)
     metrics = None
     if settings.metrics_addr or otlp_on:
@@ -165,6 +155,44 @@ def makeService(options: Any) -> IService:
     return top
 
 
+def _outbox(settings: Settings, reactor: Any) -> Any:
+    """The PostgreSQL outbox when MLLP_DB_URL is set, else SQLite's."""
+    from mllpd.outbox import OutboxError
+
+    options: dict[str, Any] = dict(
+        dedup_window=settings.dedup_window, retention=settings.retention,
+        pod=settings.pod_name,
+    )
+    if settings.db_url:
+        import psycopg
+        from psycopg.conninfo import conninfo_to_dict
+
+        from mllpd.outbox.postgres import PostgresOutbox, server_name
+
+        try:
+            conninfo_to_dict(settings.db_url)
+        except psycopg.Error:
+            raise SystemExit(
+                "mllpd: MLLP_DB_URL: not a PostgreSQL connection string "
+                "(expected postgresql://user@host:port/db or 'host=... dbname=...')"
+            ) from None
+        log.info(
+            "outbox in PostgreSQL at {server}; MLLP_DB_PATH ({path}) is not used",
+            event="outbox_postgres", server=server_name(settings.db_url),
+            path=settings.db_path,
+        )
+        try:
+            return PostgresOutbox(settings.db_url, reactor, **options)
+        except OutboxError as e:
+            raise SystemExit(f"mllpd: MLLP_DB_URL: {e}") from None
+    from mllpd.outbox.sqlite import SQLiteOutbox
+
+    try:
+        return SQLiteOutbox(settings.db_path, reactor, **options)
+    except OutboxError as e:
+        raise SystemExit(f"mllpd: MLLP_DB_PATH: {e}") from None
+
+
 def _pipeline(settings: Settings, reactor: Any) -> Any:
     """MLLP_CONFIG: rules compiled and every connector built, or one line."""
     if not settings.config:
@@ -192,10 +220,27 @@ def _relay(pipeline: Any, outbox: Any, reactor: Any, metrics: Any) -> Any:
     from mllpd.relay import Relay, Worker
 
     config, connectors = pipeline
-    relay = Relay([
+    workers = [
         Worker(connector, outbox, config.retry, reactor, metrics=metrics)
         for connector in connectors
-    ])
+    ]
+    leases = None
+    url = getattr(outbox, "url", None)
+    if url is not None:
+        # A cluster: each connector is delivered by whichever replica holds
+        # its lease; workers wait until then.
+        from mllpd.outbox.leases import Leases
+
+        by_name = {w.name: w for w in workers}
+
+        def on_lease(name: str, held: bool) -> None:
+            worker = by_name[name]
+            worker.resume() if held else worker.pause()
+            if metrics is not None:
+                metrics.set_lease(name, held)
+
+        leases = Leases(url, reactor, by_name, on_lease, pod=outbox.pod)
+    relay = Relay(workers, leases=leases)
     outbox.add_listener(relay.notify)
     if metrics is not None:
         names = [c.name for c in connectors]
