@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from mllpd.cli.fields import field_names
 from mllpd.hl7 import DecodeError, NotHL7Error, codec_for_charset, parse_message
@@ -33,8 +34,10 @@ __all__ = [
     "SegmentView",
     "Store",
     "StoreError",
+    "PostgresStore",
     "decode_payload",
     "default_db_path",
+    "open_store",
     "render_segments",
 ]
 
@@ -64,6 +67,19 @@ def default_db_path(environ: dict[str, str] | None = None) -> str:
     return env.get("MLLP_DB_PATH") or "outbox.db"
 
 
+def open_store(
+    path: str | None = None, url: str | None = None, environ: dict[str, str] | None = None,
+) -> Store:
+    """The outbox the server uses: PostgreSQL when a URL is given (or
+    ``$MLLP_DB_URL`` is set and no path is given), else the SQLite file."""
+    env = os.environ if environ is None else environ
+    if url is None and path is None:
+        url = env.get("MLLP_DB_URL") or None
+    if url:
+        return PostgresStore(url)
+    return Store(path or default_db_path(environ))
+
+
 @dataclass(frozen=True)
 class ConnectorStats:
     connector: str
@@ -80,7 +96,7 @@ class ConnectorStats:
 class AuditRow:
     """One audit record: a received message and what was decided about it."""
 
-    id: int
+    id: int | None  # None for a stored message (PostgreSQL keeps its record in its row)
     received_at: float
     peer: str
     client_subject: str | None
@@ -228,6 +244,10 @@ class Store:
     A file the server has not created yet is refused rather than created, so
     a mistyped path does not silently show an empty outbox.
     """
+
+    # Where audit records are, and their order (newest first).
+    _AUDIT = "audit"
+    _AUDIT_ORDER = "id DESC"
 
     def __init__(
         self,
@@ -438,8 +458,8 @@ class Store:
         with self._read() as conn:
             rows = conn.execute(
                 "SELECT id, received_at, peer, client_subject, pod, message_id, control_id,"
-                " msg_type, size, sha256, ack_code, rule, connectors FROM audit"
-                f" WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
+                f" msg_type, size, sha256, ack_code, rule, connectors FROM {self._AUDIT}"
+                f" WHERE {' AND '.join(where)} ORDER BY {self._AUDIT_ORDER} LIMIT ?",
                 (*params, limit),
             ).fetchall()
         return [AuditRow(*row) for row in rows]
@@ -589,3 +609,82 @@ class Store:
                 )
             removed += len(rows)
         return removed
+
+
+class _Dialect:
+    """A psycopg connection that takes the SQLite-style ``?`` placeholders
+    the shared queries are written with."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, params: Sequence[object] = ()) -> Any:
+        return self.conn.execute(sql.replace("?", "%s"), params)
+
+
+class PostgresStore(Store):
+    """The PostgreSQL outbox of a cluster (``MLLP_DB_URL``), with the same
+    queries. Reads and writes are short transactions; row locks, not a
+    database-wide write lock, so the replicas keep committing meanwhile."""
+
+    # Stored messages keep their audit record in their own row.
+    _AUDIT = (
+        "(SELECT NULL::bigint AS id, received_at, peer, client_subject, pod, message_id,"
+        " control_id, msg_type, size, sha256, ack_code, NULL::text AS rule, connectors"
+        " FROM messages UNION ALL SELECT id, received_at, peer, client_subject, pod,"
+        " message_id, control_id, msg_type, size, sha256, ack_code, rule, connectors"
+        " FROM audit) AS trail"
+    )
+    _AUDIT_ORDER = "received_at DESC, id DESC NULLS LAST"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        import psycopg
+
+        from mllpd.outbox.postgres import connect, migrate, server_name
+
+        self._sleep = sleep
+        self._monotonic = monotonic
+        self.path = server_name(url)
+        self._errors: tuple[type[BaseException], ...] = (psycopg.Error,)
+        try:
+            conn = connect(url, "mllp-cli")
+        except psycopg.Error as e:
+            raise StoreError(f"cannot connect to outbox {self.path}: {_describe(e)}") from None
+        try:
+            migrate(conn)
+        except (OutboxError, psycopg.Error) as e:
+            conn.close()
+            raise StoreError(f"cannot open outbox {self.path}: {_describe(e)}") from None
+        self._pg = conn
+        self._conn = _Dialect(conn)  # type: ignore[assignment]
+
+    def close(self) -> None:
+        self._pg.close()
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        try:
+            with self._pg.transaction():
+                yield self._conn
+        except self._errors as e:
+            raise StoreError(f"cannot read outbox {self.path}: {_describe(e)}") from None
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        try:
+            with self._pg.transaction():
+                yield self._conn
+        except self._errors as e:
+            raise StoreError(f"cannot change outbox {self.path}: {_describe(e)}") from None
+
+
+def _describe(e: BaseException) -> str:
+    from mllpd.outbox.postgres import describe_error
+
+    return describe_error(e)
