@@ -6,6 +6,7 @@
 #   .ci/postgres.sh install              # apt-get install postgresql unless present (root)
 #   eval "$(.ci/postgres.sh start)"      # exports MLLPD_TEST_POSTGRES_DSN and _DIR
 #   python -m twisted.trial tests.test_connector_postgres
+#   .ci/postgres.sh restart "$MLLPD_TEST_POSTGRES_DIR"   # crash and start again
 #   .ci/postgres.sh stop "$MLLPD_TEST_POSTGRES_DIR"
 set -euo pipefail
 
@@ -89,8 +90,20 @@ stop)
     fi
     rm -rf "$dir"
     ;;
+restart)
+    # An immediate (crash-like) stop and a start on the same port and data,
+    # for the tests of a database that goes away under load.
+    dir=${2:-${MLLPD_TEST_POSTGRES_DIR:-}}
+    case "$dir" in
+    */mllpd-pg.*) ;;
+    *) echo "postgres.sh restart: expected a directory made by '$0 start', got '$dir'" >&2; exit 2 ;;
+    esac
+    BIN=$(bindir)
+    OWNER=$(stat -c %U "$dir")
+    as_owner "$BIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -m immediate -w -t 30 restart >/dev/null
+    ;;
 *)
-    echo "usage: $0 install | start | stop [DIR]" >&2
+    echo "usage: $0 install | start | stop [DIR] | restart [DIR]" >&2
     exit 2
     ;;
 esac

@@ -148,6 +148,7 @@ class GroupCommitOutbox:
         self._uncommitted = Backlog(0, 0)
         self._unseen = Backlog(0, 0)
         self.depths: dict[str, QueueDepth] = {}
+        self._counts_ok = True
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name=thread_name)
         # Reads run here; a backend with a reader connection of its own
         # replaces it with a pool of its own.
@@ -241,6 +242,7 @@ class GroupCommitOutbox:
         return d.addErrback(self._count_failed)
 
     def _counted(self, result: tuple[Backlog, dict[str, QueueDepth]]) -> None:
+        self._counts_ok = True
         counted, depths = result
         self._backlog = Backlog(
             counted.messages + self._unseen.messages, counted.size + self._unseen.size
@@ -253,10 +255,13 @@ class GroupCommitOutbox:
             self.count_observer(depths)
 
     def _count_failed(self, failure: Failure) -> None:
-        log.warn(
-            "outbox backlog count failed: {reason}", event="count_failed",
-            reason=failure.getErrorMessage(),
-        )
+        # Once per outage, not once a second.
+        if self._counts_ok:
+            log.warn(
+                "outbox backlog count failed: {reason}", event="count_failed",
+                reason=failure.getErrorMessage(),
+            )
+        self._counts_ok = False
 
     # -- queues ------------------------------------------------------------
 
