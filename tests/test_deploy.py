@@ -125,7 +125,6 @@ class RenderedOverlayTests(SynchronousTestCase):
         assert cluster is not None
         self.assertEqual(cluster["spec"]["instances"], 3)
         self.assertEqual(cluster["spec"]["postgresql"]["synchronous"]["number"], 1)
-        self.assertEqual(cluster["metadata"]["namespace"], "healthcare-prod")
         url = {v["name"]: v.get("valueFrom") for v in r.container()["env"]}["MLLP_DB_URL"]
         self.assertEqual(url, {"secretKeyRef": {"name": "mllpd-db-app", "key": "uri"}})
 
