@@ -176,9 +176,18 @@ def _optional_path(text: str) -> str | None:
 
 
 def _db_url(text: str) -> str | None:
-    # Checked (without echoing it: it may hold a password) when the
-    # outbox opens.
-    return text.strip() or None
+    url = text.strip()
+    if not url:
+        return None
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        conninfo_to_dict(url)
+    except psycopg.Error:
+        # Never echo the value: it may hold a password.
+        raise ValueError("not a PostgreSQL connection string") from None
+    return url
 
 
 def _tls_version(text: str) -> str:

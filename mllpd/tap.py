@@ -164,18 +164,8 @@ def _outbox(settings: Settings, reactor: Any) -> Any:
         pod=settings.pod_name,
     )
     if settings.db_url:
-        import psycopg
-        from psycopg.conninfo import conninfo_to_dict
-
         from mllpd.outbox.postgres import PostgresOutbox, server_name
 
-        try:
-            conninfo_to_dict(settings.db_url)
-        except psycopg.Error:
-            raise SystemExit(
-                "mllpd: MLLP_DB_URL: not a PostgreSQL connection string "
-                "(expected postgresql://user@host:port/db or 'host=... dbname=...')"
-            ) from None
         log.info(
             "outbox in PostgreSQL at {server}; MLLP_DB_PATH ({path}) is not used",
             event="outbox_postgres", server=server_name(settings.db_url),

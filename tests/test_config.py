@@ -114,6 +114,7 @@ class LoadTests(SynchronousTestCase):
             "MLLP_METRICS_ADDR": "nowhere",
             "MLLP_RETENTION": "0",
             "MLLP_MAX_OUTBOX": "plenty",
+            "MLLP_DB_URL": "postgresql://u:secret@[::1",
         }
         paths = {
             "MLLP_DB_PATH", "TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CLIENT_CA",
@@ -127,6 +128,7 @@ class LoadTests(SynchronousTestCase):
             self.assertTrue(text.startswith(variable + ": "), text)
             self.assertIn("expected", text)
             self.assertNotIn("\n", text)
+            self.assertNotIn("secret", text)
 
     def test_tls_settings_need_each_other(self) -> None:
         """A TLS file setting without its partner fails naming the missing one."""
