@@ -142,6 +142,8 @@ class Plan:
     connect_timeout: float
     server_pid: int = 0
     rate: float = 0.0  # messages/s for this worker; 0 = as fast as ACKs come
+    samples: str = ""  # write one JSON line per sample interval here (".<worker>" added)
+    sample_interval_ns: int = 5 * NS
 
 
 @dataclass
@@ -241,6 +243,27 @@ class Engine:
         self.interval_ns = int(NS / plan.rate) if plan.rate > 0 else 0
         self.next_due = plan.start_ns
         self.idle: deque[Client] = deque()
+        # Per-interval ACK latencies (ns) of good ACKs, and NAK/mismatch counts.
+        self.window: array = array("q")
+        self.window_bad = 0
+        self.next_sample = plan.start_ns + plan.sample_interval_ns
+        self.sample_out = open(f"{plan.samples}.{worker}", "w") if plan.samples else None
+
+    def write_sample(self, now: int) -> None:
+        """One line: seconds since start, ACKs, bad ACKs, p50/p99/max ms."""
+        assert self.sample_out is not None
+        lat = sorted(self.window)
+        line = {
+            "t": round((now - self.plan.start_ns) / NS, 3),
+            "acks": len(lat), "bad": self.window_bad,
+            "p50_ms": _pct(lat, 50), "p99_ms": _pct(lat, 99),
+            "max_ms": lat[-1] / 1e6 if lat else None,
+        }
+        self.sample_out.write(json.dumps(line) + "\n")
+        self.sample_out.flush()
+        self.window = array("q")
+        self.window_bad = 0
+        self.next_sample += self.plan.sample_interval_ns
 
     # connection management --------------------------------------------------
     def connect_all(self) -> None:
@@ -377,6 +400,11 @@ class Engine:
                 code = parts[1].decode("ascii", "replace")
                 stats.codes[code] = stats.codes.get(code, 0) + 1
                 ok = code == "AA" or code == "CA"
+        if self.sample_out is not None:
+            if ok:
+                self.window.append(now - c.sent_at)
+            else:
+                self.window_bad += 1
         if plan.messages:
             measured = c.cur_measured
         else:
@@ -446,6 +474,8 @@ class Engine:
                 if now >= next_check:
                     self.check_timeouts(now)
                     next_check = now + NS // 4
+                if self.sample_out is not None and now >= self.next_sample:
+                    self.write_sample(now)
                 timeout = 0.05
                 idle = self.idle
                 while idle and (now >= self.next_due or (
@@ -472,6 +502,8 @@ class Engine:
             for c in list(self.clients.values()):
                 self.finish(c)
             self.ep.close()
+            if self.sample_out is not None:
+                self.sample_out.close()
         return self.stats
 
 
@@ -620,6 +652,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--server-pid", type=int, default=0,
                    help="also report this process's CPU over the window")
     p.add_argument("--json-out", default=None, help="also write the JSON report here")
+    p.add_argument("--samples", default="",
+                   help="write ACK latency per interval as JSON lines to PATH.<worker>")
+    p.add_argument("--sample-interval", type=float, default=5.0,
+                   help="seconds per --samples line")
     args = p.parse_args(argv)
     if args.messages < 0 or args.connections < 1 or not 0 < args.port < 65536:
         p.error("bad --messages/--connections/--port")
@@ -656,6 +692,7 @@ def main(argv: list[str] | None = None) -> int:
         ack_timeout_ns=int(args.ack_timeout * NS),
         connect_timeout=args.connect_timeout, server_pid=args.server_pid,
         rate=args.rate / args.workers,
+        samples=args.samples, sample_interval_ns=int(args.sample_interval * NS),
     )
     head, tail = build_template(args.size, "20250101120000")
     args.actual_size = len(head) + CTRL_ID_LEN + len(tail)

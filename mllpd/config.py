@@ -217,6 +217,13 @@ def _positive_size(text: str) -> int:
     return value
 
 
+def _wal_limit(text: str) -> int:
+    value = parse_size(text)
+    if value < 4 * 1024 * 1024:
+        raise ValueError(f"must be at least 4MiB, got {text!r}")
+    return value
+
+
 def _positive_duration(text: str) -> float:
     value = parse_duration(text)
     if value <= 0:
@@ -285,6 +292,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MLLP_DB_URL", "db_url", "", _db_url,
             "a libpq URL (postgresql://user@host/db) or key=value string",
             "PostgreSQL outbox shared by replicas (instead of MLLP_DB_PATH)"),
+    Setting("MLLP_WAL_LIMIT", "wal_limit", "64MiB", _wal_limit,
+            "a size of at least 4MiB, such as 64MiB or 1GiB",
+            "bound of the SQLite outbox's WAL file: the log restarts at a quarter of it"),
     Setting("MLLP_DEDUP_WINDOW", "dedup_window", "24h", parse_duration,
             "a duration such as 24h or 30m (0 turns it off)",
             "how long a (MSH-3, MSH-4, MSH-10, payload hash) is remembered"),
@@ -350,6 +360,7 @@ class Settings:
     default_charset: str | None = None
     db_path: str = "outbox.db"
     db_url: str | None = None
+    wal_limit: int = 64 * 1024 * 1024
     dedup_window: float = 24 * 3600.0
     validate: str = "none"
     config: str | None = None

@@ -109,6 +109,22 @@ class _Source(Protocol):
     def open_connections(self) -> int: ...
 
 
+class _Wal(Protocol):
+    @property
+    def wal_bytes(self) -> int: ...
+    @property
+    def file_bytes(self) -> int: ...
+    @property
+    def written_bytes(self) -> int: ...
+    @property
+    def checkpoints(self) -> Mapping[tuple[str, str], int]: ...
+    observer: Callable[[Any], None] | None
+
+
+# Checkpoint modes of the SQLite outbox's WAL (mllpd.outbox.wal).
+CHECKPOINT_MODES = ("passive", "restart")
+
+
 class Metrics:
     """Every mllpd metric, exposed through :attr:`registry`."""
 
@@ -127,6 +143,8 @@ class Metrics:
         self.leases: dict[str, int] = {}
         self._connections: _Source | None = None
         self._tls_reloads: Mapping[str, int] | None = None
+        self._wal: _Wal | None = None
+        self.checkpoint_latency = {mode: Buckets(LATENCY_BUCKETS) for mode in CHECKPOINT_MODES}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))  # type: ignore[arg-type]
 
@@ -138,6 +156,15 @@ class Metrics:
 
     def watch_tls_reloads(self, reloads: Mapping[str, int]) -> None:
         self._tls_reloads = reloads
+
+    def watch_wal(self, wal: _Wal) -> None:
+        """Read the SQLite outbox's WAL figures; time its checkpoints."""
+        self._wal = wal
+
+        def checkpointed(checkpoint: Any) -> None:
+            self.checkpoint_latency[checkpoint.mode].observe(checkpoint.seconds)
+
+        wal.observer = checkpointed
 
     def commit_done(self, batch_size: int, seconds: float) -> None:
         """One outbox commit of ``batch_size`` messages took ``seconds``."""
@@ -188,6 +215,12 @@ class Metrics:
             "dead_letters": dict(self.dead_letters),
             "depth": dict(self.depth),
             "leases": dict(self.leases),
+            "wal": None if self._wal is None else {
+                "bytes": self._wal.wal_bytes,
+                "file_bytes": self._wal.file_bytes,
+                "written_bytes": self._wal.written_bytes,
+                "checkpoints": dict(self._wal.checkpoints),
+            },
         }
 
 
@@ -289,6 +322,29 @@ class _Collector:
         for connector, n in sorted(s["dead_letters"].items()):
             dead.add_metric([*base_values, connector], n)
         yield dead
+        wal = s["wal"]
+        if wal is not None:
+            yield gauge("mllp_outbox_wal_bytes",
+                        "Bytes in the outbox's SQLite WAL at the last checkpoint.", wal["bytes"])
+            yield gauge("mllp_outbox_wal_file_bytes",
+                        "Size of the outbox's SQLite WAL file.", wal["file_bytes"])
+            yield counter("mllp_outbox_wal_written_bytes",
+                          "Bytes written to the outbox's SQLite WAL.", wal["written_bytes"])
+            checkpoints = CounterMetricFamily(
+                "mllp_outbox_checkpoints", "WAL checkpoints by mode and result.",
+                labels=[*base, "mode", "result"])
+            for mode in CHECKPOINT_MODES:
+                for result in ("ok", "busy", "failed"):
+                    checkpoints.add_metric([*base_values, mode, result],
+                                           wal["checkpoints"].get((mode, result), 0))
+            yield checkpoints
+            seconds = HistogramMetricFamily(
+                "mllp_outbox_checkpoint_seconds",
+                "Seconds per WAL checkpoint; a restart holds the writer (and ACKs) that long.",
+                labels=[*base, "mode"])
+            for mode, buckets in m.checkpoint_latency.items():
+                seconds.add_metric([*base_values, mode], buckets.cumulative(), buckets.sum)
+            yield seconds
 
 
 def _histogram(
@@ -441,6 +497,24 @@ def start_otlp(metrics: Metrics) -> OTLPExport:
         "mllp.dead_letters", callbacks=[observe(
             lambda s: [(n, {"connector": c}) for c, n in s["dead_letters"].items()])],
         description="Messages dead-lettered, per connector.")
+    def wal(key: str) -> Callable[[dict[str, Any]], list[tuple[float, dict[str, str]]]]:
+        return lambda s: [] if s["wal"] is None else [(s["wal"][key], {})]
+
+    meter.create_observable_gauge(
+        "mllp.outbox.wal.bytes", unit="By", callbacks=[observe(wal("bytes"))],
+        description="Bytes in the outbox's SQLite WAL at the last checkpoint.")
+    meter.create_observable_gauge(
+        "mllp.outbox.wal.file_bytes", unit="By", callbacks=[observe(wal("file_bytes"))],
+        description="Size of the outbox's SQLite WAL file.")
+    meter.create_observable_counter(
+        "mllp.outbox.wal.written", unit="By", callbacks=[observe(wal("written_bytes"))],
+        description="Bytes written to the outbox's SQLite WAL.")
+    meter.create_observable_counter(
+        "mllp.outbox.checkpoints", callbacks=[observe(
+            lambda s: [] if s["wal"] is None else [
+                (n, {"mode": mode, "result": result})
+                for (mode, result), n in s["wal"]["checkpoints"].items()])],
+        description="WAL checkpoints by mode and result.")
     _mirror(metrics.ack_latency, meter.create_histogram(
         "mllp.ack.latency", unit="s", description="Seconds from a frame's arrival to its ACK.",
         explicit_bucket_boundaries_advisory=list(LATENCY_BUCKETS)))

@@ -103,6 +103,9 @@ def makeService(options: Any) -> IService:
     if settings.metrics_addr or otlp_on:
         metrics = Metrics(pod=settings.pod_name, namespace=settings.pod_namespace)
         outbox.commit_observer = metrics.commit_done
+        wal = getattr(outbox, "wal", None)  # SQLite's
+        if wal is not None:
+            metrics.watch_wal(wal)
         if tls is not None:
             metrics.watch_tls_reloads(tls.reloads)
     receiver = Receiver(
@@ -178,7 +181,7 @@ def _outbox(settings: Settings, reactor: Any) -> Any:
     from mllpd.outbox.sqlite import SQLiteOutbox
 
     try:
-        return SQLiteOutbox(settings.db_path, reactor, **options)
+        return SQLiteOutbox(settings.db_path, reactor, wal_limit=settings.wal_limit, **options)
     except OutboxError as e:
         raise SystemExit(f"mllpd: MLLP_DB_PATH: {e}") from None
 

@@ -15,6 +15,7 @@ import sqlite3
 import tempfile
 from typing import Any, Protocol
 
+from mllpd.outbox import dedup_key
 from mllpd.outbox.sqlite import open_database
 from tests.serverproc import hl7_message
 
@@ -55,12 +56,14 @@ def add_message(
     """Store one message row; returns its message id."""
     body = payload if payload is not None else hl7_message(control_id)
     message_id = f"{int(received_at * 1e9):016x}{next(_ids):016x}"
+    sha = hashlib.sha256(body).hexdigest()
     conn.execute(
         "INSERT INTO messages (message_id, received_at, peer, control_id, msg_type,"
-        " sending_app, sending_fac, version, charset, size, sha256, ack_code, payload)"
-        " VALUES (?, ?, '127.0.0.1:40000', ?, ?, 'TESTAPP', 'TESTFAC', ?, ?, ?, ?, 'AA', ?)",
+        " sending_app, sending_fac, version, charset, size, sha256, ack_code, dedup_key,"
+        " payload)"
+        " VALUES (?, ?, '127.0.0.1:40000', ?, ?, 'TESTAPP', 'TESTFAC', ?, ?, ?, ?, 'AA', ?, ?)",
         (message_id, received_at, control_id, msg_type, version, charset, len(body),
-         hashlib.sha256(body).hexdigest(), body),
+         sha, dedup_key(control_id, "TESTAPP", "TESTFAC", sha), body),
     )
     return message_id
 

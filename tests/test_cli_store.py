@@ -65,11 +65,6 @@ class Fixture(SynchronousTestCase):
         add_delivery(conn, ids[0], "lake", "delivered", updated_at=NOW - 60)
         add_delivery(conn, ids[1], "lake", "dead", updated_at=NOW - 50, attempts=3,
                      last_error="HTTP 400")
-        conn.execute(
-            "INSERT INTO audit (received_at, peer, message_id, control_id, msg_type, size,"
-            " sha256, ack_code, connectors) SELECT received_at, peer, message_id, control_id,"
-            " msg_type, size, sha256, ack_code, 'ehr' FROM messages"
-        )
         self.store = Store(self.path)
         self.addCleanup(self.store.close)
 

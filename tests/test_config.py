@@ -115,6 +115,7 @@ class LoadTests(SynchronousTestCase):
             "MLLP_RETENTION": "0",
             "MLLP_MAX_OUTBOX": "plenty",
             "MLLP_DB_URL": "postgresql://u:secret@[::1",
+            "MLLP_WAL_LIMIT": "1MiB",
         }
         paths = {
             "MLLP_DB_PATH", "TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CLIENT_CA",

@@ -79,7 +79,7 @@ class StoreTests(_PG):
             select(self.url, "SELECT connector, state FROM deliveries ORDER BY connector"),
             [("ehr", "pending"), ("lake", "pending")],
         )
-        self.assertEqual(select(self.url, "SELECT count(*) FROM audit"), [(0,)])
+        self.assertEqual(select(self.url, "SELECT count(*) FROM audit_log"), [(0,)])
 
     async def test_group_commit(self) -> None:
         """Messages arriving during a commit share the next one: 200 stores, far fewer commits."""
@@ -104,7 +104,7 @@ class StoreTests(_PG):
         self.assertTrue(again.duplicate)
         self.assertEqual(again.message_id, first.message_id)
         self.assertEqual(
-            sorted(select(self.url, "SELECT control_id, ack_code, rule, message_id, pod FROM audit")),
+            sorted(select(self.url, "SELECT control_id, ack_code, rule, message_id, pod FROM audit_log")),
             [("D1", "AA", None, first.message_id, "mllpd-1"), ("R1", "AE", "rule-x", None, "mllpd-1")],
         )
 

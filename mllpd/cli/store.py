@@ -245,9 +245,10 @@ class Store:
     a mistyped path does not silently show an empty outbox.
     """
 
-    # Where audit records are, and their order (newest first).
-    _AUDIT = "audit"
-    _AUDIT_ORDER = "id DESC"
+    # Where audit records are: (table, id, rule, arrival order) of each.
+    _AUDIT_SOURCES: tuple[tuple[str, str, str, str], ...] = (
+        ("messages", "id", "NULL", "id"), ("audit_log", "id", "rule", "id"),
+    )
 
     def __init__(
         self,
@@ -445,7 +446,12 @@ class Store:
         peer: str | None = None,
         since: float | None = None,
     ) -> list[AuditRow]:
-        """Audit records, newest first, optionally only those matching."""
+        """Audit records, newest first, optionally only those matching.
+
+        A stored message's record is its row in ``messages``; the others
+        are in ``audit_log``. Each is read newest first (by id, which is
+        arrival order) and the two are merged.
+        """
         where: list[str] = ["1 = 1"]
         params: list[object] = []
         for column, value in (("control_id", control_id), ("ack_code", ack_code), ("peer", peer)):
@@ -455,14 +461,20 @@ class Store:
         if since is not None:
             where.append("received_at >= ?")
             params.append(since)
+        condition = " AND ".join(where)
+        found: list[AuditRow] = []
         with self._read() as conn:
-            rows = conn.execute(
-                "SELECT id, received_at, peer, client_subject, pod, message_id, control_id,"
-                f" msg_type, size, sha256, ack_code, rule, connectors FROM {self._AUDIT}"
-                f" WHERE {' AND '.join(where)} ORDER BY {self._AUDIT_ORDER} LIMIT ?",
-                (*params, limit),
-            ).fetchall()
-        return [AuditRow(*row) for row in rows]
+            for source, id_, rule, order in self._AUDIT_SOURCES:
+                found.extend(
+                    AuditRow(*row) for row in conn.execute(
+                        f"SELECT {id_}, received_at, peer, client_subject, pod, message_id,"
+                        f" control_id, msg_type, size, sha256, ack_code, {rule}, connectors"
+                        f" FROM {source} WHERE {condition} ORDER BY {order} DESC LIMIT ?",
+                        (*params, limit),
+                    )
+                )
+        found.sort(key=lambda row: row.received_at, reverse=True)
+        return found[:limit]
 
     def dead_letters(self, connector: str) -> list[str]:
         """Message ids in a connector's dead-letter queue, oldest first."""
@@ -557,6 +569,7 @@ class Store:
         False when there is no such message."""
         with self._write() as conn:
             conn.execute("DELETE FROM deliveries WHERE message_id = ?", (message_id,))
+            _keep_audit(conn, "message_id = ?", (message_id,))
             gone = conn.execute("DELETE FROM messages WHERE message_id = ?", (message_id,))
             return gone.rowcount > 0
 
@@ -601,6 +614,11 @@ class Store:
                 )
                 ids = sorted({r[1] for r in rows})
                 id_marks = ", ".join("?" * len(ids))
+                orphaned = (
+                    f"message_id IN ({id_marks}) AND NOT EXISTS (SELECT 1 FROM deliveries d"
+                    " WHERE d.message_id = messages.message_id)"
+                )
+                _keep_audit(conn, orphaned, ids)
                 conn.execute(
                     f"DELETE FROM messages WHERE message_id IN ({id_marks})"
                     " AND NOT EXISTS (SELECT 1 FROM deliveries d"
@@ -609,6 +627,19 @@ class Store:
                 )
             removed += len(rows)
         return removed
+
+
+def _keep_audit(conn: sqlite3.Connection, condition: str, params: Sequence[object]) -> None:
+    """Move the audit records of the messages about to be deleted into
+    ``audit_log``: a stored message's record is part of its row, and audit
+    records outlive a deletion."""
+    conn.execute(
+        "INSERT INTO audit_log (received_at, peer, client_subject, pod, message_id,"
+        " control_id, msg_type, size, sha256, ack_code, rule, connectors)"
+        " SELECT received_at, peer, client_subject, pod, message_id, control_id, msg_type,"
+        f" size, sha256, ack_code, NULL, connectors FROM messages WHERE {condition}",
+        params,
+    )
 
 
 class _Dialect:
@@ -627,15 +658,11 @@ class PostgresStore(Store):
     queries. Reads and writes are short transactions; row locks, not a
     database-wide write lock, so the replicas keep committing meanwhile."""
 
-    # Stored messages keep their audit record in their own row.
-    _AUDIT = (
-        "(SELECT NULL::bigint AS id, received_at, peer, client_subject, pod, message_id,"
-        " control_id, msg_type, size, sha256, ack_code, NULL::text AS rule, connectors"
-        " FROM messages UNION ALL SELECT id, received_at, peer, client_subject, pod,"
-        " message_id, control_id, msg_type, size, sha256, ack_code, rule, connectors"
-        " FROM audit) AS trail"
+    # A stored message's row has no id of its own; its arrival time orders it.
+    _AUDIT_SOURCES = (
+        ("messages", "NULL::bigint", "NULL::text", "received_at"),
+        ("audit_log", "id", "rule", "id"),
     )
-    _AUDIT_ORDER = "received_at DESC, id DESC NULLS LAST"
 
     def __init__(
         self,

@@ -41,6 +41,7 @@ from mllpd.outbox import (
     OutboxError,
     QueuedDelivery,
     StoreResult,
+    dedup_key,
 )
 from mllpd.outbox.common import (
     BACKLOG_INTERVAL,
@@ -57,7 +58,6 @@ __all__ = [
     "PostgresOutbox",
     "advisory_key",
     "connect",
-    "dedup_key",
     "describe_error",
     "migrate",
     "server_name",
@@ -80,14 +80,6 @@ def advisory_key(name: str) -> int:
 
 
 MIGRATE_KEY = advisory_key("migrate")
-
-
-def dedup_key(e: Envelope) -> int:
-    """One integer for (MSH-3, MSH-4, MSH-10, payload hash); collisions are
-    caught by comparing the stored row's own columns."""
-    text = "\0".join((e.sending_app, e.sending_fac, e.control_id, e.sha256))
-    digest = hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 def describe_error(exc: BaseException) -> str:
@@ -212,7 +204,7 @@ _PRUNE_MESSAGES = (
     " LIMIT %(batch)s)"
 )
 _PRUNE_AUDIT = (
-    "DELETE FROM audit WHERE id IN (SELECT a.id FROM audit a"
+    "DELETE FROM audit_log WHERE id IN (SELECT a.id FROM audit_log a"
     " WHERE a.received_at < %(cutoff)s AND (a.message_id IS NULL OR NOT EXISTS"
     " (SELECT 1 FROM messages m WHERE m.message_id = a.message_id))"
     " ORDER BY a.id LIMIT %(batch)s)"
@@ -371,7 +363,7 @@ class PostgresOutbox(GroupCommitOutbox):
                     a.msg_type, a.size, a.sha256, a.ack_code, a.rule, "",
                 ))
             _insert(cur, "deliveries", _QUEUE_COLUMNS, _QUEUE_MARKS, queued)
-            _insert(cur, "audit", _AUDIT_COLUMNS, _AUDIT_MARKS, trail)
+            _insert(cur, "audit_log", _AUDIT_COLUMNS, _AUDIT_MARKS, trail)
             for sql, params, _ in ops:
                 cur.execute(sql, params)  # type: ignore[arg-type]
         return results
@@ -384,7 +376,10 @@ class PostgresOutbox(GroupCommitOutbox):
         pod = self.pod
         dedup = self.dedup_window > 0
         results: list[StoreResult | None] = [None] * len(envelopes)
-        keys: list[int | None] = [dedup_key(e) if dedup else None for e in envelopes]
+        keys: list[int | None] = [
+            dedup_key(e.control_id, e.sending_app, e.sending_fac, e.sha256) if dedup else None
+            for e in envelopes
+        ]
         # A resend within the batch: settled after its first occurrence.
         first: dict[tuple[str, str, str, str], int] = {}
         todo: list[int] = []

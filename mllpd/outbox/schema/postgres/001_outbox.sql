@@ -6,8 +6,8 @@
 -- Rows are never updated except to retire a dedup_key (see below).
 CREATE TABLE messages (
     message_id     text             PRIMARY KEY,        -- idempotency key upstream
-    -- The first 8 bytes of sha256(MSH-3, MSH-4, MSH-10, payload sha256):
-    -- one integer per message for cross-replica duplicate detection,
+    -- 8 bytes of a hash of MSH-10, MSH-3, MSH-4 and the payload's SHA-256
+    -- (mllpd.outbox.dedup_key, as in SQLite): one integer per message for cross-replica duplicate detection,
     -- always verified against the row's own columns. NULL when dedup is
     -- off, or once a later message past the dedup window took the key.
     dedup_key      bigint,
@@ -54,9 +54,10 @@ CREATE INDEX deliveries_queue ON deliveries (connector, seq)
     WHERE state IN ('pending', 'in_flight', 'dead');
 CREATE INDEX deliveries_message ON deliveries (message_id);
 
--- Audit records of messages that were not stored: refused (AE/AR) and
--- duplicates (message_id names the stored original). No content.
-CREATE TABLE audit (
+-- Audit records of messages not in `messages`: refused (AE/AR),
+-- duplicates (message_id names the stored original), and messages deleted
+-- with mllp-cli. No content.
+CREATE TABLE audit_log (
     id             bigint           GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     received_at    double precision NOT NULL,
     peer           text             NOT NULL,
@@ -72,7 +73,7 @@ CREATE TABLE audit (
     connectors     text             NOT NULL
 );
 
-CREATE INDEX audit_received_at ON audit USING brin (received_at);
+CREATE INDEX audit_log_received_at ON audit_log USING brin (received_at);
 
 CREATE FUNCTION mllpd_audit_immutable() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -80,8 +81,18 @@ BEGIN
 END;
 $$;
 
-CREATE TRIGGER audit_immutable BEFORE UPDATE ON audit
+CREATE TRIGGER audit_log_immutable BEFORE UPDATE ON audit_log
     FOR EACH ROW EXECUTE FUNCTION mllpd_audit_immutable();
+
+-- The whole trail, as one (as in the SQLite outbox).
+CREATE VIEW audit AS
+    SELECT received_at, peer, client_subject, pod, message_id, control_id, msg_type,
+           size, sha256, ack_code, NULL::text AS rule, connectors
+    FROM messages
+    UNION ALL
+    SELECT received_at, peer, client_subject, pod, message_id, control_id, msg_type,
+           size, sha256, ack_code, rule, connectors
+    FROM audit_log;
 
 -- Work done once for the whole cluster: the last backlog count (read by
 -- every replica for MLLP_MAX_OUTBOX and metrics) and the last sweep.
