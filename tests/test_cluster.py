@@ -10,6 +10,7 @@ import os
 import subprocess
 import threading
 import time
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThread
@@ -25,6 +26,7 @@ from tests.test_delivery import (
     mllp_connector,
     run_server,
 )
+from tests.test_outbox_postgres import _Proxy
 
 # Messages per sender, and the pause between one's ACK and the next
 # message: enough load to be in the middle of it when something breaks.
@@ -93,17 +95,23 @@ def first_arrivals(received: list[bytes]) -> list[str]:
 class ClusterTests(TestCase):
     timeout = 120
 
-    async def cluster(self, replicas: int) -> tuple[str, MLLPUpstream, list[ServerProcess]]:
-        url = fresh_database(self)
+    async def cluster(
+        self, replicas: int, proxy: _Proxy | None = None,
+    ) -> tuple[str, MLLPUpstream, list[ServerProcess]]:
+        """Replicas started one by one (the first takes the lease); the
+        first reaches the database through ``proxy`` when one is given."""
+        url = proxy.target_url if proxy is not None else fresh_database(self)
         upstream = MLLPUpstream(self)
         upstream.listen()
         config = "connectors:\n" + mllp_connector("ehr", upstream.port) + FAST_RETRY + "\n"
-        servers = await defer.gatherResults([
-            defer.Deferred.fromCoroutine(run_server(
-                self, config, env={"MLLP_DB_URL": url, "POD_NAME": f"mllpd-{i}"},
+        servers = []
+        for i in range(replicas):
+            # One at a time: the first to start takes the lease.
+            servers.append(await run_server(
+                self, config,
+                env={"MLLP_DB_URL": proxy.url if proxy is not None and i == 0 else url,
+                     "POD_NAME": f"mllpd-{i}"},
             ))
-            for i in range(replicas)
-        ])
         await eventually(lambda: len(lease_holders(servers)) == 1, 15,
                          lambda: "one replica holds the lease")
         return url, upstream, servers
@@ -176,3 +184,32 @@ class ClusterTests(TestCase):
             downs, ups = events.count("outbox_db_down"), events.count("outbox_db_up")
             self.assertLessEqual(downs, 1, server.output())
             self.assertEqual(downs, ups)
+
+    async def test_hung_database_session_moves_the_lease_within_15s(self) -> None:
+        """The lease holder's database connections hang (a proxy stops forwarding): it answers AR, never AA, and another replica delivers within 15 s."""
+        proxy = _Proxy(self, fresh_database(self))
+        url, upstream, servers = await self.cluster(2, proxy)
+        holder, other = servers
+        self.assertEqual(lease_holders(servers), [holder])
+        assert holder.port is not None and other.port is not None
+        proxy.forwarding.clear()  # the holder's packets go nowhere from now on
+        hung = time.monotonic()
+        # The hung replica refuses rather than acknowledges (once its
+        # commit counts as hung).
+        refused = deferToThread(_send_each, holder.port, [hl7_message("H-LOST")], 30.0)
+        sent = [hl7_message(f"H-{n}") for n in range(3)]
+        acks = await deferToThread(_send_each, other.port, sent)
+        self.assertEqual([a.code for a in acks], ["AA"] * 3)
+        await eventually(lambda: {"H-0", "H-1", "H-2"} <= set(first_arrivals(upstream.received)),
+                         15 - (time.monotonic() - hung), lambda: str(upstream.control_ids()))
+        self.assertEqual(lease_holders(servers), [other])
+        lost = [e for e in holder.events() if e.get("event") == "lease_lost"]
+        self.assertEqual(len(lost), 1, holder.output())
+        ack = await refused
+        self.assertEqual(ack[0].code, "AR")
+        self.assertNotIn("H-LOST", first_arrivals(upstream.received))
+
+
+def _send_each(port: int, payloads: list[bytes], timeout: float = 15.0) -> list[Any]:
+    with MLLPClient(port, timeout=timeout) as client:
+        return [client.request(p, timeout=timeout) for p in payloads]

@@ -244,6 +244,7 @@ class _Proxy:
     connections stay open, nothing gets through) or cut every connection."""
 
     def __init__(self, case: TestCase, url: str) -> None:
+        self.target_url = url
         params = psycopg.conninfo.conninfo_to_dict(url)
         self.target = (params["host"], int(params["port"]))
         self.listener = socket.create_server(("127.0.0.1", 0))

@@ -19,7 +19,6 @@ Bounds (SPEC section 9: another replica delivers within 15 s):
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -32,7 +31,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from mllpd.outbox.postgres import advisory_key, connect, describe_error, server_name
+from mllpd.outbox.postgres import (
+    abort_socket,
+    advisory_key,
+    connect,
+    describe_error,
+    server_name,
+)
 
 __all__ = ["LEASE_GRACE", "LEASE_INTERVAL", "SESSION_TIMEOUT", "Leases"]
 
@@ -149,20 +154,7 @@ class Leases:
 
     def _abort_socket(self) -> None:
         """Unblock the lease thread stuck on a hung session."""
-        conn = self._conn
-        if conn is None:
-            return
-        try:
-            fd = conn.pgconn.socket
-            sock = socket.socket(fileno=socket.dup(fd))
-        except (OSError, psycopg.Error):
-            return
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        finally:
-            sock.close()
+        abort_socket(self._conn)
 
     # -- lease thread ------------------------------------------------------
 

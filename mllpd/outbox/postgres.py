@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -27,6 +28,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -56,6 +58,7 @@ from mllpd.outbox.common import (
 
 __all__ = [
     "PostgresOutbox",
+    "abort_socket",
     "advisory_key",
     "connect",
     "describe_error",
@@ -71,6 +74,11 @@ CONNECT_TIMEOUT = 5
 ROWS_PER_STATEMENT = 1000
 # Attempts at inserting a batch whose dedup keys another transaction holds.
 DEDUP_ROUNDS = 4
+# Seconds a session may be busy with one piece of work before it counts as
+# hung (a database or network that stopped answering without closing the
+# connection): its socket is shut, the work fails (stores get AR) and the
+# next use connects again.
+STALL_TIMEOUT = 10.0
 
 
 def advisory_key(name: str) -> int:
@@ -236,6 +244,23 @@ def _insert(
     return returned
 
 
+def abort_socket(conn: psycopg.Connection[Any] | None) -> None:
+    """Shut a session's socket down from another thread: the thread blocked
+    on it (a database that stopped answering) gets an error at once."""
+    if conn is None:
+        return
+    try:
+        sock = socket.socket(fileno=socket.dup(conn.pgconn.socket))
+    except (OSError, psycopg.Error):
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
 class _Session:
     """One connection, used from one thread, opened again after a failure."""
 
@@ -243,11 +268,14 @@ class _Session:
         self.url = url
         self.application = application
         self.conn: psycopg.Connection[Any] | None = None
+        # time.monotonic() when the work in progress began, else None.
+        self.busy_since: float | None = None
 
     @contextmanager
     def use(self) -> Iterator[psycopg.Connection[Any]]:
         """The connection; any database error closes it and becomes an
         OutboxError with one line."""
+        self.busy_since = time.monotonic()
         try:
             if self.conn is None or self.conn.closed:
                 self.conn = connect(self.url, self.application)
@@ -256,6 +284,11 @@ class _Session:
             if self.conn is not None and (self.conn.broken or isinstance(e, psycopg.OperationalError)):
                 self.close()
             raise OutboxError(describe_error(e)) from None
+        finally:
+            self.busy_since = None
+
+    def stalled(self, now: float) -> bool:
+        return self.busy_since is not None and now - self.busy_since > STALL_TIMEOUT
 
     def close(self) -> None:
         conn, self.conn = self.conn, None
@@ -319,6 +352,25 @@ class PostgresOutbox(GroupCommitOutbox):
         self._reader_pool = ThreadPool(minthreads=1, maxthreads=1, name="mllpd-outbox-reader")
         # None until the first commit; then whether the last one succeeded.
         self._up: bool | None = None
+        self._watchdog = LoopingCall(self._watch)
+        self._watchdog.clock = reactor  # type: ignore[assignment]
+
+    def start(self) -> None:
+        super().start()
+        self._watchdog.start(1.0, now=False)
+
+    def _watch(self) -> None:
+        now = time.monotonic()
+        for session in (self._writer, self._reader):
+            if session.stalled(now):
+                log.warn(
+                    "outbox session {application} to {server} hung for {seconds:.0f}s:"
+                    " closing it", event="outbox_session_hung",
+                    application=session.application, server=self.server,
+                    seconds=now - (session.busy_since or now),
+                )
+                session.busy_since = None  # once per hang
+                abort_socket(session.conn)
 
     # -- health: one log line per change, not one per failed batch ---------
 
@@ -512,6 +564,8 @@ class PostgresOutbox(GroupCommitOutbox):
     # -- closing -----------------------------------------------------------
 
     def _shut(self) -> Deferred[None]:
+        if self._watchdog.running:
+            self._watchdog.stop()
         if not self._pool.started:
             self._writer.close()
             self._reader.close()
