@@ -111,6 +111,7 @@ class Worker:
         self._finishing: set[int] = set()
         # False while another replica holds this connector's lease.
         self.active = True
+        self._reads_ok = True
         self._buffer: list[QueuedDelivery] = []
         self._stale = False
         self._running = False
@@ -186,11 +187,17 @@ class Worker:
                 try:
                     fetched = await self.queue.fetch(self.name, self.cursor, FETCH_LIMIT)
                 except Exception as e:  # noqa: BLE001 - storage trouble: try again later
-                    log.error(
-                        "reading queue of {connector} failed: {reason}",
-                        event="queue_read_failed", connector=self.name, reason=str(e),
-                    )
+                    if self._reads_ok:  # once per outage, not once per poll
+                        log.error(
+                            "reading queue of {connector} failed: {reason}",
+                            event="queue_read_failed", connector=self.name, reason=str(e),
+                        )
+                    self._reads_ok = False
                 else:
+                    if not self._reads_ok:
+                        log.info("reading queue of {connector} works again",
+                                 event="queue_read_recovered", connector=self.name)
+                    self._reads_ok = True
                     # Rows already in hand keep their attempts and backoff
                     # as this worker knows them: its own marks may not be
                     # committed yet.

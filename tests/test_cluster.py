@@ -114,6 +114,10 @@ class ClusterTests(TestCase):
             ))
         await eventually(lambda: len(lease_holders(servers)) == 1, 15,
                          lambda: "one replica holds the lease")
+        for server in servers:
+            # MLLP_DB_PATH (set for every test server) is ignored, once said.
+            said = [e for e in server.events() if e.get("event") == "outbox_postgres"]
+            self.assertEqual(len(said), 1, server.output())
         return url, upstream, servers
 
     def check_delivered(self, upstream: MLLPUpstream, senders: list[Sender]) -> None:
