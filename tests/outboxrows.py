@@ -63,7 +63,7 @@ def add_message(
         " payload)"
         " VALUES (?, ?, '127.0.0.1:40000', ?, ?, 'TESTAPP', 'TESTFAC', ?, ?, ?, ?, 'AA', ?, ?)",
         (message_id, received_at, control_id, msg_type, version, charset, len(body),
-         sha, dedup_key(control_id, "TESTAPP", "TESTFAC", sha), body),
+         sha, dedup_key(sha), body),
     )
     return message_id
 

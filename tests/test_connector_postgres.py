@@ -240,12 +240,15 @@ class PostgresConnectorTests(TestCase):
 
     async def test_stop_closes_the_connection(self) -> None:
         """stop() closes the server connection; deliveries after it are retried, not sent."""
-        connector = build(spec(dsn_env="ARCHIVE_DSN", table=self.table), reactor, {"ARCHIVE_DSN": DSN})
+        # A name of its own: other tests' connectors share the server.
+        name = f"archive-{uuid.uuid4().hex[:8]}"
+        connector = build(ConnectorSpec(name, "postgres", None, {"dsn_env": "ARCHIVE_DSN", "table": self.table}),
+                          reactor, {"ARCHIVE_DSN": DSN})
         connector.start()
         self.assertIsInstance(await connector.deliver(delivery()), Delivered)
 
         def sessions() -> list[tuple[Any, ...]]:
-            return query("SELECT pid FROM pg_stat_activity WHERE application_name = 'mllpd-archive'")
+            return query("SELECT pid FROM pg_stat_activity WHERE application_name = %s", (f"mllpd-{name}",))
 
         self.assertEqual(len(await deferToThread(sessions)), 1)
         await connector.stop()

@@ -104,16 +104,16 @@ class Backlog(NamedTuple):
     size: int
 
 
-def dedup_key(control_id: str, sending_app: str, sending_fac: str, sha256: str) -> int:
-    """The one integer a duplicate is looked up by: the first 8 bytes (signed,
-    as SQLite and PostgreSQL store a 64-bit integer) of a hash of MSH-10,
-    MSH-3, MSH-4 and the payload's SHA-256. A lookup still compares the
-    fields themselves, so a collision can only cost a second row read."""
-    digest = hashlib.blake2b(
-        "\x00".join((control_id, sending_app, sending_fac, sha256)).encode("utf-8", "surrogatepass"),
-        digest_size=8,
-    ).digest()
-    return int.from_bytes(digest, "big", signed=True)
+def dedup_key(sha256: str) -> int:
+    """The one integer a duplicate is looked up by: the first 8 bytes of the
+    payload's SHA-256 (signed, as SQLite and PostgreSQL store 64 bits). The
+    payload holds MSH-3, MSH-4 and MSH-10, so equal payloads mean an equal
+    (MSH-3, MSH-4, MSH-10, hash); a lookup still compares those fields."""
+    try:
+        return int(sha256[:16], 16) - (1 << 63)
+    except ValueError:  # not hex: only hand-made rows have such hashes
+        digest = hashlib.blake2b(sha256.encode("utf-8", "replace"), digest_size=8).digest()
+        return int.from_bytes(digest, "big", signed=True)
 
 
 def over_limit(backlog: Backlog, max_messages: int | None, max_bytes: int | None) -> bool:

@@ -81,7 +81,7 @@ def open_database(path: str, *, wal_limit: int = DEFAULT_WAL_LIMIT) -> sqlite3.C
         conn.execute("PRAGMA synchronous = FULL")
         # When the log restarts, its file is cut back to this size.
         conn.execute(f"PRAGMA journal_size_limit = {restart_threshold(wal_limit)}")
-        conn.create_function("mllp_dedup_key", 4, _sql_dedup_key, deterministic=True)
+        conn.create_function("mllp_dedup_key", 1, dedup_key, deterministic=True)
         # Off while migrating: a migration that rebuilds a table must not
         # cascade its DROP into the queues.
         conn.execute("PRAGMA foreign_keys = OFF")
@@ -184,8 +184,6 @@ def _key(e: Envelope) -> DedupKey:
     return (e.control_id, e.sending_app, e.sending_fac, e.sha256)
 
 
-def _sql_dedup_key(control_id: str, sending_app: str, sending_fac: str, sha256: str) -> int:
-    return dedup_key(control_id, sending_app, sending_fac, sha256)
 
 
 _AUDIT_COLUMNS = (
@@ -387,7 +385,7 @@ class SQLiteOutbox(GroupCommitOutbox):
                     continue
                 if self.dedup_window > 0:
                     known[key] = e.message_id
-                rows.append(_row(e, pod, dedup_key(*key)))
+                rows.append(_row(e, pod, dedup_key(e.sha256)))
                 for connector in e.routes:
                     queued.append((e.message_id, connector, e.received_at, e.received_at))
                 results.append(StoreResult(e.message_id, False))
@@ -419,7 +417,7 @@ class SQLiteOutbox(GroupCommitOutbox):
         """Stored messages within the window that share a batch member's key."""
         since = self._wall_clock() - self.dedup_window
         wanted = {_key(e) for e in envelopes}
-        keys = sorted({dedup_key(*k) for k in wanted})
+        keys = sorted({dedup_key(k[3]) for k in wanted})
         found: dict[DedupKey, str] = {}
         for i in range(0, len(keys), _ROWS_PER_STATEMENT):
             chunk = keys[i : i + _ROWS_PER_STATEMENT]
