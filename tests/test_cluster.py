@@ -6,7 +6,6 @@ messages arrive in the order it sent them, and delivery resumes within 15 s.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import threading
 import time
@@ -14,9 +13,9 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
-from tests.pgdb import fresh_database
+from tests.pgdb import fresh_database, private_cluster
 from tests.serverproc import REPO, ConnectionClosed, MLLPClient, ServerProcess, hl7_message
 from tests.test_delivery import (
     FAST_RETRY,
@@ -96,11 +95,12 @@ class ClusterTests(TestCase):
     timeout = 120
 
     async def cluster(
-        self, replicas: int, proxy: _Proxy | None = None,
+        self, replicas: int, proxy: _Proxy | None = None, database: str | None = None,
     ) -> tuple[str, MLLPUpstream, list[ServerProcess]]:
-        """Replicas started one by one (the first takes the lease); the
-        first reaches the database through ``proxy`` when one is given."""
-        url = proxy.target_url if proxy is not None else fresh_database(self)
+        """Replicas started one by one (the first takes the lease) on
+        ``database`` or a fresh one; the first reaches it through ``proxy``
+        when one is given."""
+        url = proxy.target_url if proxy is not None else database or fresh_database(self)
         upstream = MLLPUpstream(self)
         upstream.listen()
         config = "connectors:\n" + mllp_connector("ehr", upstream.port) + FAST_RETRY + "\n"
@@ -162,10 +162,9 @@ class ClusterTests(TestCase):
 
     async def test_database_restart_under_load(self) -> None:
         """PostgreSQL restarting under load: AR (never AA) while it is away, service resumes by itself, nothing AA'd lost, one log line each way."""
-        folder = os.environ.get("MLLPD_TEST_POSTGRES_DIR")
-        if not folder:
-            raise SkipTest("MLLPD_TEST_POSTGRES_DIR is not set (.ci/postgres.sh start)")
-        url, upstream, servers = await self.cluster(2)
+        # A cluster of its own: tests running beside this one use the shared one.
+        url, folder = private_cluster(self)
+        url, upstream, servers = await self.cluster(2, database=url)
         senders = [Sender(s.port or 0, f"R{i}") for i, s in enumerate(servers)]
         running = [deferToThread(s.run) for s in senders]
         await eventually(lambda: len(upstream.received) >= 30, 30,

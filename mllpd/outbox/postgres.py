@@ -429,7 +429,7 @@ class PostgresOutbox(GroupCommitOutbox):
         dedup = self.dedup_window > 0
         results: list[StoreResult | None] = [None] * len(envelopes)
         keys: list[int | None] = [
-            dedup_key(e.control_id, e.sending_app, e.sending_fac, e.sha256) if dedup else None
+            dedup_key(e.sha256) if dedup else None
             for e in envelopes
         ]
         # A resend within the batch: settled after its first occurrence.
