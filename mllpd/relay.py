@@ -106,9 +106,12 @@ class Worker:
         self.rand = rand
         self.metrics = metrics
         self.cursor = 0
-        # Rows this worker finished whose state change is not committed yet:
-        # a queue read by state (PostgreSQL) still shows them as pending.
-        self._finishing: set[int] = set()
+        # Rows this worker finished, as a queue read by state (PostgreSQL)
+        # may still show them pending: seq -> None until the state change
+        # committed, then how many reads had started by then. A read that
+        # started later sees the change, and ends the entry.
+        self._finishing: dict[int, int | None] = {}
+        self._reads = 0
         # False while another replica holds this connector's lease.
         self.active = True
         self._reads_ok = True
@@ -184,6 +187,8 @@ class Worker:
             if not self._buffer or self._stale:
                 self._notified = False
                 self._stale = False
+                self._reads += 1
+                read = self._reads
                 try:
                     fetched = await self.queue.fetch(self.name, self.cursor, FETCH_LIMIT)
                 except Exception as e:  # noqa: BLE001 - storage trouble: try again later
@@ -202,10 +207,13 @@ class Worker:
                     # as this worker knows them: its own marks may not be
                     # committed yet.
                     known = {row.seq: row for row in self._buffer}
+                    finishing = self._finishing
                     self._buffer = [
                         known.get(row.seq, row) for row in fetched
-                        if row.seq not in self._finishing
+                        if row.seq not in finishing
                     ]
+                    for seq in [s for s, at in finishing.items() if at is not None and at < read]:
+                        del finishing[seq]
                 if not self._buffer:
                     if self._running and not self._notified:
                         await self._sleep(POLL_INTERVAL)
@@ -293,10 +301,14 @@ class Worker:
         if self._buffer and self._buffer[0].seq == row.seq:
             self._buffer.pop(0)
         self.cursor = max(self.cursor, row.seq)
-        self._finishing.add(row.seq)
+        self._finishing[row.seq] = None
 
         def settled(result: object) -> object:
-            self._finishing.discard(row.seq)
+            if isinstance(result, Failure):
+                # Not recorded: the row stays pending and is delivered again.
+                self._finishing.pop(row.seq, None)
+            elif row.seq in self._finishing:
+                self._finishing[row.seq] = self._reads
             return result
 
         self._record(marked.addBoth(settled))

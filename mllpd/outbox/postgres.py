@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -74,6 +75,12 @@ CONNECT_TIMEOUT = 5
 ROWS_PER_STATEMENT = 1000
 # Attempts at inserting a batch whose dedup keys another transaction holds.
 DEDUP_ROUNDS = 4
+# Where commits announce the connectors they queued for.
+NOTIFY_CHANNEL = "mllpd_queued"
+# Seconds between looks at the stop flag while listening, and between
+# attempts to listen again after the session failed.
+LISTEN_STEP = 0.25
+
 # Seconds a session may be busy with one piece of work before it counts as
 # hung (a database or network that stopped answering without closing the
 # connection): its socket is shut, the work fails (stores get AR) and the
@@ -299,6 +306,49 @@ class _Session:
                 pass
 
 
+class _Notices:
+    """LISTENs on a session and thread of its own for the connectors other
+    replicas' commits queued for, and tells ``noticed`` on the reactor."""
+
+    def __init__(
+        self, url: str, application: str, reactor: IReactorThreads,
+        noticed: Callable[[set[str]], None],
+    ) -> None:
+        self._session = _Session(url, application)
+        self._reactor = reactor
+        self._noticed = noticed
+        self._stopping = threading.Event()
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="mllpd-outbox-notices")
+
+    def start(self) -> None:
+        self._pool.start()
+        self._pool.callInThread(self._listen)
+
+    def stop(self) -> None:
+        """Stop listening (within LISTEN_STEP) and wait for the thread."""
+        self._stopping.set()
+        if self._pool.started:
+            self._pool.stop()
+
+    def _listen(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                with self._session.use() as conn:
+                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    while not self._stopping.is_set():
+                        names: set[str] = set()
+                        for notice in conn.notifies(timeout=LISTEN_STEP):
+                            names.update(n for n in notice.payload.split(",") if n)
+                            break  # deliver it now; the next ones come in the next turn
+                        if names:
+                            self._reactor.callFromThread(self._noticed, names)  # type: ignore[attr-defined]
+            except OutboxError:
+                # Workers still poll; listen again shortly.
+                self._session.close()
+                self._stopping.wait(LISTEN_STEP)
+        self._session.close()
+
+
 @implementer(IOutbox, IDeliveryQueue)
 class PostgresOutbox(GroupCommitOutbox):
     """The outbox in a PostgreSQL database shared by every replica."""
@@ -354,10 +404,17 @@ class PostgresOutbox(GroupCommitOutbox):
         self._up: bool | None = None
         self._watchdog = LoopingCall(self._watch)
         self._watchdog.clock = reactor  # type: ignore[assignment]
+        self._notices = _Notices(url, f"{name}-notices"[:63], reactor, self._noticed)
 
     def start(self) -> None:
         super().start()
         self._watchdog.start(1.0, now=False)
+        self._notices.start()
+
+    def _noticed(self, connectors: set[str]) -> None:
+        """Another replica (or this one) queued messages for ``connectors``."""
+        for listener in self._listeners:
+            listener(connectors)
 
     def _watch(self) -> None:
         now = time.monotonic()
@@ -415,6 +472,11 @@ class PostgresOutbox(GroupCommitOutbox):
                     a.msg_type, a.size, a.sha256, a.ack_code, a.rule, "",
                 ))
             _insert(cur, "deliveries", _QUEUE_COLUMNS, _QUEUE_MARKS, queued)
+            if queued:
+                # Sent at COMMIT: the replica delivering for these
+                # connectors reads its queue at once, not at its next poll.
+                routed = sorted({str(row[1]) for row in queued})
+                cur.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, ",".join(routed)))
             _insert(cur, "audit_log", _AUDIT_COLUMNS, _AUDIT_MARKS, trail)
             for sql, params, _ in ops:
                 cur.execute(sql, params)  # type: ignore[arg-type]
@@ -566,6 +628,7 @@ class PostgresOutbox(GroupCommitOutbox):
     def _shut(self) -> Deferred[None]:
         if self._watchdog.running:
             self._watchdog.stop()
+        self._notices.stop()
         if not self._pool.started:
             self._writer.close()
             self._reader.close()
