@@ -337,6 +337,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MLLP_CLIENT_IDENTITIES", "client_identities", "", _optional_path,
             "a YAML file mapping certificate subjects or SANs to MSH-3/MSH-4 values",
             "which MSH-3/MSH-4 each client certificate may send as (needs TLS_CLIENT_CA)"),
+    Setting("TLS_CRL_FILE", "tls_crl_file", "", _optional_path,
+            "a PEM file of certificate revocation lists from the TLS_CLIENT_CA issuers",
+            "refuse client certificates revoked in these CRLs (needs TLS_CLIENT_CA; reloaded like the certificates)"),
     Setting("MLLP_PROXY_PROTOCOL", "proxy_protocol", "false", _boolean,
             "true or false",
             "expect a PROXY protocol v1/v2 header on every connection"),
@@ -375,6 +378,7 @@ class Settings:
     tls_min_version: str = "1.2"
     tls_handshake_timeout: float = 10.0
     client_identities: str | None = None
+    tls_crl_file: str | None = None
     proxy_protocol: bool = False
     metrics_addr: str | None = None
     pod_name: str | None = None
@@ -423,6 +427,10 @@ def _check_together(values: Mapping[str, object], sources: Mapping[str, str]) ->
         raise ConfigError(sources["tls_cert_file"], "not set, but TLS_KEY_FILE is; set both or neither")
     if values.get("tls_client_ca") and not cert:
         raise ConfigError(sources["tls_client_ca"], "needs TLS_CERT_FILE and TLS_KEY_FILE")
+    if values.get("tls_crl_file") and not values.get("tls_client_ca"):
+        raise ConfigError(
+            sources["tls_crl_file"], "needs TLS_CLIENT_CA (revocation applies to client certificates)"
+        )
     if values.get("client_identities") and not values.get("tls_client_ca"):
         raise ConfigError(
             sources["client_identities"], "needs TLS_CLIENT_CA (identities come from client certificates)"

@@ -74,6 +74,9 @@ def makeService(options: Any) -> IService:
     from mllpd.validation import structure_validator
 
     settings: Settings = getattr(options, "settings", None) or load_settings(os.environ, {})
+    # What mllpd writes (the outbox holds PHI) is for mllpd alone; twistd's
+    # --umask, applied after makeService, still wins when given.
+    os.umask(0o077)
     try:
         endpoint = serverFromString(reactor, settings.port)
     except (ValueError, KeyError, TypeError) as e:
@@ -88,14 +91,8 @@ def makeService(options: Any) -> IService:
         from mllpd.tls import tls_endpoint
 
         endpoint = tls_endpoint(endpoint, tls)
-    identities = None
-    if settings.client_identities:
-        from mllpd.identities import IdentityError, load_identities
-
-        try:
-            identities = load_identities(settings.client_identities)
-        except IdentityError as e:
-            raise SystemExit(f"mllpd: MLLP_CLIENT_IDENTITIES: {e}") from None
+    # MLLP_CLIENT_IDENTITIES needs TLS_CLIENT_CA: loaded and reloaded with the TLS files.
+    identities = tls.identities if tls is not None else None
     pipeline = _pipeline(settings, reactor)
     outbox = _outbox(settings, reactor)
     otlp_on = otlp_enabled(os.environ)
@@ -117,6 +114,8 @@ def makeService(options: Any) -> IService:
         rules=pipeline[0].rules if pipeline is not None else None,
         max_outbox=settings.max_outbox,
     )
+    if tls is not None:
+        tls.identity_listeners.append(lambda new: setattr(receiver, "identities", new))
     relay = _relay(pipeline, outbox, reactor, metrics) if pipeline is not None else None
     factory = MLLPServerFactory(
         receiver,
@@ -258,7 +257,8 @@ def _server_tls(settings: Settings, reactor: Any) -> Any:
 
     files = TLSFiles(
         settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca,
-        settings.tls_min_version,
+        settings.tls_min_version, crl_file=settings.tls_crl_file,
+        identities_file=settings.client_identities,
     )
     try:
         return ServerTLS(files, reactor)
@@ -269,7 +269,8 @@ def _server_tls(settings: Settings, reactor: Any) -> Any:
 class _Top(MultiService):
     """Exit status for twistd (1 with one stderr line when a bind fails, 0
     after a completed shutdown) and the signals: SIGTERM once starts the
-    staged shutdown, SIGTERM again hurries it; SIGHUP reloads TLS files.
+    staged shutdown, SIGTERM again hurries it; SIGHUP reloads the TLS files,
+    CRLs and client identities.
     """
 
     def __init__(self, reactor: Any, mllp: Any = None) -> None:

@@ -69,6 +69,15 @@ class PostgresCLITests(_PG):
         self.assertEqual(store.purge_delivered("ehr", 5000.0), 1)
         self.assertEqual(select(self.url, "SELECT message_id FROM messages"), [(ids[1],)])
 
+    def test_database_without_outbox_refused(self) -> None:
+        """A database no replica has set up is refused with one line, and left as it was."""
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code, _ = cli("stats", "--db-url", self.url)
+        self.assertEqual(code, 2)
+        self.assertIn("no outbox", err.getvalue())
+        self.assertEqual(select(self.url, "SELECT to_regclass('messages') IS NULL"), [(True,)])
+
     def test_unreachable_database_is_one_line(self) -> None:
         """A database that cannot be reached is one error line naming it, without the password."""
         err = io.StringIO()

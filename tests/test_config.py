@@ -119,7 +119,7 @@ class LoadTests(SynchronousTestCase):
         }
         paths = {
             "MLLP_DB_PATH", "TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CLIENT_CA",
-            "MLLP_CLIENT_IDENTITIES", "MLLP_CONFIG",
+            "MLLP_CLIENT_IDENTITIES", "MLLP_CONFIG", "TLS_CRL_FILE",
         }
         self.assertEqual(set(bad) | paths, {s.variable for s in SETTINGS})
         for variable, value in bad.items():
@@ -139,6 +139,8 @@ class LoadTests(SynchronousTestCase):
             ({"TLS_CLIENT_CA": "ca.pem"}, "TLS_CLIENT_CA: "),
             ({"TLS_CERT_FILE": "c", "TLS_KEY_FILE": "k", "MLLP_CLIENT_IDENTITIES": "i.yaml"},
              "MLLP_CLIENT_IDENTITIES: "),
+            ({"TLS_CERT_FILE": "c", "TLS_KEY_FILE": "k", "TLS_CRL_FILE": "crl.pem"},
+             "TLS_CRL_FILE: needs TLS_CLIENT_CA"),
         ]
         for env, prefix in cases:
             with self.assertRaises(ConfigError, msg=str(env)) as ctx:
@@ -146,13 +148,14 @@ class LoadTests(SynchronousTestCase):
             self.assertTrue(str(ctx.exception).startswith(prefix), str(ctx.exception))
         s = load_settings(
             {"TLS_CERT_FILE": "c", "TLS_KEY_FILE": "k", "TLS_CLIENT_CA": "ca",
-             "MLLP_CLIENT_IDENTITIES": "i.yaml", "TLS_MIN_VERSION": "1.3",
+             "MLLP_CLIENT_IDENTITIES": "i.yaml", "TLS_MIN_VERSION": "1.3", "TLS_CRL_FILE": "crl.pem",
              "MLLP_PROXY_PROTOCOL": "true", "MLLP_METRICS_ADDR": ":9102",
              "PRE_SHUTDOWN_DELAY": "5s"}, {},
         )
         self.assertEqual(
-            (s.tls_cert_file, s.tls_key_file, s.tls_client_ca, s.client_identities, s.tls_min_version),
-            ("c", "k", "ca", "i.yaml", "1.3"),
+            (s.tls_cert_file, s.tls_key_file, s.tls_client_ca, s.client_identities, s.tls_min_version,
+             s.tls_crl_file),
+            ("c", "k", "ca", "i.yaml", "1.3", "crl.pem"),
         )
         self.assertEqual((s.proxy_protocol, s.metrics_addr, s.pre_shutdown_delay), (True, "tcp:9102", 5.0))
 

@@ -9,6 +9,7 @@ import random
 import selectors
 import signal
 import socket
+import stat
 import string
 import threading
 import time
@@ -433,6 +434,43 @@ class StartupTests(SynchronousTestCase):
 
 PATIENT = "ZZTESTPATIENT"
 MRN = "MRN123"
+
+
+class FilePermissionTests(SynchronousTestCase):
+    """The outbox holds PHI: only mllpd's user can read it."""
+
+    def test_outbox_files_private_under_nodaemon(self) -> None:
+        """Started with umask 022 under twistd --nodaemon, every file mllpd writes (outbox.db, -wal, -shm) is 0600."""
+        old_umask = os.umask(0o022)
+        try:
+            server = spawn_server(self)
+        finally:
+            os.umask(old_umask)
+        server.wait_listening()
+        assert_serves(self, server, "PERM-1")
+        names = sorted(os.listdir(server.workdir))
+        self.assertEqual(names, ["outbox.db", "outbox.db-shm", "outbox.db-wal"])
+        modes = {n: oct(stat.S_IMODE(os.stat(os.path.join(server.workdir, n)).st_mode)) for n in names}
+        self.assertEqual(set(modes.values()), {"0o600"}, modes)
+
+
+class AuditBoundTests(SynchronousTestCase):
+    """Refused messages leave small audit records, whatever they carried."""
+
+    def test_refused_huge_control_ids_leave_bounded_audit_rows(self) -> None:
+        """20 refused frames with 1 MiB MSH-10s add 20 audit rows of at most a few hundred bytes each."""
+        server = start_server(self)
+        huge = "C" * (1024 * 1024)
+        with MLLPClient(_port(server)) as client:
+            for n in range(20):
+                ack = client.request(hl7_message(f"{n:02d}{huge}", version="9.9"), timeout=30)
+                self.assertEqual(ack.code, "AR")
+        assert_serves(self, server, "AFTER-HUGE")
+        server.stop()
+        rows = query(server.db_path, "SELECT ack_code, length(control_id), substr(control_id, 1, 2) FROM audit"
+                                     " WHERE ack_code = 'AR' ORDER BY id")
+        self.assertEqual([(code, start) for code, _, start in rows], [("AR", f"{n:02d}") for n in range(20)])
+        self.assertLessEqual(max(length for _, length, _ in rows), 250)
 
 
 class LoggingAndShutdownTests(SynchronousTestCase):

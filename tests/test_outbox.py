@@ -6,6 +6,7 @@ import hashlib
 import os
 import shutil
 import sqlite3
+import stat
 import tempfile
 import time
 import uuid
@@ -226,6 +227,26 @@ class SchemaTests(SynchronousTestCase):
             open_database(path)
         self.assertIn("newer", str(ctx.exception))
 
+    def test_files_private_whatever_the_umask(self) -> None:
+        """Under umask 022 the outbox and its -wal and -shm are created 0600; an older 0644 outbox is made 0600."""
+        old_umask = os.umask(0o022)
+        self.addCleanup(os.umask, old_umask)
+        path = temp_db(self)
+        conn = open_database(path)
+        conn.execute("INSERT INTO schema_version VALUES (0)")  # something in the WAL
+        modes = {s: stat.S_IMODE(os.stat(path + s).st_mode) for s in ("", "-wal", "-shm")}
+        conn.close()
+        self.assertEqual(modes, {"": 0o600, "-wal": 0o600, "-shm": 0o600})
+        older = os.path.join(os.path.dirname(path), "older.db")
+        conn = sqlite3.connect(older)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("CREATE TABLE t (x)")
+        self.assertEqual(stat.S_IMODE(os.stat(older + "-wal").st_mode), 0o644)
+        open_database(older).close()
+        modes = {s: stat.S_IMODE(os.stat(older + s).st_mode) for s in ("", "-wal", "-shm")}
+        conn.close()
+        self.assertEqual(modes, {"": 0o600, "-wal": 0o600, "-shm": 0o600})
+
     def test_unopenable_path(self) -> None:
         """A path in a missing directory fails with one line naming the file."""
         with self.assertRaises(OutboxError) as ctx:
@@ -323,6 +344,32 @@ class AuditTests(_Opening):
         )
         self.assertEqual(queued, [("ehr",), ("lake",)])
         self.assertEqual(select(path, "SELECT COUNT(*) FROM messages"), [(2,)])
+
+    async def test_audit_fields_bounded(self) -> None:
+        """A 2 MiB MSH-10 (and an oversized type, peer or subject) is stored cut to its limit with the full length marked."""
+        path = temp_db(self)
+        outbox = self.open(path)
+        huge = "X" * (2 * 1024 * 1024)
+        for n in range(20):
+            outbox.audit(AuditRecord(
+                received_at=1001.0, peer="p" * 500, client_subject="CN=" + "s" * 5000,
+                control_id=f"{n:02d}{huge}", msg_type="T" * 1000, size=len(huge), sha256="ab" * 32,
+                ack_code="AR",
+            ))
+        await outbox.store(routed("Y" * 300, "ehr"))
+        # Refused messages' records; a stored message's record is its row,
+        # whose header fields the receiver already bounds (overlong: AR).
+        trail = select(path, "SELECT control_id, msg_type, peer, client_subject FROM audit_log")
+        self.assertEqual(len(trail), 20)
+        by_start = {r[0][:2]: r for r in trail}
+        control_id, msg_type, peer, subject = by_start["00"]
+        self.assertEqual(control_id, "00" + "X" * 197 + f"…[{2 * 1024 * 1024 + 2} chars]")
+        self.assertEqual(msg_type, "T" * 15 + "…[1000 chars]")
+        self.assertEqual(peer, "p" * 128 + "…[500 chars]")
+        self.assertEqual(subject, "CN=" + "s" * 1021 + "…[5003 chars]")
+        # The stored message itself keeps every byte.
+        self.assertEqual(select(path, "SELECT length(control_id) FROM messages"), [(300,)])
+        self.assertLess(sum(len(r[0]) for r in trail), 20 * 250)
 
     async def test_audit_records_cannot_be_updated(self) -> None:
         """An UPDATE of an audit record is refused by the database itself."""

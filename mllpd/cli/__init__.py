@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -18,11 +19,30 @@ from typing import NamedTuple, TextIO
 from mllpd.cli.store import STATES, MessageDetail, Store, StoreError, open_store
 from mllpd.config import parse_duration
 
-__all__ = ["build_parser", "format_age", "main", "render_message"]
+__all__ = ["build_parser", "format_age", "main", "plain", "render_message"]
 
 EXIT_OK = 0
 EXIT_NOTHING = 1
 EXIT_USAGE = 2
+
+
+# What a sender could use to write to the operator's terminal rather than
+# show text: C0 and C1 controls (ESC starts terminal escape sequences), DEL,
+# and the invisible Unicode characters that reorder or hide text (bidi
+# overrides and isolates, zero-width characters, line separators, BOM).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+
+
+def _visible(m: re.Match[str]) -> str:
+    code = ord(m.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def plain(text: str) -> str:
+    """Sender text made safe to print: every control or invisible formatting
+    character shown as a ``\\xNN``/``\\uNNNN`` escape. Markup is never
+    interpreted anywhere it is shown (the TUI passes it as plain Text)."""
+    return _UNSAFE.sub(_visible, text)
 
 
 def format_age(seconds: float | None) -> str:
@@ -46,7 +66,7 @@ def _timestamp(t: float) -> str:
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], out: TextIO) -> None:
-    cells = [[str(c) for c in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    cells = [[str(c) for c in headers]] + [["" if c is None else plain(str(c)) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     for r in cells:
         line = "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))
@@ -78,14 +98,14 @@ def render_message(detail: MessageDetail, now: float) -> list[str]:
         lines.append(segment.text)
         for f in segment.fields:
             lines.append(f"    {f.label()}: {f.value}")
-    return lines
+    return [plain(line) for line in lines]
 
 
 def _confirm(args: argparse.Namespace, question: str) -> bool:
     if args.yes:
         return True
     # The prompt goes to stderr so stdout stays clean for scripts.
-    sys.stderr.write(f"{question} [y/N] ")
+    sys.stderr.write(f"{plain(question)} [y/N] ")
     sys.stderr.flush()
     answer = sys.stdin.readline()
     if not sys.stdin.isatty():

@@ -22,7 +22,7 @@ from typing import Any
 from mllpd.cli.fields import field_names
 from mllpd.hl7 import DecodeError, NotHL7Error, codec_for_charset, parse_message
 from mllpd.outbox import OutboxError
-from mllpd.outbox.sqlite import open_database, schema_files
+from mllpd.outbox.sqlite import schema_files
 
 __all__ = [
     "STATES",
@@ -239,7 +239,7 @@ def _preview(head: bytes, charset: str | None) -> str:
 
 
 class Store:
-    """The outbox file, opened with the server's own migration code.
+    """The outbox file, at the schema version this mllpd writes; never migrated.
 
     A file the server has not created yet is refused rather than created, so
     a mistyped path does not silently show an empty outbox.
@@ -272,9 +272,9 @@ class Store:
 
     @staticmethod
     def _open(path: str, busy_timeout: float) -> sqlite3.Connection:
-        # Migrating takes the write lock, so only an outbox that is behind
-        # goes through open_database; an up-to-date one is opened with a
-        # read, which never waits for the server's commit in progress.
+        # Read/write, never migrated from here: a newer mllp-cli must not
+        # change the schema under an older server that is running on it
+        # (the server migrates its own file when it starts).
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
         newest = schema_files("sqlite")[-1][0]
@@ -286,12 +286,15 @@ class Store:
             conn.close()
             raise StoreError(
                 f"outbox schema version {current} is newer than this mllpd knows "
-                f"({newest}); upgrade mllpd"
+                f"({newest}); use the mllp-cli of the mllpd that wrote it"
             )
         if current < newest:
             conn.close()
-            conn = open_database(path)
-            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            raise StoreError(
+                f"outbox schema version {current} is older than this mllp-cli needs ({newest}); "
+                "it does not migrate the outbox: use the mllp-cli of the running mllpd, "
+                "or start this version's mllpd, which migrates it"
+            )
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute("PRAGMA synchronous = FULL")
         return conn
@@ -673,7 +676,7 @@ class PostgresStore(Store):
     ) -> None:
         import psycopg
 
-        from mllpd.outbox.postgres import connect, migrate, server_name
+        from mllpd.outbox.postgres import connect, server_name
 
         self._sleep = sleep
         self._monotonic = monotonic
@@ -683,11 +686,25 @@ class PostgresStore(Store):
             conn = connect(url, "mllp-cli")
         except psycopg.Error as e:
             raise StoreError(f"cannot connect to outbox {self.path}: {_describe(e)}") from None
+        # Never migrated from here, as the SQLite file: the replicas migrate
+        # the database when they start.
+        newest = schema_files("postgres")[-1][0]
         try:
-            migrate(conn)
-        except (OutboxError, psycopg.Error) as e:
+            row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+            current = (row[0] if row else None) or 0
+        except psycopg.errors.UndefinedTable:
+            current = 0
+        except psycopg.Error as e:
             conn.close()
             raise StoreError(f"cannot open outbox {self.path}: {_describe(e)}") from None
+        if current != newest:
+            conn.close()
+            if current == 0:
+                raise StoreError(f"no outbox in {self.path} (start mllpd with MLLP_DB_URL first)")
+            raise StoreError(
+                f"outbox schema version {current} in {self.path}, this mllp-cli knows {newest};"
+                " use the mllp-cli of the running mllpd"
+            )
         self._pg = conn
         self._conn = _Dialect(conn)  # type: ignore[assignment]
 

@@ -7,11 +7,13 @@ Every option error is a :class:`ConfigError` on MLLP_CONFIG whose one line names
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Collection, Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 
 from mllpd.config import ConfigError, parse_duration
 
@@ -19,14 +21,20 @@ from . import ConnectorSpec
 
 __all__ = [
     "CurrentDelivery",
+    "bool_option",
     "check_keys",
     "duration_option",
     "expand_env",
+    "is_loopback",
     "mapping_option",
     "option_error",
     "settled",
     "string_option",
+    "warn_plaintext",
+    "warn_unverified",
 ]
+
+log = Logger(namespace="mllpd.connectors")
 
 
 def option_error(spec: ConnectorSpec, option: str, message: str) -> ConfigError:
@@ -54,6 +62,41 @@ def string_option(spec: ConnectorSpec, key: str, default: str | None = None) -> 
     if not isinstance(value, str) or not value.strip():
         raise option_error(spec, key, "expected a non-empty string")
     return value.strip()
+
+
+def bool_option(spec: ConnectorSpec, key: str) -> bool:
+    """A YAML boolean, false when absent: ``"yes"`` or ``1`` are refused, not guessed."""
+    value = spec.options.get(key, False)
+    if not isinstance(value, bool):
+        raise option_error(spec, key, "expected true or false")
+    return value
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses: traffic that never leaves the host."""
+    name = host.strip().strip("[]").lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_plaintext(spec: ConnectorSpec, host: str) -> None:
+    """Say at startup that messages (PHI) will cross the network unencrypted."""
+    log.warn(
+        "{connector}: messages to {host} are sent without TLS; they are readable on the network",
+        event="upstream_plaintext", connector=spec.name, host=host,
+    )
+
+
+def warn_unverified(spec: ConnectorSpec, host: str, what: str) -> None:
+    """Say at startup that ``insecure: true`` lets anyone in the path read the messages."""
+    log.warn(
+        "{connector}: insecure: true: {what} for {host}; a machine in the path can read every message",
+        event="upstream_tls_unverified", connector=spec.name, host=host, what=what,
+    )
 
 
 def duration_option(spec: ConnectorSpec, key: str, default: str) -> float:

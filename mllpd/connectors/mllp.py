@@ -44,6 +44,7 @@ from mllpd.connectors import (
     Outcome,
     Retry,
 )
+from mllpd.connectors._common import bool_option, is_loopback, warn_plaintext, warn_unverified
 from mllpd.framing import Frame, Framer, Junk, frame
 from mllpd.hl7 import DecodeError, Message, NotHL7Error, parse_message
 
@@ -70,7 +71,7 @@ CLOSE_TIMEOUT = 5.0
 # Upper bound for the reason texts we hand to the relay (stored, logged).
 _REASON_LIMIT = 200
 
-_OPTIONS = ("address", "ack_timeout", "connect_timeout")
+_OPTIONS = ("address", "ack_timeout", "connect_timeout", "insecure")
 _ADDRESS_HELP = (
     "expected tcp:host:port, tls:host:port[:trustRoots=CA_DIR]"
     "[:certificate=CERT_PEM:privateKey=KEY_PEM] or host:port"
@@ -581,6 +582,7 @@ def build(spec: ConnectorSpec, reactor: Any, environ: Mapping[str, str]) -> ICon
         raise problem(
             "address", "certificate or privateKey is not a valid PEM certificate/key"
         ) from None
+    _check_transport(spec, description, bool_option(spec, "insecure"), problem)
     return MLLPConnector(
         spec.name,
         endpoint,
@@ -610,6 +612,34 @@ def endpoint_description(address: str, connect_timeout: float) -> str:
     if kind in _ENDPOINT_TYPES and not _TIMEOUT_KWARG.search(text):
         text += f":timeout={max(1, math.ceil(connect_timeout))}"
     return text
+
+
+def _check_transport(
+    spec: ConnectorSpec,
+    description: str,
+    insecure: bool,
+    problem: Callable[[str, str], ConfigError],
+) -> None:
+    """Refuse TLS that verifies nothing unless ``insecure: true``; warn about plaintext.
+
+    ``tls:`` always checks the chain and the name. Twisted's ``ssl:`` without
+    ``hostname=`` checks no name (and, without ``caCertsDir=``, no chain):
+    anyone in the path could read and answer for the upstream.
+    """
+    args, kwargs = parse_endpoint_string(description)
+    kind = str(args[0]).lower()
+    host = str(kwargs.get("host") or (args[1] if len(args) > 1 else ""))
+    if kind == "ssl" and not kwargs.get("hostname"):
+        if not insecure:
+            raise problem(
+                "address",
+                "ssl: without hostname= does not verify the upstream's certificate; "
+                "use tls:host:port[:trustRoots=CA_DIR], add hostname=, "
+                "or set insecure: true to accept that",
+            )
+        warn_unverified(spec, host, "the upstream's certificate is not verified")
+    elif kind == "tcp" and not is_loopback(host):
+        warn_plaintext(spec, host)
 
 
 def _check_trust_roots(description: str) -> None:

@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import Interface
 
 __all__ = [
+    "AUDIT_LIMITS",
     "AuditRecord",
     "Backlog",
     "Envelope",
@@ -22,9 +23,24 @@ __all__ = [
     "OutboxError",
     "QueuedDelivery",
     "StoreResult",
+    "bounded",
+    "bounded_audit",
     "dedup_key",
     "over_limit",
 ]
+
+# Audit fields a sender controls (directly, or through its certificate or a
+# PROXY header) are kept to these lengths: a NAK's record lives for
+# MLLP_RETENTION, and a 2 MiB MSH-10 must not become 2 MiB of audit trail
+# per frame. 199 is MSH-10's longest HL7 length (v2.7 on), 15 MSH-9's.
+AUDIT_LIMITS = {"peer": 128, "client_subject": 1024, "control_id": 199, "msg_type": 15}
+
+
+def bounded(value: str, limit: int) -> str:
+    """``value``, or its first ``limit`` characters marked with the full length."""
+    if len(value) <= limit:
+        return value
+    return f"{value[:limit]}…[{len(value)} chars]"
 
 
 class OutboxError(Exception):
@@ -80,6 +96,17 @@ class AuditRecord(NamedTuple):
     sha256: str
     ack_code: str
     rule: str | None = None
+
+
+def bounded_audit(record: AuditRecord) -> AuditRecord:
+    """The record with every sender-controlled field within AUDIT_LIMITS."""
+    subject = record.client_subject
+    return record._replace(
+        peer=bounded(record.peer, AUDIT_LIMITS["peer"]),
+        client_subject=None if subject is None else bounded(subject, AUDIT_LIMITS["client_subject"]),
+        control_id=bounded(record.control_id, AUDIT_LIMITS["control_id"]),
+        msg_type=bounded(record.msg_type, AUDIT_LIMITS["msg_type"]),
+    )
 
 
 class QueuedDelivery(NamedTuple):

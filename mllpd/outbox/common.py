@@ -29,6 +29,7 @@ from mllpd.outbox import (
     OutboxError,
     QueuedDelivery,
     StoreResult,
+    bounded_audit,
     over_limit,
 )
 
@@ -305,7 +306,8 @@ class GroupCommitOutbox:
     def audit(self, record: AuditRecord) -> None:
         if self._closing:
             return
-        self._audits.append(record)
+        # Bounded now: the record waits in memory for the next commit.
+        self._audits.append(bounded_audit(record))
         self._schedule()
 
     # -- retention ---------------------------------------------------------

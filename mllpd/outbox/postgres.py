@@ -44,6 +44,7 @@ from mllpd.outbox import (
     OutboxError,
     QueuedDelivery,
     StoreResult,
+    bounded_audit,
     dedup_key,
 )
 from mllpd.outbox.common import (
@@ -459,9 +460,14 @@ class PostgresOutbox(GroupCommitOutbox):
             queued: list[tuple[object, ...]] = []
             for e, stored in zip(envelopes, results, strict=True):
                 if stored.duplicate:
+                    # Sender-controlled fields within AUDIT_LIMITS, as SQLite's.
+                    a = bounded_audit(AuditRecord(
+                        e.received_at, e.peer, e.client_subject, e.control_id, e.msg_type,
+                        e.size, e.sha256, e.ack_code,
+                    ))
                     trail.append((
-                        e.received_at, e.peer, e.client_subject, pod, stored.message_id,
-                        e.control_id, e.msg_type, e.size, e.sha256, e.ack_code, None, "",
+                        a.received_at, a.peer, a.client_subject, pod, stored.message_id,
+                        a.control_id, a.msg_type, a.size, a.sha256, a.ack_code, None, "",
                     ))
                 else:
                     for connector in e.routes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mllpd.outbox import (
+    AUDIT_LIMITS,
     AuditRecord,
     Backlog,
     Envelope,
@@ -22,6 +24,7 @@ from mllpd.outbox import (
     OutboxError,
     QueuedDelivery,
     StoreResult,
+    bounded,
     dedup_key,
 )
 from mllpd.outbox.common import (
@@ -71,6 +74,7 @@ def open_database(path: str, *, wal_limit: int = DEFAULT_WAL_LIMIT) -> sqlite3.C
     Raises :class:`OutboxError` with a one-line reason when the file cannot
     be opened, written or migrated.
     """
+    _private_files(path)
     try:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         conn.execute(f"PRAGMA busy_timeout = {WRITER_BUSY_MS}")
@@ -90,6 +94,34 @@ def open_database(path: str, *, wal_limit: int = DEFAULT_WAL_LIMIT) -> sqlite3.C
     except sqlite3.Error as e:
         raise OutboxError(f"cannot open outbox {path}: {e}") from None
     return conn
+
+
+def _private_files(path: str) -> None:
+    """Create the outbox 0600 and take group and other access off existing files.
+
+    The outbox holds PHI. SQLite gives ``-wal`` and ``-shm`` the mode of the
+    database file, so creating that one private (whatever the umask) keeps
+    all three private; files left by an older version are tightened here.
+    """
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise OutboxError(f"cannot open outbox {path}: {e.strerror or e}") from None
+    os.close(fd)
+    for name in (path, path + "-wal", path + "-shm"):
+        try:
+            mode = os.stat(name).st_mode & 0o777
+            if mode & 0o077:
+                os.chmod(name, mode & 0o700)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            log.warn(
+                "cannot make {path} private ({reason}); it stays readable by others",
+                event="outbox_permissions", path=name, reason=e.strerror or str(e),
+            )
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
@@ -159,9 +191,12 @@ def _row(e: Envelope, pod: str | None, key: int) -> tuple[object, ...]:
 
 
 def _audit_row(e: Envelope, message_id: str, pod: str | None, connectors: str) -> tuple[object, ...]:
+    subject = e.client_subject
     return (
-        e.received_at, e.peer, e.client_subject, pod, message_id, e.control_id,
-        e.msg_type, e.size, e.sha256, e.ack_code, None, connectors,
+        e.received_at, bounded(e.peer, AUDIT_LIMITS["peer"]),
+        None if subject is None else bounded(subject, AUDIT_LIMITS["client_subject"]),
+        pod, message_id, bounded(e.control_id, AUDIT_LIMITS["control_id"]),
+        bounded(e.msg_type, AUDIT_LIMITS["msg_type"]), e.size, e.sha256, e.ack_code, None, connectors,
     )
 
 
