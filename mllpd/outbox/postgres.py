@@ -81,6 +81,7 @@ NOTIFY_CHANNEL = "mllpd_queued"
 # Seconds between looks at the stop flag while listening, and between
 # attempts to listen again after the session failed.
 LISTEN_STEP = 0.25
+RELISTEN = 2.0
 
 # Seconds a session may be busy with one piece of work before it counts as
 # hung (a database or network that stopped answering without closing the
@@ -326,10 +327,11 @@ class _Notices:
         self._pool.callInThread(self._listen)
 
     def stop(self) -> None:
-        """Stop listening (within LISTEN_STEP) and wait for the thread."""
+        """Stop listening: the thread ends within LISTEN_STEP (or a connect
+        attempt's timeout), joined off the reactor thread."""
         self._stopping.set()
         if self._pool.started:
-            self._pool.stop()
+            self._reactor.callInThread(self._pool.stop)  # type: ignore[attr-defined]
 
     def _listen(self) -> None:
         while not self._stopping.is_set():
@@ -344,9 +346,9 @@ class _Notices:
                         if names:
                             self._reactor.callFromThread(self._noticed, names)  # type: ignore[attr-defined]
             except OutboxError:
-                # Workers still poll; listen again shortly.
+                # Workers still poll; listen again in a while.
                 self._session.close()
-                self._stopping.wait(LISTEN_STEP)
+                self._stopping.wait(RELISTEN)
         self._session.close()
 
 
