@@ -138,6 +138,13 @@ def _nonneg_int(text: str) -> int:
 _LOG_LEVELS = ("trace", "debug", "info", "warn", "error")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text.strip())
+    if value <= 0:
+        raise ValueError(f"must be more than 0, got {text!r}")
+    return value
+
+
 def _log_level(text: str) -> str:
     level = text.strip().lower()
     if level == "warning":
@@ -280,6 +287,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MLLP_MAX_FRAME_SIZE", "max_frame_size", "2MiB", _positive_size,
             "a size such as 2MiB, 512KiB or a number of bytes",
             "larger frames are rejected and the connection closed"),
+    Setting("MLLP_MAX_BATCH_MESSAGES", "max_batch_messages", "10000", _positive_int,
+            "a whole number greater than 0",
+            "an HL7 batch (BHS ... BTS) with more messages is rejected whole"),
     Setting("MLLP_KEEPALIVE_PERIOD", "keepalive_period", "60s", parse_duration,
             "a duration such as 30s or 1m (0 turns keepalive off)",
             "TCP keepalive period (0: off)"),
@@ -359,6 +369,7 @@ class Settings:
     frame_timeout: float = 60.0
     write_timeout: float = 5.0
     max_frame_size: int = 2 * 1024 * 1024
+    max_batch_messages: int = 10_000
     keepalive_period: float = 60.0
     default_charset: str | None = None
     db_path: str = "outbox.db"

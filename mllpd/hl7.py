@@ -289,6 +289,11 @@ def parse_message(payload: bytes, default_charset: str | None = None) -> Message
     not valid in it.
     """
     body = payload if payload[:3] == b"MSH" else payload.lstrip(b"\r\n\t ")
+    if body[:3] == codecs.BOM_UTF8:
+        # Windows senders prefix a UTF-8 byte order mark: skip it for
+        # parsing (the stored bytes keep it); it says UTF-8 when MSH-18 is empty.
+        body = body[3:].lstrip(b"\r\n\t ")
+        default_charset = "UNICODE UTF-8"
     for signature, codec in _WIDE_SIGNATURES if body[:3] != b"MSH" else ():
         if body.startswith(signature):
             try:

@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mllpd.ack import REJECT, AckError, build_ack, encode_ack, should_send
+from mllpd.batch import is_batch
 from mllpd.framing import Frame, Framer, Junk, Oversized, frame
 from mllpd.hl7 import DecodeError, NotHL7Error, parse_message
 from mllpd.receiver import Receiver, Reply, new_ack_id
@@ -433,6 +434,9 @@ class MLLPServerProtocol(Protocol):
                 error=AckError("207", text),
             )
             data = encode_ack(nak, codec)
+        elif header is None and head and is_batch(head):
+            # An HL7 batch: a batch-level AR from its BHS (and FHS).
+            data = self.factory.receiver.frame_reject(head, text)
         pending.reply = Reply(REJECT, "AR", data, header.control_id if header else "",
                               header.type_label if header else "", len(head),
                               AckError("207", text))
@@ -546,6 +550,17 @@ class MLLPServerFactory(Factory):
         return datetime.fromtimestamp(self.clock.seconds(), UTC)
 
     def message_done(self, peer: str, reply: Reply, latency: float) -> None:
+        if reply.parts:
+            # An HL7 batch: counted and logged message by message.
+            for part in reply.parts:
+                self.message_done(peer, part, latency)
+            log.info(
+                "batch {control_id} from {peer}: {count} messages",
+                event="batch", peer=peer, control_id=reply.control_id,
+                count=len(reply.parts), size=reply.size,
+                accepted=sum(1 for p in reply.parts if p.outcome == "A"),
+            )
+            return
         self.acks[(reply.msg_type.split("^", 1)[0], reply.code)] += 1
         if self.metrics is not None:
             self.metrics.ack_latency.observe(latency)

@@ -22,7 +22,15 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mllpd.connectors import Dead, Delivered, Delivery, IConnector, Outcome, Retry
+from mllpd.connectors import (
+    Dead,
+    Delivered,
+    Delivery,
+    IBatchConnector,
+    IConnector,
+    Outcome,
+    Retry,
+)
 from mllpd.hl7 import codec_for_charset
 from mllpd.outbox import IDeliveryQueue, QueuedDelivery
 
@@ -34,6 +42,9 @@ log = Logger(namespace="mllpd.relay")
 # again on its own (new stores wake it at once; this catches replays that
 # mllp-cli writes from another process).
 FETCH_LIMIT = 32
+# Rows read at once to gather an HL7 batch a connector forwards whole; the
+# batch itself was bounded by MLLP_MAX_BATCH_MESSAGES and the frame size.
+BATCH_FETCH_LIMIT = 10_000
 POLL_INTERVAL = 1.0
 # Seconds a stopping worker waits for the delivery in progress, then for its
 # connector to close: together well inside the 2 s that the shutdown bound
@@ -105,6 +116,9 @@ class Worker:
         self._now = wall_clock or clock.seconds
         self.rand = rand
         self.metrics = metrics
+        self.forward_batches = bool(
+            IBatchConnector.providedBy(connector) and connector.forward_batches
+        )
         self.cursor = 0
         # Rows this worker finished, as a queue read by state (PostgreSQL)
         # may still show them pending: seq -> None until the state change
@@ -203,15 +217,8 @@ class Worker:
                         log.info("reading queue of {connector} works again",
                                  event="queue_read_recovered", connector=self.name)
                     self._reads_ok = True
-                    # Rows already in hand keep their attempts and backoff
-                    # as this worker knows them: its own marks may not be
-                    # committed yet.
-                    known = {row.seq: row for row in self._buffer}
+                    self._buffer = self._merge(fetched)
                     finishing = self._finishing
-                    self._buffer = [
-                        known.get(row.seq, row) for row in fetched
-                        if row.seq not in finishing
-                    ]
                     for seq in [s for s, at in finishing.items() if at is not None and at < read]:
                         del finishing[seq]
                 if not self._buffer:
@@ -231,13 +238,37 @@ class Worker:
                     # upstream is back). Once per retry, not on every wake.
                     self._stale = True
                 continue
+            if self.forward_batches and head.batch_control_id is not None:
+                group = await self._batch_group()
+                if len(group) > 1:
+                    await self._attempt_batch(group)
+                    continue
             await self._attempt(head)
 
-    async def _attempt(self, row: QueuedDelivery) -> None:
-        attempt = row.attempts + 1
-        now = self._now()
-        self._record(self.queue.mark_in_flight(row.seq, now))
-        delivery = Delivery(
+    def _merge(self, fetched: list[QueuedDelivery]) -> list[QueuedDelivery]:
+        """A new head of the queue. Rows already in hand keep their attempts
+        and backoff as this worker knows them (its own marks may not be
+        committed yet); rows it finished stay out."""
+        known = {row.seq: row for row in self._buffer}
+        finishing = self._finishing
+        return [known.get(row.seq, row) for row in fetched if row.seq not in finishing]
+
+    async def _batch_group(self) -> list[QueuedDelivery]:
+        """The rows at the head of the buffer that came in the head's batch:
+        the same batch control id, positions rising, all due."""
+        group = _leading_batch(self._buffer, self._now())
+        if len(group) == len(self._buffer) and len(self._buffer) < BATCH_FETCH_LIMIT:
+            # The batch may go on past the rows in hand.
+            try:
+                fetched = await self.queue.fetch(self.name, self.cursor, BATCH_FETCH_LIMIT)
+            except Exception:  # noqa: BLE001 - deliver what is in hand
+                return group
+            self._buffer = self._merge(fetched)
+            group = _leading_batch(self._buffer, self._now())
+        return group
+
+    def _delivery(self, row: QueuedDelivery, attempt: int) -> Delivery:
+        return Delivery(
             message_id=row.message_id,
             connector=self.name,
             payload=row.payload,
@@ -248,6 +279,42 @@ class Worker:
             attempt=attempt,
             received_at=row.received_at,
         )
+
+    async def _attempt_batch(self, rows: list[QueuedDelivery]) -> None:
+        """Forward a batch whole. Outcomes are taken in order: once one
+        message must be retried, it and every later one are retried
+        together, so the queue's order holds (at least once, as ever)."""
+        now = self._now()
+        for row in rows:
+            self._record(self.queue.mark_in_flight(row.seq, now))
+        deliveries = [self._delivery(row, row.attempts + 1) for row in rows]
+        connector: Any = self.connector
+        try:
+            outcomes: list[Outcome] = await maybeDeferred(
+                connector.deliver_batch, deliveries, rows[0].batch_control_id
+            )
+        except Exception as e:  # noqa: BLE001 - a connector bug must not stop the queue
+            log.failure(
+                "connector {connector} raised", Failure(), event="connector_error",
+                connector=self.name, control_id=rows[0].control_id,
+            )
+            outcomes = [Retry(f"internal error: {type(e).__name__}")] * len(rows)
+        retry: Retry | None = None
+        position = 0  # the row's index in the buffer: finished rows leave it
+        retry_at: float | None = None
+        for row, outcome in zip(rows, outcomes, strict=True):
+            if retry is None and isinstance(outcome, Retry):
+                retry = outcome
+            kept = self._settle(row, row.attempts + 1, retry or outcome, position, retry_at)
+            if kept is not None:
+                position += 1
+                retry_at = kept
+
+    async def _attempt(self, row: QueuedDelivery) -> None:
+        attempt = row.attempts + 1
+        now = self._now()
+        self._record(self.queue.mark_in_flight(row.seq, now))
+        delivery = self._delivery(row, attempt)
         try:
             outcome: Outcome = await maybeDeferred(self.connector.deliver, delivery)
         except Exception as e:  # noqa: BLE001 - a connector bug must not stop the queue
@@ -256,6 +323,20 @@ class Worker:
                 connector=self.name, control_id=row.control_id,
             )
             outcome = Retry(f"internal error: {type(e).__name__}")
+        self._settle(row, attempt, outcome)
+
+    def _settle(
+        self,
+        row: QueuedDelivery,
+        attempt: int,
+        outcome: Outcome,
+        position: int = 0,
+        retry_at: float | None = None,
+    ) -> float | None:
+        """Record an outcome for the row at ``position`` in the buffer;
+        returns its next attempt's time when it stays queued. A row behind
+        another that stays queued is never dead-lettered past it, and is
+        retried at ``retry_at`` with it."""
         now = self._now()
         fields: dict[str, Any] = dict(
             connector=self.name, message_id=row.message_id, control_id=row.control_id,
@@ -266,7 +347,8 @@ class Worker:
             self.delivered += 1
             self._count("delivered")
             log.debug("delivered to {connector}", event="delivered", **fields)
-        elif isinstance(outcome, Dead) or attempt >= self.retry.max_attempts:
+            return None
+        if isinstance(outcome, Dead) or (attempt >= self.retry.max_attempts and position == 0):
             reason = outcome.reason
             if not isinstance(outcome, Dead):
                 reason = f"gave up after {attempt} attempts: {reason}"
@@ -279,23 +361,27 @@ class Worker:
                 "dead-lettered for {connector}: {reason}", event="dead_letter",
                 reason=_loggable(reason), **fields,
             )
+            return None
+        if retry_at is not None:
+            next_attempt = retry_at
+        elif outcome.after is not None:
+            # Upstream's Retry-After, but never longer than the policy allows.
+            next_attempt = now + min(max(outcome.after, 0.0), self.retry.max)
         else:
-            if outcome.after is not None:
-                # Upstream's Retry-After, but never longer than the policy allows.
-                delay = min(max(outcome.after, 0.0), self.retry.max)
-            else:
-                delay = self.retry.delay(attempt, self.rand)
-            next_attempt = now + delay
-            if self._buffer and self._buffer[0].seq == row.seq:
-                self._buffer[0] = row._replace(attempts=attempt, next_attempt=next_attempt)
-            self._record(self.queue.mark_retry(row.seq, attempt, outcome.reason, next_attempt, now))
-            self.retried += 1
-            self._count("retry")
-            log.info(
-                "delivery to {connector} failed, retry in {delay:.1f}s: {reason}",
-                event="delivery_retry", delay=delay, reason=_loggable(outcome.reason),
-                **fields,
-            )
+            next_attempt = now + self.retry.delay(attempt, self.rand)
+        delay = next_attempt - now
+        if position < len(self._buffer) and self._buffer[position].seq == row.seq:
+            # (Not after a pause: the buffer was dropped.)
+            self._buffer[position] = row._replace(attempts=attempt, next_attempt=next_attempt)
+        self._record(self.queue.mark_retry(row.seq, attempt, outcome.reason, next_attempt, now))
+        self.retried += 1
+        self._count("retry")
+        log.info(
+            "delivery to {connector} failed, retry in {delay:.1f}s: {reason}",
+            event="delivery_retry", delay=delay, reason=_loggable(outcome.reason),
+            **fields,
+        )
+        return next_attempt
 
     def _finish(self, row: QueuedDelivery, marked: Deferred[None]) -> None:
         if self._buffer and self._buffer[0].seq == row.seq:
@@ -334,6 +420,27 @@ class Worker:
             "delivery worker for {connector} stopped", failure,
             event="worker_crashed", connector=self.name,
         )
+
+
+def _leading_batch(rows: list[QueuedDelivery], now: float) -> list[QueuedDelivery]:
+    """The first row and those after it from the same HL7 batch: the same
+    batch control id, positions rising, due by ``now``."""
+    if not rows:
+        return []
+    head = rows[0]
+    group = [head]
+    for row in rows[1:]:
+        last = group[-1]
+        if (
+            row.batch_control_id != head.batch_control_id
+            or row.batch_position is None
+            or last.batch_position is None
+            or row.batch_position <= last.batch_position
+            or row.next_attempt > now
+        ):
+            break
+        group.append(row)
+    return group
 
 
 class Relay:

@@ -113,6 +113,7 @@ def makeService(options: Any) -> IService:
         identities=identities,
         rules=pipeline[0].rules if pipeline is not None else None,
         max_outbox=settings.max_outbox,
+        max_batch_messages=settings.max_batch_messages,
     )
     if tls is not None:
         tls.identity_listeners.append(lambda new: setattr(receiver, "identities", new))

@@ -116,6 +116,7 @@ class LoadTests(SynchronousTestCase):
             "MLLP_MAX_OUTBOX": "plenty",
             "MLLP_DB_URL": "postgresql://u:secret@[::1",
             "MLLP_WAL_LIMIT": "1MiB",
+            "MLLP_MAX_BATCH_MESSAGES": "0",
         }
         paths = {
             "MLLP_DB_PATH", "TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CLIENT_CA",

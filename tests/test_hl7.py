@@ -255,6 +255,22 @@ class CharsetTests(SynchronousTestCase):
             # The codec chosen must read the payload back to the same text.
             self.assertEqual(payload.decode(m.codec).lstrip("\ufeff"), text)
 
+    def test_utf8_bom_skipped(self) -> None:
+        """A UTF-8 byte order mark before MSH is skipped and means UTF-8; the raw bytes keep it."""
+        payload = codecs.BOM_UTF8 + message_text(name="Müller").encode("utf-8")
+        m = parse_message(payload)
+        self.assertEqual(m.get("PID", 5, 1), "Müller")
+        self.assertEqual(m.header.control_id, "CTRL123")
+        self.assertEqual(m.codec, "utf-8")
+        self.assertEqual(m.raw, payload)
+
+    def test_utf8_bom_with_declared_charset(self) -> None:
+        """MSH-18 still governs a message that starts with a UTF-8 BOM."""
+        payload = codecs.BOM_UTF8 + message_text(name="Café", charset="8859/1").encode("latin-1")
+        m = parse_message(payload)
+        self.assertEqual(m.get("PID", 5, 1), "Café")
+        self.assertEqual(m.charset, "8859/1")
+
     def test_utf16_without_bom(self) -> None:
         """UTF-16 payloads without a BOM are recognised from the 'MSH' bytes."""
         text = message_text(name="Ωmega", charset="UNICODE UTF-16")

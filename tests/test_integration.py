@@ -468,7 +468,7 @@ class AuditBoundTests(SynchronousTestCase):
         assert_serves(self, server, "AFTER-HUGE")
         server.stop()
         rows = query(server.db_path, "SELECT ack_code, length(control_id), substr(control_id, 1, 2) FROM audit"
-                                     " WHERE ack_code = 'AR' ORDER BY id")
+                                     " WHERE ack_code = 'AR' ORDER BY received_at")
         self.assertEqual([(code, start) for code, _, start in rows], [("AR", f"{n:02d}") for n in range(20)])
         self.assertLessEqual(max(length for _, length, _ in rows), 250)
 

@@ -108,6 +108,24 @@ class StoreTests(_PG):
             [("D1", "AA", None, first.message_id, "mllpd-1"), ("R1", "AE", "rule-x", None, "mllpd-1")],
         )
 
+    async def test_batch_stored_whole_or_not_at_all(self) -> None:
+        """An HL7 batch is one transaction: every message stored, in order, or none."""
+        outbox = self.open()
+        batch = [envelope(f"B{i}")._replace(batch_control_id="BATCH-1", batch_position=i + 1)
+                 for i in range(3)]
+        results = await outbox.store_batch(batch)
+        self.assertEqual([r.message_id for r in results], [e.message_id for e in batch])
+        self.assertEqual(
+            select(self.url, "SELECT control_id, batch_control_id, batch_position FROM messages"
+                             " ORDER BY batch_position"),
+            [("B0", "BATCH-1", 1), ("B1", "BATCH-1", 2), ("B2", "BATCH-1", 3)],
+        )
+        broken = [envelope("X0"), envelope("X1")]
+        broken[1] = broken[1]._replace(message_id=broken[0].message_id)  # cannot be stored
+        with self.assertRaises(OutboxError):
+            await outbox.store_batch(broken)
+        self.assertEqual(select(self.url, "SELECT count(*) FROM messages WHERE control_id LIKE 'X%%'"), [(0,)])
+
     async def test_same_message_on_two_replicas_at_once_stored_once(self) -> None:
         """Two replicas storing the same message in the same moment store it once and both confirm it."""
         a, b = self.open(), self.open()

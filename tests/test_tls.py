@@ -175,7 +175,7 @@ class MutualTLSTests(TLSCase):
         server.stop()
         self.assertEqual(self.stored_ids(server), {"LAB-OK", "RIS-OK"})
         # The audit trail names the certificate behind every message, refused or not.
-        audit = query(server.db_path, "SELECT control_id, ack_code, client_subject FROM audit ORDER BY id")
+        audit = query(server.db_path, "SELECT control_id, ack_code, client_subject FROM audit ORDER BY received_at")
         self.assertEqual(audit, [
             ("LAB-OK", "AA", self.certs.subject(lab)),
             ("LAB-AS-RIS", "AR", self.certs.subject(lab)),

@@ -85,6 +85,10 @@ def render_message(detail: MessageDetail, now: float) -> list[str]:
         f"charset     {d.charset or '-'}   size {d.size} bytes   ACK {d.ack_code}",
         f"sha256      {d.sha256}",
     ]
+    if d.batch_position is not None:
+        lines.append(
+            f"batch       control id {d.batch_control_id or '-'}   position {d.batch_position}"
+        )
     if not d.deliveries:
         lines.append("queues      (not routed to any connector)")
     for i, q in enumerate(d.deliveries):
@@ -182,10 +186,11 @@ def _cmd_audit(store: Store, args: argparse.Namespace, now: float) -> int:
         return EXIT_OK
     _table(
         ["received", "peer", "client", "type", "control_id", "size", "ack", "rule",
-         "connectors", "message_id"],
+         "connectors", "message_id", "batch"],
         [
             [_timestamp(r.received_at), r.peer, r.client_subject or "", r.msg_type,
-             r.control_id, r.size, r.ack_code, r.rule or "", r.connectors, r.message_id or ""]
+             r.control_id, r.size, r.ack_code, r.rule or "", r.connectors, r.message_id or "",
+             r.batch_control_id or ""]
             for r in rows
         ],
         sys.stdout,

@@ -109,6 +109,7 @@ class AuditRow:
     ack_code: str
     rule: str | None
     connectors: str
+    batch_control_id: str | None = None  # BHS-11, when it came in an HL7 batch
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,9 @@ class MessageDetail:
     ack_code: str
     payload: bytes
     deliveries: list[Delivery] = field(default_factory=list)
+    # BHS-11 and 1-based position, when it came in an HL7 batch.
+    batch_control_id: str | None = None
+    batch_position: int | None = None
 
     @property
     def text(self) -> str:
@@ -419,8 +423,8 @@ class Store:
         with self._read() as conn:
             row = conn.execute(
                 "SELECT message_id, received_at, peer, control_id, msg_type, sending_app,"
-                " sending_fac, version, charset, size, sha256, ack_code, payload"
-                " FROM messages WHERE message_id = ?",
+                " sending_fac, version, charset, size, sha256, ack_code, payload,"
+                " batch_control_id, batch_position FROM messages WHERE message_id = ?",
                 (message_id,),
             ).fetchone()
             if row is None:
@@ -434,10 +438,11 @@ class Store:
                 )
             ]
         (mid, received_at, peer, control_id, msg_type, sending_app, sending_fac, version,
-         charset, size, sha256, ack_code, payload) = row
+         charset, size, sha256, ack_code, payload, batch_control_id, batch_position) = row
         return MessageDetail(
             mid, received_at, peer, control_id, msg_type, sending_app, sending_fac, version,
             charset, size, sha256, ack_code, bytes(payload), deliveries,
+            batch_control_id, batch_position,
         )
 
     def audit(
@@ -471,7 +476,8 @@ class Store:
                 found.extend(
                     AuditRow(*row) for row in conn.execute(
                         f"SELECT {id_}, received_at, peer, client_subject, pod, message_id,"
-                        f" control_id, msg_type, size, sha256, ack_code, {rule}, connectors"
+                        f" control_id, msg_type, size, sha256, ack_code, {rule}, connectors,"
+                        " batch_control_id"
                         f" FROM {source} WHERE {condition} ORDER BY {order} DESC LIMIT ?",
                         (*params, limit),
                     )
@@ -638,9 +644,10 @@ def _keep_audit(conn: sqlite3.Connection, condition: str, params: Sequence[objec
     records outlive a deletion."""
     conn.execute(
         "INSERT INTO audit_log (received_at, peer, client_subject, pod, message_id,"
-        " control_id, msg_type, size, sha256, ack_code, rule, connectors)"
+        " control_id, msg_type, size, sha256, ack_code, rule, connectors, batch_control_id)"
         " SELECT received_at, peer, client_subject, pod, message_id, control_id, msg_type,"
-        f" size, sha256, ack_code, NULL, connectors FROM messages WHERE {condition}",
+        f" size, sha256, ack_code, NULL, connectors, batch_control_id FROM messages"
+        f" WHERE {condition}",
         params,
     )
 

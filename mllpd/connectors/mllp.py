@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from OpenSSL import SSL, crypto
@@ -34,12 +35,14 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath, UnlistableError
 from zope.interface import implementer
 
+from mllpd.batch import BatchError, forward_payload, is_batch, parse_batch
 from mllpd.config import ConfigError, parse_duration
 from mllpd.connectors import (
     ConnectorSpec,
     Dead,
     Delivered,
     Delivery,
+    IBatchConnector,
     IConnector,
     Outcome,
     Retry,
@@ -65,13 +68,16 @@ DEFAULT_ACK_TIMEOUT = 30.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
 # An ACK is a few hundred bytes; anything near this is not an ACK.
 MAX_ACK_SIZE = 1024 * 1024
+# A batch ACK holds one ACK per forwarded message.
+MAX_BATCH_ACK_SIZE = 16 * 1024 * 1024
 # stop() closes the connection politely; a peer that never completes the
 # close (a stuck TLS shutdown) is aborted after this long.
 CLOSE_TIMEOUT = 5.0
 # Upper bound for the reason texts we hand to the relay (stored, logged).
 _REASON_LIMIT = 200
 
-_OPTIONS = ("address", "ack_timeout", "connect_timeout", "insecure")
+_OPTIONS = ("address", "ack_timeout", "connect_timeout", "insecure", "batch")
+_BATCH_MODES = ("per-message", "forward")
 _ADDRESS_HELP = (
     "expected tcp:host:port, tls:host:port[:trustRoots=CA_DIR]"
     "[:certificate=CERT_PEM:privateKey=KEY_PEM] or host:port"
@@ -139,7 +145,7 @@ class MLLPClientProtocol(Protocol):
         self.peer = "?"
         # False once the stream cannot be trusted (dropped) or is gone.
         self.usable = False
-        self._framer = Framer(MAX_ACK_SIZE)
+        self._framer = Framer(MAX_BATCH_ACK_SIZE if connector.forward_batches else MAX_ACK_SIZE)
         self._waiter: Deferred[_Reply] | None = None
 
     def connectionMade(self) -> None:
@@ -264,7 +270,7 @@ class _WatchedEndpoint:
         return d.addErrback(failed)
 
 
-@implementer(IConnector)
+@implementer(IBatchConnector)
 class MLLPConnector:
     """Delivers messages over one persistent MLLP connection.
 
@@ -283,9 +289,12 @@ class MLLPConnector:
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         retry_policy: Callable[[int], float] | None = None,
         address: str = "",
+        forward_batches: bool = False,
     ) -> None:
         self.name = name
         self.address = address
+        # batch: forward sends the messages of an HL7 batch as one batch.
+        self.forward_batches = forward_batches
         self.ack_timeout = ack_timeout
         self.connect_timeout = connect_timeout
         self._clock = clock
@@ -331,11 +340,11 @@ class MLLPConnector:
 
     # Delivery
 
-    async def _deliver(self, delivery: Delivery) -> Outcome:
+    async def _connection(self, delivery: Delivery) -> MLLPClientProtocol | Retry:
         connecting = self._wait_connection().addTimeout(self.connect_timeout, self._clock)
         self._connecting = connecting
         try:
-            proto = await connecting
+            return await connecting
         except defer.TimeoutError:
             return self._retry(delivery, f"not connected within {self.connect_timeout:g}s")
         except CancelledError:
@@ -345,6 +354,10 @@ class MLLPConnector:
         finally:
             self._connecting = None
 
+    async def _deliver(self, delivery: Delivery) -> Outcome:
+        proto = await self._connection(delivery)
+        if isinstance(proto, Retry):
+            return proto
         waiting = proto.send(delivery.payload).addTimeout(self.ack_timeout, self._clock)
         try:
             reply = await waiting
@@ -377,6 +390,12 @@ class MLLPConnector:
                 f"ACK's MSA-2 {_clean(acked, 40)!r} is not the message's MSH-10 "
                 f"{delivery.control_id!r}",
             )
+        return self._verdict(proto, delivery, ack, code)
+
+    def _verdict(
+        self, proto: MLLPClientProtocol, delivery: Delivery, ack: Message, code: str
+    ) -> Outcome:
+        """The outcome an ACK's MSA-1 means for the message it answers."""
         if code in ("AA", "CA"):
             return self._delivered(delivery, proto, code)
         err_code, err_text = _error_of(ack)
@@ -398,6 +417,93 @@ class MLLPConnector:
             said = f"upstream {code}" + (f" (ERR {err_code})" if err_code else "")
             return self._retry(delivery, detail, code=code, logged=said)
         return self._retry(delivery, f"upstream answered with unknown MSA-1 {_clean(code, 10)!r}")
+
+    # HL7 batches (batch: forward)
+
+    def deliver_batch(
+        self, deliveries: Sequence[Delivery], batch_control_id: str
+    ) -> Deferred[list[Outcome]]:
+        items = list(deliveries)
+        if self._stopping or self._in_flight:
+            why = "connector is stopping" if self._stopping else "another delivery is in progress"
+            return succeed(self._retry_batch(items, batch_control_id, why))
+        self._in_flight = True
+        d = Deferred.fromCoroutine(self._deliver_batch(items, batch_control_id))
+        d.addErrback(lambda f: [self._unexpected(f, items[0])] * len(items))
+        d.addBoth(self._finished)
+        return d
+
+    async def _deliver_batch(self, items: list[Delivery], batch_control_id: str) -> list[Outcome]:
+        proto = await self._connection(items[0])
+        if isinstance(proto, Retry):
+            return [proto] * len(items)
+        payload = forward_payload(
+            [d.payload for d in items], batch_control_id,
+            datetime.fromtimestamp(self._clock.seconds(), UTC),
+        )
+        waiting = proto.send(payload).addTimeout(self.ack_timeout, self._clock)
+        try:
+            reply = await waiting
+        except defer.TimeoutError:
+            proto.drop(f"no batch ACK for {batch_control_id} within {self.ack_timeout:g}s")
+            return self._retry_batch(items, batch_control_id, f"no batch ACK within {self.ack_timeout:g}s")
+        if isinstance(reply, _Broken):
+            return self._retry_batch(items, batch_control_id, reply.reason)
+        return self._judge_batch(proto, items, batch_control_id, reply.payload)
+
+    def _judge_batch(
+        self, proto: MLLPClientProtocol, items: list[Delivery], batch_control_id: str, payload: bytes
+    ) -> list[Outcome]:
+        """Map the upstream's batch ACK to each message by MSA-2; one ACK
+        answering the batch control id answers every message. A batch ACK
+        that names our batch (BHS-12) and holds only negative ACKs accepts
+        the messages it does not list (HL7 v2 chapter 2: acknowledgement by
+        exception)."""
+        references = None
+        try:
+            if is_batch(payload):
+                answered = parse_batch(payload, 2 * len(items) + 1)
+                references = answered.batches[0].header.field(12).strip()
+                raws = [raw for _, _, raw in answered.messages()]
+            else:
+                raws = [payload]
+            acks = [parse_message(raw, default_charset=items[0].charset) for raw in raws]
+        except (BatchError, NotHL7Error, DecodeError):
+            proto.drop("upstream answered the batch with a frame that is not an HL7 batch ACK")
+            return self._retry_batch(items, batch_control_id, "upstream's answer is not an HL7 batch ACK")
+        answers: dict[str, list[tuple[Message, str]]] = {}
+        for ack in acks:
+            msa = ack.segment("MSA")
+            if msa is None:
+                proto.drop("upstream answered the batch without an MSA segment")
+                return self._retry_batch(items, batch_control_id, "an ACK in upstream's answer has no MSA")
+            code = ack.pick(msa[1]).strip().upper() if len(msa) > 1 else ""
+            acked = ack.pick(msa[2]).strip() if len(msa) > 2 else ""
+            answers.setdefault(acked, []).append((ack, code))
+        whole = answers.get(batch_control_id.strip()) if len(acks) == 1 else None
+        by_exception = references == batch_control_id.strip() and all(
+            code not in ("AA", "CA") for listed in answers.values() for _, code in listed
+        )
+        outcomes: list[Outcome] = []
+        for delivery in items:
+            mine = answers.get(delivery.control_id.strip())
+            answer = mine.pop(0) if mine else (whole[0] if whole else None)
+            if answer is None and by_exception:
+                outcomes.append(self._delivered(delivery, proto, "implicit AA"))
+            elif answer is None:
+                outcomes.append(self._retry(delivery, "upstream's batch ACK has no ACK for this message"))
+            else:
+                outcomes.append(self._verdict(proto, delivery, *answer))
+        return outcomes
+
+    def _retry_batch(self, items: list[Delivery], batch_control_id: str, reason: str) -> list[Outcome]:
+        reason = reason[:_REASON_LIMIT]
+        log.warn(
+            "{connector}: batch {batch_control_id} of {count} messages not delivered: {reason}",
+            event="batch_retry", connector=self.name, reason=reason, count=len(items),
+            batch_control_id=batch_control_id, attempt=items[0].attempt,
+        )
+        return [Retry(reason)] * len(items)
 
     def _delivered(self, delivery: Delivery, proto: MLLPClientProtocol, code: str) -> Delivered:
         log.debug(
@@ -583,6 +689,9 @@ def build(spec: ConnectorSpec, reactor: Any, environ: Mapping[str, str]) -> ICon
             "address", "certificate or privateKey is not a valid PEM certificate/key"
         ) from None
     _check_transport(spec, description, bool_option(spec, "insecure"), problem)
+    batch = options.get("batch", "per-message")
+    if batch not in _BATCH_MODES:
+        raise problem("batch", f"{_clean(str(batch), 40)!r}; expected per-message or forward")
     return MLLPConnector(
         spec.name,
         endpoint,
@@ -590,6 +699,7 @@ def build(spec: ConnectorSpec, reactor: Any, environ: Mapping[str, str]) -> ICon
         ack_timeout=ack_timeout,
         connect_timeout=connect_timeout,
         address=address.strip(),
+        forward_batches=batch == "forward",
     )
 
 

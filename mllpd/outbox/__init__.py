@@ -8,6 +8,7 @@ stored and the sender must get AR.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from typing import NamedTuple
 
 from twisted.internet.defer import Deferred
@@ -70,6 +71,9 @@ class Envelope(NamedTuple):
     client_subject: str | None = None
     # Connectors whose filter matched: one queue row each, in the same commit.
     routes: tuple[str, ...] = ()
+    # Set when the message came in an HL7 batch: its BHS-11 and 1-based position.
+    batch_control_id: str | None = None
+    batch_position: int | None = None
 
     @property
     def size(self) -> int:
@@ -96,6 +100,8 @@ class AuditRecord(NamedTuple):
     sha256: str
     ack_code: str
     rule: str | None = None
+    # The BHS-11 of the batch it came in, if it came in one.
+    batch_control_id: str | None = None
 
 
 def bounded_audit(record: AuditRecord) -> AuditRecord:
@@ -122,6 +128,9 @@ class QueuedDelivery(NamedTuple):
     msg_type: str
     charset: str | None
     payload: bytes
+    # BHS-11 and position when the message came in an HL7 batch.
+    batch_control_id: str | None = None
+    batch_position: int | None = None
 
 
 class Backlog(NamedTuple):
@@ -156,6 +165,11 @@ class IOutbox(Interface):
     def store(envelope: Envelope) -> Deferred[StoreResult]:
         """Store durably, with one queue row per route and an audit record;
         fires once committed, fails with OutboxError."""
+
+    def store_batch(envelopes: Sequence[Envelope]) -> Deferred[list[StoreResult]]:
+        """Store every envelope of an HL7 batch in one transaction: all of
+        them or none; fires with one result each, in order, or fails with
+        OutboxError."""
 
     def audit(record: AuditRecord) -> None:
         """Record a message that was not stored; written with the next commit."""

@@ -10,11 +10,11 @@ thread) and ``_shut`` (release connections once the last commit is done).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import ClassVar, NamedTuple
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, FirstError, gatherResults
 from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
@@ -108,6 +108,11 @@ def depths_from(rows: list[tuple[str, str, int, float | None]]) -> dict[str, Que
             if entry[2] is None or (oldest is not None and oldest < entry[2]):  # type: ignore[operator]
                 entry[2] = oldest
     return {name: QueueDepth(*values) for name, values in depths.items()}  # type: ignore[arg-type]
+
+
+def _first_error(failure: Failure) -> Failure:
+    failure.trap(FirstError)
+    return failure.value.subFailure  # type: ignore[no-any-return]
 
 
 class GroupCommitOutbox:
@@ -340,6 +345,12 @@ class GroupCommitOutbox:
             self._unseen = plus(self._unseen, envelope)
         self._schedule()
         return d
+
+    def store_batch(self, envelopes: Sequence[Envelope]) -> Deferred[list[StoreResult]]:
+        # Queued in one call, with no reactor turn between them, they all go
+        # into the same group-commit transaction: stored together or not at all.
+        stores = [self.store(e) for e in envelopes]
+        return gatherResults(stores, consumeErrors=True).addErrback(_first_error)
 
     def _schedule(self) -> None:
         if self._held is not None:

@@ -183,14 +183,14 @@ def migrate(conn: psycopg.Connection[Any]) -> int:
 _MESSAGE_COLUMNS = (
     "message_id, dedup_key, received_at, peer, client_subject, pod, control_id,"
     " msg_type, sending_app, sending_fac, version, charset, size, sha256, ack_code,"
-    " connectors, payload"
+    " connectors, payload, batch_control_id, batch_position"
 )
-_MESSAGE_MARKS = "(" + ", ".join(["%s"] * 17) + ")"
+_MESSAGE_MARKS = "(" + ", ".join(["%s"] * 19) + ")"
 _AUDIT_COLUMNS = (
     "received_at, peer, client_subject, pod, message_id, control_id, msg_type,"
-    " size, sha256, ack_code, rule, connectors"
+    " size, sha256, ack_code, rule, connectors, batch_control_id"
 )
-_AUDIT_MARKS = "(" + ", ".join(["%s"] * 12) + ")"
+_AUDIT_MARKS = "(" + ", ".join(["%s"] * 13) + ")"
 _QUEUE_COLUMNS = "message_id, connector, state, attempts, next_attempt, updated_at"
 _QUEUE_MARKS = "(%s, %s, 'pending', 0, %s, %s)"
 
@@ -199,7 +199,8 @@ _QUEUE_MARKS = "(%s, %s, 'pending', 0, %s, %s)"
 # already read would be skipped for ever.
 _FETCH = (
     "SELECT d.seq, d.message_id, d.connector, d.attempts, d.next_attempt,"
-    " m.received_at, m.control_id, m.msg_type, m.charset, m.payload"
+    " m.received_at, m.control_id, m.msg_type, m.charset, m.payload,"
+    " m.batch_control_id, m.batch_position"
     " FROM deliveries d JOIN messages m ON m.message_id = d.message_id"
     " WHERE d.connector = %(connector)s AND d.state IN ('pending', 'in_flight')"
     " ORDER BY d.seq LIMIT %(limit)s"
@@ -232,7 +233,8 @@ def _message_row(e: Envelope, key: int | None, pod: str | None) -> tuple[object,
     return (
         e.message_id, key, e.received_at, e.peer, e.client_subject, pod, e.control_id,
         e.msg_type, e.sending_app, e.sending_fac, e.version, e.charset, e.size,
-        e.sha256, e.ack_code, ",".join(e.routes), e.payload,
+        e.sha256, e.ack_code, ",".join(e.routes), e.payload, e.batch_control_id,
+        e.batch_position,
     )
 
 
@@ -470,6 +472,7 @@ class PostgresOutbox(GroupCommitOutbox):
                     trail.append((
                         a.received_at, a.peer, a.client_subject, pod, stored.message_id,
                         a.control_id, a.msg_type, a.size, a.sha256, a.ack_code, None, "",
+                        e.batch_control_id,
                     ))
                 else:
                     for connector in e.routes:
@@ -477,7 +480,7 @@ class PostgresOutbox(GroupCommitOutbox):
             for a in audits:
                 trail.append((
                     a.received_at, a.peer, a.client_subject, pod, None, a.control_id,
-                    a.msg_type, a.size, a.sha256, a.ack_code, a.rule, "",
+                    a.msg_type, a.size, a.sha256, a.ack_code, a.rule, "", a.batch_control_id,
                 ))
             _insert(cur, "deliveries", _QUEUE_COLUMNS, _QUEUE_MARKS, queued)
             if queued:

@@ -174,10 +174,10 @@ def _statements(script: str) -> list[str]:
 _COLUMNS = (
     "message_id, received_at, peer, client_subject, pod, control_id, msg_type,"
     " sending_app, sending_fac, version, charset, size, sha256, ack_code, connectors,"
-    " dedup_key, payload"
+    " dedup_key, payload, batch_control_id, batch_position"
 )
-_ROW = "(" + ", ".join("?" * 17) + ")"
-# Rows per INSERT statement: 13 parameters each, far below SQLite's limit.
+_ROW = "(" + ", ".join("?" * 19) + ")"
+# Rows per INSERT statement: 19 parameters each, far below SQLite's limit.
 _ROWS_PER_STATEMENT = 500
 
 
@@ -186,7 +186,8 @@ def _row(e: Envelope, pod: str | None, key: int) -> tuple[object, ...]:
     return (
         e.message_id, e.received_at, e.peer, e.client_subject, pod, e.control_id,
         e.msg_type, e.sending_app, e.sending_fac, e.version, e.charset, e.size,
-        e.sha256, e.ack_code, ",".join(e.routes), key, e.payload,
+        e.sha256, e.ack_code, ",".join(e.routes), key, e.payload, e.batch_control_id,
+        e.batch_position,
     )
 
 
@@ -196,7 +197,8 @@ def _audit_row(e: Envelope, message_id: str, pod: str | None, connectors: str) -
         e.received_at, bounded(e.peer, AUDIT_LIMITS["peer"]),
         None if subject is None else bounded(subject, AUDIT_LIMITS["client_subject"]),
         pod, message_id, bounded(e.control_id, AUDIT_LIMITS["control_id"]),
-        bounded(e.msg_type, AUDIT_LIMITS["msg_type"]), e.size, e.sha256, e.ack_code, None, connectors,
+        bounded(e.msg_type, AUDIT_LIMITS["msg_type"]), e.size, e.sha256, e.ack_code, None,
+        connectors, e.batch_control_id,
     )
 
 
@@ -223,9 +225,9 @@ def _key(e: Envelope) -> DedupKey:
 
 _AUDIT_COLUMNS = (
     "received_at, peer, client_subject, pod, message_id, control_id, msg_type, "
-    "size, sha256, ack_code, rule, connectors"
+    "size, sha256, ack_code, rule, connectors, batch_control_id"
 )
-_AUDIT_ROW = "(" + ", ".join("?" * 12) + ")"
+_AUDIT_ROW = "(" + ", ".join("?" * 13) + ")"
 _QUEUE_ROW = "(?, ?, 'pending', 0, ?, ?)"
 
 # The head of a queue: one ordered index range per state, each stopping after
@@ -234,7 +236,8 @@ _QUEUE_ROW = "(?, ?, 'pending', 0, ?, ?)"
 # that grew with the backlog (2.5 ms at 5,000 queued, 0.17 ms now).
 _FETCH = (
     "SELECT d.seq, d.message_id, d.connector, d.attempts, d.next_attempt,"
-    " m.received_at, m.control_id, m.msg_type, m.charset, m.payload"
+    " m.received_at, m.control_id, m.msg_type, m.charset, m.payload,"
+    " m.batch_control_id, m.batch_position"
     " FROM (SELECT * FROM (SELECT seq FROM deliveries WHERE connector = :connector"
     " AND state = 'pending' AND seq > :after ORDER BY seq LIMIT :limit)"
     " UNION ALL SELECT * FROM (SELECT seq FROM deliveries WHERE connector = :connector"
@@ -427,7 +430,7 @@ class SQLiteOutbox(GroupCommitOutbox):
             for a in audits:
                 trail.append((
                     a.received_at, a.peer, a.client_subject, pod, None, a.control_id,
-                    a.msg_type, a.size, a.sha256, a.ack_code, a.rule, "",
+                    a.msg_type, a.size, a.sha256, a.ack_code, a.rule, "", a.batch_control_id,
                 ))
             _insert(conn, "messages", _COLUMNS, _ROW, rows)
             _insert(

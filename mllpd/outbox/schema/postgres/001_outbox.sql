@@ -25,7 +25,9 @@ CREATE TABLE messages (
     sha256         text             NOT NULL,
     ack_code       text             NOT NULL,
     connectors     text             NOT NULL,           -- routed to, comma-separated
-    payload        bytea            NOT NULL
+    payload        bytea            NOT NULL,
+    batch_control_id text,                              -- BHS-11, when it came in a batch
+    batch_position   integer                            -- 1-based, in that batch
 );
 
 -- Unique: two replicas storing the same message at once store it once.
@@ -70,7 +72,8 @@ CREATE TABLE audit_log (
     sha256         text             NOT NULL,
     ack_code       text             NOT NULL,
     rule           text,
-    connectors     text             NOT NULL
+    connectors     text             NOT NULL,
+    batch_control_id text
 );
 
 CREATE INDEX audit_log_received_at ON audit_log USING brin (received_at);
@@ -87,11 +90,11 @@ CREATE TRIGGER audit_log_immutable BEFORE UPDATE ON audit_log
 -- The whole trail, as one (as in the SQLite outbox).
 CREATE VIEW audit AS
     SELECT received_at, peer, client_subject, pod, message_id, control_id, msg_type,
-           size, sha256, ack_code, NULL::text AS rule, connectors
+           size, sha256, ack_code, NULL::text AS rule, connectors, batch_control_id
     FROM messages
     UNION ALL
     SELECT received_at, peer, client_subject, pod, message_id, control_id, msg_type,
-           size, sha256, ack_code, rule, connectors
+           size, sha256, ack_code, rule, connectors, batch_control_id
     FROM audit_log;
 
 -- Work done once for the whole cluster: the last backlog count (read by
