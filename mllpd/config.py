@@ -20,6 +20,7 @@ __all__ = [
     "parse_duration",
     "parse_listen_address",
     "parse_size",
+    "with_backlog",
 ]
 
 
@@ -121,6 +122,18 @@ def parse_listen_address(text: str) -> str:
     return s
 
 
+# Endpoint types whose serverFromString parser takes ``backlog=``.
+_BACKLOG_TYPES = frozenset({"tcp", "tcp6", "ssl", "unix"})
+
+
+def with_backlog(endpoint: str, backlog: int) -> str:
+    """``endpoint`` listening with this backlog, unless it names its own."""
+    kind = endpoint.split(":", 1)[0].lower()
+    if kind not in _BACKLOG_TYPES or re.search(r"(?<!\\):backlog=", endpoint):
+        return endpoint
+    return f"{endpoint}:backlog={backlog}"
+
+
 def _port(text: str) -> int:
     port = int(text)
     if not 0 <= port <= 65535:
@@ -162,13 +175,16 @@ def _validate_mode(text: str) -> str:
 
 
 def _charset(text: str) -> str | None:
-    from mllpd.hl7 import codec_for_charset  # a leaf-to-leaf import
+    from mllpd.hl7 import codec_for_charset, is_wide  # a leaf-to-leaf import
 
     name = text.strip()
     if not name:
         return None
-    if codec_for_charset(name) is None:
+    codec = codec_for_charset(name)
+    if codec is None:
         raise ValueError(f"unknown HL7 character set {text!r}")
+    if is_wide(codec):
+        raise ValueError(f"{text!r}: UTF-16 and UTF-32 cannot be framed safely by MLLP")
     return name
 
 
@@ -272,6 +288,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MLLP_ADDR", "port", ":2575", parse_listen_address,
             "host:port, :port, a port number or a Twisted endpoint string",
             "listen address"),
+    Setting("MLLP_LISTEN_BACKLOG", "listen_backlog", "4096", _positive_int,
+            "a whole number above 0 (the kernel caps it at net.core.somaxconn)",
+            "listen(2) backlog: connections the kernel queues before mllpd accepts them"),
     Setting("MLLP_MAX_CONNECTIONS", "max_connections", "0", _nonneg_int,
             "a whole number, 0 for unlimited",
             "connections beyond this are closed at once (0: unlimited)"),
@@ -290,6 +309,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MLLP_MAX_BATCH_MESSAGES", "max_batch_messages", "10000", _positive_int,
             "a whole number greater than 0",
             "an HL7 batch (BHS ... BTS) with more messages is rejected whole"),
+    Setting("MLLP_MAX_BUFFER", "max_buffer", "64MiB", _positive_size,
+            "a size such as 64MiB, 256MiB or a number of bytes, at least MLLP_MAX_FRAME_SIZE",
+            "all bytes of frames in progress and messages awaiting commit; above it reading pauses"),
     Setting("MLLP_KEEPALIVE_PERIOD", "keepalive_period", "60s", parse_duration,
             "a duration such as 30s or 1m (0 turns keepalive off)",
             "TCP keepalive period (0: off)"),
@@ -364,12 +386,14 @@ class Settings:
     """All of mllpd's settings, parsed."""
 
     port: str = "tcp:2575"
+    listen_backlog: int = 4096
     max_connections: int = 0
     idle_timeout: float = 30.0
     frame_timeout: float = 60.0
     write_timeout: float = 5.0
     max_frame_size: int = 2 * 1024 * 1024
     max_batch_messages: int = 10_000
+    max_buffer: int = 64 * 1024 * 1024
     keepalive_period: float = 60.0
     default_charset: str | None = None
     db_path: str = "outbox.db"
@@ -431,6 +455,11 @@ def load_settings(
 
 def _check_together(values: Mapping[str, object], sources: Mapping[str, str]) -> None:
     """Settings that only make sense with another one."""
+    max_buffer, max_frame = values.get("max_buffer"), values.get("max_frame_size")
+    if isinstance(max_buffer, int) and isinstance(max_frame, int) and max_buffer < max_frame:
+        raise ConfigError(
+            sources["max_buffer"], f"{max_buffer} bytes is less than MLLP_MAX_FRAME_SIZE ({max_frame})"
+        )
     cert, key = values.get("tls_cert_file"), values.get("tls_key_file")
     if cert and not key:
         raise ConfigError(sources["tls_key_file"], "not set, but TLS_CERT_FILE is; set both or neither")

@@ -229,6 +229,7 @@ _FRAME_RESULTS = (
     ("oversized", "frames_oversized"),
     ("timed_out", "frames_timed_out"),
     ("junk", "frames_junk"),
+    ("restarted", "frame_restarts"),
 )
 
 
@@ -266,6 +267,9 @@ class _Collector:
         yield frames
         yield counter("mllp_junk_bytes", "Bytes discarded outside any frame.",
                       stats.get("junk_bytes", 0))
+        yield counter("mllp_buffer_full",
+                      "Times MLLP_MAX_BUFFER was reached and reading paused on all connections.",
+                      stats.get("buffer_full", 0))
         closes = CounterMetricFamily("mllp_connection_timeouts",
                                      "Connections closed by a timeout, by kind.",
                                      labels=[*base, "kind"])

@@ -34,6 +34,8 @@ from mllpd.hl7 import (
     Message,
     NotHL7Error,
     UnknownCharsetError,
+    WideCharsetError,
+    max_length,
     parse_message,
 )
 from mllpd.identities import ClientIdentities
@@ -45,7 +47,7 @@ from mllpd.outbox import (
     StoreResult,
     over_limit,
 )
-from mllpd.rules import RuleError, RuleSet
+from mllpd.rules import ModelLimitError, RuleError, RuleSet
 
 __all__ = ["Receiver", "Reply"]
 
@@ -198,6 +200,13 @@ class Receiver:
         except NotHL7Error as e:
             return self._reply(None, "iso8859-1", REJECT, AckError("100", str(e)), payload)
         except DecodeError as e:
+            too_long = overlong_field(e.header)
+            if too_long is not None:
+                return self._reply(e.header, "iso8859-1", REJECT, too_long, payload)
+            if isinstance(e, WideCharsetError):
+                # The frame may have been cut inside a character: refuse it.
+                error = AckError("103", str(e), "MSH", 18)
+                return self._reply(e.header, "iso8859-1", REJECT, error, payload)
             code = "103" if isinstance(e, UnknownCharsetError) else "102"
             error = AckError(code, str(e), "MSH", 18)
             return self._reply(e.header, "iso8859-1", ERROR, error, payload)
@@ -262,7 +271,11 @@ class Receiver:
             return self._reply(header, message.codec, REJECT, error, payload)
         routes: tuple[str, ...] = ()
         if self.rules is not None:
-            model = self.rules.model(message)
+            try:
+                model = self.rules.model(message)
+            except ModelLimitError as e:
+                error = AckError("207", f"message too large for rules: {e}")
+                return self._reply(header, message.codec, ERROR, error, payload)
             violation = self.rules.check(model)
             if violation is not None:
                 outcome = ERROR if violation.ack == "AE" and not violation.error else REJECT
@@ -411,7 +424,10 @@ class Receiver:
 
     @staticmethod
     def check_header(header: Header) -> tuple[str, AckError] | None:
-        """Required MSH fields and a supported version."""
+        """Fields within HL7's lengths, required MSH fields and a supported version."""
+        too_long = overlong_field(header)
+        if too_long is not None:
+            return REJECT, too_long
         for n, name, value in (
             (9, "message type", header.msg_type),
             (10, "message control id", header.control_id),
@@ -453,7 +469,7 @@ class Receiver:
             outcome=outcome,
             code=code,
             ack=data,
-            control_id=header.control_id if header is not None else "",
+            control_id=header.bounded(10) if header is not None else "",
             msg_type=header.type_label if header is not None else "",
             size=len(payload),
             error=error,
@@ -462,3 +478,11 @@ class Receiver:
 
 
 _SEVERITY = {ACCEPT: 0, ERROR: 1, REJECT: 2}
+
+
+def overlong_field(header: Header | None) -> AckError | None:
+    """AR's reason when an MSH field is longer than HL7 allows."""
+    n = header.overlong() if header is not None else None
+    if n is None:
+        return None
+    return AckError("102", f"MSH-{n} is longer than {max_length(n)} characters", "MSH", n)

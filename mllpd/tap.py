@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
-from mllpd.config import SETTINGS, ConfigError, Settings, load_settings
+from mllpd.config import SETTINGS, ConfigError, Settings, load_settings, with_backlog
 
 __all__ = ["Options", "log_observer", "makeService"]
 
@@ -77,20 +77,12 @@ def makeService(options: Any) -> IService:
     # What mllpd writes (the outbox holds PHI) is for mllpd alone; twistd's
     # --umask, applied after makeService, still wins when given.
     os.umask(0o077)
+    backlog = _listen_backlog(settings.listen_backlog)
     try:
-        endpoint = serverFromString(reactor, settings.port)
+        endpoint = serverFromString(reactor, with_backlog(settings.port, backlog))
     except (ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"mllpd: MLLP_ADDR: invalid endpoint {settings.port!r}: {e}") from None
-    if settings.proxy_protocol:
-        from mllpd.proxy import proxy_endpoint
-
-        # Innermost: the PROXY header comes before any TLS bytes.
-        endpoint = proxy_endpoint(endpoint, reactor)
     tls = _server_tls(settings, reactor)
-    if tls is not None:
-        from mllpd.tls import tls_endpoint
-
-        endpoint = tls_endpoint(endpoint, tls)
     # MLLP_CLIENT_IDENTITIES needs TLS_CLIENT_CA: loaded and reloaded with the TLS files.
     identities = tls.identities if tls is not None else None
     pipeline = _pipeline(settings, reactor)
@@ -123,6 +115,7 @@ def makeService(options: Any) -> IService:
         reactor,
         max_connections=settings.max_connections,
         max_frame_size=settings.max_frame_size,
+        max_buffer=settings.max_buffer,
         idle_timeout=settings.idle_timeout,
         frame_timeout=settings.frame_timeout,
         write_timeout=settings.write_timeout,
@@ -132,6 +125,16 @@ def makeService(options: Any) -> IService:
         tls_handshake_timeout=settings.tls_handshake_timeout,
         metrics=metrics,
     )
+    if settings.proxy_protocol:
+        from mllpd.proxy import proxy_endpoint
+
+        # Innermost: the PROXY header comes before any TLS bytes. Connections
+        # waiting for it count against MLLP_MAX_CONNECTIONS.
+        endpoint = proxy_endpoint(endpoint, reactor, factory)
+    if tls is not None:
+        from mllpd.tls import tls_endpoint
+
+        endpoint = tls_endpoint(endpoint, tls)
     mllp = MLLPService(
         endpoint, factory, outbox, reactor,
         address=settings.port, shutdown_timeout=settings.shutdown_timeout,
@@ -184,6 +187,22 @@ def _outbox(settings: Settings, reactor: Any) -> Any:
         return SQLiteOutbox(settings.db_path, reactor, wal_limit=settings.wal_limit, **options)
     except OutboxError as e:
         raise SystemExit(f"mllpd: MLLP_DB_PATH: {e}") from None
+
+
+def _listen_backlog(requested: int, somaxconn: str = "/proc/sys/net/core/somaxconn") -> int:
+    """MLLP_LISTEN_BACKLOG, capped (as the kernel would, silently) at somaxconn."""
+    try:
+        with open(somaxconn, encoding="ascii") as f:
+            limit = int(f.read().strip())
+    except (OSError, ValueError):
+        return requested
+    if requested > limit:
+        log.warn(
+            "MLLP_LISTEN_BACKLOG {requested} capped at net.core.somaxconn {limit}",
+            event="listen_backlog_capped", requested=requested, limit=limit,
+        )
+        return limit
+    return requested
 
 
 def _pipeline(settings: Settings, reactor: Any) -> Any:

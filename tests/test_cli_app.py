@@ -37,11 +37,11 @@ from tests.serverproc import (
     query,
     start_server,
 )
-from tests.upstreams import HTTPUpstream, refusing_port, wait_until, write_config
+from tests.upstreams import HTTPUpstream, refusing_port, until, wait_until, write_config
 
 SCENARIO_TIMEOUT = 120.0
-# Bound on polls while waiting for the UI to catch up (each 50 ms).
-MAX_POLLS = 400
+# Bound on waiting for the UI to catch up.
+UI_TIMEOUT = 20.0
 
 
 def run_scenario(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -88,11 +88,8 @@ async def settle(app: OutboxApp, pilot: Pilot[None]) -> None:
 async def wait_for_reloads(app: OutboxApp, pilot: Pilot[None], count: int) -> None:
     """Wait until the interval timer has reloaded the data ``count`` more times."""
     target = app.reloads + count
-    for _ in range(MAX_POLLS):
-        if app.reloads >= target:
-            return
-        await pilot.pause(0.05)
-    raise AssertionError(f"the UI did not refresh {count} times on its interval")
+    await until(lambda: app.reloads >= target, timeout=UI_TIMEOUT, pause=pilot.pause,
+                what=f"the UI refreshing {count} times on its interval")
 
 
 def send(server: ServerProcess, control_ids: list[str]) -> dict[str, str]:
@@ -152,13 +149,8 @@ async def wait_for_counts(
     app: OutboxApp, pilot: Pilot[None], done: Callable[[dict[str, tuple[int, int, int, int]]], bool]
 ) -> dict[str, tuple[int, int, int, int]]:
     """Wait until the counts on screen (refreshed on the UI's interval) satisfy ``done``."""
-    counts = connector_counts(app)
-    for _ in range(MAX_POLLS):
-        counts = connector_counts(app)
-        if done(counts):
-            return counts
-        await pilot.pause(0.05)
-    raise AssertionError(f"the UI never showed the expected counts; last: {counts}")
+    return await until(lambda: connector_counts(app), done, timeout=UI_TIMEOUT, pause=pilot.pause,
+                       what="the expected counts on screen")
 
 
 class LiveOutboxTests(SynchronousTestCase):

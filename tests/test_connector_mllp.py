@@ -18,7 +18,7 @@ from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, PrivateCertificate
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
@@ -36,6 +36,7 @@ from mllpd.connectors.mllp import (
     endpoint_description,
 )
 from mllpd.framing import Frame, Framer
+from tests.upstreams import until
 
 reactor: Any = _reactor
 
@@ -616,20 +617,14 @@ class UpstreamBase(TestCase):
 
     async def settle(self, d: Deferred[Outcome], clock: Clock | None = None) -> Outcome:
         """Let the reactor run (and reconnects fire) until d has its outcome; bounded."""
-        for _ in range(1000):
-            if d.called:
-                return await d
+
+        def called() -> bool:
             if clock is not None:
                 clock.advance(0)
-            await deferLater(reactor, 0.005, lambda: None)
-        self.fail("no outcome within 5 seconds")
+            return d.called
 
-    async def until(self, condition: Any, what: str) -> None:
-        for _ in range(1000):
-            if condition():
-                return
-            await deferLater(reactor, 0.005, lambda: None)
-        self.fail(f"not reached within 5 seconds: {what}")
+        await until(called, what="an outcome")
+        return await d
 
 class UpstreamTests(UpstreamBase):
     """Delivery to a plain TCP upstream."""
@@ -680,7 +675,7 @@ class UpstreamTests(UpstreamBase):
         upstream = Upstream(["hold", "AA"])
         connector, clock = self.connector(self.listen(upstream))
         d = connector.deliver(delivery("C1"))
-        await self.until(lambda: len(upstream.received) == 1, "upstream got C1")
+        await until(lambda: len(upstream.received) == 1, what="upstream got C1")
         clock.advance(30)
         self.assertEqual(await d, Retry("no ACK within 30s"))
         await upstream.connections[0].lost
@@ -698,7 +693,7 @@ class UpstreamTests(UpstreamBase):
         upstream = Upstream(["silent"])
         connector, clock = self.connector(self.listen(upstream))
         d = connector.deliver(delivery("C1"))
-        await self.until(lambda: len(upstream.received) == 1, "upstream got C1")
+        await until(lambda: len(upstream.received) == 1, what="upstream got C1")
         clock.advance(29.9)
         self.assertFalse(d.called)
         clock.advance(0.1)

@@ -20,7 +20,6 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import capturedLogs, formatEvent, globalLogPublisher
 from twisted.protocols import portforward
@@ -29,6 +28,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from mllpd.config import ConfigError
 from mllpd.connectors import ConnectorSpec, Dead, Delivered, Delivery, Retry
 from mllpd.connectors.postgres import PostgresConnector, build
+from tests.upstreams import until
 
 reactor: Any = _reactor
 
@@ -279,10 +279,7 @@ class PostgresConnectorTests(TestCase):
         self.assertEqual(len(await deferToThread(sessions)), 1)
         await connector.stop()
         # The backend exits just after the client closes: bounded wait for it.
-        for _ in range(100):
-            if not await deferToThread(sessions):
-                break
-            await deferLater(reactor, 0.02)
+        await until(lambda: deferToThread(sessions), lambda rows: not rows, what="the backend to exit")
         self.assertEqual(await deferToThread(sessions), [])
         self.assertEqual(await connector.deliver(delivery()), Retry("connector is stopping"))
 

@@ -5,7 +5,6 @@ OTLP/HTTP receiver in the test.
 
 from __future__ import annotations
 
-import time
 import urllib.request
 from collections import Counter
 from typing import Any
@@ -17,7 +16,6 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor as _reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -32,6 +30,7 @@ from tests.serverproc import (
     spawn_server,
     start_server,
 )
+from tests.upstreams import until, wait_until
 
 reactor: Any = _reactor
 
@@ -246,19 +245,17 @@ class PrometheusTests(SynchronousTestCase):
             return got.get((name, tuple(sorted(labels.items()))), -1)
 
         url = f"http://{LOOPBACK}:{metrics_port}/metrics"
-        deadline = time.monotonic() + 20
-        while True:
+
+        def scrape() -> dict[Any, float]:
             with urllib.request.urlopen(url, timeout=10) as response:
-                got = samples(response.read().decode())
-            settled = (
+                return samples(response.read().decode())
+
+        got = wait_until(scrape, lambda got: (
                 v(got, "mllp_deliveries_total", connector="lake", result="delivered") == 3
                 and v(got, "mllp_outbox_depth", connector="lake") == 0
                 and v(got, "mllp_outbox_depth", connector="ehr") == 4
                 and v(got, "mllp_deliveries_total", connector="ehr", result="retry") >= 1
-            )
-            if settled or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
+            ), timeout=20, what="the deliveries and queue depths")
         self.assertEqual(v(got, "mllp_deliveries_total", connector="lake", result="delivered"), 3)
         self.assertEqual(v(got, "mllp_deliveries_total", connector="lake", result="dead"), 1)
         self.assertEqual(v(got, "mllp_dead_letters_total", connector="lake"), 1)
@@ -352,14 +349,10 @@ class OTLPTests(TestCase):
             for n in range(4):
                 self.assertEqual(client.request(hl7_message(f"OT-{n}")).code, "AA")
             self.assertEqual(client.request(hl7_message("OT-AR", version="3.0")).code, "AR")
-        got: dict[str, Any] = {}
-        deadline = time.monotonic() + 30
-        for _ in range(1000):
-            got = receiver.latest()
-            messages = got.get("mllp.messages", {})
-            if messages.get((("code", "AA"), ("msg_type", "ADT"))) == 4 or time.monotonic() > deadline:
-                break
-            await deferLater(reactor, 0.1)
+        got: dict[str, Any] = await until(
+            receiver.latest,
+            lambda got: got.get("mllp.messages", {}).get((("code", "AA"), ("msg_type", "ADT"))) == 4,
+            what="the four AA messages over OTLP")
         self.assertEqual(got["mllp.messages"][(("code", "AA"), ("msg_type", "ADT"))], 4)
         self.assertEqual(got["mllp.messages"][(("code", "AR"), ("msg_type", "ADT"))], 1)
         self.assertEqual(got["mllp.connections.accepted"][()], 1)

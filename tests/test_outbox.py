@@ -8,17 +8,16 @@ import shutil
 import sqlite3
 import stat
 import tempfile
-import time
 import uuid
 from typing import Any
 
 from twisted.internet import defer
 from twisted.internet import reactor as _reactor
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mllpd.outbox import AuditRecord, Backlog, Envelope, OutboxError
 from mllpd.outbox.sqlite import SQLiteOutbox, open_database, prune_interval, schema_files
+from tests.upstreams import until
 
 reactor: Any = _reactor
 
@@ -384,15 +383,6 @@ class AuditTests(_Opening):
         self.assertEqual(select(path, "SELECT ack_code FROM audit"), [("AA",)])
 
 
-async def _until(check: Any, timeout: float, what: Any) -> None:
-    """Poll ``check()`` on the reactor until true, for at most ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what()}")
-        await deferLater(reactor, 0.02, lambda: None)
-
-
 class QueueTests(_Opening):
     """The backlog behind MLLP_MAX_OUTBOX, and the queues across a crash."""
 
@@ -408,7 +398,7 @@ class QueueTests(_Opening):
     async def test_backlog_counts_undelivered_messages(self) -> None:
         """backlog() counts routed undelivered messages on store and drops delivered ones at the recount; max_count makes it full."""
         outbox, seen = self.counted(temp_db(self), max_count=3)
-        await _until(lambda: seen, 5, lambda: "no recount")
+        await until(lambda: seen, timeout=5, what="a recount")
         size = len(routed("B1").payload)
         await outbox.store(routed("B1", "ehr", "lake"))
         await outbox.store(routed("B2", "ehr"))
@@ -423,7 +413,7 @@ class QueueTests(_Opening):
         # B1 still waits for lake: only B2 leaves the backlog.
         await outbox.mark_delivered(ehr[0].seq, 1001.0)
         await outbox.mark_delivered(ehr[1].seq, 1001.0)
-        await _until(lambda: outbox.backlog() == Backlog(2, 2 * size), 5, outbox.backlog)
+        await until(lambda: outbox.backlog() == Backlog(2, 2 * size), timeout=5, what=outbox.backlog)
         self.assertFalse(outbox.full)
 
     async def test_recount_during_commits_never_undercounts(self) -> None:
@@ -435,7 +425,7 @@ class QueueTests(_Opening):
         )
         self.assertEqual(len(stored), 20)
         self.assertTrue(outbox.full)
-        await _until(lambda: len(seen) >= 2, 5, lambda: str(seen))
+        await until(lambda: len(seen) >= 2, timeout=5, what=lambda: str(seen))
         self.assertEqual([b.messages >= 20 for b in seen], [True] * len(seen), str(seen))
         self.assertEqual(outbox.backlog().messages, 20)
         self.assertTrue(outbox.full)

@@ -9,7 +9,6 @@ import os
 import signal
 import socket
 import ssl
-import time
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -95,7 +94,6 @@ class VersionTests(TLSCase):
         server = self.start()
         with MLLPClient(_port(server)) as plain:
             plain.send(hl7_message("PLAIN-1"))
-            started = time.monotonic()
             got = b""
             for _ in range(1000):
                 try:
@@ -105,7 +103,6 @@ class VersionTests(TLSCase):
                 if not data:
                     break
                 got += data
-            self.assertLess(time.monotonic() - started, 5.0)
             self.assertNotIn(b"MSA|", got)
         self.handshake_failures(server, 1)
         with tls_client(_port(server), self.certs) as client:
@@ -117,12 +114,10 @@ class VersionTests(TLSCase):
         """A connection that never starts its handshake is closed after TLS_HANDSHAKE_TIMEOUT."""
         server = self.start(TLS_HANDSHAKE_TIMEOUT="500ms")
         with socket.create_connection((LOOPBACK, _port(server)), timeout=10) as sock:
-            started = time.monotonic()
             try:
                 self.assertEqual(sock.recv(100), b"")
             except ConnectionResetError:
                 pass
-            self.assertLess(time.monotonic() - started, 5.0)
         server.wait_for_event("tls_handshake_timeout", timeout=10)
 
 
