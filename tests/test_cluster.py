@@ -21,11 +21,11 @@ from tests.test_delivery import (
     FAST_RETRY,
     MLLPUpstream,
     control_id,
-    eventually,
     mllp_connector,
     run_server,
 )
 from tests.test_outbox_postgres import _Proxy
+from tests.upstreams import until
 
 # Messages per sender, and the pause between one's ACK and the next
 # message: enough load to be in the middle of it when something breaks.
@@ -112,8 +112,7 @@ class ClusterTests(TestCase):
                 env={"MLLP_DB_URL": proxy.url if proxy is not None and i == 0 else url,
                      "POD_NAME": f"mllpd-{i}"},
             ))
-        await eventually(lambda: len(lease_holders(servers)) == 1, 15,
-                         lambda: "one replica holds the lease")
+        await until(lambda: len(lease_holders(servers)) == 1, timeout=15, what=lambda: "one replica holds the lease")
         for server in servers:
             # MLLP_DB_PATH (set for every test server) is ignored, once said.
             said = [e for e in server.events() if e.get("event") == "outbox_postgres"]
@@ -135,22 +134,17 @@ class ClusterTests(TestCase):
         url, upstream, servers = await self.cluster(3)
         senders = [Sender(s.port or 0, f"S{i}") for i, s in enumerate(servers)]
         running = [deferToThread(s.run) for s in senders]
-        await eventually(lambda: len(upstream.received) >= 40, 30,
-                         lambda: f"{len(upstream.received)} delivered")
+        await until(lambda: len(upstream.received) >= 40, timeout=30, what=lambda: f"{len(upstream.received)} delivered")
         holder = lease_holders(servers)[0]
         holder.kill()  # SIGKILL
         killed_at = time.monotonic()
         at_kill = len(upstream.received)
         others = [s for s in servers if s is not holder]
-        await eventually(lambda: lease_holders(others), 15, lambda: "a new lease holder")
-        await eventually(lambda: len(upstream.received) > at_kill, 15 - (time.monotonic() - killed_at),
-                         lambda: "a delivery after the kill")
+        await until(lambda: lease_holders(others), timeout=15, what=lambda: "a new lease holder")
+        await until(lambda: len(upstream.received) > at_kill, timeout=15 - (time.monotonic() - killed_at), what=lambda: "a delivery after the kill")
         await defer.gatherResults(running)
         acked = sum(len(s.acked) for s in senders)
-        await eventually(
-            lambda: len(set(first_arrivals(upstream.received))) >= acked, 30,
-            lambda: f"{len(set(first_arrivals(upstream.received)))} of {acked} delivered",
-        )
+        await until(lambda: len(set(first_arrivals(upstream.received))) >= acked, timeout=30, what=lambda: f"{len(set(first_arrivals(upstream.received)))} of {acked} delivered")
         self.check_delivered(upstream, senders)
         ids = [control_id(p) for p in upstream.received]
         twice = {c for c in ids if ids.count(c) > 1}
@@ -167,8 +161,7 @@ class ClusterTests(TestCase):
         url, upstream, servers = await self.cluster(2, database=url)
         senders = [Sender(s.port or 0, f"R{i}") for i, s in enumerate(servers)]
         running = [deferToThread(s.run) for s in senders]
-        await eventually(lambda: len(upstream.received) >= 30, 30,
-                         lambda: f"{len(upstream.received)} delivered")
+        await until(lambda: len(upstream.received) >= 30, timeout=30, what=lambda: f"{len(upstream.received)} delivered")
         restarted = await deferToThread(
             subprocess.run, [str(REPO / ".ci" / "postgres.sh"), "restart", folder],
             capture_output=True, timeout=60,
@@ -176,10 +169,7 @@ class ClusterTests(TestCase):
         self.assertEqual(restarted.returncode, 0, restarted.stderr)
         await defer.gatherResults(running)
         self.assertEqual([len(s.acked) for s in senders], [PER_SENDER] * len(senders))
-        await eventually(
-            lambda: len(set(first_arrivals(upstream.received))) >= PER_SENDER * len(senders), 30,
-            lambda: f"{len(set(first_arrivals(upstream.received)))} delivered",
-        )
+        await until(lambda: len(set(first_arrivals(upstream.received))) >= PER_SENDER * len(senders), timeout=30, what=lambda: f"{len(set(first_arrivals(upstream.received)))} delivered")
         self.check_delivered(upstream, senders)
         for server in servers:
             self.assertTrue(server.alive())
@@ -203,8 +193,7 @@ class ClusterTests(TestCase):
         sent = [hl7_message(f"H-{n}") for n in range(3)]
         acks = await deferToThread(_send_each, other.port, sent)
         self.assertEqual([a.code for a in acks], ["AA"] * 3)
-        await eventually(lambda: {"H-0", "H-1", "H-2"} <= set(first_arrivals(upstream.received)),
-                         15 - (time.monotonic() - hung), lambda: str(upstream.control_ids()))
+        await until(lambda: {"H-0", "H-1", "H-2"} <= set(first_arrivals(upstream.received)), timeout=15 - (time.monotonic() - hung), what=lambda: str(upstream.control_ids()))
         self.assertEqual(lease_holders(servers), [other])
         lost = [e for e in holder.events() if e.get("event") == "lease_lost"]
         self.assertEqual(len(lost), 1, holder.output())

@@ -27,7 +27,7 @@ from mllpd.outbox.leases import LEASE_INTERVAL, Leases
 from mllpd.outbox.postgres import PostgresOutbox, migrate
 from mllpd.relay import Worker
 from tests.pgdb import fresh_database
-from tests.test_delivery import eventually
+from tests.upstreams import until
 
 reactor: Any = _reactor
 
@@ -211,23 +211,21 @@ class QueueTests(_PG):
         outbox.add_listener(lambda names: worker.notify())
         worker.start()
         self.addCleanup(worker.stop)
-        await eventually(lambda: delivered == ["LATE"], 10, lambda: str(delivered))
+        await until(lambda: delivered == ["LATE"], timeout=10, what=lambda: str(delivered))
         slow.commit()
         worker.notify()
-        await eventually(lambda: delivered == ["LATE", "EARLY"], 10, lambda: str(delivered))
-        await eventually(
-            lambda: select(self.url, "SELECT count(*) FROM deliveries WHERE state = 'delivered'")
-            == [(2,)], 10, lambda: "marks",
-        )
+        await until(lambda: delivered == ["LATE", "EARLY"], timeout=10, what=lambda: str(delivered))
+        await until(lambda: select(self.url, "SELECT count(*) FROM deliveries WHERE state = 'delivered'")
+            == [(2,)], timeout=10, what=lambda: "marks")
 
     async def test_other_replicas_hear_of_queued_messages(self) -> None:
         """A commit on one replica wakes the others' workers for the connectors it queued for, without waiting for their poll."""
         a, b = self.open(), self.open()
         heard: list[set[str]] = []
         b.add_listener(heard.append)
-        await eventually(lambda: b._notices._session.conn is not None, 10, lambda: "listening")
+        await until(lambda: b._notices._session.conn is not None, timeout=10, what=lambda: "listening")
         await a.store(envelope("N1", ("ehr", "lab")))
-        await eventually(lambda: {"ehr", "lab"} in heard, 10, lambda: str(heard))
+        await until(lambda: {"ehr", "lab"} in heard, timeout=10, what=lambda: str(heard))
 
     async def test_backlog_counted_once_for_the_cluster(self) -> None:
         """One replica counts the backlog per interval; the other reads its count."""
@@ -238,12 +236,9 @@ class QueueTests(_PG):
         now[0] = 2000.0  # a count is due; the replicas recount every second
         # (A recount that overlapped the commits may count them twice, erring
         # towards AR, until the next one.)
-        await eventually(
-            lambda: b.depths.get("ehr") is not None and b.depths["ehr"].pending == 3
+        await until(lambda: b.depths.get("ehr") is not None and b.depths["ehr"].pending == 3
             and a.depths.get("ehr") is not None and a.depths["ehr"].pending == 3
-            and (a.backlog().messages, b.backlog().messages) == (3, 3),
-            10, lambda: f"{a.depths} {b.depths} {a.backlog()} {b.backlog()}",
-        )
+            and (a.backlog().messages, b.backlog().messages) == (3, 3), timeout=10, what=lambda: f"{a.depths} {b.depths} {a.backlog()} {b.backlog()}")
         # Counted once at 2000 by one of them; the other read that count.
         self.assertEqual(select(self.url, "SELECT counted_at FROM cluster_state"), [(2000.0,)])
 
@@ -370,14 +365,14 @@ class LeaseTests(_PG):
 
     async def tick(self, clock: Clock, *leases: Leases) -> None:
         clock.advance(LEASE_INTERVAL)
-        await eventually(lambda: not any(lease._checking for lease in leases), 10, lambda: "lease check")
+        await until(lambda: not any(lease._checking for lease in leases), timeout=10, what=lambda: "lease check")
 
     async def test_one_replica_holds_each_connector_and_another_takes_over(self) -> None:
         """Each connector's lease is held by one replica; when it lets go, the other takes it at its next try."""
         clock = Clock()
         a, held_a = self.leases(self.url, ["ehr", "lab"], clock, "a")
         a.start()
-        await eventually(lambda: not a._checking, 10, lambda: "first check")
+        await until(lambda: not a._checking, timeout=10, what=lambda: "first check")
         b, held_b = self.leases(self.url, ["ehr", "lab"], clock, "b")
         b.start()
         await self.tick(clock, a, b)
@@ -408,12 +403,11 @@ class LeaseTests(_PG):
             return leases
 
         replica(proxy.url, "a")
-        await eventually(lambda: changes, 10, lambda: "a holds the lease")
+        await until(lambda: changes, timeout=10, what=lambda: "a holds the lease")
         replica(self.url, "b")
-        await eventually(lambda: not any(c[0] == "b" for c in changes) and len(changes) == 1,
-                         1, lambda: str(changes))
+        await until(lambda: not any(c[0] == "b" for c in changes) and len(changes) == 1, timeout=1, what=lambda: str(changes))
         proxy.forwarding.clear()  # a's packets go nowhere from now on
         hung = time.monotonic()
-        await eventually(lambda: ("b", True) in [c[:2] for c in changes], 15, lambda: str(changes))
+        await until(lambda: ("b", True) in [c[:2] for c in changes], timeout=15, what=lambda: str(changes))
         self.assertEqual([c[:2] for c in changes], [("a", True), ("a", False), ("b", True)])
         self.assertLess(changes[2][2] - hung, 15.0)
