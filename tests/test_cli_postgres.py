@@ -9,9 +9,12 @@ import json
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.threads import deferToThread
 
 from mllpd.cli import main
+from mllpd.cli.app import OutboxApp
 from mllpd.cli.store import PostgresStore, open_store
+from tests.test_cli_app import run_scenario, wait_for_counts
 from tests.test_outbox_postgres import _PG, envelope, select
 
 
@@ -68,6 +71,19 @@ class PostgresCLITests(_PG):
         self.assertTrue(store.delete(ids[2]))
         self.assertEqual(store.purge_delivered("ehr", 5000.0), 1)
         self.assertEqual(select(self.url, "SELECT message_id FROM messages"), [(ids[1],)])
+
+    async def test_terminal_ui_shows_the_cluster_queues(self) -> None:
+        """The terminal UI opened on the PostgreSQL outbox shows each connector's counts."""
+        await self.fill()
+        store = open_store(url=self.url)
+        self.addCleanup(store.close)
+
+        async def scenario() -> None:
+            app = OutboxApp(store, interval=0.2)
+            async with app.run_test() as pilot:
+                await wait_for_counts(app, pilot, lambda c: c.get("ehr") == (1, 0, 1, 1))
+
+        await deferToThread(run_scenario, scenario)
 
     def test_database_without_outbox_refused(self) -> None:
         """A database no replica has set up is refused with one line, and left as it was."""
