@@ -44,8 +44,8 @@ __all__ = ["LEASE_GRACE", "LEASE_INTERVAL", "SESSION_TIMEOUT", "Leases"]
 log = Logger(namespace="mllpd.outbox")
 
 LEASE_INTERVAL = 2.0
-LEASE_GRACE = 6.0
-SESSION_TIMEOUT = 10.0
+LEASE_GRACE = 5.0
+SESSION_TIMEOUT = 8.0
 
 
 class Leases:
