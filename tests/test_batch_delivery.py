@@ -19,11 +19,11 @@ from tests.test_delivery import (
     MLLPUpstream,
     all_delivered,
     control_id,
-    eventually,
     mllp_connector,
     run_server,
     states,
 )
+from tests.upstreams import until
 
 SIZES = (1, 100, 1000)
 
@@ -72,9 +72,9 @@ class BatchDeliveryTests(TestCase):
             self.assertEqual(msa(reply), [("AA", control_id(m)) for m in messages])
 
         everything = [m for messages in sent for m in messages]
-        await eventually(
-            lambda: all_delivered(server, "ehr", len(everything)), 60,
-            lambda: f"{len(upstream.received)} received; queue {states(server, 'ehr')[-3:]}",
+        await until(
+            lambda: all_delivered(server, "ehr", len(everything)), timeout=60,
+            what=lambda: f"{len(upstream.received)} received; queue {states(server, 'ehr')[-3:]}",
         )
         self.assertEqual(upstream.received, everything)
         rows = query(
@@ -125,9 +125,9 @@ class ForwardBatchTests(TestCase):
         )
         self.assertEqual([len(msa(r)) for r in replies], [3, 50])
         total = sum(len(m) for m in sent.values())
-        await eventually(
+        await until(
             lambda: sum(1 for row in states(server, "ehr") if row[1] in ("delivered", "dead")) == total,
-            30, lambda: str(states(server, "ehr")[-3:]),
+            timeout=30, what=lambda: str(states(server, "ehr")[-3:]),
         )
         self.assertEqual(len(upstream.received), 2)
         for frame_, (batch_id, messages) in zip(upstream.received, sent.items(), strict=True):
