@@ -198,6 +198,21 @@ def _optional_path(text: str) -> str | None:
     return text if text.strip() else None
 
 
+def _db_url(text: str) -> str | None:
+    url = text.strip()
+    if not url:
+        return None
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        conninfo_to_dict(url)
+    except psycopg.Error:
+        # Never echo the value: it may hold a password.
+        raise ValueError("not a PostgreSQL connection string") from None
+    return url
+
+
 def _tls_version(text: str) -> str:
     version = text.strip()
     if version not in ("1.2", "1.3"):
@@ -306,6 +321,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MLLP_DB_PATH", "db_path", "outbox.db", _path,
             "a file path (':memory:' only for tests)",
             "SQLite outbox file"),
+    Setting("MLLP_DB_URL", "db_url", "", _db_url,
+            "a libpq URL (postgresql://user@host/db) or key=value string",
+            "PostgreSQL outbox shared by replicas (instead of MLLP_DB_PATH)"),
     Setting("MLLP_WAL_LIMIT", "wal_limit", "64MiB", _wal_limit,
             "a size of at least 4MiB, such as 64MiB or 1GiB",
             "bound of the SQLite outbox's WAL file: the log restarts at a quarter of it"),
@@ -379,6 +397,7 @@ class Settings:
     keepalive_period: float = 60.0
     default_charset: str | None = None
     db_path: str = "outbox.db"
+    db_url: str | None = None
     wal_limit: int = 64 * 1024 * 1024
     dedup_window: float = 24 * 3600.0
     validate: str = "none"

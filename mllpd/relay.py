@@ -76,6 +76,12 @@ class RetryPolicy(Protocol):
     def delay(self, attempt: int, rand: Callable[[], float]) -> float: ...
 
 
+class Leases(Protocol):
+    def start(self) -> None: ...
+
+    def stop(self) -> Deferred[None]: ...
+
+
 class DeliveryMetrics(Protocol):
     def delivery(self, connector: str, result: str) -> None: ...
 
@@ -114,6 +120,15 @@ class Worker:
             IBatchConnector.providedBy(connector) and connector.forward_batches
         )
         self.cursor = 0
+        # Rows this worker finished, as a queue read by state (PostgreSQL)
+        # may still show them pending: seq -> None until the state change
+        # committed, then how many reads had started by then. A read that
+        # started later sees the change, and ends the entry.
+        self._finishing: dict[int, int | None] = {}
+        self._reads = 0
+        # False while another replica holds this connector's lease.
+        self.active = True
+        self._reads_ok = True
         self._buffer: list[QueuedDelivery] = []
         self._stale = False
         self._running = False
@@ -150,6 +165,19 @@ class Worker:
             lambda _: _within(maybeDeferred(self.connector.stop), CLOSE_TIMEOUT, self.clock)
         )
 
+    def pause(self) -> None:
+        """Start no other delivery (the lease is lost) until resume(); the
+        one in progress, if any, finishes."""
+        self.active = False
+        self._buffer = []
+        self._fire_wake()
+
+    def resume(self) -> None:
+        """Deliver again (the lease is ours), from the queue as it is now."""
+        self.active = True
+        self._buffer = []
+        self._fire_wake()
+
     def _fire_wake(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
@@ -167,26 +195,38 @@ class Worker:
 
     async def _run(self) -> None:
         while self._running:
+            if not self.active:
+                await self._sleep(POLL_INTERVAL)
+                continue
             if not self._buffer or self._stale:
                 self._notified = False
                 self._stale = False
+                self._reads += 1
+                read = self._reads
                 try:
                     fetched = await self.queue.fetch(self.name, self.cursor, FETCH_LIMIT)
                 except Exception as e:  # noqa: BLE001 - storage trouble: try again later
-                    log.error(
-                        "reading queue of {connector} failed: {reason}",
-                        event="queue_read_failed", connector=self.name, reason=str(e),
-                    )
+                    if self._reads_ok:  # once per outage, not once per poll
+                        log.error(
+                            "reading queue of {connector} failed: {reason}",
+                            event="queue_read_failed", connector=self.name, reason=str(e),
+                        )
+                    self._reads_ok = False
                 else:
-                    # Rows already in hand keep their attempts and backoff
-                    # as this worker knows them: its own marks may not be
-                    # committed yet.
-                    known = {row.seq: row for row in self._buffer}
-                    self._buffer = [known.get(row.seq, row) for row in fetched]
+                    if not self._reads_ok:
+                        log.info("reading queue of {connector} works again",
+                                 event="queue_read_recovered", connector=self.name)
+                    self._reads_ok = True
+                    self._buffer = self._merge(fetched)
+                    finishing = self._finishing
+                    for seq in [s for s, at in finishing.items() if at is not None and at < read]:
+                        del finishing[seq]
                 if not self._buffer:
                     if self._running and not self._notified:
                         await self._sleep(POLL_INTERVAL)
                     continue
+            if not self.active or not self._buffer:
+                continue  # paused during the read
             head = self._buffer[0]
             wait = head.next_attempt - self._now()
             if wait > 0:
@@ -205,6 +245,14 @@ class Worker:
                     continue
             await self._attempt(head)
 
+    def _merge(self, fetched: list[QueuedDelivery]) -> list[QueuedDelivery]:
+        """A new head of the queue. Rows already in hand keep their attempts
+        and backoff as this worker knows them (its own marks may not be
+        committed yet); rows it finished stay out."""
+        known = {row.seq: row for row in self._buffer}
+        finishing = self._finishing
+        return [known.get(row.seq, row) for row in fetched if row.seq not in finishing]
+
     async def _batch_group(self) -> list[QueuedDelivery]:
         """The rows at the head of the buffer that came in the head's batch:
         the same batch control id, positions rising, all due."""
@@ -215,8 +263,7 @@ class Worker:
                 fetched = await self.queue.fetch(self.name, self.cursor, BATCH_FETCH_LIMIT)
             except Exception:  # noqa: BLE001 - deliver what is in hand
                 return group
-            known = {row.seq: row for row in self._buffer}
-            self._buffer = [known.get(row.seq, row) for row in fetched]
+            self._buffer = self._merge(fetched)
             group = _leading_batch(self._buffer, self._now())
         return group
 
@@ -296,8 +343,7 @@ class Worker:
             msg_type=row.msg_type, attempt=attempt,
         )
         if isinstance(outcome, Delivered):
-            self._finish(row)
-            self._record(self.queue.mark_delivered(row.seq, now))
+            self._finish(row, self.queue.mark_delivered(row.seq, now))
             self.delivered += 1
             self._count("delivered")
             log.debug("delivered to {connector}", event="delivered", **fields)
@@ -306,8 +352,7 @@ class Worker:
             reason = outcome.reason
             if not isinstance(outcome, Dead):
                 reason = f"gave up after {attempt} attempts: {reason}"
-            self._finish(row)
-            self._record(self.queue.mark_dead(row.seq, attempt, reason, now))
+            self._finish(row, self.queue.mark_dead(row.seq, attempt, reason, now))
             self.dead += 1
             self._count("dead")
             if self.metrics is not None:
@@ -325,7 +370,9 @@ class Worker:
         else:
             next_attempt = now + self.retry.delay(attempt, self.rand)
         delay = next_attempt - now
-        self._buffer[position] = row._replace(attempts=attempt, next_attempt=next_attempt)
+        if position < len(self._buffer) and self._buffer[position].seq == row.seq:
+            # (Not after a pause: the buffer was dropped.)
+            self._buffer[position] = row._replace(attempts=attempt, next_attempt=next_attempt)
         self._record(self.queue.mark_retry(row.seq, attempt, outcome.reason, next_attempt, now))
         self.retried += 1
         self._count("retry")
@@ -336,9 +383,21 @@ class Worker:
         )
         return next_attempt
 
-    def _finish(self, row: QueuedDelivery) -> None:
-        self._buffer.pop(0)
+    def _finish(self, row: QueuedDelivery, marked: Deferred[None]) -> None:
+        if self._buffer and self._buffer[0].seq == row.seq:
+            self._buffer.pop(0)
         self.cursor = max(self.cursor, row.seq)
+        self._finishing[row.seq] = None
+
+        def settled(result: object) -> object:
+            if isinstance(result, Failure):
+                # Not recorded: the row stays pending and is delivered again.
+                self._finishing.pop(row.seq, None)
+            elif row.seq in self._finishing:
+                self._finishing[row.seq] = self._reads
+            return result
+
+        self._record(marked.addBoth(settled))
 
     def _count(self, result: str) -> None:
         if self.metrics is not None:
@@ -387,12 +446,17 @@ def _leading_batch(rows: list[QueuedDelivery], now: float) -> list[QueuedDeliver
 class Relay:
     """All the delivery workers; the outbox wakes them after each commit."""
 
-    def __init__(self, workers: list[Worker]) -> None:
+    def __init__(self, workers: list[Worker], *, leases: Leases | None = None) -> None:
         self.workers = {w.name: w for w in workers}
+        self.leases = leases
 
     def start(self) -> None:
         for worker in self.workers.values():
+            if self.leases is not None:
+                worker.active = False  # until this replica holds the lease
             worker.start()
+        if self.leases is not None:
+            self.leases.start()
 
     def notify(self, connectors: set[str]) -> None:
         for name in connectors:
@@ -403,5 +467,10 @@ class Relay:
     def stop(self) -> Deferred[None]:
         """Stop every worker; fires when all in-progress deliveries ended."""
         d = DeferredList([w.stop() for w in self.workers.values()], consumeErrors=True)
+        leases = self.leases
+        if leases is not None:
+            # Released once the deliveries in progress ended, so the next
+            # holder does not deliver them a second time.
+            d.addCallback(lambda _: leases.stop())
         return d.addCallback(lambda _: None)
 

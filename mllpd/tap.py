@@ -68,8 +68,6 @@ def makeService(options: Any) -> IService:
     from twisted.internet.endpoints import serverFromString
 
     from mllpd.metrics import Metrics, metrics_site, otlp_enabled, start_otlp
-    from mllpd.outbox import OutboxError
-    from mllpd.outbox.sqlite import SQLiteOutbox
     from mllpd.protocol import MLLPServerFactory
     from mllpd.receiver import Receiver
     from mllpd.service import MetricsService, MLLPService
@@ -88,23 +86,15 @@ def makeService(options: Any) -> IService:
     # MLLP_CLIENT_IDENTITIES needs TLS_CLIENT_CA: loaded and reloaded with the TLS files.
     identities = tls.identities if tls is not None else None
     pipeline = _pipeline(settings, reactor)
-    try:
-        outbox = SQLiteOutbox(
-            settings.db_path, reactor,  # type: ignore[arg-type]
-            dedup_window=settings.dedup_window,
-            retention=settings.retention,
-            pod=settings.pod_name,
-            wal_limit=settings.wal_limit,
-        )
-    except OutboxError as e:
-        raise SystemExit(f"mllpd: MLLP_DB_PATH: {e}") from None
+    outbox = _outbox(settings, reactor)
     otlp_on = otlp_enabled(os.environ)
     metrics = None
     if settings.metrics_addr or otlp_on:
         metrics = Metrics(pod=settings.pod_name, namespace=settings.pod_namespace)
         outbox.commit_observer = metrics.commit_done
-        if outbox.wal is not None:
-            metrics.watch_wal(outbox.wal)
+        wal = getattr(outbox, "wal", None)  # SQLite's
+        if wal is not None:
+            metrics.watch_wal(wal)
         if tls is not None:
             metrics.watch_tls_reloads(tls.reloads)
     receiver = Receiver(
@@ -171,6 +161,34 @@ def makeService(options: Any) -> IService:
     return top
 
 
+def _outbox(settings: Settings, reactor: Any) -> Any:
+    """The PostgreSQL outbox when MLLP_DB_URL is set, else SQLite's."""
+    from mllpd.outbox import OutboxError
+
+    options: dict[str, Any] = dict(
+        dedup_window=settings.dedup_window, retention=settings.retention,
+        pod=settings.pod_name,
+    )
+    if settings.db_url:
+        from mllpd.outbox.postgres import PostgresOutbox, server_name
+
+        log.info(
+            "outbox in PostgreSQL at {server}; MLLP_DB_PATH ({path}) is not used",
+            event="outbox_postgres", server=server_name(settings.db_url),
+            path=settings.db_path,
+        )
+        try:
+            return PostgresOutbox(settings.db_url, reactor, **options)
+        except OutboxError as e:
+            raise SystemExit(f"mllpd: MLLP_DB_URL: {e}") from None
+    from mllpd.outbox.sqlite import SQLiteOutbox
+
+    try:
+        return SQLiteOutbox(settings.db_path, reactor, wal_limit=settings.wal_limit, **options)
+    except OutboxError as e:
+        raise SystemExit(f"mllpd: MLLP_DB_PATH: {e}") from None
+
+
 def _listen_backlog(requested: int, somaxconn: str = "/proc/sys/net/core/somaxconn") -> int:
     """MLLP_LISTEN_BACKLOG, capped (as the kernel would, silently) at somaxconn."""
     try:
@@ -214,10 +232,27 @@ def _relay(pipeline: Any, outbox: Any, reactor: Any, metrics: Any) -> Any:
     from mllpd.relay import Relay, Worker
 
     config, connectors = pipeline
-    relay = Relay([
+    workers = [
         Worker(connector, outbox, config.retry, reactor, metrics=metrics)
         for connector in connectors
-    ])
+    ]
+    leases = None
+    url = getattr(outbox, "url", None)
+    if url is not None:
+        # A cluster: each connector is delivered by whichever replica holds
+        # its lease; workers wait until then.
+        from mllpd.outbox.leases import Leases
+
+        by_name = {w.name: w for w in workers}
+
+        def on_lease(name: str, held: bool) -> None:
+            worker = by_name[name]
+            worker.resume() if held else worker.pause()
+            if metrics is not None:
+                metrics.set_lease(name, held)
+
+        leases = Leases(url, reactor, by_name, on_lease, pod=outbox.pod)
+    relay = Relay(workers, leases=leases)
     outbox.add_listener(relay.notify)
     if metrics is not None:
         names = [c.name for c in connectors]

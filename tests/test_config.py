@@ -140,6 +140,7 @@ class LoadTests(SynchronousTestCase):
             "MLLP_METRICS_ADDR": "nowhere",
             "MLLP_RETENTION": "0",
             "MLLP_MAX_OUTBOX": "plenty",
+            "MLLP_DB_URL": "postgresql://u:secret@[::1",
             "MLLP_WAL_LIMIT": "1MiB",
             "MLLP_MAX_BATCH_MESSAGES": "0",
             "MLLP_MAX_BUFFER": "lots",
@@ -157,6 +158,7 @@ class LoadTests(SynchronousTestCase):
             self.assertTrue(text.startswith(variable + ": "), text)
             self.assertIn("expected", text)
             self.assertNotIn("\n", text)
+            self.assertNotIn("secret", text)
 
     def test_tls_settings_need_each_other(self) -> None:
         """A TLS file setting without its partner fails naming the missing one."""

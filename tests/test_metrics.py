@@ -92,6 +92,17 @@ class CollectorTests(SynchronousTestCase):
         self.assertEqual(v("mllp_outbox_depth", connector="ehr"), 4)
         self.assertEqual(v("mllp_outbox_oldest_age_seconds", connector="ehr"), 12.5)
 
+    def test_lease_gauge_says_which_pod_delivers(self) -> None:
+        """With the PostgreSQL outbox, mllp_connector_lease is 1 for the connectors this pod delivers for, 0 for the others; absent otherwise."""
+        m = Metrics(pod="mllpd-1")
+        self.assertNotIn("mllp_connector_lease", generate_latest(m.registry).decode())
+        m.set_lease("ehr", True)
+        m.set_lease("lab", True)
+        m.set_lease("lab", False)
+        got = samples(generate_latest(m.registry).decode())
+        self.assertEqual(got[("mllp_connector_lease", (("connector", "ehr"), ("pod", "mllpd-1")))], 1)
+        self.assertEqual(got[("mllp_connector_lease", (("connector", "lab"), ("pod", "mllpd-1")))], 0)
+
     def test_message_types_bounded(self) -> None:
         """A sender inventing message types cannot grow the label set past MAX_MSG_TYPES."""
         m = Metrics()

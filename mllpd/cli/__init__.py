@@ -16,7 +16,7 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import NamedTuple, TextIO
 
-from mllpd.cli.store import STATES, MessageDetail, Store, StoreError, default_db_path
+from mllpd.cli.store import STATES, MessageDetail, Store, StoreError, open_store
 from mllpd.config import parse_duration
 
 __all__ = ["build_parser", "format_age", "main", "plain", "render_message"]
@@ -296,10 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mllp-cli",
         description="Look at and repair the mllpd outbox. Without a command: the terminal UI.",
     )
+    url_help = (
+        "the PostgreSQL outbox of a cluster (default: $MLLP_DB_URL unless --db is given)"
+    )
     parser.add_argument("--db", metavar="PATH", help=db_help)
+    parser.add_argument("--db-url", metavar="URL", help=url_help)
     # --db is accepted after the command too; SUPPRESS keeps the top-level value.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--db", metavar="PATH", default=argparse.SUPPRESS, help=db_help)
+    common.add_argument("--db-url", metavar="URL", default=argparse.SUPPRESS, help=url_help)
     confirm = argparse.ArgumentParser(add_help=False)
     confirm.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
 
@@ -381,9 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("mllp-cli: the terminal UI needs a terminal; for scripts use a command:"
               " stats, list, show, replay, delete, purge (see --help)", file=sys.stderr)
         return EXIT_USAGE
-    path = args.db or default_db_path()
     try:
-        store = Store(path)
+        store = open_store(args.db, args.db_url)
     except StoreError as e:
         print(f"mllp-cli: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from mllpd.cli.fields import field_names
 from mllpd.hl7 import DecodeError, NotHL7Error, codec_for_charset, parse_message
@@ -33,8 +34,10 @@ __all__ = [
     "SegmentView",
     "Store",
     "StoreError",
+    "PostgresStore",
     "decode_payload",
     "default_db_path",
+    "open_store",
     "render_segments",
 ]
 
@@ -64,6 +67,19 @@ def default_db_path(environ: dict[str, str] | None = None) -> str:
     return env.get("MLLP_DB_PATH") or "outbox.db"
 
 
+def open_store(
+    path: str | None = None, url: str | None = None, environ: dict[str, str] | None = None,
+) -> Store:
+    """The outbox the server uses: PostgreSQL when a URL is given (or
+    ``$MLLP_DB_URL`` is set and no path is given), else the SQLite file."""
+    env = os.environ if environ is None else environ
+    if url is None and path is None:
+        url = env.get("MLLP_DB_URL") or None
+    if url:
+        return PostgresStore(url)
+    return Store(path or default_db_path(environ))
+
+
 @dataclass(frozen=True)
 class ConnectorStats:
     connector: str
@@ -80,7 +96,7 @@ class ConnectorStats:
 class AuditRow:
     """One audit record: a received message and what was decided about it."""
 
-    id: int
+    id: int | None  # None for a stored message (PostgreSQL keeps its record in its row)
     received_at: float
     peer: str
     client_subject: str | None
@@ -232,6 +248,11 @@ class Store:
     A file the server has not created yet is refused rather than created, so
     a mistyped path does not silently show an empty outbox.
     """
+
+    # Where audit records are: (table, id, rule, arrival order) of each.
+    _AUDIT_SOURCES: tuple[tuple[str, str, str, str], ...] = (
+        ("messages", "id", "NULL", "id"), ("audit_log", "id", "rule", "id"),
+    )
 
     def __init__(
         self,
@@ -451,13 +472,13 @@ class Store:
         condition = " AND ".join(where)
         found: list[AuditRow] = []
         with self._read() as conn:
-            for source, rule in (("messages", "NULL"), ("audit_log", "rule")):
+            for source, id_, rule, order in self._AUDIT_SOURCES:
                 found.extend(
                     AuditRow(*row) for row in conn.execute(
-                        "SELECT id, received_at, peer, client_subject, pod, message_id,"
+                        f"SELECT {id_}, received_at, peer, client_subject, pod, message_id,"
                         f" control_id, msg_type, size, sha256, ack_code, {rule}, connectors,"
                         " batch_control_id"
-                        f" FROM {source} WHERE {condition} ORDER BY id DESC LIMIT ?",
+                        f" FROM {source} WHERE {condition} ORDER BY {order} DESC LIMIT ?",
                         (*params, limit),
                     )
                 )
@@ -629,3 +650,92 @@ def _keep_audit(conn: sqlite3.Connection, condition: str, params: Sequence[objec
         f" WHERE {condition}",
         params,
     )
+
+
+class _Dialect:
+    """A psycopg connection that takes the SQLite-style ``?`` placeholders
+    the shared queries are written with."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, params: Sequence[object] = ()) -> Any:
+        return self.conn.execute(sql.replace("?", "%s"), params)
+
+
+class PostgresStore(Store):
+    """The PostgreSQL outbox of a cluster (``MLLP_DB_URL``), with the same
+    queries. Reads and writes are short transactions; row locks, not a
+    database-wide write lock, so the replicas keep committing meanwhile."""
+
+    # A stored message's row has no id of its own; its arrival time orders it.
+    _AUDIT_SOURCES = (
+        ("messages", "NULL::bigint", "NULL::text", "received_at"),
+        ("audit_log", "id", "rule", "id"),
+    )
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        import psycopg
+
+        from mllpd.outbox.postgres import connect, server_name
+
+        self._sleep = sleep
+        self._monotonic = monotonic
+        self.path = server_name(url)
+        self._errors: tuple[type[BaseException], ...] = (psycopg.Error,)
+        try:
+            conn = connect(url, "mllp-cli")
+        except psycopg.Error as e:
+            raise StoreError(f"cannot connect to outbox {self.path}: {_describe(e)}") from None
+        # Never migrated from here, as the SQLite file: the replicas migrate
+        # the database when they start.
+        newest = schema_files("postgres")[-1][0]
+        try:
+            row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+            current = (row[0] if row else None) or 0
+        except psycopg.errors.UndefinedTable:
+            current = 0
+        except psycopg.Error as e:
+            conn.close()
+            raise StoreError(f"cannot open outbox {self.path}: {_describe(e)}") from None
+        if current != newest:
+            conn.close()
+            if current == 0:
+                raise StoreError(f"no outbox in {self.path} (start mllpd with MLLP_DB_URL first)")
+            raise StoreError(
+                f"outbox schema version {current} in {self.path}, this mllp-cli knows {newest};"
+                " use the mllp-cli of the running mllpd"
+            )
+        self._pg = conn
+        self._conn = _Dialect(conn)  # type: ignore[assignment]
+
+    def close(self) -> None:
+        self._pg.close()
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        try:
+            with self._pg.transaction():
+                yield self._conn
+        except self._errors as e:
+            raise StoreError(f"cannot read outbox {self.path}: {_describe(e)}") from None
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        try:
+            with self._pg.transaction():
+                yield self._conn
+        except self._errors as e:
+            raise StoreError(f"cannot change outbox {self.path}: {_describe(e)}") from None
+
+
+def _describe(e: BaseException) -> str:
+    from mllpd.outbox.postgres import describe_error
+
+    return describe_error(e)

@@ -185,7 +185,10 @@ class IDeliveryQueue(Interface):
     """The per-connector FIFO queues the relay works from."""
 
     def fetch(connector: str, after: int, limit: int) -> Deferred[list[QueuedDelivery]]:
-        """The next pending or in-flight rows of a queue with seq > after, in order."""
+        """The next pending or in-flight rows of a queue, in order. A backend
+        whose seq order is its commit order (SQLite) may skip rows with
+        seq <= after; one where concurrent commits make seqs visible out of
+        order (PostgreSQL) reads by state alone."""
 
     def mark_in_flight(seq: int, now: float) -> Deferred[None]:
         """A delivery attempt starts."""
