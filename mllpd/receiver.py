@@ -202,6 +202,7 @@ class Receiver:
             error = AckError("207", "outbox is full (MLLP_MAX_OUTBOX); resend later")
             return succeed(self._reply(header, message.codec, REJECT, error, payload))
         routes: tuple[str, ...] = ()
+        lanes: tuple[int, ...] = ()
         if self.rules is not None:
             model = self.rules.model(message)
             violation = self.rules.check(model)
@@ -215,6 +216,8 @@ class Receiver:
             except RuleError as e:
                 error = AckError("207", f"routing failed: {e}")
                 return succeed(self._reply(header, message.codec, REJECT, error, payload))
+            if routes:
+                lanes = self.rules.lanes(model, message, routes)
         envelope = Envelope(
             message_id=self._message_id(),
             received_at=self.clock.seconds(),
@@ -230,6 +233,7 @@ class Receiver:
             payload=payload,
             client_subject=client_subject,
             routes=routes,
+            lanes=lanes,
         )
         d = self.outbox.store(envelope)
         return d.addCallbacks(

@@ -1,10 +1,15 @@
-"""Delivery workers: one per connector, strictly in queue order.
+"""Delivery workers: one per connector, in order per order key (lane).
 
-A worker reads the head of its connector's queue, hands one message at a
-time to the connector and records the outcome: delivered, retried later with
-exponential backoff and jitter (the same message stays at the head, so order
-holds), or moved to the dead-letter queue once upstream refuses it for good
-or the attempts run out.
+A worker reads the heads of its connector's queue, hands messages to the
+connector and records each outcome: delivered, retried later with
+exponential backoff and jitter (the same message stays at the head of its
+lane, so order holds), or moved to the dead-letter queue once upstream
+refuses it for good or the attempts run out.
+
+With ``lanes: 1`` the whole queue is one FIFO: one message in flight. With
+``lanes: N`` rows carry their message's order key; rows of one key go one
+at a time in queue order, rows of different keys up to N at once, and a key
+in backoff holds back only its own later rows.
 
 State changes go into the outbox's group commit without the worker waiting
 for them: a crash before they are durable only means the message is
@@ -14,6 +19,7 @@ delivered again, with the same message id as its idempotency key.
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -30,11 +36,15 @@ __all__ = ["Relay", "Worker"]
 
 log = Logger(namespace="mllpd.relay")
 
-# Rows read from a queue at a time, and how often an idle worker looks
-# again on its own (new stores wake it at once; this catches replays that
-# mllp-cli writes from another process).
+# Rows read from a queue at a time (at least two per lane), and how often
+# an idle worker looks again on its own (new stores wake it at once; this
+# catches replays that mllp-cli writes from another process).
 FETCH_LIMIT = 32
 POLL_INTERVAL = 1.0
+# Order keys that may wait out a backoff at once. Past it no new key is
+# started until one is retried: when upstream refuses everything, each key
+# would otherwise get one attempt and a timer, however many keys are queued.
+MAX_WAITING = 1000
 # Seconds a stopping worker waits for the delivery in progress, then for its
 # connector to close: together well inside the 2 s that the shutdown bound
 # (PRE_SHUTDOWN_DELAY + SHUTDOWN_TIMEOUT + 2 s) leaves after the drain.
@@ -78,7 +88,19 @@ def _loggable(reason: str) -> str:
 
 
 class Worker:
-    """Delivers one connector's queue."""
+    """Delivers one connector's queue, up to ``lanes`` messages at a time.
+
+    What the worker knows of its queue, per order key ("lane"): the row in
+    flight (``_busy``), the row waiting out a backoff (``_waiting``) and the
+    next rows read but not yet started (``_runs``, in order). A lane with any
+    of these is *tracked*. ``_scan_after`` is the seq up to which every
+    untracked lane has no row left to deliver: a read starts after it and
+    leaves tracked lanes out, so the first row it finds of a lane is that
+    lane's head, and a lane whose head is stuck costs the read nothing but
+    index steps. When a lane stops being tracked (its last known row is
+    done, or its backoff ended and the row must be read again) the scan
+    goes back to that row.
+    """
 
     def __init__(
         self,
@@ -87,29 +109,51 @@ class Worker:
         retry: RetryPolicy,
         clock: IReactorTime,
         *,
+        lanes: int = 1,
         wall_clock: Callable[[], float] | None = None,
         rand: Callable[[], float] = random.random,
         metrics: DeliveryMetrics | None = None,
+        max_waiting: int = MAX_WAITING,
     ) -> None:
         self.connector = connector
         self.name: str = connector.name
         self.queue = queue
         self.retry = retry
         self.clock = clock
+        self.lanes = lanes
         self._now = wall_clock or clock.seconds
         self.rand = rand
         self.metrics = metrics
-        self.cursor = 0
-        self._buffer: list[QueuedDelivery] = []
-        self._stale = False
+        self.max_waiting = max_waiting
+        # Rows held in runs at most: enough to refill every lane twice.
+        self.buffer_limit = max(FETCH_LIMIT, 2 * lanes)
+        self._scan_after = 0
+        self._runs: dict[int, deque[QueuedDelivery]] = {}
+        self._buffered = 0
+        self._busy: dict[int, QueuedDelivery] = {}
+        self._waiting: dict[int, QueuedDelivery] = {}
+        # Rows whose backoff ended, read again before the retry (mllp-cli
+        # may have deleted them meanwhile), by seq.
+        self._recheck: dict[int, QueuedDelivery] = {}
+        # Rows finished whose state change may not be visible to a read yet:
+        # seq -> None until committed, then the count of reads started by then.
+        self._finished: dict[int, int | None] = {}
+        self._reads = 0
+        self._more = True  # the queue may hold rows not read yet
+        self._last_read = float("-inf")
+        self._attempts: set[Deferred[None]] = set()
         self._running = False
-        self._notified = False
         self._wake: Deferred[None] | None = None
         self._timer: IDelayedCall | None = None
         self._done: Deferred[None] | None = None
         self.delivered = 0
         self.retried = 0
         self.dead = 0
+
+    @property
+    def in_flight(self) -> int:
+        """Deliveries in progress (one per lane)."""
+        return len(self._busy)
 
     def start(self) -> None:
         self._running = True
@@ -120,17 +164,18 @@ class Worker:
     def notify(self) -> None:
         """New rows were committed to this queue."""
         # Remembered, so a notice that arrives during a read is not lost.
-        self._notified = True
+        self._more = True
         self._fire_wake()
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> Deferred[None]:
-        """Start no other delivery; let the one in progress finish for up to
+        """Start no other delivery; let those in progress finish for up to
         ``timeout`` seconds, then close the connector, waiting for that at
         most CLOSE_TIMEOUT more. An unfinished delivery's row stays in its
         queue and is delivered again later (same message id)."""
         self._running = False
         self._fire_wake()
-        finished = self._done if self._done is not None else succeed(None)
+        loop = self._done if self._done is not None else succeed(None)
+        finished = DeferredList([loop, *self._attempts], consumeErrors=True)
         d = _within(finished, timeout, self.clock)
         return d.addCallback(
             lambda _: _within(maybeDeferred(self.connector.stop), CLOSE_TIMEOUT, self.clock)
@@ -145,48 +190,159 @@ class Worker:
             wake.callback(None)
 
     def _sleep(self, seconds: float) -> Deferred[None]:
-        """Wait ``seconds`` or until notified, whichever is first."""
+        """Wait ``seconds`` or until woken, whichever is first."""
         wake: Deferred[None] = Deferred()
         self._wake = wake
         self._timer = self.clock.callLater(max(seconds, 0.0), self._fire_wake)
         return wake
 
+    def _lane(self, row: QueuedDelivery) -> int:
+        # One lane: the whole queue is one FIFO, whatever keys rows carry.
+        return row.lane if self.lanes > 1 else 0
+
+    def _tracked(self, lane: int) -> bool:
+        return lane in self._busy or lane in self._waiting or lane in self._runs
+
+    def _untrack(self, lane: int, seq: int) -> None:
+        """``lane`` is no longer tracked; its rows after ``seq`` may be
+        behind the scan: look there again."""
+        if not self._tracked(lane):
+            self._scan_after = min(self._scan_after, seq)
+            self._more = True
+
+    def _ready(self) -> list[int]:
+        """Lanes whose next row can start now, oldest head first."""
+        ready = [
+            lane for lane in self._runs
+            if lane not in self._busy and lane not in self._waiting
+        ]
+        ready.sort(key=lambda lane: self._runs[lane][0].seq)
+        return ready
+
     async def _run(self) -> None:
         while self._running:
-            if not self._buffer or self._stale:
-                self._notified = False
-                self._stale = False
-                try:
-                    fetched = await self.queue.fetch(self.name, self.cursor, FETCH_LIMIT)
-                except Exception as e:  # noqa: BLE001 - storage trouble: try again later
-                    log.error(
-                        "reading queue of {connector} failed: {reason}",
-                        event="queue_read_failed", connector=self.name, reason=str(e),
-                    )
-                else:
-                    # Rows already in hand keep their attempts and backoff
-                    # as this worker knows them: its own marks may not be
-                    # committed yet.
-                    known = {row.seq: row for row in self._buffer}
-                    self._buffer = [known.get(row.seq, row) for row in fetched]
-                if not self._buffer:
-                    if self._running and not self._notified:
-                        await self._sleep(POLL_INTERVAL)
-                    continue
-            head = self._buffer[0]
-            wait = head.next_attempt - self._now()
-            if wait > 0:
-                await self._sleep(wait)
-                if self._now() >= head.next_attempt:
-                    # During the backoff mllp-cli may have deleted or purged
-                    # the rows in hand: read the queue again rather than
-                    # retry a removed message forever (and deliver it once
-                    # upstream is back). Once per retry, not on every wake.
-                    self._stale = True
+            self._end_backoffs()
+            if self._clock_now() - self._last_read >= POLL_INTERVAL:
+                self._more = True
+            free = self.lanes - len(self._busy)
+            ready = self._ready()
+            room = len(self._waiting) < self.max_waiting
+            if free > len(ready) and self._more and room:
+                await self._read()
                 continue
-            await self._attempt(head)
+            if free > 0 and ready and room:
+                for lane in ready[:free]:
+                    if len(self._waiting) >= self.max_waiting:
+                        break
+                    self._start(lane)
+                continue
+            await self._sleep(self._idle_time())
 
-    async def _attempt(self, row: QueuedDelivery) -> None:
+    def _clock_now(self) -> float:
+        return self.clock.seconds()
+
+    def _idle_time(self) -> float:
+        """Seconds until the next thing this worker must do unprompted."""
+        wait = POLL_INTERVAL
+        if len(self._busy) < self.lanes and len(self._waiting) < self.max_waiting:
+            # A lane is free: look for rows nobody announced (replays).
+            wait -= self._clock_now() - self._last_read
+        if self._waiting:
+            soonest = min(row.next_attempt for row in self._waiting.values())
+            wait = min(wait, soonest - self._now())
+        return wait
+
+    def _end_backoffs(self) -> None:
+        """Lanes whose backoff is over: read their head again, then retry."""
+        if not self._waiting:
+            return
+        now = self._now()
+        for lane, row in list(self._waiting.items()):
+            if row.next_attempt <= now:
+                del self._waiting[lane]
+                # During the backoff mllp-cli may have deleted or purged the
+                # row: read the queue again rather than retry a removed
+                # message forever. Once per retry, not on every wake.
+                self._recheck[row.seq] = row
+                self._untrack(lane, row.seq - 1)
+
+    async def _read(self) -> None:
+        self._reads += 1
+        read = self._reads
+        self._more = False
+        self._last_read = self._clock_now()
+        limit = self.buffer_limit - self._buffered
+        if limit < self.lanes:
+            # A few lanes' runs fill the buffer while lanes are free: keep
+            # only each run's first row (the rest is read again once its
+            # lane has no row in hand) so that other keys can be read.
+            for run in self._runs.values():
+                while len(run) > 1:
+                    run.pop()
+                    self._buffered -= 1
+            limit = self.buffer_limit - self._buffered
+        after = self._scan_after
+        skip_lanes: list[int] = []
+        if self.lanes > 1:
+            skip_lanes = [*self._busy, *self._waiting, *self._runs]
+        skip_seqs = [seq for seq in self._finished if seq > after]
+        try:
+            rows = await self.queue.fetch(self.name, after, limit, skip_lanes, skip_seqs)
+        except Exception as e:  # noqa: BLE001 - storage trouble: try again later
+            log.error(
+                "reading queue of {connector} failed: {reason}",
+                event="queue_read_failed", connector=self.name, reason=str(e),
+            )
+            return
+        for seq, committed in list(self._finished.items()):
+            if committed is not None and committed < read:
+                del self._finished[seq]
+        full = len(rows) >= limit
+        if full:
+            self._more = True
+        # Read up to here (all of it, unless the read was full) for every
+        # lane untracked when it started. A lane untracked since lowered
+        # the scan already: that stays.
+        covered = rows[-1].seq if full else None
+        if rows and self._scan_after >= after:
+            self._scan_after = rows[-1].seq
+        for row in rows:
+            known = self._recheck.pop(row.seq, None)
+            if known is not None:
+                # Its attempts and backoff as this worker knows them: its own
+                # marks may not be committed yet.
+                row = known
+            lane = self._lane(row)
+            if lane in self._busy or lane in self._waiting:
+                continue  # only a FIFO reads behind its own head; never here
+            self._runs.setdefault(lane, deque()).append(row)
+            self._buffered += 1
+        for seq in list(self._recheck):
+            if covered is None or seq <= covered:
+                del self._recheck[seq]  # deleted while it waited
+
+    def _drop_run(self, lane: int) -> None:
+        run = self._runs.pop(lane, None)
+        if run is not None:
+            self._buffered -= len(run)
+
+    def _start(self, lane: int) -> None:
+        run = self._runs[lane]
+        row = run.popleft()
+        self._buffered -= 1
+        if not run:
+            del self._runs[lane]
+        self._busy[lane] = row
+        d = Deferred.fromCoroutine(self._attempt(lane, row))
+        self._attempts.add(d)
+        d.addErrback(self._crashed)
+        d.addBoth(self._attempted, d)
+
+    def _attempted(self, _: object, d: Deferred[None]) -> None:
+        self._attempts.discard(d)
+        self._fire_wake()
+
+    async def _attempt(self, lane: int, row: QueuedDelivery) -> None:
         attempt = row.attempts + 1
         now = self._now()
         self._record(self.queue.mark_in_flight(row.seq, now))
@@ -215,8 +371,7 @@ class Worker:
             msg_type=row.msg_type, attempt=attempt,
         )
         if isinstance(outcome, Delivered):
-            self._finish(row)
-            self._record(self.queue.mark_delivered(row.seq, now))
+            self._finish(lane, row, self.queue.mark_delivered(row.seq, now))
             self.delivered += 1
             self._count("delivered")
             log.debug("delivered to {connector}", event="delivered", **fields)
@@ -224,8 +379,7 @@ class Worker:
             reason = outcome.reason
             if not isinstance(outcome, Dead):
                 reason = f"gave up after {attempt} attempts: {reason}"
-            self._finish(row)
-            self._record(self.queue.mark_dead(row.seq, attempt, reason, now))
+            self._finish(lane, row, self.queue.mark_dead(row.seq, attempt, reason, now))
             self.dead += 1
             self._count("dead")
             if self.metrics is not None:
@@ -241,7 +395,10 @@ class Worker:
             else:
                 delay = self.retry.delay(attempt, self.rand)
             next_attempt = now + delay
-            self._buffer[0] = row._replace(attempts=attempt, next_attempt=next_attempt)
+            del self._busy[lane]
+            self._waiting[lane] = row._replace(attempts=attempt, next_attempt=next_attempt)
+            # The lane's later rows wait with it; others take their places.
+            self._drop_run(lane)
             self._record(self.queue.mark_retry(row.seq, attempt, outcome.reason, next_attempt, now))
             self.retried += 1
             self._count("retry")
@@ -251,9 +408,23 @@ class Worker:
                 **fields,
             )
 
-    def _finish(self, row: QueuedDelivery) -> None:
-        self._buffer.pop(0)
-        self.cursor = max(self.cursor, row.seq)
+    def _finish(self, lane: int, row: QueuedDelivery, marked: Deferred[None]) -> None:
+        del self._busy[lane]
+        seq = row.seq
+        self._finished[seq] = None
+
+        def committed(_: object) -> None:
+            if seq in self._finished:
+                self._finished[seq] = self._reads
+
+        def failed(failure: Failure) -> Failure:
+            # Not durable: the row is still queued, and will be read again.
+            self._finished.pop(seq, None)
+            return failure
+
+        marked.addCallbacks(committed, failed)
+        self._record(marked)
+        self._untrack(lane, seq)
 
     def _count(self, result: str) -> None:
         if self.metrics is not None:
@@ -264,7 +435,7 @@ class Worker:
 
     def _record_failed(self, failure: Failure) -> None:
         # Not fatal: the row keeps its last durable state and is delivered
-        # again after a restart (at least once).
+        # again (at least once).
         log.warn(
             "recording delivery state for {connector} failed: {reason}",
             event="queue_write_failed", connector=self.name,

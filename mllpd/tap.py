@@ -196,8 +196,8 @@ def _relay(pipeline: Any, outbox: Any, reactor: Any, metrics: Any) -> Any:
 
     config, connectors = pipeline
     relay = Relay([
-        Worker(connector, outbox, config.retry, reactor, metrics=metrics)
-        for connector in connectors
+        Worker(connector, outbox, config.retry, reactor, lanes=spec.lanes, metrics=metrics)
+        for spec, connector in zip(config.connectors, connectors, strict=True)
     ])
     outbox.add_listener(relay.notify)
     if metrics is not None:

@@ -493,7 +493,7 @@ class Store:
         with self._read() as conn:
             if message_ids is None:
                 rows = conn.execute(
-                    "SELECT seq, message_id FROM deliveries"
+                    "SELECT seq, message_id, lane FROM deliveries"
                     " WHERE connector = ? AND state = 'dead' ORDER BY seq",
                     (connector,),
                 ).fetchall()
@@ -501,7 +501,7 @@ class Store:
                 rows = []
                 for mid in dict.fromkeys(message_ids):
                     rows.extend(conn.execute(
-                        "SELECT seq, message_id FROM deliveries"
+                        "SELECT seq, message_id, lane FROM deliveries"
                         " WHERE connector = ? AND state = 'dead' AND message_id = ?",
                         (connector, mid),
                     ))
@@ -516,16 +516,18 @@ class Store:
             started = self._monotonic()
             with self._write() as conn:
                 moved: list[str] = []
-                for seq, mid in rows[i : i + REPLAY_BATCH]:
+                for seq, mid, lane in rows[i : i + REPLAY_BATCH]:
                     gone = conn.execute(
                         "DELETE FROM deliveries WHERE seq = ? AND state = 'dead'", (seq,)
                     )
                     if gone.rowcount:
+                        # Same lane: a replayed message stays in order with
+                        # the rest of its order key.
                         conn.execute(
                             "INSERT INTO deliveries (message_id, connector, state, attempts,"
-                            " last_error, next_attempt, updated_at)"
-                            " VALUES (?, ?, 'pending', 0, NULL, 0, ?)",
-                            (mid, connector, now),
+                            " last_error, next_attempt, updated_at, lane)"
+                            " VALUES (?, ?, 'pending', 0, NULL, 0, ?, ?)",
+                            (mid, connector, now, lane),
                         )
                         moved.append(mid)
             done.extend(moved)

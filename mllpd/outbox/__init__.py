@@ -8,6 +8,7 @@ stored and the sender must get AR.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Collection
 from typing import NamedTuple
 
 from twisted.internet.defer import Deferred
@@ -54,6 +55,8 @@ class Envelope(NamedTuple):
     client_subject: str | None = None
     # Connectors whose filter matched: one queue row each, in the same commit.
     routes: tuple[str, ...] = ()
+    # The message's order key for each route (same order; empty: all 0).
+    lanes: tuple[int, ...] = ()
 
     @property
     def size(self) -> int:
@@ -95,6 +98,8 @@ class QueuedDelivery(NamedTuple):
     msg_type: str
     charset: str | None
     payload: bytes
+    # The order key: rows with the same one are delivered strictly in order.
+    lane: int = 0
 
 
 class Backlog(NamedTuple):
@@ -143,8 +148,17 @@ class IOutbox(Interface):
 class IDeliveryQueue(Interface):
     """The per-connector FIFO queues the relay works from."""
 
-    def fetch(connector: str, after: int, limit: int) -> Deferred[list[QueuedDelivery]]:
-        """The next pending or in-flight rows of a queue with seq > after, in order."""
+    def fetch(
+        connector: str,
+        after: int,
+        limit: int,
+        skip_lanes: Collection[int] = (),
+        skip_seqs: Collection[int] = (),
+    ) -> Deferred[list[QueuedDelivery]]:
+        """The next pending or in-flight rows of a queue with seq > after, in
+        order, leaving out rows of ``skip_lanes`` and the rows ``skip_seqs``
+        (the relay's lanes already busy, and rows it finished whose state
+        change may not be committed yet)."""
 
     def mark_in_flight(seq: int, now: float) -> Deferred[None]:
         """A delivery attempt starts."""
