@@ -8,16 +8,19 @@ Every option error is a :class:`ConfigError` on MLLP_CONFIG whose one line names
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Mapping
+from collections import deque
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from zope.interface import implementer
 
 from mllpd.config import ConfigError, parse_duration
 
-from . import ConnectorSpec
+from . import ConnectorSpec, Delivery, IConnector, Outcome, Retry
 
 __all__ = [
+    "ConnectorPool",
     "CurrentDelivery",
     "check_keys",
     "duration_option",
@@ -141,3 +144,35 @@ class CurrentDelivery:
     async def finished(self) -> None:
         if self._d is not None:
             await settled(self._d)
+
+
+@implementer(IConnector)
+class ConnectorPool:
+    """``lanes`` connectors of one kind that carry one delivery each (the
+    mllp connector's one connection): each delivery goes to an idle one, so
+    the relay's lanes travel over as many connections at once."""
+
+    def __init__(self, members: Sequence[IConnector]) -> None:
+        self.members = tuple(members)
+        self.name = self.members[0].name
+        self._idle: deque[IConnector] = deque(self.members)
+
+    def start(self) -> None:
+        for member in self.members:
+            member.start()
+
+    def deliver(self, delivery: Delivery) -> Deferred[Outcome]:
+        if not self._idle:
+            # The relay never has more deliveries in flight than members.
+            return succeed(Retry("every connection is busy"))
+        member = self._idle.popleft()
+
+        def release(outcome: Outcome) -> Outcome:
+            self._idle.append(member)
+            return outcome
+
+        return member.deliver(delivery).addBoth(release)
+
+    def stop(self) -> Deferred[None]:
+        d = DeferredList([member.stop() for member in self.members], consumeErrors=True)
+        return d.addCallback(lambda _: None)

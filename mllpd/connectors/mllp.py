@@ -1,7 +1,8 @@
 """The ``mllp`` connector: forward stored messages to an upstream MLLP server.
 
-One persistent connection, kept by :class:`ClientService` with backoff; one
-message in flight; the upstream's ACK decides the outcome. An ACK whose MSA-2
+One persistent connection per lane (:class:`ConnectorPool` over ``lanes``
+connectors), each kept by :class:`ClientService` with backoff; one message
+in flight on each; the upstream's ACK decides the outcome. An ACK whose MSA-2
 is not the message's MSH-10 means the stream no longer lines up with our
 messages, so the connection is dropped and the message retried. An ACK
 timeout drops the connection too: otherwise the late ACK would arrive while
@@ -44,6 +45,7 @@ from mllpd.connectors import (
     Outcome,
     Retry,
 )
+from mllpd.connectors._common import ConnectorPool
 from mllpd.framing import Frame, Framer, Junk, frame
 from mllpd.hl7 import DecodeError, Message, NotHL7Error, parse_message
 
@@ -581,14 +583,19 @@ def build(spec: ConnectorSpec, reactor: Any, environ: Mapping[str, str]) -> ICon
         raise problem(
             "address", "certificate or privateKey is not a valid PEM certificate/key"
         ) from None
-    return MLLPConnector(
-        spec.name,
-        endpoint,
-        clock=reactor,
-        ack_timeout=ack_timeout,
-        connect_timeout=connect_timeout,
-        address=address.strip(),
-    )
+    members = [
+        MLLPConnector(
+            spec.name,
+            endpoint,
+            clock=reactor,
+            ack_timeout=ack_timeout,
+            connect_timeout=connect_timeout,
+            address=address.strip(),
+        )
+        for _ in range(spec.lanes)
+    ]
+    # One connection per lane: MLLP carries one message at a time on each.
+    return members[0] if len(members) == 1 else ConnectorPool(members)
 
 
 def endpoint_description(address: str, connect_timeout: float) -> str:
