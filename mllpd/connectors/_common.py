@@ -126,24 +126,24 @@ async def settled(d: Deferred[Any]) -> None:
 
 
 class CurrentDelivery:
-    """The delivery in progress, so that ``stop`` can let it finish first."""
+    """The deliveries in progress (one per lane), so that ``stop`` can let
+    them finish first."""
 
     def __init__(self) -> None:
-        self._d: Deferred[Any] | None = None
+        self._ds: set[Deferred[Any]] = set()
 
     def track(self, d: Deferred[Any]) -> Deferred[Any]:
-        self._d = d
+        self._ds.add(d)
 
         def done(outcome: object) -> object:
-            if self._d is d:
-                self._d = None
+            self._ds.discard(d)
             return outcome
 
         return d.addCallback(done)
 
     async def finished(self) -> None:
-        if self._d is not None:
-            await settled(self._d)
+        for d in list(self._ds):
+            await settled(d)
 
 
 @implementer(IConnector)

@@ -188,7 +188,7 @@ def _closed_before_response(error: BaseException) -> bool:
 
 @implementer(IConnector)
 class HTTPConnector:
-    """POSTs each delivery over one persistent connection pool."""
+    """POSTs each delivery over a pool of kept-alive connections, one per lane."""
 
     log = Logger()
 
@@ -202,6 +202,7 @@ class HTTPConnector:
         *,
         tls: IPolicyForHTTPS | None = None,
         clock: IReactorTime | None = None,
+        lanes: int = 1,
     ) -> None:
         self.name = name
         self.url = url
@@ -210,8 +211,8 @@ class HTTPConnector:
         self._reactor = reactor
         self._clock: IReactorTime = clock if clock is not None else reactor
         self._pool = HTTPConnectionPool(reactor, persistent=True)
-        # One delivery at a time: one cached connection is all that is used.
-        self._pool.maxPersistentPerHost = 1
+        # One delivery per lane at a time: a kept-alive connection for each.
+        self._pool.maxPersistentPerHost = lanes
         agent = (
             Agent(reactor, contextFactory=tls, pool=self._pool)
             if tls is not None else Agent(reactor, pool=self._pool)
@@ -370,7 +371,9 @@ def build(
     headers = _headers(spec, environ)
     timeout = duration_option(spec, "timeout", "30s")
     tls = _tls_policy(spec, https)
-    return HTTPConnector(spec.name, url, headers, timeout, reactor, tls=tls, clock=clock)
+    return HTTPConnector(
+        spec.name, url, headers, timeout, reactor, tls=tls, clock=clock, lanes=spec.lanes
+    )
 
 
 def _check_url(spec: ConnectorSpec, url: str) -> bool:
