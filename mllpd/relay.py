@@ -50,6 +50,8 @@ MAX_WAITING = 1000
 # (PRE_SHUTDOWN_DELAY + SHUTDOWN_TIMEOUT + 2 s) leaves after the drain.
 STOP_TIMEOUT = 1.0
 CLOSE_TIMEOUT = 0.5
+# Past every seq.
+_END = 2**63 - 1
 
 
 def _within(d: Deferred[Any], seconds: float, clock: IReactorTime) -> Deferred[None]:
@@ -128,6 +130,8 @@ class Worker:
         # Rows held in runs at most: enough to refill every lane twice.
         self.buffer_limit = max(FETCH_LIMIT, 2 * lanes)
         self._scan_after = 0
+        # The lowest seq a lane untracked during a read asked to scan from.
+        self._rescan_from = 0
         self._runs: dict[int, deque[QueuedDelivery]] = {}
         self._buffered = 0
         self._busy: dict[int, QueuedDelivery] = {}
@@ -208,6 +212,7 @@ class Worker:
         behind the scan: look there again."""
         if not self._tracked(lane):
             self._scan_after = min(self._scan_after, seq)
+            self._rescan_from = min(self._rescan_from, seq)
             self._more = True
 
     def _ready(self) -> list[int]:
@@ -286,6 +291,7 @@ class Worker:
         if self.lanes > 1:
             skip_lanes = [*self._busy, *self._waiting, *self._runs]
         skip_seqs = [seq for seq in self._finished if seq > after]
+        self._rescan_from = _END
         try:
             rows = await self.queue.fetch(self.name, after, limit, skip_lanes, skip_seqs)
         except Exception as e:  # noqa: BLE001 - storage trouble: try again later
@@ -301,11 +307,11 @@ class Worker:
         if full:
             self._more = True
         # Read up to here (all of it, unless the read was full) for every
-        # lane untracked when it started. A lane untracked since lowered
-        # the scan already: that stays.
+        # lane untracked when it started; a lane untracked during the read
+        # was left out of it, so the scan goes back to that lane's row.
         covered = rows[-1].seq if full else None
-        if rows and self._scan_after >= after:
-            self._scan_after = rows[-1].seq
+        if rows:
+            self._scan_after = min(rows[-1].seq, self._rescan_from)
         for row in rows:
             known = self._recheck.pop(row.seq, None)
             if known is not None:

@@ -475,6 +475,40 @@ class LaneTests(RelayCase):
             by_key(up.seen), {"A": ["A1", "A2"], "B": ["B1", "B2"], "C": ["C1"]},
         )
 
+    async def test_a_key_freed_during_a_read_is_read_again(self) -> None:
+        """A key whose message finishes while a queue read is under way still gets its next message delivered."""
+        outbox = self.open()
+        gate: list[Deferred[None]] = []
+        fetch = outbox.fetch
+
+        def gated(*args: Any) -> Deferred[Any]:
+            if not gate:
+                return fetch(*args)
+            return gate.pop().addCallback(lambda _: fetch(*args))
+
+        outbox.fetch = gated  # type: ignore[method-assign]
+        up = ScriptedConnector("up", ["hold"] * 5)
+        self.worker(outbox, up, lanes=5)
+        await self.store_keyed(outbox, "A1", "B1")
+        await up.wait_for(2)
+        await self.store_keyed(outbox, "C1")
+        await up.wait_for(3)
+        await self.store_keyed(outbox, "C2", "D1")  # C2 waits behind C1
+        await up.wait_for(4)
+        # A1 done: the read it starts waits at the gate while C1 finishes
+        # and E1 arrives; the read finds E1 and must not pass over C2.
+        opened: Deferred[None] = Deferred()
+        gate.append(opened)
+        up.held[0].callback(Delivered())
+        up.held[2].callback(Delivered())
+        await self.store_keyed(outbox, "E1")
+        opened.callback(None)
+        await up.wait_for(6)
+        self.assertEqual(sorted(d.control_id for d in up.seen[4:]), ["C2", "E1"])
+        for held in up.held:
+            if not held.called:
+                held.callback(Delivered())
+
     async def test_keys_waiting_out_a_backoff_are_bounded(self) -> None:
         """When upstream refuses everything, no more than max_waiting keys hold a backoff at once."""
         outbox = self.open()
