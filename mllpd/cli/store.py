@@ -74,6 +74,9 @@ class ConnectorStats:
     # Seconds since the oldest message still queued (pending or in flight)
     # was received; None when the queue is empty.
     oldest_pending_age: float | None = None
+    # Order keys (lanes) whose next message waits out a retry backoff; each
+    # in-flight row is one lane in flight.
+    retrying: int = 0
 
 
 @dataclass(frozen=True)
@@ -332,6 +335,10 @@ class Store:
                 " WHERE d.state IN ('pending', 'in_flight') GROUP BY d.connector"
             ):
                 oldest[connector] = received_at
+            retrying = dict(conn.execute(
+                "SELECT connector, COUNT(DISTINCT lane) FROM deliveries"
+                " WHERE state = 'pending' AND attempts > 0 GROUP BY connector"
+            ).fetchall())
         return [
             ConnectorStats(
                 connector,
@@ -342,6 +349,7 @@ class Store:
                 oldest_pending_age=(
                     max(0.0, now - oldest[connector]) if connector in oldest else None
                 ),
+                retrying=retrying.get(connector, 0),
             )
             for connector, c in sorted(counts.items())
         ]
