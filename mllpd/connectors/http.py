@@ -18,8 +18,8 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import urlsplit
 
+from hyperlink import URL
 from OpenSSL import crypto
-from treq.client import HTTPClient
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import (
@@ -42,7 +42,7 @@ from twisted.web.client import (
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IPolicyForHTTPS, IResponse
+from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 from . import ConnectorSpec, Dead, Delivered, Delivery, IConnector, Outcome, Retry
@@ -134,6 +134,28 @@ def describe_error(failure: Failure | BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+@implementer(IBodyProducer)
+class _Body:
+    """The payload, written in one piece (no cooperator, no file object)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        consumer.write(self._data)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
 @implementer(IPolicyForHTTPS)
 class _TLSPolicy:
     """Verify the server against our CA file (or the platform's roots) and
@@ -217,7 +239,11 @@ class HTTPConnector:
             Agent(reactor, contextFactory=tls, pool=self._pool)
             if tls is not None else Agent(reactor, pool=self._pool)
         )
-        self._client = HTTPClient(agent)
+        # Twisted's Agent directly: treq's layers (its URL handling, which
+        # IDNA-encodes the host again per request, and response wrapping)
+        # cost about a third of the CPU of each POST. The URL is encoded once.
+        self._agent = agent
+        self._uri = URL.from_text(url).to_uri().to_text().encode("ascii")
         self._current = CurrentDelivery()
         self._stopping = False
 
@@ -261,12 +287,9 @@ class HTTPConnector:
         started = self._clock.seconds()
         for fresh in (False, True):
             try:
-                request = self._client.post(
-                    self.url,
-                    data=delivery.payload,
-                    headers=self._request_headers(delivery),
-                    allow_redirects=False,
-                    unbuffered=True,
+                request = self._agent.request(
+                    b"POST", self._uri, self._request_headers(delivery),
+                    _Body(delivery.payload),
                 )
             except Exception as e:  # noqa: BLE001 - deliver() answers with an outcome, never fails
                 return Retry(f"request not sent: {describe_error(e)}")
