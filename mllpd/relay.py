@@ -193,11 +193,12 @@ class Worker:
         if wake is not None:
             wake.callback(None)
 
-    def _sleep(self, seconds: float) -> Deferred[None]:
-        """Wait ``seconds`` or until woken, whichever is first."""
+    def _sleep(self, seconds: float | None) -> Deferred[None]:
+        """Wait ``seconds`` (None: no limit) or until woken, whichever is first."""
         wake: Deferred[None] = Deferred()
         self._wake = wake
-        self._timer = self.clock.callLater(max(seconds, 0.0), self._fire_wake)
+        if seconds is not None:
+            self._timer = self.clock.callLater(max(seconds, 0.0), self._fire_wake)
         return wake
 
     def _lane(self, row: QueuedDelivery) -> int:
@@ -246,12 +247,16 @@ class Worker:
     def _clock_now(self) -> float:
         return self.clock.seconds()
 
-    def _idle_time(self) -> float:
-        """Seconds until the next thing this worker must do unprompted."""
-        wait = POLL_INTERVAL
+    def _idle_time(self) -> float | None:
+        """Seconds until the next thing this worker must do unprompted;
+        None when only a delivery ending (which wakes it) can change that."""
         if len(self._busy) < self.lanes and len(self._waiting) < self.max_waiting:
             # A lane is free: look for rows nobody announced (replays).
-            wait -= self._clock_now() - self._last_read
+            wait = POLL_INTERVAL - (self._clock_now() - self._last_read)
+        elif not self._waiting:
+            return None
+        else:
+            wait = POLL_INTERVAL
         if self._waiting:
             soonest = min(row.next_attempt for row in self._waiting.values())
             wait = min(wait, soonest - self._now())
