@@ -216,6 +216,16 @@ class Worker:
             self._rescan_from = min(self._rescan_from, seq)
             self._more = True
 
+    def _can_read(self) -> bool:
+        """Whether a read could find a row to start."""
+        if len(self._waiting) >= self.max_waiting:
+            return False
+        if self.lanes == 1:
+            # A FIFO reads only once its head is done: while it is in
+            # flight or in backoff, nothing behind it may start.
+            return not self._tracked(0)
+        return len(self._busy) < self.lanes
+
     def _ready(self) -> list[int]:
         """Lanes whose next row can start now, oldest head first."""
         ready = [
@@ -233,7 +243,7 @@ class Worker:
             free = self.lanes - len(self._busy)
             ready = self._ready()
             room = len(self._waiting) < self.max_waiting
-            if free > len(ready) and self._more and room:
+            if free > len(ready) and self._more and self._can_read():
                 await self._read()
                 continue
             if free > 0 and ready and room:
@@ -250,7 +260,7 @@ class Worker:
     def _idle_time(self) -> float | None:
         """Seconds until the next thing this worker must do unprompted;
         None when only a delivery ending (which wakes it) can change that."""
-        if len(self._busy) < self.lanes and len(self._waiting) < self.max_waiting:
+        if self._can_read():
             # A lane is free: look for rows nobody announced (replays).
             wait = POLL_INTERVAL - (self._clock_now() - self._last_read)
         elif not self._waiting:

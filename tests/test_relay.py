@@ -188,6 +188,29 @@ class RelayTests(RelayCase):
             [("FIRST", "delivered", 3), ("SECOND", "delivered", 1)],
         )
 
+    async def test_a_fifo_in_backoff_does_not_read_its_queue(self) -> None:
+        """While the head waits out its backoff, new messages and polls cost no queue reads."""
+        outbox = self.open()
+        reads: list[object] = []
+        fetch = outbox.fetch
+
+        def counted(*args: Any) -> Deferred[Any]:
+            reads.append(args)
+            return fetch(*args)
+
+        outbox.fetch = counted  # type: ignore[method-assign]
+        up = ScriptedConnector("up", [Retry("503")])
+        self.worker(outbox, up)
+        await self.store(outbox, "HEAD")
+        await up.wait_for(1)
+        before = len(reads)
+        await self.store(outbox, "N1", "N2", "N3")
+        self.clock.advance(5)
+        self.assertEqual(len(reads), before)
+        self.clock.advance(5.1)
+        await up.wait_for(5)
+        self.assertEqual([d.control_id for d in up.seen], ["HEAD", "HEAD", "N1", "N2", "N3"])
+
     async def test_retry_after_overrides_backoff(self) -> None:
         """An upstream's Retry-After replaces the computed backoff, capped at the policy's max."""
         outbox = self.open()
