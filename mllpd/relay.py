@@ -335,7 +335,7 @@ class Worker:
                 row = known
             lane = self._lane(row)
             if lane in self._busy or lane in self._waiting:
-                continue  # only a FIFO reads behind its own head; never here
+                continue  # tracked lanes are left out of reads: never here
             self._runs.setdefault(lane, deque()).append(row)
             self._buffered += 1
         for seq in list(self._recheck):

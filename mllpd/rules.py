@@ -420,8 +420,8 @@ def _key_needs(expr: str) -> KeyNeeds:
 
 def lane_key(text: str) -> int:
     """A message's order key as stored with its queue rows: 8 bytes of a
-    hash, signed (SQLite's integer), never 0 (rows queued before lanes
-    existed)."""
+    hash, signed (SQLite's integer), never 0 (the key of rows stored
+    without one, e.g. delivered before the outbox knew lanes)."""
     digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True) or 1
 
