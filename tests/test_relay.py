@@ -447,6 +447,9 @@ class LaneTests(RelayCase):
         self.clock.advance(5)
         self.assertEqual(len(up.seen), 4)
         self.clock.advance(5.1)
+        await up.wait_for(4 + 2 * worker.buffer_limit)
+        # Rows held in memory stay bounded however long the key's queue is.
+        self.assertLessEqual(worker._buffered, worker.buffer_limit)
         await up.wait_for(4 + len(long))
         await self.settle(outbox)
         self.assertEqual(by_key(up.seen)["A"], ["A0", *long])
