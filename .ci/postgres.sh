@@ -5,7 +5,9 @@
 #
 #   .ci/postgres.sh install              # apt-get install postgresql unless present (root)
 #   eval "$(.ci/postgres.sh start)"      # exports MLLPD_TEST_POSTGRES_DSN and _DIR
+#   .ci/postgres.sh start durable        # fsync on, as deployed (benchmarks)
 #   python -m twisted.trial tests.test_connector_postgres
+#   .ci/postgres.sh restart "$MLLPD_TEST_POSTGRES_DIR"   # crash and start again
 #   .ci/postgres.sh stop "$MLLPD_TEST_POSTGRES_DIR"
 set -euo pipefail
 
@@ -62,11 +64,16 @@ start)
     fi
     as_owner "$BIN/initdb" -D "$dir/data" -U postgres -A trust -E UTF8 --locale=C --no-sync \
         >"$dir/initdb.log" 2>&1 || { cat "$dir/initdb.log" >&2; exit 1; }
+    # Tests need no durability; benchmarks (durable) measure it as deployed.
+    speed="-c fsync=off -c full_page_writes=off -c synchronous_commit=off"
+    if [ "${2:-}" = "durable" ]; then
+        speed=""
+    fi
     # A port can be taken between choosing and binding: try a few.
     for _ in 1 2 3 4 5; do
         port=$(free_port)
         if as_owner "$BIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 30 \
-            -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off -c synchronous_commit=off" \
+            -o "-p $port -k $dir -c listen_addresses=127.0.0.1 $speed" \
             start >/dev/null; then
             echo "export MLLPD_TEST_POSTGRES_DIR=$dir"
             echo "export MLLPD_TEST_POSTGRES_DSN=postgresql://postgres@127.0.0.1:$port/postgres"
@@ -89,8 +96,20 @@ stop)
     fi
     rm -rf "$dir"
     ;;
+restart)
+    # An immediate (crash-like) stop and a start on the same port and data,
+    # for the tests of a database that goes away under load.
+    dir=${2:-${MLLPD_TEST_POSTGRES_DIR:-}}
+    case "$dir" in
+    */mllpd-pg.*) ;;
+    *) echo "postgres.sh restart: expected a directory made by '$0 start', got '$dir'" >&2; exit 2 ;;
+    esac
+    BIN=$(bindir)
+    OWNER=$(stat -c %U "$dir")
+    as_owner "$BIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -m immediate -w -t 30 restart >/dev/null
+    ;;
 *)
-    echo "usage: $0 install | start | stop [DIR]" >&2
+    echo "usage: $0 install | start [durable] | stop [DIR] | restart [DIR]" >&2
     exit 2
     ;;
 esac

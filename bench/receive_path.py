@@ -6,9 +6,10 @@ and prints microseconds per message: framing, parsing, checks, envelope,
 hashing and ACK building, i.e. what the reactor thread spends per message on
 top of Twisted's I/O.
 
-    python bench/receive_path.py [--messages 20000] [--profile] [--metrics]
+    python bench/receive_path.py [--messages 20000] [--profile] [--metrics] [--batch N]
 
 ``--metrics`` turns on the metrics collectors (as MLLP_METRICS_ADDR does).
+``--batch N`` sends the messages as HL7 batches (BHS ... BTS) of N per frame.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import pstats
 import sys
 import time
+from collections.abc import Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -43,18 +45,30 @@ class NullOutbox(MemoryOutbox):
     def store(self, envelope: Envelope) -> Deferred[StoreResult]:
         return succeed(StoreResult(envelope.message_id, False))
 
+    def store_batch(self, envelopes: Sequence[Envelope]) -> Deferred[list[StoreResult]]:
+        return succeed([StoreResult(e.message_id, False) for e in envelopes])
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--messages", type=int, default=20000)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--metrics", action="store_true", help="with the metrics collectors on")
+    parser.add_argument("--batch", type=int, default=0, help="messages per HL7 batch frame")
     args = parser.parse_args()
     prefix, suffix = loadgen.build_template(1024, "20260101120000")
-    frames = [
-        frame(prefix + f"{i:0{loadgen.CTRL_ID_LEN}d}".encode() + suffix)
-        for i in range(args.messages)
+    messages = [
+        prefix + f"{i:0{loadgen.CTRL_ID_LEN}d}".encode() + suffix for i in range(args.messages)
     ]
+    if args.batch:
+        frames = [
+            frame(b"BHS|^~\\&|LOADGEN|FAC|||20260101120000||||B%d\r" % i
+                  + b"".join(messages[i : i + args.batch])
+                  + b"BTS|%d\r" % len(messages[i : i + args.batch]))
+            for i in range(0, len(messages), args.batch)
+        ]
+    else:
+        frames = [frame(m) for m in messages]
     clock = Clock()
     clock.advance(1.8e9)
     metrics = None
@@ -79,8 +93,9 @@ def main() -> None:
     run()
     elapsed = time.perf_counter() - start
     acks = factory.acks
-    assert sum(acks.values()) == len(frames), acks
-    print(f"{elapsed / len(frames) * 1e6:.1f} us per message ({len(frames)} messages, {dict(acks)})")
+    assert sum(acks.values()) == len(messages), acks
+    print(f"{elapsed / len(messages) * 1e6:.1f} us per message ({len(messages)} messages"
+          f" in {len(frames)} frames, {dict(acks)})")
     if args.profile:
         profiler = cProfile.Profile()
         profiler.runcall(run)

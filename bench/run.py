@@ -1,4 +1,9 @@
-"""Benchmark mllpd against the minimal responder with the same load.
+"""Benchmark mllpd against a reference and the minimal responder, same load.
+
+The reference is ``../shared/bench/ref_group_commit.py --store group``: a
+bare Twisted MLLP server doing the same durable group commit (WAL,
+synchronous=FULL, AA after COMMIT, one INSERT per message), run from where it
+lives (--reference), never copied here. The responder ACKs without storing.
 
 For each connection count (default 64 and 1) it starts a fresh server,
 learns its port from the ``{"event": "listening", "port": N}`` stdout line,
@@ -16,6 +21,7 @@ import os
 import platform
 import shutil
 import signal
+import socket
 import sqlite3
 import statistics
 import subprocess
@@ -30,7 +36,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 LOADGEN = HERE / "loadgen.py"
 RESPONDER = HERE / "responder.py"
-TARGETS = ("mllpd", "responder")
+REFERENCE = HERE.parent.parent / "shared" / "bench" / "ref_group_commit.py"
+TARGETS = ("mllpd", "reference", "responder")
 
 
 class BenchError(RuntimeError):
@@ -85,7 +92,8 @@ class Server:
         self.stderr_path = self.workdir / "stderr.log"
 
     def start(self, timeout: float) -> int:
-        """Spawn and wait (at most ``timeout`` s) for the listening line."""
+        """Spawn and wait (at most ``timeout`` s) for the listening line, or
+        (``port`` set beforehand: a server that prints none) until it accepts."""
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
@@ -108,6 +116,8 @@ class Server:
                 if port:
                     self.port = port
                     return port
+            if self.port and _accepts(self.port):
+                return self.port
             if self.proc.poll() is not None:
                 raise BenchError(
                     f"{self.name} exited with {self.proc.returncode} before listening\n"
@@ -132,6 +142,20 @@ class Server:
                 self.proc.wait(10)
         self.returncode = self.proc.returncode
         return self.returncode
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+    except OSError:
+        return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _listening_port(line: bytes) -> int:
@@ -216,11 +240,18 @@ def one_run(args: argparse.Namespace, target: str, conns: int, rep: int,
         env = server_env(args, db)
         argv = [*twistd_command(args.twistd), "-n", "--pidfile=", "mllp",
                 "--port", "tcp:0:interface=127.0.0.1"]
+    elif target == "reference":
+        db = workdir / "ref.db"
+        port = _free_port()
+        argv = [sys.executable, str(args.reference), "--port", str(port), "--store", "group",
+                "--db", str(db)]
     else:
         db = None
         argv = [sys.executable, str(RESPONDER), "--port", "0"]
     cpus = _cpu_list(args.server_cpus) if args.pin != "none" else None
     server = Server(target, argv, workdir, env, cpus)
+    if target == "reference":
+        server.port = port
     rec: dict[str, Any] = {"server": target, "connections": conns, "repeat": rep,
                            "argv": argv, "ok": False}
     try:
@@ -264,29 +295,37 @@ def _fmt(v: float | None, spec: str) -> str:
 def table(cells: dict[tuple[str, int], dict[str, Any]], conns_list: list[int],
           targets: list[str]) -> str:
     """Markdown table, one row per (connections, server)."""
-    head = ("| server | connections | msgs/s | p50 ms | p99 ms | ratio mllpd/responder "
-            "| errors | server CPU % | loadgen CPU % | outbox rows = AA |")
-    lines = [head, "|" + "---|" * 10]
+    head = ("| server | connections | msgs/s | p50 ms | p99 ms | mllpd/reference "
+            "| mllpd/responder | errors | server CPU % | µs CPU/msg | loadgen CPU % "
+            "| rows = AA |")
+    lines = [head, "|" + "---|" * 12]
     for n in conns_list:
         base = cells.get(("responder", n), {}).get("load")
+        ref = cells.get(("reference", n), {}).get("load")
         for t in targets:
             rec = cells.get((t, n))
             if rec is None:
                 continue
             load = rec.get("load")
             if not load:
-                lines.append(f"| {t} | {n} | FAILED | | | | | | | |")
+                lines.append(f"| {t} | {n} | FAILED | | | | | | | | | |")
                 continue
-            ratio = "-"
+            ratio = vs_ref = "-"
             if t == "mllpd" and base and base["msgs_per_s"]:
                 ratio = f"{load['msgs_per_s'] / base['msgs_per_s']:.3f}"
+            if t == "mllpd" and ref and ref["msgs_per_s"]:
+                vs_ref = f"{load['msgs_per_s'] / ref['msgs_per_s']:.3f}"
+            cpu = load["cpu"]["server_s"]
+            ok = load["measured"]["ok"]
+            per_msg = f"{1e6 * cpu / ok:.0f}" if cpu and ok else "-"
             ob = rec.get("outbox")
             rows = "-" if ob is None else (
                 f"yes ({ob['rows']})" if ob["rows_equal_aa"] else f"NO: {ob['rows']} vs {ob['aa']}")
             lines.append(
                 f"| {t} | {n} | {load['msgs_per_s']:.0f} | {_fmt(load['latency_ms']['p50'], '.3f')} "
-                f"| {_fmt(load['latency_ms']['p99'], '.3f')} | {ratio} | {load['errors']['total']} "
-                f"| {_fmt(load['cpu']['server_pct_of_core'], '.0f')} "
+                f"| {_fmt(load['latency_ms']['p99'], '.3f')} | {vs_ref} | {ratio} "
+                f"| {load['errors']['total']} "
+                f"| {_fmt(load['cpu']['server_pct_of_core'], '.0f')} | {per_msg} "
                 f"| {_fmt(load['cpu']['loadgen_pct_of_core'], '.0f')} | {rows} |"
             )
     return "\n".join(lines)
@@ -332,6 +371,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--server-cpus", default="0")
     p.add_argument("--loadgen-cpus", default="1")
     p.add_argument("--twistd", default=None, help="twistd executable to use")
+    p.add_argument("--reference", default=str(REFERENCE),
+                   help="ref_group_commit.py (run where it is, never copied)")
     p.add_argument("--log-level", default="info", help="LOG_LEVEL for mllpd")
     p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for mllpd (repeatable)")

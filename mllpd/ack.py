@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 
-from mllpd.hl7 import Header, escape
+from mllpd.hl7 import Header, escape, framing_safe, max_length
 
 __all__ = [
     "ACCEPT",
@@ -112,7 +112,7 @@ def _hl7_timestamp(now: datetime) -> str:
 
 def _ack_type(header: Header, version: tuple[int, ...]) -> str:
     cs = header.component_sep
-    trigger = header.trigger
+    trigger = framing_safe(header.trigger[: max_length(9)], header.escape_char)
     if version >= (2, 4):
         return f"ACK{cs}{trigger}{cs}ACK"
     if version >= (2, 3) and trigger:
@@ -159,23 +159,27 @@ def build_ack(
     fs = h.field_sep
     version = version_tuple(h.version) or (2, 5)
     code = ack_code(outcome, header)
+    def echo(n: int) -> str:
+        # Never whole when overlong; never a byte that ends the sender's frame.
+        return framing_safe(h.bounded(n), h.escape_char)
+
     msh = [
         "MSH",
         h.encoding_chars,
-        h.field(5),
-        h.field(6),
-        h.field(3),
-        h.field(4),
+        echo(5),
+        echo(6),
+        echo(3),
+        echo(4),
         _hl7_timestamp(now),
         "",
         _ack_type(h, version),
         ack_id,
-        h.field(11) or "P",
-        h.field(12) or "2.5",
+        echo(11) or "P",
+        echo(12) or "2.5",
     ]
     if h.field(18):
-        msh += ["", "", "", "", "", h.field(18)]
-    msa = ["MSA", code, h.control_id]
+        msh += ["", "", "", "", "", echo(18)]
+    msa = ["MSA", code, echo(10)]
     if error is not None and version < (2, 7):
         msa.append(_escaped_prefix(error.text, h, 80))
     segments = [fs.join(msh), fs.join(msa)]

@@ -20,6 +20,7 @@ __all__ = [
     "parse_duration",
     "parse_listen_address",
     "parse_size",
+    "with_backlog",
 ]
 
 
@@ -121,6 +122,18 @@ def parse_listen_address(text: str) -> str:
     return s
 
 
+# Endpoint types whose serverFromString parser takes ``backlog=``.
+_BACKLOG_TYPES = frozenset({"tcp", "tcp6", "ssl", "unix"})
+
+
+def with_backlog(endpoint: str, backlog: int) -> str:
+    """``endpoint`` listening with this backlog, unless it names its own."""
+    kind = endpoint.split(":", 1)[0].lower()
+    if kind not in _BACKLOG_TYPES or re.search(r"(?<!\\):backlog=", endpoint):
+        return endpoint
+    return f"{endpoint}:backlog={backlog}"
+
+
 def _port(text: str) -> int:
     port = int(text)
     if not 0 <= port <= 65535:
@@ -136,6 +149,13 @@ def _nonneg_int(text: str) -> int:
 
 
 _LOG_LEVELS = ("trace", "debug", "info", "warn", "error")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text.strip())
+    if value <= 0:
+        raise ValueError(f"must be more than 0, got {text!r}")
+    return value
 
 
 def _log_level(text: str) -> str:
@@ -155,13 +175,16 @@ def _validate_mode(text: str) -> str:
 
 
 def _charset(text: str) -> str | None:
-    from mllpd.hl7 import codec_for_charset  # a leaf-to-leaf import
+    from mllpd.hl7 import codec_for_charset, is_wide  # a leaf-to-leaf import
 
     name = text.strip()
     if not name:
         return None
-    if codec_for_charset(name) is None:
+    codec = codec_for_charset(name)
+    if codec is None:
         raise ValueError(f"unknown HL7 character set {text!r}")
+    if is_wide(codec):
+        raise ValueError(f"{text!r}: UTF-16 and UTF-32 cannot be framed safely by MLLP")
     return name
 
 
@@ -173,6 +196,21 @@ def _path(text: str) -> str:
 
 def _optional_path(text: str) -> str | None:
     return text if text.strip() else None
+
+
+def _db_url(text: str) -> str | None:
+    url = text.strip()
+    if not url:
+        return None
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        conninfo_to_dict(url)
+    except psycopg.Error:
+        # Never echo the value: it may hold a password.
+        raise ValueError("not a PostgreSQL connection string") from None
+    return url
 
 
 def _tls_version(text: str) -> str:
@@ -250,6 +288,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MLLP_ADDR", "port", ":2575", parse_listen_address,
             "host:port, :port, a port number or a Twisted endpoint string",
             "listen address"),
+    Setting("MLLP_LISTEN_BACKLOG", "listen_backlog", "4096", _positive_int,
+            "a whole number above 0 (the kernel caps it at net.core.somaxconn)",
+            "listen(2) backlog: connections the kernel queues before mllpd accepts them"),
     Setting("MLLP_MAX_CONNECTIONS", "max_connections", "0", _nonneg_int,
             "a whole number, 0 for unlimited",
             "connections beyond this are closed at once (0: unlimited)"),
@@ -265,6 +306,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MLLP_MAX_FRAME_SIZE", "max_frame_size", "2MiB", _positive_size,
             "a size such as 2MiB, 512KiB or a number of bytes",
             "larger frames are rejected and the connection closed"),
+    Setting("MLLP_MAX_BATCH_MESSAGES", "max_batch_messages", "10000", _positive_int,
+            "a whole number greater than 0",
+            "an HL7 batch (BHS ... BTS) with more messages is rejected whole"),
+    Setting("MLLP_MAX_BUFFER", "max_buffer", "64MiB", _positive_size,
+            "a size such as 64MiB, 256MiB or a number of bytes, at least MLLP_MAX_FRAME_SIZE",
+            "all bytes of frames in progress and messages awaiting commit; above it reading pauses"),
     Setting("MLLP_KEEPALIVE_PERIOD", "keepalive_period", "60s", parse_duration,
             "a duration such as 30s or 1m (0 turns keepalive off)",
             "TCP keepalive period (0: off)"),
@@ -274,6 +321,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MLLP_DB_PATH", "db_path", "outbox.db", _path,
             "a file path (':memory:' only for tests)",
             "SQLite outbox file"),
+    Setting("MLLP_DB_URL", "db_url", "", _db_url,
+            "a libpq URL (postgresql://user@host/db) or key=value string",
+            "PostgreSQL outbox shared by replicas (instead of MLLP_DB_PATH)"),
     Setting("MLLP_WAL_LIMIT", "wal_limit", "64MiB", _wal_limit,
             "a size of at least 4MiB, such as 64MiB or 1GiB",
             "bound of the SQLite outbox's WAL file: the log restarts at a quarter of it"),
@@ -319,6 +369,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MLLP_CLIENT_IDENTITIES", "client_identities", "", _optional_path,
             "a YAML file mapping certificate subjects or SANs to MSH-3/MSH-4 values",
             "which MSH-3/MSH-4 each client certificate may send as (needs TLS_CLIENT_CA)"),
+    Setting("TLS_CRL_FILE", "tls_crl_file", "", _optional_path,
+            "a PEM file of certificate revocation lists from the TLS_CLIENT_CA issuers",
+            "refuse client certificates revoked in these CRLs (needs TLS_CLIENT_CA; reloaded like the certificates)"),
     Setting("MLLP_PROXY_PROTOCOL", "proxy_protocol", "false", _boolean,
             "true or false",
             "expect a PROXY protocol v1/v2 header on every connection"),
@@ -333,14 +386,18 @@ class Settings:
     """All of mllpd's settings, parsed."""
 
     port: str = "tcp:2575"
+    listen_backlog: int = 4096
     max_connections: int = 0
     idle_timeout: float = 30.0
     frame_timeout: float = 60.0
     write_timeout: float = 5.0
     max_frame_size: int = 2 * 1024 * 1024
+    max_batch_messages: int = 10_000
+    max_buffer: int = 64 * 1024 * 1024
     keepalive_period: float = 60.0
     default_charset: str | None = None
     db_path: str = "outbox.db"
+    db_url: str | None = None
     wal_limit: int = 64 * 1024 * 1024
     dedup_window: float = 24 * 3600.0
     validate: str = "none"
@@ -356,6 +413,7 @@ class Settings:
     tls_min_version: str = "1.2"
     tls_handshake_timeout: float = 10.0
     client_identities: str | None = None
+    tls_crl_file: str | None = None
     proxy_protocol: bool = False
     metrics_addr: str | None = None
     pod_name: str | None = None
@@ -397,6 +455,11 @@ def load_settings(
 
 def _check_together(values: Mapping[str, object], sources: Mapping[str, str]) -> None:
     """Settings that only make sense with another one."""
+    max_buffer, max_frame = values.get("max_buffer"), values.get("max_frame_size")
+    if isinstance(max_buffer, int) and isinstance(max_frame, int) and max_buffer < max_frame:
+        raise ConfigError(
+            sources["max_buffer"], f"{max_buffer} bytes is less than MLLP_MAX_FRAME_SIZE ({max_frame})"
+        )
     cert, key = values.get("tls_cert_file"), values.get("tls_key_file")
     if cert and not key:
         raise ConfigError(sources["tls_key_file"], "not set, but TLS_CERT_FILE is; set both or neither")
@@ -404,6 +467,10 @@ def _check_together(values: Mapping[str, object], sources: Mapping[str, str]) ->
         raise ConfigError(sources["tls_cert_file"], "not set, but TLS_KEY_FILE is; set both or neither")
     if values.get("tls_client_ca") and not cert:
         raise ConfigError(sources["tls_client_ca"], "needs TLS_CERT_FILE and TLS_KEY_FILE")
+    if values.get("tls_crl_file") and not values.get("tls_client_ca"):
+        raise ConfigError(
+            sources["tls_crl_file"], "needs TLS_CLIENT_CA (revocation applies to client certificates)"
+        )
     if values.get("client_identities") and not values.get("tls_client_ca"):
         raise ConfigError(
             sources["client_identities"], "needs TLS_CLIENT_CA (identities come from client certificates)"

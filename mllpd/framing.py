@@ -3,7 +3,8 @@
 A frame is ``0x0B payload 0x1C 0x0D``. Bytes outside a frame are junk: they
 are counted and dropped, never glued to a message. A start byte inside an
 unfinished frame abandons that frame (counted as junk) and starts a new one,
-since 0x0B never occurs in HL7 text.
+since 0x0B never occurs in HL7 text; it is a restart, not a new frame, so
+the frame timeout still runs from the first start byte.
 """
 
 from __future__ import annotations
@@ -72,7 +73,9 @@ class Framer:
         # many reads is scanned once, not once per read.
         self._scan = 0
         self.broken = False
+        # Frames begun outside a frame; start bytes inside one are restarts.
         self.frames_started = 0
+        self.restarts = 0
 
     @property
     def in_frame(self) -> bool:
@@ -113,7 +116,7 @@ class Framer:
                 events.append(Junk(restart))
                 del buf[: restart + 1]
                 self._scan = 0
-                self.frames_started += 1
+                self.restarts += 1
                 continue
             if end < 0:
                 # Keep a trailing 0x1C: its 0x0D may be in the next read.

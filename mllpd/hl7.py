@@ -10,16 +10,20 @@ from __future__ import annotations
 import codecs
 import re
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 __all__ = [
     "DecodeError",
     "Header",
     "Message",
+    "MSH_MAX_LENGTH",
     "NotHL7Error",
     "UnknownCharsetError",
+    "WideCharsetError",
     "codec_for_charset",
+    "framing_safe",
     "escape",
+    "max_length",
     "parse_message",
     "unescape",
 ]
@@ -83,6 +87,32 @@ class UnknownCharsetError(DecodeError):
     """MSH-18 names a character set that is not in HL7 table 0211."""
 
 
+class WideCharsetError(DecodeError):
+    """UTF-16 or UTF-32: a character can hold the bytes 0x1C 0x0D, so MLLP
+    may have cut the message short without anyone noticing."""
+
+
+WIDE_CHARSET_TEXT = "UTF-16 and UTF-32 cannot be framed safely by MLLP; send UTF-8"
+
+
+def is_wide(codec: str) -> bool:
+    """Whether a Python codec is UTF-16 or UTF-32 (in any byte order)."""
+    return codec.startswith(("utf-16", "utf-32", "utf_16", "utf_32"))
+
+
+# Bytes that would end or restart the sender's MLLP frame, or a segment.
+_FRAMING = ("\x0b", "\x1c", "\r", "\n")
+
+
+def framing_safe(value: str, escape_char: str) -> str:
+    """``value`` with 0x0B, 0x1C, CR and LF as hex escapes (\\X0B\\ ...), so
+    an echoed field can never break the sender's framing."""
+    for char in _FRAMING:
+        if char in value:
+            value = value.replace(char, f"{escape_char}X{ord(char):02X}{escape_char}")
+    return value
+
+
 _SEGMENT_SPLIT = re.compile(r"\r\n|\r|\n")
 
 # Byte signatures of the encodings whose MSH is not ASCII bytes.
@@ -98,6 +128,28 @@ _WIDE_SIGNATURES: tuple[tuple[bytes, str], ...] = (
 )
 
 
+# The longest value HL7 v2 allows in each MSH field (per repetition), taking
+# the most generous version (MSH-10 is 20 characters in 2.5, 199 in 2.7);
+# fields HL7 gives no maximum get 200. A longer field is refused, never
+# echoed, stored or counted whole.
+MSH_MAX_LENGTH: dict[int, int] = {
+    3: 227, 4: 227, 5: 227, 6: 227, 7: 26, 8: 40, 9: 15, 10: 199, 11: 3, 12: 60,
+    13: 15, 14: 180, 15: 2, 16: 2, 17: 3, 18: 16, 19: 250, 20: 20, 21: 427,
+    22: 567, 23: 567, 24: 227, 25: 227,
+}
+DEFAULT_MAX_LENGTH = 200
+
+
+# max_length(n) for the fields a header usually has: a tuple index is the
+# cheapest lookup, and every message's every MSH field is looked up.
+_LIMITS = tuple(MSH_MAX_LENGTH.get(n, DEFAULT_MAX_LENGTH) for n in range(32))
+
+
+def max_length(n: int) -> int:
+    """The longest value MSH-n may hold, per repetition."""
+    return _LIMITS[n] if n < 32 else DEFAULT_MAX_LENGTH
+
+
 class Header:
     """The MSH segment, read by position. ``fields[n]`` is MSH-n.
 
@@ -108,7 +160,7 @@ class Header:
     __slots__ = (
         "fields", "field_sep", "encoding_chars", "component_sep", "repetition_sep",
         "escape_char", "subcomponent_sep", "msg_type", "trigger", "control_id",
-        "version", "accept_ack_type", "_type_label",
+        "version", "accept_ack_type", "_type_label", "_within",
     )
 
     def __init__(self, fields: tuple[str, ...]) -> None:
@@ -133,6 +185,8 @@ class Header:
         )
         self.accept_ack_type = fields[15].strip().upper() if n > 15 else ""
         self._type_label: str | None = None
+        # Set once overlong() found every field within HL7's lengths.
+        self._within = False
 
     def __repr__(self) -> str:
         return f"Header(control_id={self.control_id!r}, type={self.msg_type!r})"
@@ -140,6 +194,28 @@ class Header:
     def field(self, n: int) -> str:
         """MSH-n as raw text ('' when absent)."""
         return self.fields[n] if n < len(self.fields) else ""
+
+    def overlong(self) -> int | None:
+        """The first MSH field longer than HL7 allows (n of MSH-n), or None.
+
+        The limit holds per repetition; a whole field, however repeated, is
+        never longer than ten times its limit (and never than 2,000).
+        """
+        fields = self.fields
+        for n in range(3, len(fields)):
+            limit = _LIMITS[n] if n < 32 else DEFAULT_MAX_LENGTH
+            if len(fields[n]) > limit and _overlong(fields[n], limit, self):
+                return n
+        self._within = True
+        return None
+
+    def bounded(self, n: int) -> str:
+        """MSH-n for echoing: cut to HL7's maximum when it is longer."""
+        value = self.field(n)
+        if self._within:
+            return value
+        limit = max_length(n)
+        return value[:limit] if _overlong(value, limit, self) else value
 
     def component(self, n: int, c: int = 1) -> str:
         """Component c of the first repetition of MSH-n, raw."""
@@ -155,21 +231,30 @@ class Header:
     def type_label(self) -> str:
         """``ADT^A01`` style label for logs and storage."""
         if self._type_label is None:
-            t = unescape(self.msg_type, self)
-            trig = unescape(self.trigger, self)
+            limit = max_length(9)
+            t = unescape(self.msg_type[:limit], self)
+            trig = unescape(self.trigger[:limit], self)
             self._type_label = f"{t}^{trig}" if trig else t
         return self._type_label
+
+
+def _overlong(value: str, limit: int, header: Header) -> bool:
+    if len(value) <= limit:
+        return False
+    if len(value) > min(10 * limit, 2000):
+        return True
+    return any(len(r) > limit for r in value.split(header.repetition_sep))
 
 
 def _read_header(line: str) -> Header:
     if not line.startswith("MSH") or len(line) < 8:
         raise NotHL7Error("payload does not start with an MSH segment")
     fs = line[3]
-    if fs.isalnum() or fs in " \t":
+    if fs.isalnum() or fs in " \t\x0b\x1c":
         raise NotHL7Error("MSH field separator is not a delimiter character")
     rest = line[4:].split(fs)
     enc = rest[0]
-    if not 1 <= len(enc) <= 5 or any(c.isalnum() or c == fs for c in enc):
+    if not 1 <= len(enc) <= 5 or any(c.isalnum() or c == fs or c in _FRAMING for c in enc):
         raise NotHL7Error("MSH-2 encoding characters are missing or invalid")
     return Header(fields=("MSH", fs, *rest))
 
@@ -289,17 +374,24 @@ def parse_message(payload: bytes, default_charset: str | None = None) -> Message
     not valid in it.
     """
     body = payload if payload[:3] == b"MSH" else payload.lstrip(b"\r\n\t ")
+    if body[:3] == codecs.BOM_UTF8:
+        # Windows senders prefix a UTF-8 byte order mark: skip it for
+        # parsing (the stored bytes keep it); it says UTF-8 when MSH-18 is empty.
+        body = body[3:].lstrip(b"\r\n\t ")
+        default_charset = "UNICODE UTF-8"
     for signature, codec in _WIDE_SIGNATURES if body[:3] != b"MSH" else ():
         if body.startswith(signature):
             try:
                 text = body.decode(codec)
             except UnicodeDecodeError:
-                raise DecodeError(f"payload is not valid {codec}") from None
+                raise WideCharsetError(WIDE_CHARSET_TEXT) from None
             text = text.lstrip("\ufeff")
             header = _read_header(_first_line(text))
-            return Message(payload, text, header, codecs.lookup(codec).name, header.field(18) or None)
+            raise WideCharsetError(WIDE_CHARSET_TEXT, header)
     header = _bytes_header(body)
     codec, charset = _choose_codec(header, default_charset)
+    if is_wide(codec):
+        raise WideCharsetError(WIDE_CHARSET_TEXT, header)
     try:
         text = body.decode(codec)
     except UnicodeDecodeError as e:
@@ -313,7 +405,11 @@ def parse_message(payload: bytes, default_charset: str | None = None) -> Message
     return Message(payload, text, header, codec, charset)
 
 
-_ESCAPE_SEQ_CACHE: dict[str, re.Pattern[str]] = {}
+@lru_cache(maxsize=16)
+def _escape_pattern(esc: str) -> re.Pattern[str]:
+    # Any character can be a sender's escape character: a bounded cache.
+    e = re.escape(esc)
+    return re.compile(f"{e}([^{e}]*){e}")
 
 
 def unescape(value: str, header: Header) -> str:
@@ -321,11 +417,7 @@ def unescape(value: str, header: Header) -> str:
     esc = header.escape_char
     if esc not in value:
         return value
-    pattern = _ESCAPE_SEQ_CACHE.get(esc)
-    if pattern is None:
-        e = re.escape(esc)
-        pattern = re.compile(f"{e}([^{e}]*){e}")
-        _ESCAPE_SEQ_CACHE[esc] = pattern
+    pattern = _escape_pattern(esc)
     mapping = {
         "F": header.field_sep,
         "S": header.component_sep,
@@ -365,4 +457,4 @@ def escape(value: str, header: Header) -> str:
     trunc = header.encoding_chars[4:5]
     if trunc:
         out = out.replace(trunc, f"{esc}P{esc}")
-    return out.replace("\r", f"{esc}X0D{esc}").replace("\n", f"{esc}X0A{esc}")
+    return framing_safe(out, esc)

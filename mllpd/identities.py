@@ -11,10 +11,14 @@ application (MSH-3) and facility (MSH-4) values it may use::
       msh3: [RIS, PACS]
       msh4: ["*"]
 
-A value matches the whole field or, without a ``^``, its first component
-(``LAB`` matches ``LAB^1.2.3^ISO``); ``*`` matches anything. A certificate
-may match several entries; a message passes when one of them allows both its
-MSH-3 and MSH-4.
+A value is a whole HD (hierarchic designator) as the sender writes it with
+the standard delimiters ``|^~\\&``: ``LAB`` matches ``LAB`` (and ``LAB^^``,
+whose universal id and type are empty) but not ``LAB^1.2.3^ISO``, which must
+be listed as such; ``*`` matches anything. A message whose MSH-1/MSH-2 are not
+the standard delimiters is refused, so a sender cannot make ``LAB-2`` read as
+``LAB`` by declaring ``-`` its component separator. A certificate may match
+several entries; a message passes when one of them allows both its MSH-3 and
+MSH-4.
 """
 
 from __future__ import annotations
@@ -31,10 +35,17 @@ class IdentityError(ValueError):
     """The identities file cannot be read or has the wrong shape."""
 
 
-def _matches(allowed: frozenset[str], field: str, component_sep: str) -> bool:
-    if "*" in allowed or field in allowed:
-        return True
-    return field.split(component_sep, 1)[0] in allowed
+# MSH-2 may carry the v2.7 truncation character after the four classic ones.
+_STANDARD_ENCODING = ("^~\\&", "^~\\&#")
+
+
+def _hd(value: str) -> str:
+    """An HD as written, without trailing empty components (``LAB^^`` is ``LAB``)."""
+    return value.rstrip("^")
+
+
+def _matches(allowed: frozenset[str], field: str) -> bool:
+    return "*" in allowed or _hd(field) in allowed
 
 
 @dataclass(frozen=True)
@@ -54,12 +65,16 @@ class ClientIdentities:
 
     def check(self, names: frozenset[str], header: Header) -> tuple[str, AckError] | None:
         """None when one of the certificate's names may send as the message's
-        MSH-3/MSH-4; otherwise AR with ERR 207 at MSH-3."""
-        sep = header.component_sep
+        MSH-3/MSH-4; otherwise AR with ERR 207 at MSH-3 (at MSH-2 when the
+        message does not use the standard delimiters)."""
+        if header.field_sep != "|" or header.encoding_chars not in _STANDARD_ENCODING:
+            return REJECT, AckError(
+                "207", "client identities need the standard HL7 delimiters", "MSH", 2
+            )
         msh3, msh4 = header.field(3), header.field(4)
         for name in names:
             for entry in self._entries.get(name, ()):
-                if _matches(entry.msh3, msh3, sep) and _matches(entry.msh4, msh4, sep):
+                if _matches(entry.msh3, msh3) and _matches(entry.msh4, msh4):
                     return None
         return REJECT, AckError(
             "207", "MSH-3/MSH-4 not allowed for this client certificate", "MSH", 3
@@ -72,7 +87,12 @@ def _values(entry: dict[str, object], key: str, where: str) -> frozenset[str]:
         value = [value]
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
         raise IdentityError(f"{where}: {key} must be a non-empty list of strings")
-    return frozenset(value)  # type: ignore[arg-type]
+    for v in value:
+        if v != "*" and (not _hd(v) or v.count("^") > 2 or any(c in v for c in "|~\r\n")):
+            raise IdentityError(
+                f"{where}: {key} values must be an HD as written (e.g. LAB or LAB^1.2.3^ISO) or *"
+            )
+    return frozenset(v if v == "*" else _hd(v) for v in value)
 
 
 def load_identities(path: str) -> ClientIdentities:

@@ -31,6 +31,7 @@ LEVELS = {
 }
 
 _SCALARS = (str, int, float, bool, type(None))
+_LEVEL_SET = frozenset(LogLevel.iterconstants())
 
 
 def _event_record(event: dict[str, Any], pod: str | None, namespace: str | None) -> dict[str, Any]:
@@ -39,7 +40,8 @@ def _event_record(event: dict[str, Any], pod: str | None, namespace: str | None)
         "time": datetime.fromtimestamp(event.get("log_time", 0), UTC)
         .isoformat(timespec="milliseconds")
         .replace("+00:00", "Z"),
-        "level": level.name if isinstance(level, LogLevel) else "info",
+        # LogLevel's members are NamedConstants, not LogLevel instances.
+        "level": level.name if level in _LEVEL_SET and level is not None else "info",
         "logger": event.get("log_namespace", "-"),
         "msg": formatEvent(event),
         "pod": pod,

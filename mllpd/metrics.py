@@ -140,6 +140,7 @@ class Metrics:
         self.deliveries: Counter[tuple[str, str]] = Counter()
         self.dead_letters: Counter[str] = Counter()
         self.depth: dict[str, tuple[int, float]] = {}
+        self.leases: dict[str, int] = {}
         self._connections: _Source | None = None
         self._tls_reloads: Mapping[str, int] | None = None
         self._wal: _Wal | None = None
@@ -184,6 +185,10 @@ class Metrics:
         """Messages pending for ``connector`` and the age (s) of the oldest."""
         self.depth[connector] = (depth, oldest_age)
 
+    def set_lease(self, connector: str, held: bool) -> None:
+        """This replica holds (or no longer holds) ``connector``'s delivery lease."""
+        self.leases[connector] = int(held)
+
     # -- reading ------------------------------------------------------------
 
     def samples(self) -> dict[str, Any]:
@@ -209,6 +214,7 @@ class Metrics:
             "deliveries": dict(self.deliveries),
             "dead_letters": dict(self.dead_letters),
             "depth": dict(self.depth),
+            "leases": dict(self.leases),
             "wal": None if self._wal is None else {
                 "bytes": self._wal.wal_bytes,
                 "file_bytes": self._wal.file_bytes,
@@ -223,6 +229,7 @@ _FRAME_RESULTS = (
     ("oversized", "frames_oversized"),
     ("timed_out", "frames_timed_out"),
     ("junk", "frames_junk"),
+    ("restarted", "frame_restarts"),
 )
 
 
@@ -260,6 +267,9 @@ class _Collector:
         yield frames
         yield counter("mllp_junk_bytes", "Bytes discarded outside any frame.",
                       stats.get("junk_bytes", 0))
+        yield counter("mllp_buffer_full",
+                      "Times MLLP_MAX_BUFFER was reached and reading paused on all connections.",
+                      stats.get("buffer_full", 0))
         closes = CounterMetricFamily("mllp_connection_timeouts",
                                      "Connections closed by a timeout, by kind.",
                                      labels=[*base, "kind"])
@@ -297,6 +307,15 @@ class _Collector:
             age.add_metric([*base_values, connector], oldest)
         yield depth
         yield age
+        if s["leases"]:
+            lease = GaugeMetricFamily(
+                "mllp_connector_lease",
+                "1 while this replica delivers for the connector (PostgreSQL outbox).",
+                labels=[*base, "connector"],
+            )
+            for connector, held in sorted(s["leases"].items()):
+                lease.add_metric([*base_values, connector], held)
+            yield lease
         deliveries = CounterMetricFamily("mllp_deliveries", "Delivery attempts by connector and result.",
                                          labels=[*base, "connector", "result"])
         for (connector, result), n in sorted(s["deliveries"].items()):
@@ -470,6 +489,10 @@ def start_otlp(metrics: Metrics) -> OTLPExport:
         "mllp.outbox.oldest_age", unit="s", callbacks=[observe(
             lambda s: [(a, {"connector": c}) for c, (_, a) in s["depth"].items()])],
         description="Age of the oldest message waiting, per connector.")
+    meter.create_observable_gauge(
+        "mllp.connector.lease", callbacks=[observe(
+            lambda s: [(h, {"connector": c}) for c, h in s["leases"].items()])],
+        description="1 while this replica delivers for the connector.")
     meter.create_observable_counter(
         "mllp.deliveries", callbacks=[observe(
             lambda s: [(n, {"connector": c, "result": r}) for (c, r), n in s["deliveries"].items()])],

@@ -7,6 +7,7 @@ the commits interleave.
 
 from __future__ import annotations
 
+import re
 import socket
 from collections import Counter, deque
 from datetime import UTC, datetime
@@ -27,6 +28,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mllpd.ack import REJECT, AckError, build_ack, encode_ack, should_send
+from mllpd.batch import is_batch
 from mllpd.framing import Frame, Framer, Junk, Oversized, frame
 from mllpd.hl7 import DecodeError, NotHL7Error, parse_message
 from mllpd.receiver import Receiver, Reply, new_ack_id
@@ -46,6 +48,16 @@ MAX_PIPELINE = 64
 LINGER = 5.0
 
 
+_TYPE = re.compile(r"[A-Z0-9]{3}")
+
+
+def type_bucket(msg_type: str) -> str:
+    """The metric label of a message type: its code, or ``other`` when it
+    is not three capitals or digits, so senders cannot mint labels."""
+    code = msg_type.split("^", 1)[0]
+    return code if _TYPE.fullmatch(code) else "other"
+
+
 def format_peer(address: Any) -> str:
     host = getattr(address, "host", None)
     port = getattr(address, "port", None)
@@ -57,12 +69,13 @@ def format_peer(address: Any) -> str:
 class _Pending:
     """A frame awaiting its reply, in arrival order."""
 
-    __slots__ = ("close_after", "received", "reply")
+    __slots__ = ("close_after", "received", "reply", "size")
 
-    def __init__(self, received: float) -> None:
+    def __init__(self, received: float, size: int = 0) -> None:
         self.reply: Reply | None = None
         self.received = received
         self.close_after = False
+        self.size = size  # bytes held against MLLP_MAX_BUFFER until the reply
 
 
 @implementer(IPushProducer, IHandshakeListener)
@@ -76,6 +89,7 @@ class MLLPServerProtocol(Protocol):
     def __init__(self) -> None:
         self.peer = "?"
         self._framer: Framer | None = None
+        self._held = 0  # the framer's bytes, as counted against MLLP_MAX_BUFFER
         self._queue: deque[_Pending] = deque()
         self._pause_reasons: set[str] = set()
         self._frame_timer: IDelayedCall | None = None
@@ -85,6 +99,7 @@ class MLLPServerProtocol(Protocol):
         self._write_timer: IDelayedCall | None = None
         self._linger_timer: IDelayedCall | None = None
         self._junk_logged = False
+        self._restarts = 0
         self._closing = False
         self._draining = False
         self._counted = False
@@ -117,6 +132,8 @@ class MLLPServerProtocol(Protocol):
         self._framer = Framer(f.max_frame_size)
         self._set_keepalive()
         self.transport.registerProducer(self, True)
+        if f.buffer_full:
+            self._pause("buffer")
         log.info(
             "connection opened from {peer}", event="connection_opened",
             peer=self.peer, open=f.open_connections,
@@ -191,6 +208,7 @@ class MLLPServerProtocol(Protocol):
                 timer.cancel()
         self._frame_timer = self._idle_timer = self._write_timer = self._linger_timer = None
         self._handshake_timer = None
+        self._release_framer()
         if not self._counted:
             return
         f = self.factory
@@ -222,7 +240,11 @@ class MLLPServerProtocol(Protocol):
         if self._framer is None or self._closing:
             return
         framer = self._framer
-        for event in framer.feed(data):
+        events = framer.feed(data)
+        # Before the frames are counted as awaiting commit, so their bytes
+        # are never counted twice against MLLP_MAX_BUFFER.
+        self._hold_framer()
+        for event in events:
             if isinstance(event, Frame):
                 self._frame_received(event.payload)
             elif isinstance(event, Junk):
@@ -231,14 +253,30 @@ class MLLPServerProtocol(Protocol):
                 self.factory.stats["frames_oversized"] += 1
                 self._fail_frame(event.head, "oversized", f"frame larger than {self.factory.max_frame_size} bytes")
                 return
+        if framer.restarts != self._restarts:
+            self._restarted(framer.restarts - self._restarts)
+            self._restarts = framer.restarts
+        self._hold_framer()
         self._update_frame_timer()
         self._update_idle()
+
+    def _hold_framer(self) -> None:
+        framer = self._framer
+        held = framer.buffered if framer is not None else 0
+        if held != self._held:
+            delta, self._held = held - self._held, held
+            self.factory.hold(delta)
+
+    def _release_framer(self) -> None:
+        self._framer = None
+        self._hold_framer()
 
     def _frame_received(self, payload: bytes) -> None:
         f = self.factory
         f.stats["frames_ok"] += 1
         self._cancel_idle()
-        pending = _Pending(f.clock.seconds())
+        pending = _Pending(f.clock.seconds(), len(payload))
+        f.hold(pending.size)
         self._queue.append(pending)
         if len(self._queue) >= MAX_PIPELINE:
             self._pause("pipeline")
@@ -250,7 +288,14 @@ class MLLPServerProtocol(Protocol):
 
     def _replied(self, reply: Reply, pending: _Pending) -> None:
         pending.reply = reply
+        self._unhold(pending)
         self._flush()
+
+    def _unhold(self, pending: _Pending) -> None:
+        # Committed or refused: the receiver no longer holds the payload,
+        # whether or not this connection is still open.
+        self.factory.hold(-pending.size)
+        pending.size = 0
 
     def _receive_failed(self, failure: Failure, pending: _Pending, size: int) -> None:
         # The receiver turns every expected failure into a NAK; this is a bug.
@@ -260,6 +305,7 @@ class MLLPServerProtocol(Protocol):
             error=AckError("207", "internal error; resend later"),
         )
         pending.reply = Reply(REJECT, "AR", encode_ack(nak, "ascii"), "", "", size)
+        self._unhold(pending)
         self._flush()
 
     def _junk(self, size: int) -> None:
@@ -270,6 +316,17 @@ class MLLPServerProtocol(Protocol):
             log.warn(
                 "discarded {size} bytes outside any frame from {peer}",
                 event="junk", peer=self.peer, size=size,
+            )
+
+    def _restarted(self, count: int) -> None:
+        # A start byte inside an unfinished frame: the frame timer keeps
+        # running from the first one, so trickled start bytes cannot hold a
+        # connection open.
+        self.factory.stats["frame_restarts"] += count
+        if not self._restarts:
+            log.warn(
+                "start byte inside an unfinished frame from {peer}; frame abandoned",
+                event="frame_restarted", peer=self.peer, count=count,
             )
 
     # -- output, in order -------------------------------------------------------
@@ -313,6 +370,13 @@ class MLLPServerProtocol(Protocol):
         if not self._pause_reasons and not self.lost:
             self.transport.pauseProducing()
         self._pause_reasons.add(reason)
+
+    def buffer_full(self) -> None:
+        """MLLP_MAX_BUFFER is reached: read nothing more until it falls."""
+        self._pause("buffer")
+
+    def buffer_free(self) -> None:
+        self._unpause("buffer")
 
     def _unpause(self, reason: str) -> None:
         if reason in self._pause_reasons:
@@ -417,9 +481,9 @@ class MLLPServerProtocol(Protocol):
                 pass
         log.warn(
             "closing connection from {peer}: {reason}", event=reason, peer=self.peer,
-            reason=text, control_id=header.control_id if header else None,
+            reason=text, control_id=header.bounded(10) if header else None,
         )
-        self._framer = None
+        self._release_framer()
         self._pause("closing")
         if self._frame_timer is not None and self._frame_timer.active():
             self._frame_timer.cancel()
@@ -433,7 +497,10 @@ class MLLPServerProtocol(Protocol):
                 error=AckError("207", text),
             )
             data = encode_ack(nak, codec)
-        pending.reply = Reply(REJECT, "AR", data, header.control_id if header else "",
+        elif header is None and head and is_batch(head):
+            # An HL7 batch: a batch-level AR from its BHS (and FHS).
+            data = self.factory.receiver.frame_reject(head, text)
+        pending.reply = Reply(REJECT, "AR", data, header.bounded(10) if header else "",
                               header.type_label if header else "", len(head),
                               AckError("207", text))
         self._queue.append(pending)
@@ -443,7 +510,7 @@ class MLLPServerProtocol(Protocol):
         if self._closing or self.lost:
             return False
         self._closing = True
-        self._framer = None
+        self._release_framer()
         for timer in (self._idle_timer, self._frame_timer):
             if timer is not None and timer.active():
                 timer.cancel()
@@ -522,6 +589,7 @@ class MLLPServerFactory(Factory):
         tls: bool = False,
         tls_handshake_timeout: float = 10.0,
         metrics: Metrics | None = None,
+        max_buffer: int = 64 * 1024 * 1024,
     ) -> None:
         self.receiver = receiver
         self.clock = clock
@@ -535,7 +603,13 @@ class MLLPServerFactory(Factory):
         self.tls = tls
         self.tls_handshake_timeout = tls_handshake_timeout
         self.metrics = metrics
+        self.max_buffer = max_buffer
+        # Bytes of frames in progress and of messages awaiting their commit,
+        # across all connections (MLLP_MAX_BUFFER).
+        self.buffered = 0
+        self.buffer_full = False
         self.open_connections = 0
+        self.awaiting_header = 0  # accepted, PROXY header not yet read
         self.connections: set[MLLPServerProtocol] = set()
         self.stats: Counter[str] = Counter()
         self.acks: Counter[tuple[str, str]] = Counter()
@@ -545,8 +619,69 @@ class MLLPServerFactory(Factory):
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.seconds(), UTC)
 
+    def admit(self, peer: str) -> bool:
+        """A connection that has yet to send its PROXY header: it counts
+        against MLLP_MAX_CONNECTIONS from now (False: refuse it)."""
+        taken = self.open_connections + self.awaiting_header
+        if self.max_connections and taken >= self.max_connections:
+            self.stats["connections_accepted"] += 1
+            self.stats["connections_refused"] += 1
+            log.warn(
+                "connection refused from {peer}: {open} open, MLLP_MAX_CONNECTIONS is {max}",
+                event="connection_refused", peer=peer, open=self.open_connections,
+                awaiting_header=self.awaiting_header, max=self.max_connections,
+            )
+            return False
+        self.awaiting_header += 1
+        return True
+
+    def header_done(self) -> None:
+        """The PROXY header is read (the connection now counts as open) or
+        the connection closed without one."""
+        self.awaiting_header -= 1
+
+    def hold(self, delta: int) -> None:
+        """Count bytes taken (or, negative, freed) against MLLP_MAX_BUFFER.
+
+        Past the limit every connection stops reading; below seven eighths
+        of it they all read again. Reads that arrive together may overshoot
+        by one read each, never more: a paused transport reads nothing.
+        """
+        self.buffered += delta
+        if not self.max_buffer:
+            return
+        if not self.buffer_full and self.buffered > self.max_buffer:
+            self.buffer_full = True
+            self.stats["buffer_full"] += 1
+            log.warn(
+                "MLLP_MAX_BUFFER reached ({buffered} bytes held): reading paused on all connections",
+                event="buffer_full", buffered=self.buffered, max=self.max_buffer,
+                open=self.open_connections,
+            )
+            for proto in list(self.connections):
+                proto.buffer_full()
+        elif self.buffer_full and self.buffered <= self.max_buffer * 7 // 8:
+            self.buffer_full = False
+            log.info(
+                "buffered bytes down to {buffered}: reading resumed", event="buffer_resumed",
+                buffered=self.buffered, max=self.max_buffer,
+            )
+            for proto in list(self.connections):
+                proto.buffer_free()
+
     def message_done(self, peer: str, reply: Reply, latency: float) -> None:
-        self.acks[(reply.msg_type.split("^", 1)[0], reply.code)] += 1
+        if reply.parts:
+            # An HL7 batch: counted and logged message by message.
+            for part in reply.parts:
+                self.message_done(peer, part, latency)
+            log.info(
+                "batch {control_id} from {peer}: {count} messages",
+                event="batch", peer=peer, control_id=reply.control_id,
+                count=len(reply.parts), size=reply.size,
+                accepted=sum(1 for p in reply.parts if p.outcome == "A"),
+            )
+            return
+        self.acks[(type_bucket(reply.msg_type), reply.code)] += 1
         if self.metrics is not None:
             self.metrics.ack_latency.observe(latency)
         if reply.error is not None:

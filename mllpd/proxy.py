@@ -10,7 +10,10 @@ connection limit all see the real client.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from typing import Any
+from typing import Protocol as Interface
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
@@ -22,6 +25,8 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.protocols.haproxy._v1parser import V1Parser
+from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
@@ -34,6 +39,39 @@ log = Logger(namespace="mllpd.proxy")
 # from the load balancer.
 HEADER_TIMEOUT = 10.0
 
+# The v1 header's longest form, CRLF included (the PROXY protocol spec).
+V1_MAX = 107
+# Enough bytes to tell a v2 signature (12 bytes + version + family + length).
+_SNIFF = 16
+_V1_LINE = re.compile(
+    rb"PROXY (?:UNKNOWN(?: [\x21-\x7e ]*)?|(TCP[46]) ([0-9A-Fa-f.:]+) ([0-9A-Fa-f.:]+)"
+    rb" (0|[1-9][0-9]{0,4}) (0|[1-9][0-9]{0,4}))"
+)
+
+
+class ConnectionGate(Interface):
+    """What counts connections against MLLP_MAX_CONNECTIONS (the MLLP factory)."""
+
+    def admit(self, peer: str) -> bool: ...
+
+    def header_done(self) -> None: ...
+
+
+def valid_v1(line: bytes) -> bool:
+    """Whether a v1 header line (without CRLF) has real addresses and ports."""
+    m = _V1_LINE.fullmatch(line)
+    if m is None:
+        return False
+    if m.group(1) is None:
+        return True  # UNKNOWN: the connection's own addresses are used
+    version = 4 if m.group(1) == b"TCP4" else 6
+    try:
+        addresses = [ipaddress.ip_address(m.group(i).decode("ascii")) for i in (2, 3)]
+    except ValueError:
+        return False
+    ports = [int(m.group(i)) for i in (4, 5)]
+    return all(a.version == version for a in addresses) and all(p <= 65535 for p in ports)
+
 
 class _HeaderFirst(HAProxyProtocolWrapper):
     factory: _HeaderFirstFactory
@@ -45,9 +83,30 @@ class _HeaderFirst(HAProxyProtocolWrapper):
         Protocol.makeConnection(self, transport)
         self.factory.registerProtocol(self)
         self._inner_connected = False
-        self._timer: IDelayedCall | None = self.factory.clock.callLater(
-            HEADER_TIMEOUT, self._no_header
-        )
+        self._sniffed = b""
+        self._timer: IDelayedCall | None = None
+        gate = self.factory.gate
+        self._gated = gate is not None
+        if gate is not None and not gate.admit(str(transport.getPeer())):
+            self._gated = False
+            self.transport.loseConnection()
+            return
+        self._timer = self.factory.clock.callLater(HEADER_TIMEOUT, self._no_header)
+
+    def _header_done(self) -> None:
+        if self._gated:
+            self._gated = False
+            gate = self.factory.gate
+            assert gate is not None
+            gate.header_done()
+
+    def _invalid(self, why: str) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None  # reads nothing more
+        log.warn("invalid PROXY header from {address}: {why}", event="proxy_header_invalid",
+                 address=str(self.transport.getPeer()), why=why)
+        self.transport.abortConnection()
 
     def _no_header(self) -> None:
         self._timer = None
@@ -61,6 +120,29 @@ class _HeaderFirst(HAProxyProtocolWrapper):
         if self._inner_connected:
             self.wrappedProtocol.dataReceived(data)
             return
+        if self.disconnecting or self._timer is None:
+            return  # refused or already found invalid: read nothing more
+        if self._parser is None:
+            # Twisted's wrapper decides v1 or v2 from the first read: wait
+            # until there are enough bytes to tell.
+            data = self._sniffed + data
+            if len(data) < _SNIFF and (
+                V2Parser.PREFIX.startswith(data[:12]) or V1Parser.PROXYSTR.startswith(data[:5])
+            ) and not (data.startswith(V1Parser.PROXYSTR) and len(data) >= 8):
+                self._sniffed = data
+                return
+            self._sniffed = b""
+        if isinstance(self._parser, V1Parser) or (
+            self._parser is None and data.startswith(V1Parser.PROXYSTR)
+        ):
+            seen = (self._parser.buffer if self._parser is not None else b"") + data
+            end = seen.find(V1Parser.NEWLINE)
+            if end < 0 and len(seen) > V1_MAX or end + 2 > V1_MAX:
+                self._invalid(f"v1 header longer than {V1_MAX} bytes")
+                return
+            if end >= 0 and not valid_v1(seen[:end]):
+                self._invalid("malformed v1 header")
+                return
         inner = self.wrappedProtocol
         held: list[bytes] = []
         # Let the parser run; collect what follows the header until the inner
@@ -68,17 +150,21 @@ class _HeaderFirst(HAProxyProtocolWrapper):
         self.wrappedProtocol = _Hold(held)  # type: ignore[assignment]
         try:
             HAProxyProtocolWrapper.dataReceived(self, data)
+        except Exception as e:  # noqa: BLE001 - sender's bytes never raise past here
+            self._proxyInfo = None
+            self._invalid(type(e).__name__)
+            return
         finally:
             self.wrappedProtocol = inner
         if self._proxyInfo is None:
             if self.disconnecting:
-                log.warn("invalid PROXY header from {address}", event="proxy_header_invalid",
-                         address=str(self.transport.getPeer()))
+                self._invalid("not a PROXY header")
             return
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
         self._inner_connected = True
+        self._header_done()
         inner.makeConnection(self)  # type: ignore[arg-type]
         for chunk in held:
             if not self._inner_connected:
@@ -89,6 +175,7 @@ class _HeaderFirst(HAProxyProtocolWrapper):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        self._header_done()
         self.factory.unregisterProtocol(self)
         if self._inner_connected:
             self._inner_connected = False
@@ -106,21 +193,31 @@ class _Hold:
 class _HeaderFirstFactory(HAProxyWrappingFactory):
     protocol = _HeaderFirst  # type: ignore[assignment]
 
-    def __init__(self, wrappedFactory: IProtocolFactory, clock: IReactorTime) -> None:
+    def __init__(
+        self, wrappedFactory: IProtocolFactory, clock: IReactorTime,
+        gate: ConnectionGate | None = None,
+    ) -> None:
         super().__init__(wrappedFactory)  # type: ignore[arg-type]
         self.clock = clock
+        self.gate = gate
 
 
 @implementer(IStreamServerEndpoint)
 class _ProxyEndpoint:
-    def __init__(self, endpoint: IStreamServerEndpoint, clock: IReactorTime) -> None:
+    def __init__(
+        self, endpoint: IStreamServerEndpoint, clock: IReactorTime, gate: ConnectionGate | None
+    ) -> None:
         self.endpoint = endpoint
         self.clock = clock
+        self.gate = gate
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
-        return self.endpoint.listen(_HeaderFirstFactory(protocolFactory, self.clock))
+        return self.endpoint.listen(_HeaderFirstFactory(protocolFactory, self.clock, self.gate))
 
 
-def proxy_endpoint(endpoint: IStreamServerEndpoint, clock: IReactorTime) -> IStreamServerEndpoint:
-    """``endpoint`` expecting a PROXY v1/v2 header on every connection."""
-    return _ProxyEndpoint(endpoint, clock)
+def proxy_endpoint(
+    endpoint: IStreamServerEndpoint, clock: IReactorTime, gate: ConnectionGate | None = None
+) -> IStreamServerEndpoint:
+    """``endpoint`` expecting a PROXY v1/v2 header on every connection;
+    connections still waiting for theirs count against ``gate``."""
+    return _ProxyEndpoint(endpoint, clock, gate)

@@ -17,12 +17,25 @@ from twisted.python.failure import Failure
 
 from mllpd import ack
 from mllpd.ack import ACCEPT, ERROR, REJECT, AckError
+from mllpd.batch import (
+    ONE_MESSAGE_PER_FRAME,
+    Batch,
+    BatchError,
+    build_batch_ack,
+    has_several_messages,
+    head_error,
+    is_batch,
+    parse_batch,
+    reject_header,
+)
 from mllpd.hl7 import (
     DecodeError,
     Header,
     Message,
     NotHL7Error,
     UnknownCharsetError,
+    WideCharsetError,
+    max_length,
     parse_message,
 )
 from mllpd.identities import ClientIdentities
@@ -34,11 +47,13 @@ from mllpd.outbox import (
     StoreResult,
     over_limit,
 )
-from mllpd.rules import RuleError, RuleSet
+from mllpd.rules import ModelLimitError, RuleError, RuleSet
 
 __all__ = ["Receiver", "Reply"]
 
 SUPPORTED_MAJOR = 2
+# MLLP_MAX_BATCH_MESSAGES's default: messages one HL7 batch may hold.
+MAX_BATCH_MESSAGES = 10_000
 
 
 class Reply(NamedTuple):
@@ -53,6 +68,8 @@ class Reply(NamedTuple):
     error: AckError | None = None
     duplicate: bool = False
     rule: str | None = None  # the rule that refused the message
+    # For an HL7 batch: one reply per contained message, in batch order.
+    parts: tuple[Reply, ...] = ()
 
 
 _ACK_PREFIX = os.urandom(5).hex()
@@ -94,6 +111,7 @@ class Receiver:
         identities: ClientIdentities | None = None,
         rules: RuleSet | None = None,
         max_outbox: tuple[int | None, int | None] = (None, None),
+        max_batch_messages: int = MAX_BATCH_MESSAGES,
     ) -> None:
         self.outbox = outbox
         self.clock = clock
@@ -103,6 +121,7 @@ class Receiver:
         self.identities = identities
         self.rules = rules
         self.max_messages, self.max_bytes = max_outbox
+        self.max_batch_messages = max_batch_messages
         self._ack_id = ack_id
         self._message_id = message_id
         self.accepting = True
@@ -124,11 +143,20 @@ class Receiver:
         Every expected failure becomes a NAK; the Deferred fails only on a bug.
         Plain Deferreds rather than a coroutine: this runs once per message.
         """
+        if payload[:3] != b"MSH" and is_batch(payload):
+            return Deferred.fromCoroutine(
+                self._receive_batch(payload, peer, client_subject, client_names)
+            )
         d = self._decide(payload, peer, client_subject, client_names)
         return d.addCallback(self._audit_nak, payload, peer, client_subject)
 
     def _audit_nak(
-        self, reply: Reply, payload: bytes, peer: str, client_subject: str | None
+        self,
+        reply: Reply,
+        payload: bytes,
+        peer: str,
+        client_subject: str | None,
+        batch_control_id: str | None = None,
     ) -> Reply:
         # A stored message's audit record is written in its own commit; a
         # refused one's here, with the next commit.
@@ -143,6 +171,7 @@ class Receiver:
                 sha256=hashlib.sha256(payload).hexdigest(),
                 ack_code=reply.code,
                 rule=reply.rule,
+                batch_control_id=batch_control_id,
             ))
         return reply
 
@@ -153,30 +182,49 @@ class Receiver:
         client_subject: str | None,
         client_names: frozenset[str],
     ) -> Deferred[Reply]:
-        try:
-            message = parse_message(payload, self.default_charset)
-        except NotHL7Error as e:
-            return succeed(
-                self._reply(None, "iso8859-1", REJECT, AckError("100", str(e)), payload)
-            )
-        except DecodeError as e:
-            code = "103" if isinstance(e, UnknownCharsetError) else "102"
-            error = AckError(code, str(e), "MSH", 18)
-            return succeed(self._reply(e.header, "iso8859-1", ERROR, error, payload))
-        problem = self.check_header(message.header)
-        if problem is not None:
-            outcome, error = problem
-            return succeed(self._reply(message.header, message.codec, outcome, error, payload))
-        if self.identities is not None:
-            problem = self.identities.check(client_names, message.header)
-            if problem is not None:
-                outcome, error = problem
-                return succeed(self._reply(message.header, message.codec, outcome, error, payload))
+        message = self._check(payload, client_names, self.default_charset)
+        if isinstance(message, Reply):
+            return succeed(message)
         if self.validator is not None:
             return self.validator(message).addCallback(
                 self._validated, message, peer, client_subject
             )
         return self._store(message, peer, client_subject)
+
+    def _check(
+        self, payload: bytes, client_names: frozenset[str], default_charset: str | None
+    ) -> Reply | Message:
+        """Parse and check the header and identity: the message, or its NAK."""
+        try:
+            message = parse_message(payload, default_charset)
+        except NotHL7Error as e:
+            return self._reply(None, "iso8859-1", REJECT, AckError("100", str(e)), payload)
+        except DecodeError as e:
+            too_long = overlong_field(e.header)
+            if too_long is not None:
+                return self._reply(e.header, "iso8859-1", REJECT, too_long, payload)
+            if isinstance(e, WideCharsetError):
+                # The frame may have been cut inside a character: refuse it.
+                error = AckError("103", str(e), "MSH", 18)
+                return self._reply(e.header, "iso8859-1", REJECT, error, payload)
+            code = "103" if isinstance(e, UnknownCharsetError) else "102"
+            error = AckError(code, str(e), "MSH", 18)
+            return self._reply(e.header, "iso8859-1", ERROR, error, payload)
+        if has_several_messages(payload):
+            # Stored as one, the second message would be forwarded glued to
+            # the first and its sender would never get its ACK.
+            error = AckError("100", ONE_MESSAGE_PER_FRAME)
+            return self._reply(message.header, message.codec, ERROR, error, payload)
+        problem = self.check_header(message.header)
+        if problem is not None:
+            outcome, error = problem
+            return self._reply(message.header, message.codec, outcome, error, payload)
+        if self.identities is not None:
+            problem = self.identities.check(client_names, message.header)
+            if problem is not None:
+                outcome, error = problem
+                return self._reply(message.header, message.codec, outcome, error, payload)
+        return message
 
     def _validated(
         self,
@@ -192,33 +240,57 @@ class Receiver:
     def _store(
         self, message: Message, peer: str, client_subject: str | None
     ) -> Deferred[Reply]:
+        envelope = self._admit(message, peer, client_subject)
+        if isinstance(envelope, Reply):
+            return succeed(envelope)
+        d = self.outbox.store(envelope)
+        return d.addCallbacks(
+            self._stored,
+            self._not_stored,
+            callbackArgs=(message,),
+            errbackArgs=(message,),
+        )
+
+    def _admit(
+        self,
+        message: Message,
+        peer: str,
+        client_subject: str | None,
+        batch_control_id: str | None = None,
+        batch_position: int | None = None,
+    ) -> Reply | Envelope:
+        """Room, rules and routes: the envelope to store, or the NAK."""
         header = message.header
         payload = message.raw
         if not self.accepting:
             error = AckError("207", "server is shutting down; resend later")
-            return succeed(self._reply(header, message.codec, REJECT, error, payload))
+            return self._reply(header, message.codec, REJECT, error, payload)
         limited = self.max_messages is not None or self.max_bytes is not None
         if limited and over_limit(self.outbox.backlog(), self.max_messages, self.max_bytes):
             error = AckError("207", "outbox is full (MLLP_MAX_OUTBOX); resend later")
-            return succeed(self._reply(header, message.codec, REJECT, error, payload))
+            return self._reply(header, message.codec, REJECT, error, payload)
         routes: tuple[str, ...] = ()
         lanes: tuple[int, ...] = ()
         if self.rules is not None:
-            model = self.rules.model(message)
+            try:
+                model = self.rules.model(message)
+            except ModelLimitError as e:
+                error = AckError("207", f"message too large for rules: {e}")
+                return self._reply(header, message.codec, ERROR, error, payload)
             violation = self.rules.check(model)
             if violation is not None:
                 outcome = ERROR if violation.ack == "AE" and not violation.error else REJECT
                 error = AckError("207", f"rule {violation.rule}: {violation.message}")
                 reply = self._reply(header, message.codec, outcome, error, payload)
-                return succeed(reply._replace(rule=violation.rule))
+                return reply._replace(rule=violation.rule)
             try:
                 routes = self.rules.route(model)
             except RuleError as e:
                 error = AckError("207", f"routing failed: {e}")
-                return succeed(self._reply(header, message.codec, REJECT, error, payload))
+                return self._reply(header, message.codec, REJECT, error, payload)
             if routes:
                 lanes = self.rules.lanes(model, message, routes)
-        envelope = Envelope(
+        return Envelope(
             message_id=self._message_id(),
             received_at=self.clock.seconds(),
             peer=peer,
@@ -233,14 +305,9 @@ class Receiver:
             payload=payload,
             client_subject=client_subject,
             routes=routes,
+            batch_control_id=batch_control_id,
+            batch_position=batch_position,
             lanes=lanes,
-        )
-        d = self.outbox.store(envelope)
-        return d.addCallbacks(
-            self._stored,
-            self._not_stored,
-            callbackArgs=(message,),
-            errbackArgs=(message,),
         )
 
     def _stored(self, stored: StoreResult, message: Message) -> Reply:
@@ -253,9 +320,118 @@ class Receiver:
         error = AckError("207", "message could not be stored; resend later")
         return self._reply(message.header, message.codec, REJECT, error, message.raw)
 
+    async def _receive_batch(
+        self,
+        payload: bytes,
+        peer: str,
+        client_subject: str | None,
+        client_names: frozenset[str],
+    ) -> Reply:
+        """An HL7 batch: each message decided as if sent alone, the accepted
+        ones stored in one transaction, one ACK each in a batch reply."""
+        try:
+            batch = parse_batch(payload, self.max_batch_messages)
+        except BatchError as e:
+            return self._batch_reject(e, payload, peer, client_subject)
+        default_charset = "UNICODE UTF-8" if batch.bom else self.default_charset
+        decided: list[Reply | tuple[Message, Envelope]] = []
+        items = list(batch.messages())
+        for batch_id, position, raw in items:
+            checked = self._check(raw, client_names, default_charset)
+            if isinstance(checked, Reply):
+                decided.append(checked)
+                continue
+            if self.validator is not None:
+                invalid = await self.validator(checked)
+                if invalid is not None:
+                    decided.append(self._reply(
+                        checked.header, checked.codec, ERROR, invalid, checked.raw
+                    ))
+                    continue
+            admitted = self._admit(checked, peer, client_subject, batch_id, position)
+            decided.append(admitted if isinstance(admitted, Reply) else (checked, admitted))
+        envelopes = [d[1] for d in decided if not isinstance(d, Reply)]
+        stored: list[StoreResult] | None = None
+        if envelopes:
+            try:
+                stored = await self.outbox.store_batch(envelopes)
+            except OutboxError:
+                stored = None
+        results = iter(stored or ())
+        replies: list[Reply] = []
+        for decision, (batch_id, _, raw) in zip(decided, items, strict=True):
+            if not isinstance(decision, Reply):
+                message = decision[0]
+                if stored is None:
+                    reply = self._not_stored(Failure(OutboxError()), message)
+                else:
+                    reply = self._stored(next(results), message)
+            else:
+                reply = decision
+            replies.append(
+                self._audit_nak(reply, raw, peer, client_subject, batch_id)
+            )
+        return self._batch_reply(batch, replies, payload)
+
+    def _batch_reply(self, batch: Batch, replies: list[Reply], payload: bytes) -> Reply:
+        acks: list[list[bytes]] = []
+        it = iter(replies)
+        for sub in batch.batches:
+            acks.append([r.ack for r in itertools.islice(it, len(sub.messages)) if r.ack is not None])
+        data = build_batch_ack(batch, acks, now=self._now(), new_id=self._ack_id)
+        worst = max((r.outcome for r in replies), key=_SEVERITY.__getitem__, default=ACCEPT)
+        return Reply(
+            outcome=worst,
+            code=f"{len(replies)} messages",
+            ack=data,
+            control_id=batch.batches[0].control_id,
+            msg_type="batch",
+            size=len(payload),
+            parts=tuple(replies),
+        )
+
+    def frame_reject(self, head: bytes, text: str) -> bytes | None:
+        """The AR for a batch frame that will not be read whole (oversized,
+        timed out), built from what its head shows; None when it shows no
+        batch header."""
+        error = head_error(head, text)
+        if error.batch_header is None and error.file_header is None:
+            return None
+        # Not audited here: the protocol logs and counts a frame it refuses to read.
+        reply = self._batch_reject(
+            error, head, "", None, REJECT, AckError("207", text), audit=False
+        )
+        return reply.ack
+
+    def _batch_reject(
+        self,
+        error: BatchError,
+        payload: bytes,
+        peer: str,
+        client_subject: str | None,
+        outcome: str = ERROR,
+        reason: AckError | None = None,
+        audit: bool = True,
+    ) -> Reply:
+        """One reject for a malformed batch; nothing in it is stored."""
+        header = reject_header(error)
+        reason = reason or AckError("100", str(error))
+        reply = self._reply(header, error.codec, outcome, reason, payload)
+        acks = [[reply.ack]] if reply.ack is not None else [[]]
+        data = build_batch_ack(
+            error, acks, now=self._now(), new_id=self._ack_id, comment=str(error)
+        )
+        reply = reply._replace(ack=data, msg_type="batch")
+        if not audit:
+            return reply
+        return self._audit_nak(reply, payload, peer, client_subject, error.control_id)
+
     @staticmethod
     def check_header(header: Header) -> tuple[str, AckError] | None:
-        """Required MSH fields and a supported version."""
+        """Fields within HL7's lengths, required MSH fields and a supported version."""
+        too_long = overlong_field(header)
+        if too_long is not None:
+            return REJECT, too_long
         for n, name, value in (
             (9, "message type", header.msg_type),
             (10, "message control id", header.control_id),
@@ -297,9 +473,20 @@ class Receiver:
             outcome=outcome,
             code=code,
             ack=data,
-            control_id=header.control_id if header is not None else "",
+            control_id=header.bounded(10) if header is not None else "",
             msg_type=header.type_label if header is not None else "",
             size=len(payload),
             error=error,
             duplicate=duplicate,
         )
+
+
+_SEVERITY = {ACCEPT: 0, ERROR: 1, REJECT: 2}
+
+
+def overlong_field(header: Header | None) -> AckError | None:
+    """AR's reason when an MSH field is longer than HL7 allows."""
+    n = header.overlong() if header is not None else None
+    if n is None:
+        return None
+    return AckError("102", f"MSH-{n} is longer than {max_length(n)} characters", "MSH", n)

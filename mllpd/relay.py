@@ -11,6 +11,9 @@ With ``lanes: 1`` the whole queue is one FIFO: one message in flight. With
 at a time in queue order, rows of different keys up to N at once, and a key
 in backoff holds back only its own later rows.
 
+A connector that forwards HL7 batches whole (``batch: forward``) gets the
+rows of one batch at the head of a lane together, in one delivery.
+
 State changes go into the outbox's group commit without the worker waiting
 for them: a crash before they are durable only means the message is
 delivered again, with the same message id as its idempotency key.
@@ -28,7 +31,15 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mllpd.connectors import Dead, Delivered, Delivery, IConnector, Outcome, Retry
+from mllpd.connectors import (
+    Dead,
+    Delivered,
+    Delivery,
+    IBatchConnector,
+    IConnector,
+    Outcome,
+    Retry,
+)
 from mllpd.hl7 import codec_for_charset
 from mllpd.outbox import IDeliveryQueue, QueuedDelivery
 
@@ -41,6 +52,9 @@ log = Logger(namespace="mllpd.relay")
 # catches replays that mllp-cli writes from another process).
 FETCH_LIMIT = 32
 POLL_INTERVAL = 1.0
+# Rows read at once to gather an HL7 batch a connector forwards whole; the
+# batch itself was bounded by MLLP_MAX_BATCH_MESSAGES and the frame size.
+BATCH_FETCH_LIMIT = 10_000
 # Order keys that may wait out a backoff at once. Past it no new key is
 # started until one is retried: when upstream refuses everything, each key
 # would otherwise get one attempt and a timer, however many keys are queued.
@@ -77,6 +91,12 @@ class RetryPolicy(Protocol):
     def delay(self, attempt: int, rand: Callable[[], float]) -> float: ...
 
 
+class Leases(Protocol):
+    def start(self) -> None: ...
+
+    def stop(self) -> Deferred[None]: ...
+
+
 class DeliveryMetrics(Protocol):
     def delivery(self, connector: str, result: str) -> None: ...
 
@@ -101,7 +121,9 @@ class Worker:
     lane's head, and a lane whose head is stuck costs the read nothing but
     index steps. When a lane stops being tracked (its last known row is
     done, or its backoff ended and the row must be read again) the scan
-    goes back to that row.
+    goes back to that row. A backend that reads by state (PostgreSQL,
+    where seqs become visible out of order) ignores the scan position; the
+    rows this worker finished (``skip_seqs``) keep such a read correct.
     """
 
     def __init__(
@@ -127,6 +149,9 @@ class Worker:
         self.rand = rand
         self.metrics = metrics
         self.max_waiting = max_waiting
+        self.forward_batches = bool(
+            IBatchConnector.providedBy(connector) and connector.forward_batches
+        )
         # Rows held in runs at most: enough to refill every lane twice.
         self.buffer_limit = max(FETCH_LIMIT, 2 * lanes)
         self._scan_after = 0
@@ -150,6 +175,9 @@ class Worker:
         self._wake: Deferred[None] | None = None
         self._timer: IDelayedCall | None = None
         self._done: Deferred[None] | None = None
+        # False while another replica holds this connector's lease.
+        self.active = True
+        self._reads_ok = True
         self.delivered = 0
         self.retried = 0
         self.dead = 0
@@ -184,6 +212,30 @@ class Worker:
         return d.addCallback(
             lambda _: _within(maybeDeferred(self.connector.stop), CLOSE_TIMEOUT, self.clock)
         )
+
+    def pause(self) -> None:
+        """Start no other delivery (the lease is lost) until resume(); those
+        in progress finish."""
+        self.active = False
+        self._forget()
+        self._fire_wake()
+
+    def resume(self) -> None:
+        """Deliver again (the lease is ours), from the queue as it is now."""
+        self.active = True
+        self._forget()
+        self._fire_wake()
+
+    def _forget(self) -> None:
+        """Drop what this worker knows of its queue but the deliveries in
+        progress: another replica may have delivered or retried since."""
+        self._runs.clear()
+        self._buffered = 0
+        self._waiting.clear()
+        self._recheck.clear()
+        self._scan_after = 0
+        self._rescan_from = 0
+        self._more = True
 
     def _fire_wake(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -237,6 +289,9 @@ class Worker:
 
     async def _run(self) -> None:
         while self._running:
+            if not self.active:
+                await self._sleep(POLL_INTERVAL)
+                continue
             self._end_backoffs()
             if self._clock_now() - self._last_read >= POLL_INTERVAL:
                 self._more = True
@@ -305,16 +360,26 @@ class Worker:
         skip_lanes: list[int] = []
         if self.lanes > 1:
             skip_lanes = [*self._busy, *self._waiting, *self._runs]
-        skip_seqs = [seq for seq in self._finished if seq > after]
+        # All of them, not only those past the scan: a backend that reads by
+        # state would return the earlier ones too.
+        skip_seqs = list(self._finished)
         self._rescan_from = _END
         try:
             rows = await self.queue.fetch(self.name, after, limit, skip_lanes, skip_seqs)
         except Exception as e:  # noqa: BLE001 - storage trouble: try again later
-            log.error(
-                "reading queue of {connector} failed: {reason}",
-                event="queue_read_failed", connector=self.name, reason=str(e),
-            )
+            if self._reads_ok:  # once per outage, not once per poll
+                log.error(
+                    "reading queue of {connector} failed: {reason}",
+                    event="queue_read_failed", connector=self.name, reason=str(e),
+                )
+            self._reads_ok = False
             return
+        if not self._reads_ok:
+            log.info("reading queue of {connector} works again",
+                     event="queue_read_recovered", connector=self.name)
+        self._reads_ok = True
+        if not self.active:
+            return  # paused during the read: what it found may be stale
         for seq, committed in list(self._finished.items()):
             if committed is not None and committed < read:
                 del self._finished[seq]
@@ -328,6 +393,8 @@ class Worker:
         if rows:
             self._scan_after = min(rows[-1].seq, self._rescan_from)
         for row in rows:
+            if row.seq in self._finished:
+                continue  # finished meanwhile
             known = self._recheck.pop(row.seq, None)
             if known is not None:
                 # Its attempts and backoff as this worker knows them: its own
@@ -354,6 +421,22 @@ class Worker:
         if not run:
             del self._runs[lane]
         self._busy[lane] = row
+        if self.forward_batches and row.batch_control_id is not None:
+            group = _leading_batch([row, *run], self._now())
+            # One lane holds the whole queue: the batch may go on past the
+            # rows in hand, and is read on before it is sent.
+            more = self.lanes == 1 and len(group) == 1 + len(run)
+            if len(group) > 1 or more:
+                for _ in group[1:]:
+                    run.popleft()
+                    self._buffered -= 1
+                if not run:
+                    self._runs.pop(lane, None)
+                d = Deferred.fromCoroutine(self._attempt_batch(lane, group, more))
+                self._attempts.add(d)
+                d.addErrback(self._crashed)
+                d.addBoth(self._attempted, d)
+                return
         d = Deferred.fromCoroutine(self._attempt(lane, row))
         self._attempts.add(d)
         d.addErrback(self._crashed)
@@ -363,11 +446,8 @@ class Worker:
         self._attempts.discard(d)
         self._fire_wake()
 
-    async def _attempt(self, lane: int, row: QueuedDelivery) -> None:
-        attempt = row.attempts + 1
-        now = self._now()
-        self._record(self.queue.mark_in_flight(row.seq, now))
-        delivery = Delivery(
+    def _delivery(self, row: QueuedDelivery, attempt: int) -> Delivery:
+        return Delivery(
             message_id=row.message_id,
             connector=self.name,
             payload=row.payload,
@@ -378,6 +458,11 @@ class Worker:
             attempt=attempt,
             received_at=row.received_at,
         )
+
+    async def _attempt(self, lane: int, row: QueuedDelivery) -> None:
+        attempt = row.attempts + 1
+        self._record(self.queue.mark_in_flight(row.seq, self._now()))
+        delivery = self._delivery(row, attempt)
         try:
             outcome: Outcome = await maybeDeferred(self.connector.deliver, delivery)
         except Exception as e:  # noqa: BLE001 - a connector bug must not stop the queue
@@ -386,6 +471,71 @@ class Worker:
                 connector=self.name, control_id=row.control_id,
             )
             outcome = Retry(f"internal error: {type(e).__name__}")
+        self._settle(lane, row, attempt, outcome)
+        self._done_with(lane, row.seq)
+
+    async def _attempt_batch(self, lane: int, rows: list[QueuedDelivery], more: bool) -> None:
+        """Forward a batch whole. Outcomes are taken in order: once one
+        message must be retried, it and every later one are retried
+        together, so the lane's order holds (at least once, as ever)."""
+        if more and len(rows) < BATCH_FETCH_LIMIT:
+            rows = await self._read_on(rows)
+        if len(rows) == 1:
+            await self._attempt(lane, rows[0])
+            return
+        now = self._now()
+        for row in rows:
+            self._record(self.queue.mark_in_flight(row.seq, now))
+        deliveries = [self._delivery(row, row.attempts + 1) for row in rows]
+        connector: Any = self.connector
+        try:
+            outcomes: list[Outcome] = await maybeDeferred(
+                connector.deliver_batch, deliveries, rows[0].batch_control_id
+            )
+        except Exception as e:  # noqa: BLE001 - a connector bug must not stop the queue
+            log.failure(
+                "connector {connector} raised", Failure(), event="connector_error",
+                connector=self.name, control_id=rows[0].control_id,
+            )
+            outcomes = [Retry(f"internal error: {type(e).__name__}")] * len(rows)
+        retry: Retry | None = None
+        retry_at: float | None = None
+        for row, outcome in zip(rows, outcomes, strict=True):
+            if retry is None and isinstance(outcome, Retry):
+                retry = outcome
+            retry_at = self._settle(lane, row, row.attempts + 1, retry or outcome, retry_at)
+        self._done_with(lane, rows[-1].seq)
+
+    def _done_with(self, lane: int, seq: int) -> None:
+        """The lane's delivery up to ``seq`` ended (its rows finished, or
+        the lane waits out a backoff)."""
+        del self._busy[lane]
+        self._untrack(lane, seq)
+
+    async def _read_on(self, rows: list[QueuedDelivery]) -> list[QueuedDelivery]:
+        """The batch at the head of a one-lane queue, read on past ``rows``."""
+        last = rows[-1].seq
+        try:
+            fetched = await self.queue.fetch(
+                self.name, last, BATCH_FETCH_LIMIT, (), list(self._finished)
+            )
+        except Exception:  # noqa: BLE001 - deliver what is in hand
+            return rows
+        later = [r for r in fetched if r.seq > last and r.seq not in self._finished]
+        return _leading_batch([*rows, *later], self._now())
+
+    def _settle(
+        self,
+        lane: int,
+        row: QueuedDelivery,
+        attempt: int,
+        outcome: Outcome,
+        retry_at: float | None = None,
+    ) -> float | None:
+        """Record an outcome; returns the row's next attempt's time when it
+        stays queued. Once a row of the lane stays queued (``retry_at`` is
+        set), a later one (given its Retry) is never dead-lettered past it:
+        it is retried with it, at ``retry_at``."""
         now = self._now()
         fields: dict[str, Any] = dict(
             connector=self.name, message_id=row.message_id, control_id=row.control_id,
@@ -396,7 +546,8 @@ class Worker:
             self.delivered += 1
             self._count("delivered")
             log.debug("delivered to {connector}", event="delivered", **fields)
-        elif isinstance(outcome, Dead) or attempt >= self.retry.max_attempts:
+            return None
+        if isinstance(outcome, Dead) or (attempt >= self.retry.max_attempts and retry_at is None):
             reason = outcome.reason
             if not isinstance(outcome, Dead):
                 reason = f"gave up after {attempt} attempts: {reason}"
@@ -409,28 +560,31 @@ class Worker:
                 "dead-lettered for {connector}: {reason}", event="dead_letter",
                 reason=_loggable(reason), **fields,
             )
+            return None
+        reason = outcome.reason
+        if retry_at is not None:
+            next_attempt = retry_at
+        elif outcome.after is not None:
+            # Upstream's Retry-After, but never longer than the policy allows.
+            next_attempt = now + min(max(outcome.after, 0.0), self.retry.max)
         else:
-            if outcome.after is not None:
-                # Upstream's Retry-After, but never longer than the policy allows.
-                delay = min(max(outcome.after, 0.0), self.retry.max)
-            else:
-                delay = self.retry.delay(attempt, self.rand)
-            next_attempt = now + delay
-            del self._busy[lane]
+            next_attempt = now + self.retry.delay(attempt, self.rand)
+        delay = next_attempt - now
+        if retry_at is None and self.active:
+            # The lane's head waits; its later rows wait with it (they are
+            # read again after the backoff) and other lanes take their places.
             self._waiting[lane] = row._replace(attempts=attempt, next_attempt=next_attempt)
-            # The lane's later rows wait with it; others take their places.
             self._drop_run(lane)
-            self._record(self.queue.mark_retry(row.seq, attempt, outcome.reason, next_attempt, now))
-            self.retried += 1
-            self._count("retry")
-            log.info(
-                "delivery to {connector} failed, retry in {delay:.1f}s: {reason}",
-                event="delivery_retry", delay=delay, reason=_loggable(outcome.reason),
-                **fields,
-            )
+        self._record(self.queue.mark_retry(row.seq, attempt, reason, next_attempt, now))
+        self.retried += 1
+        self._count("retry")
+        log.info(
+            "delivery to {connector} failed, retry in {delay:.1f}s: {reason}",
+            event="delivery_retry", delay=delay, reason=_loggable(reason), **fields,
+        )
+        return next_attempt
 
     def _finish(self, lane: int, row: QueuedDelivery, marked: Deferred[None]) -> None:
-        del self._busy[lane]
         seq = row.seq
         self._finished[seq] = None
 
@@ -445,7 +599,6 @@ class Worker:
 
         marked.addCallbacks(committed, failed)
         self._record(marked)
-        self._untrack(lane, seq)
 
     def _count(self, result: str) -> None:
         if self.metrics is not None:
@@ -470,15 +623,41 @@ class Worker:
         )
 
 
+def _leading_batch(rows: list[QueuedDelivery], now: float) -> list[QueuedDelivery]:
+    """The first row and those after it from the same HL7 batch: the same
+    batch control id, positions rising, due by ``now``."""
+    if not rows:
+        return []
+    head = rows[0]
+    group = [head]
+    for row in rows[1:]:
+        last = group[-1]
+        if (
+            row.batch_control_id != head.batch_control_id
+            or row.batch_position is None
+            or last.batch_position is None
+            or row.batch_position <= last.batch_position
+            or row.next_attempt > now
+        ):
+            break
+        group.append(row)
+    return group
+
+
 class Relay:
     """All the delivery workers; the outbox wakes them after each commit."""
 
-    def __init__(self, workers: list[Worker]) -> None:
+    def __init__(self, workers: list[Worker], *, leases: Leases | None = None) -> None:
         self.workers = {w.name: w for w in workers}
+        self.leases = leases
 
     def start(self) -> None:
         for worker in self.workers.values():
+            if self.leases is not None:
+                worker.active = False  # until this replica holds the lease
             worker.start()
+        if self.leases is not None:
+            self.leases.start()
 
     def notify(self, connectors: set[str]) -> None:
         for name in connectors:
@@ -489,5 +668,10 @@ class Relay:
     def stop(self) -> Deferred[None]:
         """Stop every worker; fires when all in-progress deliveries ended."""
         d = DeferredList([w.stop() for w in self.workers.values()], consumeErrors=True)
+        leases = self.leases
+        if leases is not None:
+            # Released once the deliveries in progress ended, so the next
+            # holder does not deliver them a second time.
+            d.addCallback(lambda _: leases.stop())
         return d.addCallback(lambda _: None)
 

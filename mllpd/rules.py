@@ -28,7 +28,10 @@ from cel.stdlib import STDLIB_FUNCTIONS
 from mllpd.hl7 import Header, Message, unescape
 
 __all__ = [
+    "MAX_MODEL_COMPONENTS",
+    "MAX_MODEL_SEGMENTS",
     "MODEL_NAMES",
+    "ModelLimitError",
     "Program",
     "Rule",
     "RuleError",
@@ -40,6 +43,15 @@ __all__ = [
 ]
 
 MODEL_NAMES: tuple[str, ...] = ("msh", "pid", "pv1", "obx", "obx_list")
+
+# Rules run on the reactor, so what they model is bounded: at most this many
+# OBX segments in ``obx_list``, and this many components and subcomponents
+# in a composite value (``pv1.assigned_location``, ``obx.value``...). Only the
+# first repetition of any field is modelled. A message past a cap that a
+# rule or filter would read gets AE (ModelLimitError): resent unchanged it
+# would fail again.
+MAX_MODEL_SEGMENTS = 1000
+MAX_MODEL_COMPONENTS = 100
 
 # The Rust engine's own functions and macros (CEL's standard definitions).
 # The library parses unknown function names without complaint and fails
@@ -93,6 +105,10 @@ _TYPE_NAMES = frozenset({
 
 class RuleError(Exception):
     """A rule or filter could not be evaluated for a message."""
+
+
+class ModelLimitError(RuleError):
+    """The message is larger than what rules model (MAX_MODEL_*)."""
 
 
 class Program:
@@ -224,6 +240,10 @@ def _composite(value: str, h: Header) -> str:
     by &, each unescaped, trailing empty components dropped."""
     if h.repetition_sep in value:
         value = value.split(h.repetition_sep, 1)[0]
+    if value.count(h.component_sep) + value.count(h.subcomponent_sep) >= MAX_MODEL_COMPONENTS:
+        raise ModelLimitError(
+            f"a field has more than {MAX_MODEL_COMPONENTS} components for rules to read"
+        )
     if (h.component_sep, h.subcomponent_sep) == _STANDARD_SEPS and h.escape_char not in value:
         return value.rstrip("^")
     comps = [
@@ -514,7 +534,11 @@ class RuleSet:
         self._functions = {f: _EXTRA_FUNCTIONS[f] for f in sorted(fns)} or None
 
     def model(self, message: Message) -> cel.Context:
-        """The CEL context for one message: only what the expressions can see."""
+        """The CEL context for one message: only what the expressions can see.
+
+        Raises :class:`ModelLimitError` past MAX_MODEL_SEGMENTS or
+        MAX_MODEL_COMPONENTS.
+        """
         h = message.header
         variables: dict[str, Any] = {}
         if self._msh is not None:
@@ -533,6 +557,10 @@ class RuleSet:
                     if sid not in wanted or line[3:4] not in (fs, ""):
                         continue
                     if sid == "OBX":
+                        if len(obx) == MAX_MODEL_SEGMENTS:
+                            raise ModelLimitError(
+                                f"more than {MAX_MODEL_SEGMENTS} OBX segments for rules to read"
+                            )
                         obx.append(line.split(fs))
                     elif sid == "PID":
                         if pid is None:

@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
-from mllpd.config import SETTINGS, ConfigError, Settings, load_settings
+from mllpd.config import SETTINGS, ConfigError, Settings, load_settings, with_backlog
 
 __all__ = ["Options", "log_observer", "makeService"]
 
@@ -68,54 +68,33 @@ def makeService(options: Any) -> IService:
     from twisted.internet.endpoints import serverFromString
 
     from mllpd.metrics import Metrics, metrics_site, otlp_enabled, start_otlp
-    from mllpd.outbox import OutboxError
-    from mllpd.outbox.sqlite import SQLiteOutbox
     from mllpd.protocol import MLLPServerFactory
     from mllpd.receiver import Receiver
     from mllpd.service import MetricsService, MLLPService
     from mllpd.validation import structure_validator
 
     settings: Settings = getattr(options, "settings", None) or load_settings(os.environ, {})
+    # What mllpd writes (the outbox holds PHI) is for mllpd alone; twistd's
+    # --umask, applied after makeService, still wins when given.
+    os.umask(0o077)
+    backlog = _listen_backlog(settings.listen_backlog)
     try:
-        endpoint = serverFromString(reactor, settings.port)
+        endpoint = serverFromString(reactor, with_backlog(settings.port, backlog))
     except (ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"mllpd: MLLP_ADDR: invalid endpoint {settings.port!r}: {e}") from None
-    if settings.proxy_protocol:
-        from mllpd.proxy import proxy_endpoint
-
-        # Innermost: the PROXY header comes before any TLS bytes.
-        endpoint = proxy_endpoint(endpoint, reactor)
     tls = _server_tls(settings, reactor)
-    if tls is not None:
-        from mllpd.tls import tls_endpoint
-
-        endpoint = tls_endpoint(endpoint, tls)
-    identities = None
-    if settings.client_identities:
-        from mllpd.identities import IdentityError, load_identities
-
-        try:
-            identities = load_identities(settings.client_identities)
-        except IdentityError as e:
-            raise SystemExit(f"mllpd: MLLP_CLIENT_IDENTITIES: {e}") from None
+    # MLLP_CLIENT_IDENTITIES needs TLS_CLIENT_CA: loaded and reloaded with the TLS files.
+    identities = tls.identities if tls is not None else None
     pipeline = _pipeline(settings, reactor)
-    try:
-        outbox = SQLiteOutbox(
-            settings.db_path, reactor,  # type: ignore[arg-type]
-            dedup_window=settings.dedup_window,
-            retention=settings.retention,
-            pod=settings.pod_name,
-            wal_limit=settings.wal_limit,
-        )
-    except OutboxError as e:
-        raise SystemExit(f"mllpd: MLLP_DB_PATH: {e}") from None
+    outbox = _outbox(settings, reactor)
     otlp_on = otlp_enabled(os.environ)
     metrics = None
     if settings.metrics_addr or otlp_on:
         metrics = Metrics(pod=settings.pod_name, namespace=settings.pod_namespace)
         outbox.commit_observer = metrics.commit_done
-        if outbox.wal is not None:
-            metrics.watch_wal(outbox.wal)
+        wal = getattr(outbox, "wal", None)  # SQLite's
+        if wal is not None:
+            metrics.watch_wal(wal)
         if tls is not None:
             metrics.watch_tls_reloads(tls.reloads)
     receiver = Receiver(
@@ -126,13 +105,17 @@ def makeService(options: Any) -> IService:
         identities=identities,
         rules=pipeline[0].rules if pipeline is not None else None,
         max_outbox=settings.max_outbox,
+        max_batch_messages=settings.max_batch_messages,
     )
+    if tls is not None:
+        tls.identity_listeners.append(lambda new: setattr(receiver, "identities", new))
     relay = _relay(pipeline, outbox, reactor, metrics) if pipeline is not None else None
     factory = MLLPServerFactory(
         receiver,
         reactor,
         max_connections=settings.max_connections,
         max_frame_size=settings.max_frame_size,
+        max_buffer=settings.max_buffer,
         idle_timeout=settings.idle_timeout,
         frame_timeout=settings.frame_timeout,
         write_timeout=settings.write_timeout,
@@ -142,6 +125,16 @@ def makeService(options: Any) -> IService:
         tls_handshake_timeout=settings.tls_handshake_timeout,
         metrics=metrics,
     )
+    if settings.proxy_protocol:
+        from mllpd.proxy import proxy_endpoint
+
+        # Innermost: the PROXY header comes before any TLS bytes. Connections
+        # waiting for it count against MLLP_MAX_CONNECTIONS.
+        endpoint = proxy_endpoint(endpoint, reactor, factory)
+    if tls is not None:
+        from mllpd.tls import tls_endpoint
+
+        endpoint = tls_endpoint(endpoint, tls)
     mllp = MLLPService(
         endpoint, factory, outbox, reactor,
         address=settings.port, shutdown_timeout=settings.shutdown_timeout,
@@ -166,6 +159,50 @@ def makeService(options: Any) -> IService:
         ).setServiceParent(top)
     mllp.setServiceParent(top)
     return top
+
+
+def _outbox(settings: Settings, reactor: Any) -> Any:
+    """The PostgreSQL outbox when MLLP_DB_URL is set, else SQLite's."""
+    from mllpd.outbox import OutboxError
+
+    options: dict[str, Any] = dict(
+        dedup_window=settings.dedup_window, retention=settings.retention,
+        pod=settings.pod_name,
+    )
+    if settings.db_url:
+        from mllpd.outbox.postgres import PostgresOutbox, server_name
+
+        log.info(
+            "outbox in PostgreSQL at {server}; MLLP_DB_PATH ({path}) is not used",
+            event="outbox_postgres", server=server_name(settings.db_url),
+            path=settings.db_path,
+        )
+        try:
+            return PostgresOutbox(settings.db_url, reactor, **options)
+        except OutboxError as e:
+            raise SystemExit(f"mllpd: MLLP_DB_URL: {e}") from None
+    from mllpd.outbox.sqlite import SQLiteOutbox
+
+    try:
+        return SQLiteOutbox(settings.db_path, reactor, wal_limit=settings.wal_limit, **options)
+    except OutboxError as e:
+        raise SystemExit(f"mllpd: MLLP_DB_PATH: {e}") from None
+
+
+def _listen_backlog(requested: int, somaxconn: str = "/proc/sys/net/core/somaxconn") -> int:
+    """MLLP_LISTEN_BACKLOG, capped (as the kernel would, silently) at somaxconn."""
+    try:
+        with open(somaxconn, encoding="ascii") as f:
+            limit = int(f.read().strip())
+    except (OSError, ValueError):
+        return requested
+    if requested > limit:
+        log.warn(
+            "MLLP_LISTEN_BACKLOG {requested} capped at net.core.somaxconn {limit}",
+            event="listen_backlog_capped", requested=requested, limit=limit,
+        )
+        return limit
+    return requested
 
 
 def _pipeline(settings: Settings, reactor: Any) -> Any:
@@ -195,10 +232,27 @@ def _relay(pipeline: Any, outbox: Any, reactor: Any, metrics: Any) -> Any:
     from mllpd.relay import Relay, Worker
 
     config, connectors = pipeline
-    relay = Relay([
+    workers = [
         Worker(connector, outbox, config.retry, reactor, lanes=spec.lanes, metrics=metrics)
         for spec, connector in zip(config.connectors, connectors, strict=True)
-    ])
+    ]
+    leases = None
+    url = getattr(outbox, "url", None)
+    if url is not None:
+        # A cluster: each connector is delivered by whichever replica holds
+        # its lease; workers wait until then.
+        from mllpd.outbox.leases import Leases
+
+        by_name = {w.name: w for w in workers}
+
+        def on_lease(name: str, held: bool) -> None:
+            worker = by_name[name]
+            worker.resume() if held else worker.pause()
+            if metrics is not None:
+                metrics.set_lease(name, held)
+
+        leases = Leases(url, reactor, by_name, on_lease, pod=outbox.pod)
+    relay = Relay(workers, leases=leases)
     outbox.add_listener(relay.notify)
     if metrics is not None:
         names = [c.name for c in connectors]
@@ -223,7 +277,8 @@ def _server_tls(settings: Settings, reactor: Any) -> Any:
 
     files = TLSFiles(
         settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca,
-        settings.tls_min_version,
+        settings.tls_min_version, crl_file=settings.tls_crl_file,
+        identities_file=settings.client_identities,
     )
     try:
         return ServerTLS(files, reactor)
@@ -234,7 +289,8 @@ def _server_tls(settings: Settings, reactor: Any) -> Any:
 class _Top(MultiService):
     """Exit status for twistd (1 with one stderr line when a bind fails, 0
     after a completed shutdown) and the signals: SIGTERM once starts the
-    staged shutdown, SIGTERM again hurries it; SIGHUP reloads TLS files.
+    staged shutdown, SIGTERM again hurries it; SIGHUP reloads the TLS files,
+    CRLs and client identities.
     """
 
     def __init__(self, reactor: Any, mllp: Any = None) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
@@ -20,6 +22,8 @@ class MemoryOutbox:
         self.hold = hold
         self.stored: list[Envelope] = []
         self.waiting: list[tuple[Envelope, Deferred[StoreResult]]] = []
+        # Batches waiting for commit_batch() or fail_batch(), with hold=True.
+        self.waiting_batches: list[tuple[list[Envelope], Deferred[list[StoreResult]]]] = []
         self.closed = False
         self.audits: list[AuditRecord] = []
         self.pending = Backlog(0, 0)
@@ -42,6 +46,25 @@ class MemoryOutbox:
         d: Deferred[StoreResult] = Deferred()
         self.waiting.append((envelope, d))
         return d
+
+    def store_batch(self, envelopes: Sequence[Envelope]) -> Deferred[list[StoreResult]]:
+        if self.closed:
+            raise AssertionError("store after close")
+        if not self.hold:
+            return succeed([self._store_now(e) for e in envelopes])
+        d: Deferred[list[StoreResult]] = Deferred()
+        self.waiting_batches.append((list(envelopes), d))
+        return d
+
+    def commit_batch(self, index: int = 0) -> None:
+        """Complete the waiting batch at ``index``: all its envelopes at once."""
+        envelopes, d = self.waiting_batches.pop(index)
+        d.callback([self._store_now(e) for e in envelopes])
+
+    def fail_batch(self, index: int = 0) -> None:
+        """Fail the waiting batch at ``index``: none of it is stored."""
+        _, d = self.waiting_batches.pop(index)
+        d.errback(OutboxError("database or disk is full"))
 
     def commit(self, index: int = 0) -> None:
         """Complete the waiting store at ``index``."""

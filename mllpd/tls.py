@@ -1,5 +1,6 @@
-"""TLS for the MLLP listener: PEM files into a server context, mutual TLS,
-and live reload of the certificate pair.
+"""TLS for the MLLP listener: PEM files into a server context, mutual TLS
+with revocation lists, and live reload of the certificate pair, the CRLs
+and the client identities file.
 
 TLS wraps whatever endpoint the user configured (as tahoe-lafs does): the
 listener's factory is wrapped in a ``TLSMemoryBIOFactory`` whose connection
@@ -12,10 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -41,6 +44,9 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
+if TYPE_CHECKING:
+    from mllpd.identities import ClientIdentities
+
 __all__ = [
     "AEAD_CIPHERS",
     "RELOAD_POLL_INTERVAL",
@@ -48,6 +54,7 @@ __all__ = [
     "TLSConfigError",
     "TLSFiles",
     "load_context",
+    "load_identities_file",
     "peer_identity",
     "tls_endpoint",
 ]
@@ -82,9 +89,13 @@ class TLSFiles:
     key_file: str
     client_ca: str | None = None
     min_version: str = "1.2"
+    crl_file: str | None = None
+    identities_file: str | None = None
 
     def paths(self) -> tuple[str, ...]:
-        return tuple(p for p in (self.cert_file, self.key_file, self.client_ca) if p)
+        return tuple(p for p in (
+            self.cert_file, self.key_file, self.client_ca, self.crl_file, self.identities_file,
+        ) if p)
 
 
 def _read(variable: str, path: str) -> bytes:
@@ -114,6 +125,36 @@ def _public_der(key: Any) -> bytes:
     )
 
 
+_PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
+
+
+def _crls(path: str, cas: list[x509.Certificate]) -> list[x509.CertificateRevocationList]:
+    """The CRLs in ``path``, each signed by one of the client CAs and current."""
+    data = _read("TLS_CRL_FILE", path)
+    crls: list[x509.CertificateRevocationList] = []
+    for pem in _PEM_CRL.findall(data):
+        try:
+            crls.append(x509.load_pem_x509_crl(pem))
+        except ValueError:
+            raise TLSConfigError("TLS_CRL_FILE", f"{path}: a CRL cannot be parsed") from None
+    if not crls:
+        raise TLSConfigError("TLS_CRL_FILE", f"no PEM CRL (BEGIN X509 CRL) in {path}")
+    now = datetime.now(UTC)
+    for crl in crls:
+        issuer = crl.issuer.rfc4514_string()
+        signers = [ca for ca in cas if ca.subject == crl.issuer]
+        if not any(crl.is_signature_valid(ca.public_key()) for ca in signers):  # type: ignore[arg-type]
+            raise TLSConfigError(
+                "TLS_CRL_FILE", f"{path}: the CRL of {issuer} is not signed by a TLS_CLIENT_CA certificate"
+            )
+        if crl.next_update_utc is not None and crl.next_update_utc < now:
+            raise TLSConfigError(
+                "TLS_CRL_FILE",
+                f"{path}: the CRL of {issuer} expired at {crl.next_update_utc:%Y-%m-%dT%H:%M:%SZ}",
+            )
+    return crls
+
+
 def load_context(files: TLSFiles) -> SSL.Context:
     """Read and check the PEM files; an OpenSSL context for the server.
 
@@ -132,13 +173,14 @@ def load_context(files: TLSFiles) -> SSL.Context:
             "TLS_KEY_FILE", f"{files.key_file} does not match the certificate in TLS_CERT_FILE"
         )
     trust: dict[str, Any] = {}
+    crls: list[x509.CertificateRevocationList] = []
     if files.client_ca:
+        client_cas = _certificates("TLS_CLIENT_CA", files.client_ca)
         # The certificate store still wants pyOpenSSL's X509.
-        cas = [
-            Certificate(crypto.X509.from_cryptography(c))
-            for c in _certificates("TLS_CLIENT_CA", files.client_ca)
-        ]
+        cas = [Certificate(crypto.X509.from_cryptography(c)) for c in client_cas]
         trust = {"trustRoot": trustRootFromCertificates(cas)}
+        if files.crl_file:
+            crls = _crls(files.crl_file, client_cas)
     options = CertificateOptions(
         # Twisted hands these to pyOpenSSL's Context, which takes
         # cryptography's objects (its X509 and PKey wrappers are deprecated).
@@ -150,9 +192,46 @@ def load_context(files: TLSFiles) -> SSL.Context:
         **trust,
     )
     try:
-        return options.getContext()
+        context = options.getContext()
     except SSL.Error as e:
         raise TLSConfigError("TLS_CERT_FILE", f"OpenSSL refused the pair: {e}") from None
+    if crls:
+        # Checked by OpenSSL in every handshake's chain verification. The
+        # client certificate's issuer must have a CRL here, or the handshake
+        # fails: a missing list is not read as "nothing revoked".
+        store = context.get_cert_store()
+        assert store is not None
+        for crl in crls:
+            store.add_crl(crl)
+        store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
+        context.set_verify(context.get_verify_mode(), _note_revoked)
+    return context
+
+
+# OpenSSL's X509_V_ERR_CERT_REVOKED; the handshake failure itself only says
+# "certificate verify failed".
+_CERT_REVOKED = 23
+
+
+def _note_revoked(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
+    if errno == _CERT_REVOKED:
+        c = cert.to_cryptography()
+        log.warn(
+            "revoked client certificate refused: {client_subject} (serial {serial:x})",
+            event="tls_client_revoked", client_subject=c.subject.rfc4514_string(),
+            serial=c.serial_number,
+        )
+    return bool(ok)
+
+
+def load_identities_file(path: str) -> ClientIdentities:
+    """MLLP_CLIENT_IDENTITIES, with its errors as :class:`TLSConfigError`."""
+    from mllpd.identities import IdentityError, load_identities
+
+    try:
+        return load_identities(path)
+    except IdentityError as e:
+        raise TLSConfigError("MLLP_CLIENT_IDENTITIES", str(e)) from None
 
 
 def _stamp(paths: tuple[str, ...]) -> tuple[object, ...]:
@@ -178,6 +257,12 @@ def _stamp(paths: tuple[str, ...]) -> tuple[object, ...]:
 class ServerTLS:
     """The server's TLS contexts: the current one for each new connection,
     replaced by :meth:`reload` only when the new files load and match.
+
+    The client identities file (MLLP_CLIENT_IDENTITIES) is reloaded with
+    them, on its own: a broken identities file keeps the old mapping without
+    holding back a new certificate, and the other way round. Whoever checks
+    identities reads :attr:`identities` or listens on
+    :attr:`identity_listeners`.
     """
 
     def __init__(
@@ -195,6 +280,10 @@ class ServerTLS:
         self._stamp = _stamp(files.paths())
         # At startup a bad file is fatal: TLSConfigError propagates.
         self.context = load(files)
+        self.identities: ClientIdentities | None = (
+            load_identities_file(files.identities_file) if files.identities_file else None
+        )
+        self.identity_listeners: list[Callable[[ClientIdentities], None]] = []
         self.reloads: Counter[str] = Counter()
         self._loop: LoopingCall | None = None
 
@@ -202,23 +291,41 @@ class ServerTLS:
         return SSL.Connection(self.context, None)
 
     def reload(self, trigger: str = "sighup") -> bool:
-        """Load the files again; keep the current pair when they are unusable."""
+        """Load the files again; keep what is current for each part that is unusable."""
         self._stamp = _stamp(self.files.paths())
+        failed = False
         try:
-            context = self._load(self.files)
+            self.context = self._load(self.files)
         except TLSConfigError as e:
-            self.reloads["failed"] += 1
-            log.error(
-                "TLS reload ({trigger}) failed, keeping the current certificate: {setting}: {reason}",
-                event="tls_reload_failed", trigger=trigger, setting=e.variable, reason=e.reason,
+            failed = True
+            self._failed(trigger, e, "keeping the current certificate and CRLs")
+        else:
+            log.info(
+                "TLS certificate reloaded ({trigger})", event="tls_reloaded", trigger=trigger,
             )
-            return False
-        self.context = context
-        self.reloads["ok"] += 1
-        log.info(
-            "TLS certificate reloaded ({trigger})", event="tls_reloaded", trigger=trigger,
+        if self.files.identities_file:
+            try:
+                identities = load_identities_file(self.files.identities_file)
+            except TLSConfigError as e:
+                failed = True
+                self._failed(trigger, e, "keeping the current client identities")
+            else:
+                self.identities = identities
+                for listener in self.identity_listeners:
+                    listener(identities)
+                log.info(
+                    "client identities reloaded ({trigger}): {entries} entries",
+                    event="identities_reloaded", trigger=trigger, entries=len(identities),
+                )
+        self.reloads["failed" if failed else "ok"] += 1
+        return not failed
+
+    def _failed(self, trigger: str, e: TLSConfigError, kept: str) -> None:
+        log.error(
+            "TLS reload ({trigger}) failed, {kept}: {setting}: {reason}",
+            event="tls_reload_failed", trigger=trigger, setting=e.variable, reason=e.reason,
+            kept=kept,
         )
-        return True
 
     def check_files(self) -> None:
         """Reload when a file or the symlink leading to it changed."""

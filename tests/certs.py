@@ -6,6 +6,8 @@ import os
 import socket
 import ssl
 import warnings
+from collections.abc import Sequence
+from typing import Any
 
 import trustme
 
@@ -50,6 +52,42 @@ class CertDir:
         """A PEM file with a client certificate (CN and DNS SAN ``name``) and its key."""
         issued = (ca or self.ca).issue_cert(name, common_name=name)
         return self.write(f"client-{name}.pem", issued.private_key_and_cert_chain_pem.bytes())
+
+    def crl(self, revoked: Sequence[str] = (), *, name: str = "crl.pem",
+            ca: trustme.CA | None = None, expired: bool = False) -> str:
+        """Write a PEM CRL of ``ca`` (default: the CA) revoking the client PEM files ``revoked``."""
+        import datetime
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+
+        issuer = ca or self.ca
+        ca_cert = x509.load_pem_x509_certificate(issuer.cert_pem.bytes())
+        key = serialization.load_pem_private_key(issuer.private_key_pem.bytes(), password=None)
+        now = datetime.datetime.now(datetime.UTC)
+        this_update = now - datetime.timedelta(days=2 if expired else 0, minutes=5)
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(ca_cert.subject)
+            .last_update(this_update)
+            .next_update(now - datetime.timedelta(days=1) if expired else now + datetime.timedelta(days=7))
+        )
+        for path in revoked:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder()
+                .serial_number(self._certificate(path).serial_number)
+                .revocation_date(this_update)
+                .build()
+            )
+        crl = builder.sign(key, hashes.SHA256())  # type: ignore[arg-type]
+        return self.write(name, crl.public_bytes(serialization.Encoding.PEM))
+
+    def _certificate(self, path: str) -> Any:
+        from cryptography import x509
+
+        with open(path, "rb") as f:
+            data = f.read()
+        return x509.load_pem_x509_certificates(data[data.index(b"-----BEGIN CERTIFICATE") :])[0]
 
     def subject(self, path: str) -> str:
         from cryptography import x509

@@ -39,9 +39,9 @@ KUSTOMIZE = REPO / "kustomize"
 OVERLAYS = ("dev", "staging", "prod", "persistent")
 RENDER_TIMEOUT = 60.0
 
-# Objects the manifests refer to but do not create: the TLS Secret is made
-# by the operator (README, "Deploying").
-EXTERNAL_SECRETS = frozenset({"mllp-tls"})
+# Objects the manifests refer to but do not create: the TLS Secret and the
+# PostgreSQL URL's Secret are made by the operator (README, "Deploying").
+EXTERNAL_SECRETS = frozenset({"mllp-tls", "mllp-db"})
 NAMESPACED = frozenset(
     {"ConfigMap", "Service", "Deployment", "PodDisruptionBudget", "NetworkPolicy",
      "HorizontalPodAutoscaler", "PersistentVolumeClaim", "Secret"}
@@ -118,6 +118,8 @@ class Rendered:
         for var in container.get("env", []):
             if "value" in var:
                 env[var["name"]] = str(var["value"])
+            elif "secretKeyRef" in var["valueFrom"]:
+                continue  # the operator's Secret: not known here
             else:
                 env[var["name"]] = fields[var["valueFrom"]["fieldRef"]["fieldPath"]]
         return env
@@ -136,6 +138,7 @@ class Expected:
     hpa: tuple[int, int, int] | None = None  # min, max, CPU %
     zone_spread: bool = False
     data_claim: str | None = None  # PVC at /data instead of the emptyDir
+    db_secret: tuple[str, str] | None = None  # MLLP_DB_URL's Secret and key
     claim_size: str | None = None
     strategy: str = "RollingUpdate"
 
@@ -156,6 +159,7 @@ EXPECTED: Mapping[str, Expected] = {
     "prod": Expected(
         namespace="healthcare-prod", replicas=2, log_level="info", max_connections="200",
         cpu=("250m", "1000m"), memory=("128Mi", "512Mi"), hpa=(2, 10, 70), zone_spread=True,
+        db_secret=("mllp-db", "url"),
     ),
     "persistent": Expected(
         namespace="healthcare-prod", replicas=1, log_level="info", max_connections="200",
@@ -255,6 +259,15 @@ def check_overlay(name: str, r: Rendered) -> list[str]:
     p.equal("POD_NAME from the downward API", downward.get("POD_NAME"), "metadata.name")
     p.equal("POD_NAMESPACE from the downward API", downward.get("POD_NAMESPACE"),
             "metadata.namespace")
+    secrets = {v["name"]: v.get("valueFrom", {}).get("secretKeyRef", {})
+               for v in container.get("env", [])}
+    db_url = secrets.get("MLLP_DB_URL")
+    p.equal("MLLP_DB_URL from a Secret (PostgreSQL outbox)",
+            (db_url["name"], db_url["key"]) if db_url else None, want.db_secret)
+    if want.db_secret is not None:
+        # Several replicas may run (an HPA) only with the shared outbox.
+        p.true("MLLP_DB_URL names an operator-made Secret", db_url is not None
+               and (db_url["name"] in EXTERNAL_SECRETS or r.get("Secret", db_url["name"])))
     p.true("the pod does not mount a service account token",
            pod.get("automountServiceAccountToken") is False)
 

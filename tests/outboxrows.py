@@ -52,6 +52,8 @@ def add_message(
     charset: str | None = None,
     msg_type: str = "ADT^A01",
     version: str = "2.5",
+    batch_control_id: str | None = None,
+    batch_position: int | None = None,
 ) -> str:
     """Store one message row; returns its message id."""
     body = payload if payload is not None else hl7_message(control_id)
@@ -60,10 +62,11 @@ def add_message(
     conn.execute(
         "INSERT INTO messages (message_id, received_at, peer, control_id, msg_type,"
         " sending_app, sending_fac, version, charset, size, sha256, ack_code, dedup_key,"
-        " payload)"
-        " VALUES (?, ?, '127.0.0.1:40000', ?, ?, 'TESTAPP', 'TESTFAC', ?, ?, ?, ?, 'AA', ?, ?)",
+        " payload, batch_control_id, batch_position)"
+        " VALUES (?, ?, '127.0.0.1:40000', ?, ?, 'TESTAPP', 'TESTFAC', ?, ?, ?, ?, 'AA', ?, ?,"
+        " ?, ?)",
         (message_id, received_at, control_id, msg_type, version, charset, len(body),
-         sha, dedup_key(control_id, "TESTAPP", "TESTFAC", sha), body),
+         sha, dedup_key(sha), body, batch_control_id, batch_position),
     )
     return message_id
 

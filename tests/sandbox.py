@@ -143,8 +143,12 @@ class Installation:
 
 
 def _run(argv: list[str], cwd: Path) -> None:
+    # No PYTHONPATH, as in the image build: `trial -j` gives its workers one
+    # (its own sys.path, with the checkout's twisted/plugins), under which the
+    # plugin cache built here would leave out the venv's own plugin.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True,
-                          timeout=BUILD_TIMEOUT, check=False)
+                          timeout=BUILD_TIMEOUT, check=False, env=env)
     if done.returncode != 0:
         raise AssertionError(f"{shlex.join(argv)} failed:\n{done.stdout}\n{done.stderr}")
 

@@ -371,13 +371,22 @@ class EncodingTests(SynchronousTestCase):
         back = parse_message(data)
         self.assertEqual((back.header.field(5), back.header.field(6)), ("検査", "東京病院"))
 
-    def test_utf16_round_trip(self) -> None:
-        """A UTF-16 message gets a UTF-16 ACK that reads back."""
-        text = "MSH|^~\\&|LAB|Ωmega|GW|DEST|20240101||ADT^A01|C1|P|2.5||||||UNICODE UTF-16\r"
-        msg = parse_message(text.encode("utf-16"))
-        back = parse_message(encode_ack(ack(msg.header, ACCEPT), msg.codec))
-        self.assertEqual(back.header.field(6), "Ωmega")
-        self.assertEqual(back.get("MSA", 2), "C1")
+    def test_framing_bytes_never_echoed(self) -> None:
+        """0x0B, 0x1C, CR and LF in echoed fields become hex escapes; the ACK reads back to the sent values."""
+        h = Header(fields=(
+            "MSH", "|", "^~\\&", "A\x0bB", "F\x1c", "R\x1c\x0d", "X", "", "", "ADT^A\x1c",
+            "X\x1c", "P", "2.5",
+        ))
+        for outcome in (ACCEPT, ERROR):
+            text = ack(h, outcome, AckError("207", "bad\x1c\x0b"))
+            data = encode_ack(text, "ascii")
+            self.assertNotIn(b"\x0b", data)
+            self.assertNotIn(b"\x1c", data)
+            self.assertEqual(data.count(b"\r"), text.count("\r"))
+            self.assertEqual(text.split("\r")[1].split("|")[2], "X\\X1C\\")
+            back = parse_message(data)
+            self.assertEqual(back.get("MSA", 2), "X\x1c")
+            self.assertEqual(back.get("MSH", 5), "A\x0bB")
 
     def test_unmappable_characters_replaced(self) -> None:
         """Characters the charset cannot hold become '?' instead of failing the ACK."""

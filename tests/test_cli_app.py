@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from rich.text import Text
 from textual.pilot import Pilot
 from textual.widgets import DataTable
 from twisted.trial.unittest import SynchronousTestCase
@@ -36,11 +37,11 @@ from tests.serverproc import (
     query,
     start_server,
 )
-from tests.upstreams import HTTPUpstream, refusing_port, wait_until, write_config
+from tests.upstreams import HTTPUpstream, refusing_port, until, wait_until, write_config
 
 SCENARIO_TIMEOUT = 120.0
-# Bound on polls while waiting for the UI to catch up (each 50 ms).
-MAX_POLLS = 400
+# Bound on waiting for the UI to catch up.
+UI_TIMEOUT = 20.0
 
 
 def run_scenario(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -64,8 +65,12 @@ def run_scenario(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
 
 
 def table_rows(app: OutboxApp, table_id: str) -> list[list[Any]]:
+    """The cells as shown: text cells as their plain text."""
     table = app.query_one(table_id, DataTable)
-    return [list(table.get_row_at(i)) for i in range(table.row_count)]
+    return [
+        [c.plain if isinstance(c, Text) else c for c in table.get_row_at(i)]
+        for i in range(table.row_count)
+    ]
 
 
 def connector_counts(app: OutboxApp) -> dict[str, tuple[int, int, int, int]]:
@@ -83,11 +88,8 @@ async def settle(app: OutboxApp, pilot: Pilot[None]) -> None:
 async def wait_for_reloads(app: OutboxApp, pilot: Pilot[None], count: int) -> None:
     """Wait until the interval timer has reloaded the data ``count`` more times."""
     target = app.reloads + count
-    for _ in range(MAX_POLLS):
-        if app.reloads >= target:
-            return
-        await pilot.pause(0.05)
-    raise AssertionError(f"the UI did not refresh {count} times on its interval")
+    await until(lambda: app.reloads >= target, timeout=UI_TIMEOUT, pause=pilot.pause,
+                what=f"the UI refreshing {count} times on its interval")
 
 
 def send(server: ServerProcess, control_ids: list[str]) -> dict[str, str]:
@@ -147,13 +149,8 @@ async def wait_for_counts(
     app: OutboxApp, pilot: Pilot[None], done: Callable[[dict[str, tuple[int, int, int, int]]], bool]
 ) -> dict[str, tuple[int, int, int, int]]:
     """Wait until the counts on screen (refreshed on the UI's interval) satisfy ``done``."""
-    counts = connector_counts(app)
-    for _ in range(MAX_POLLS):
-        counts = connector_counts(app)
-        if done(counts):
-            return counts
-        await pilot.pause(0.05)
-    raise AssertionError(f"the UI never showed the expected counts; last: {counts}")
+    return await until(lambda: connector_counts(app), done, timeout=UI_TIMEOUT, pause=pilot.pause,
+                       what="the expected counts on screen")
 
 
 class LiveOutboxTests(SynchronousTestCase):
@@ -359,6 +356,54 @@ class DialogTests(SynchronousTestCase):
                     await pilot.press("g")
                     await settle(app, pilot)
                     self.assertEqual(connector_counts(app)["ehr"], (0, 0, 0, 3))
+            finally:
+                store.close()
+
+        run_scenario(scenario)
+
+
+# Sender text that markup would read as tags, and that would drive a terminal.
+HOSTILE_ID = "A[/]\x1b[2J[bold]B[link=http://x]C"
+SHOWN_ID = "A[/]\\x1b[2J[bold]B[link=http://x]C"
+
+
+class HostileTextTests(SynchronousTestCase):
+    """Sender text is shown as plain text: no markup, no control characters."""
+
+    def test_markup_and_control_characters_shown_as_text(self) -> None:
+        """A control id with markup and ESC is shown literally in the table, the view and the dialog; the UI stays up."""
+        path = new_outbox(self)
+        conn = connect(path)
+        self.addCleanup(conn.close)
+        mid = add_message(conn, HOSTILE_ID, received_at=1000.0, msg_type="ADT^[/]")
+        add_delivery(conn, mid, "ehr", "dead", updated_at=1000.0, last_error="AE: [red]\x07no\u202e")
+
+        async def scenario() -> None:
+            store = Store(path)
+            app = OutboxApp(store, interval=0, clock=lambda: 2000.0)
+            try:
+                async with app.run_test(size=(250, 50)) as pilot:
+                    await settle(app, pilot)
+                    row = table_rows(app, "#messages")[0]
+                    self.assertEqual((row[3], row[4]), ("ADT^[/]", SHOWN_ID))
+                    self.assertEqual(row[8], "AE: [red]\\x07no\\u202e")
+                    await pilot.press("v")
+                    await settle(app, pilot)
+                    assert isinstance(app.screen, MessageScreen)
+                    self.assertIn(f"    MSH-10 (message_control_id): {SHOWN_ID}", app.screen.lines)
+                    body = str(app.screen.query_one("#message-body").render())
+                    self.assertIn(SHOWN_ID, body)
+                    self.assertNotIn("\x1b", body)
+                    await pilot.press("escape")
+                    await settle(app, pilot)
+                    await pilot.press("d")
+                    await settle(app, pilot)
+                    assert isinstance(app.screen, ConfirmScreen)
+                    question = str(app.screen.query_one("#question").render())
+                    self.assertIn(f"(ADT^[/] {SHOWN_ID})", question)
+                    await pilot.press("n")
+                    await settle(app, pilot)
+                    self.assertTrue(app.is_running)
             finally:
                 store.close()
 

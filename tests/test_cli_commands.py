@@ -127,6 +127,29 @@ class CommandTests(SynchronousTestCase):
         self.assertIn("queues      ehr: dead, 20 attempts, last error: AE: unknown patient",
                       lines)
 
+    def test_sender_text_printed_as_text(self) -> None:
+        """Control characters from a sender (ESC, BEL, bidi overrides) reach the terminal only as escapes."""
+        conn = connect(self.path)
+        self.addCleanup(conn.close)
+        hostile = "X\x1b]0;owned\x07\u202eY"
+        payload = f"MSH|^~\\&|A|B|C|D|20240101||ADT^A01|{hostile}|P|2.5|||||||UNICODE UTF-8\rPID|1||4711\r"
+        mid = add_message(conn, hostile, received_at=time.time(), payload=payload.encode("utf-8"),
+                          charset="UNICODE UTF-8")
+        add_delivery(conn, mid, "ehr", "dead", updated_at=time.time(), last_error="AE: \x1b[2Jgone")
+        shown = "X\\x1b]0;owned\\x07\\u202eY"
+        listed = self.run_cli("list", "-c", "ehr", "-s", "dead")
+        show = self.run_cli("show", mid)
+        delete = self.run_cli("delete", mid, answer="n\n")
+        for result in (listed, show, delete):
+            self.assertNotRegex(result.stdout + result.stderr, "[\x00-\x08\x0b-\x1f\x7f\u202e]")
+        self.assertIn(shown, listed.stdout)
+        self.assertIn("AE: \\x1b[2Jgone", listed.stdout)
+        self.assertIn(f"    MSH-10 (message_control_id): {shown}", show.stdout.splitlines())
+        self.assertIn(shown, delete.stderr)
+        # JSON keeps the exact text, escaped by JSON itself.
+        rows = json.loads(self.run_cli("list", "-c", "ehr", "-s", "dead", "--json").stdout)
+        self.assertIn(hostile, [r["control_id"] for r in rows])
+
     def test_show_unknown(self) -> None:
         """``show`` of an unknown id exits 1 and says so on stderr."""
         result = self.run_cli("show", "f" * 32)
@@ -230,6 +253,18 @@ class CommandTests(SynchronousTestCase):
         self.assertEqual(result.stderr,
                          f"mllp-cli: no outbox at {missing} (set --db or MLLP_DB_PATH)\n")
         self.assertFalse(os.path.exists(missing))
+
+    def test_older_outbox_not_migrated(self) -> None:
+        """An outbox at an older schema (an older server on it) exits 2 with one line; the schema is unchanged."""
+        conn = connect(self.path)
+        conn.execute("DELETE FROM schema_version WHERE version > 1")
+        conn.close()
+        result = self.run_cli("stats")
+        self.assertEqual(result.returncode, 2)
+        self.assertTrue(result.stderr.startswith("mllp-cli: outbox schema version 1 is older than this mllp-cli"),
+                        result.stderr)
+        self.assertEqual(result.stderr.count("\n"), 1)
+        self.assertEqual(query(self.path, "SELECT MAX(version) FROM schema_version"), [(1,)])
 
 
 class LiveServerTests(SynchronousTestCase):

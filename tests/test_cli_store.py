@@ -10,6 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mllpd.cli.fields import field_names, reference_version
 from mllpd.cli.store import PURGE_BATCH, REPLAY_BATCH, ConnectorStats, Store, StoreError
+from mllpd.outbox.sqlite import schema_files
 from tests.outboxrows import add_delivery, add_message, connect, new_outbox
 from tests.serverproc import hl7_message
 
@@ -354,6 +355,27 @@ class OpenTests(SynchronousTestCase):
         with self.assertRaises(StoreError) as e:
             Store(path)
         self.assertIn("newer than this mllpd knows", str(e.exception))
+
+    def test_older_schema_is_refused_not_migrated(self) -> None:
+        """An outbox an older mllpd is still running on is refused and left exactly as it is."""
+        path = os.path.join(os.path.dirname(new_outbox(self)), "older.db")
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        conn.executescript(schema_files("sqlite")[0][1])
+        conn.execute("INSERT INTO schema_version VALUES (1)")
+        tables = sorted(r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'"))
+        conn.close()
+        for _ in range(2):
+            with self.assertRaises(StoreError) as e:
+                Store(path)
+            newest = schema_files("sqlite")[-1][0]
+            self.assertIn(f"schema version 1 is older than this mllp-cli needs ({newest})", str(e.exception))
+            self.assertNotIn("\n", str(e.exception))
+        conn = sqlite3.connect(path)
+        self.assertEqual([r[0] for r in conn.execute("SELECT version FROM schema_version")], [1])
+        self.assertEqual(sorted(r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")),
+                         tables)
+        conn.close()
 
     def test_reads_do_not_wait_for_a_writer(self) -> None:
         """While another connection is in the middle of a write, counts come

@@ -78,6 +78,7 @@ class LoadTests(SynchronousTestCase):
         self.assertEqual(s.max_connections, 0)
         self.assertEqual(s.log_level, "info")
         self.assertIsNone(s.default_charset)
+        self.assertEqual(s.max_buffer, 64 * 1024 * 1024)
 
     def test_option_beats_env_beats_default(self) -> None:
         """An option beats the environment, which beats the default."""
@@ -86,6 +87,31 @@ class LoadTests(SynchronousTestCase):
         self.assertEqual(s.idle_timeout, 1)
         self.assertEqual(s.frame_timeout, 20)
         self.assertEqual(s.write_timeout, 5)
+
+    def test_wide_default_charset_refused(self) -> None:
+        """MLLP_DEFAULT_CHARSET of UTF-16 or UTF-32 fails at startup naming it."""
+        for name in ("UNICODE", "UNICODE UTF-16", "UNICODE UTF-32"):
+            with self.assertRaises(ConfigError) as ctx:
+                load_settings({"MLLP_DEFAULT_CHARSET": name}, {})
+            self.assertTrue(str(ctx.exception).startswith("MLLP_DEFAULT_CHARSET: "))
+
+    def test_backlog_added_to_endpoint(self) -> None:
+        """MLLP_LISTEN_BACKLOG goes into tcp, ssl and unix endpoints, unless they name a backlog."""
+        from mllpd.config import with_backlog
+
+        self.assertEqual(with_backlog("tcp:2575", 4096), "tcp:2575:backlog=4096")
+        self.assertEqual(with_backlog("unix:/run/m.sock", 8), "unix:/run/m.sock:backlog=8")
+        self.assertEqual(with_backlog("tcp:1:backlog=9", 4096), "tcp:1:backlog=9")
+        self.assertEqual(with_backlog("systemd:domain=INET:index=0", 9), "systemd:domain=INET:index=0")
+        self.assertEqual(load_settings({}, {}).listen_backlog, 4096)
+
+    def test_max_buffer_below_frame_size(self) -> None:
+        """MLLP_MAX_BUFFER smaller than MLLP_MAX_FRAME_SIZE fails naming MLLP_MAX_BUFFER."""
+        with self.assertRaises(ConfigError) as ctx:
+            load_settings({"MLLP_MAX_BUFFER": "1MiB"}, {})
+        self.assertTrue(str(ctx.exception).startswith("MLLP_MAX_BUFFER: "))
+        s = load_settings({"MLLP_MAX_BUFFER": "1MiB", "MLLP_MAX_FRAME_SIZE": "512KiB"}, {})
+        self.assertEqual(s.max_buffer, 1024 * 1024)
 
     def test_pod_identity(self) -> None:
         """POD_NAME and POD_NAMESPACE come from the environment."""
@@ -114,11 +140,15 @@ class LoadTests(SynchronousTestCase):
             "MLLP_METRICS_ADDR": "nowhere",
             "MLLP_RETENTION": "0",
             "MLLP_MAX_OUTBOX": "plenty",
+            "MLLP_DB_URL": "postgresql://u:secret@[::1",
             "MLLP_WAL_LIMIT": "1MiB",
+            "MLLP_MAX_BATCH_MESSAGES": "0",
+            "MLLP_MAX_BUFFER": "lots",
+            "MLLP_LISTEN_BACKLOG": "0",
         }
         paths = {
             "MLLP_DB_PATH", "TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CLIENT_CA",
-            "MLLP_CLIENT_IDENTITIES", "MLLP_CONFIG",
+            "MLLP_CLIENT_IDENTITIES", "MLLP_CONFIG", "TLS_CRL_FILE",
         }
         self.assertEqual(set(bad) | paths, {s.variable for s in SETTINGS})
         for variable, value in bad.items():
@@ -128,6 +158,7 @@ class LoadTests(SynchronousTestCase):
             self.assertTrue(text.startswith(variable + ": "), text)
             self.assertIn("expected", text)
             self.assertNotIn("\n", text)
+            self.assertNotIn("secret", text)
 
     def test_tls_settings_need_each_other(self) -> None:
         """A TLS file setting without its partner fails naming the missing one."""
@@ -137,6 +168,8 @@ class LoadTests(SynchronousTestCase):
             ({"TLS_CLIENT_CA": "ca.pem"}, "TLS_CLIENT_CA: "),
             ({"TLS_CERT_FILE": "c", "TLS_KEY_FILE": "k", "MLLP_CLIENT_IDENTITIES": "i.yaml"},
              "MLLP_CLIENT_IDENTITIES: "),
+            ({"TLS_CERT_FILE": "c", "TLS_KEY_FILE": "k", "TLS_CRL_FILE": "crl.pem"},
+             "TLS_CRL_FILE: needs TLS_CLIENT_CA"),
         ]
         for env, prefix in cases:
             with self.assertRaises(ConfigError, msg=str(env)) as ctx:
@@ -144,13 +177,14 @@ class LoadTests(SynchronousTestCase):
             self.assertTrue(str(ctx.exception).startswith(prefix), str(ctx.exception))
         s = load_settings(
             {"TLS_CERT_FILE": "c", "TLS_KEY_FILE": "k", "TLS_CLIENT_CA": "ca",
-             "MLLP_CLIENT_IDENTITIES": "i.yaml", "TLS_MIN_VERSION": "1.3",
+             "MLLP_CLIENT_IDENTITIES": "i.yaml", "TLS_MIN_VERSION": "1.3", "TLS_CRL_FILE": "crl.pem",
              "MLLP_PROXY_PROTOCOL": "true", "MLLP_METRICS_ADDR": ":9102",
              "PRE_SHUTDOWN_DELAY": "5s"}, {},
         )
         self.assertEqual(
-            (s.tls_cert_file, s.tls_key_file, s.tls_client_ca, s.client_identities, s.tls_min_version),
-            ("c", "k", "ca", "i.yaml", "1.3"),
+            (s.tls_cert_file, s.tls_key_file, s.tls_client_ca, s.client_identities, s.tls_min_version,
+             s.tls_crl_file),
+            ("c", "k", "ca", "i.yaml", "1.3", "crl.pem"),
         )
         self.assertEqual((s.proxy_protocol, s.metrics_addr, s.pre_shutdown_delay), (True, "tcp:9102", 5.0))
 

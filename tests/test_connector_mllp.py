@@ -18,7 +18,7 @@ from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, PrivateCertificate
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
@@ -36,6 +36,7 @@ from mllpd.connectors.mllp import (
     endpoint_description,
 )
 from mllpd.framing import Frame, Framer
+from tests.upstreams import until
 
 reactor: Any = _reactor
 
@@ -458,6 +459,43 @@ class BuildTests(SynchronousTestCase):
         assert isinstance(connector, MLLPConnector)
         self.assertEqual((connector.ack_timeout, connector.connect_timeout), (90.0, 0.5))
 
+    def test_unverified_tls_refused_unless_insecure(self) -> None:
+        """ssl: without hostname= (no name check) stops startup unless the connector says insecure: true."""
+        ca_dir = os.path.join(self.dir, "ca")
+        os.mkdir(ca_dir)
+        trustme.CA().cert_pem.write_to_path(os.path.join(ca_dir, "ca.pem"))
+        for address in ("ssl:ehr.hospital:2575", f"ssl:ehr.hospital:2575:caCertsDir={ca_dir}"):
+            message = self.error(address=address)
+            self.assertTrue(message.startswith("MLLP_CONFIG: connectors.ehr.address: ssl: without hostname="), message)
+            self.assertIn("insecure: true", message)
+            for value in ("true", "yes", 1):
+                self.assertIn("connectors.ehr.insecure: expected true or false", self.error(address=address, insecure=value))
+            self.assertIn("does not verify", self.error(address=address, insecure=False))
+        for address in ("ssl:ehr.hospital:2575", f"ssl:host=ehr.hospital:port=2575:hostname=ehr.hospital:caCertsDir={ca_dir}"):
+            options: dict[str, Any] = {"address": address}
+            if "hostname=" not in address:
+                options["insecure"] = True
+            self.assertIsInstance(build(ConnectorSpec("ehr", "mllp", None, options), reactor, {}), MLLPConnector)
+
+    def test_startup_warnings_for_plaintext_and_insecure(self) -> None:
+        """A plaintext upstream off loopback, or insecure: true, gets one startup warning naming the connector."""
+        cases: list[tuple[dict[str, Any], list[str]]] = [
+            ({"address": "tcp:ehr.hospital:2575"}, ["upstream_plaintext"]),
+            ({"address": "10.1.2.3:2575"}, ["upstream_plaintext"]),
+            ({"address": "ssl:ehr.hospital:2575", "insecure": True}, ["upstream_tls_unverified"]),
+            ({"address": "tcp:127.0.0.1:2575"}, []),
+            ({"address": "localhost:2575"}, []),
+            ({"address": "tcp:\\:\\:1:2575"}, []),
+            ({"address": "tls:ehr.hospital:2575"}, []),
+        ]
+        for options, expected in cases:
+            with capturedLogs() as events:
+                build(ConnectorSpec("ehr", "mllp", None, options), reactor, {})
+            ours = [e for e in events if e.get("event", "").startswith("upstream_")]
+            self.assertEqual([e["event"] for e in ours], expected, options)
+            for e in ours:
+                self.assertEqual((e["log_level"].name, e["connector"]), ("warn", "ehr"))
+
     def test_address_forms(self) -> None:
         """host:port means TCP; each connect attempt is bounded by connect_timeout unless set."""
         self.assertEqual(endpoint_description("ehr.hospital:2575", 10), "tcp:ehr.hospital:2575:timeout=10")
@@ -579,20 +617,14 @@ class UpstreamBase(TestCase):
 
     async def settle(self, d: Deferred[Outcome], clock: Clock | None = None) -> Outcome:
         """Let the reactor run (and reconnects fire) until d has its outcome; bounded."""
-        for _ in range(1000):
-            if d.called:
-                return await d
+
+        def called() -> bool:
             if clock is not None:
                 clock.advance(0)
-            await deferLater(reactor, 0.005, lambda: None)
-        self.fail("no outcome within 5 seconds")
+            return d.called
 
-    async def until(self, condition: Any, what: str) -> None:
-        for _ in range(1000):
-            if condition():
-                return
-            await deferLater(reactor, 0.005, lambda: None)
-        self.fail(f"not reached within 5 seconds: {what}")
+        await until(called, what="an outcome")
+        return await d
 
 class UpstreamTests(UpstreamBase):
     """Delivery to a plain TCP upstream."""
@@ -643,7 +675,7 @@ class UpstreamTests(UpstreamBase):
         upstream = Upstream(["hold", "AA"])
         connector, clock = self.connector(self.listen(upstream))
         d = connector.deliver(delivery("C1"))
-        await self.until(lambda: len(upstream.received) == 1, "upstream got C1")
+        await until(lambda: len(upstream.received) == 1, what="upstream got C1")
         clock.advance(30)
         self.assertEqual(await d, Retry("no ACK within 30s"))
         await upstream.connections[0].lost
@@ -661,7 +693,7 @@ class UpstreamTests(UpstreamBase):
         upstream = Upstream(["silent"])
         connector, clock = self.connector(self.listen(upstream))
         d = connector.deliver(delivery("C1"))
-        await self.until(lambda: len(upstream.received) == 1, "upstream got C1")
+        await until(lambda: len(upstream.received) == 1, what="upstream got C1")
         clock.advance(29.9)
         self.assertFalse(d.called)
         clock.advance(0.1)
@@ -806,6 +838,28 @@ class TLSUpstreamTests(UpstreamTests):
         assert isinstance(outcome, Retry)
         self.assertIn("certificate", outcome.reason)
         self.assertEqual(upstream.received, [])
+
+    async def test_ssl_with_hostname_verifies_and_insecure_does_not(self) -> None:
+        """ssl: with hostname= refuses an untrusted upstream; only insecure: true delivers to it."""
+        other = os.path.join(self.dir, "other-ca")
+        os.mkdir(other)
+        trustme.CA().cert_pem.write_to_path(os.path.join(other, "ca.pem"))
+        upstream = Upstream()
+        port = self.listen(upstream)
+        client = f"certKey={self.dir}/client.pem:privateKey={self.dir}/client.key"
+        verified = f"ssl:host=127.0.0.1:port={port}:hostname=localhost:caCertsDir={other}:{client}"
+        outcome = await self.built(verified)
+        assert isinstance(outcome, Retry)
+        self.assertIn("certificate", outcome.reason)
+        self.assertEqual(upstream.received, [])
+        spec = ConnectorSpec("ehr", "mllp", None, {
+            "address": f"ssl:127.0.0.1:{port}:{client}", "ack_timeout": "5s", "insecure": True,
+        })
+        connector = build(spec, reactor, {})
+        connector.start()
+        self.addCleanup(self.stop, connector)
+        self.assertEqual(await self.settle(connector.deliver(delivery("C1"))), Delivered("AA"))
+        self.assertEqual(upstream.received, [hl7("C1")])
 
     async def test_tls_untrusted_upstream_is_not_delivered(self) -> None:
         """An upstream whose certificate is not signed by trustRoots gets nothing: Retry."""

@@ -9,7 +9,9 @@ refused", reopening it is the server coming back.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 import uuid
 from typing import Any
 
@@ -18,15 +20,15 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import capturedLogs, formatEvent, globalLogPublisher
 from twisted.protocols import portforward
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from mllpd.config import ConfigError
 from mllpd.connectors import ConnectorSpec, Dead, Delivered, Delivery, Retry
 from mllpd.connectors.postgres import PostgresConnector, build
+from tests.upstreams import until
 
 reactor: Any = _reactor
 
@@ -86,15 +88,16 @@ class Proxy(portforward.ProxyFactory):
 
     protocol = _ProxyServer
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, interface: str = "127.0.0.1") -> None:
         super().__init__(host, port)
+        self.interface = interface
         self.live: list[_ProxyServer] = []
         self.waiting: list[Deferred[None]] = []
         self.listening: Any = None
         self.port_number = 0
 
     def up(self) -> None:
-        self.listening = reactor.listenTCP(self.port_number, self, interface="127.0.0.1")
+        self.listening = reactor.listenTCP(self.port_number, self, interface=self.interface)
         self.port_number = self.listening.getHost().port
 
     async def down(self) -> None:
@@ -128,12 +131,12 @@ class PostgresConnectorTests(TestCase):
         self.addCleanup(connector.stop)
         return connector
 
-    def proxy(self) -> tuple[Proxy, str]:
+    def proxy(self, interface: str = "127.0.0.1") -> tuple[Proxy, str]:
         params = conninfo_to_dict(DSN)
-        proxy = Proxy(str(params.get("host", "127.0.0.1")), int(params.get("port", 5432)))
+        proxy = Proxy(str(params.get("host", "127.0.0.1")), int(params.get("port", 5432)), interface)
         proxy.up()
         self.addCleanup(lambda: Deferred.fromCoroutine(proxy.down()))
-        return proxy, make_conninfo(DSN, host="127.0.0.1", port=proxy.port_number)
+        return proxy, make_conninfo(DSN, host=interface, port=proxy.port_number)
 
     def rows(self, table: str | None = None) -> list[tuple[Any, ...]]:
         parts = (table or self.table).split(".")
@@ -211,6 +214,29 @@ class PostgresConnectorTests(TestCase):
         warnings = [formatEvent(e) for e in events if e.get("connector") == "archive" and "unavailable" in formatEvent(e)]
         self.assertEqual(len(warnings), 1, "one warning per outage, not per retry")
 
+    async def test_server_off_loopback_needs_a_verified_certificate(self) -> None:
+        """A server that is not local gets sslmode=verify-full: a plaintext server is not written to unless sslmode=disable says so."""
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            probe.connect(("192.0.2.1", 9))  # no packet is sent; this picks the outgoing address
+            address = probe.getsockname()[0]
+        except OSError:
+            address = "127.0.0.1"
+        finally:
+            probe.close()
+        if ipaddress.ip_address(address).is_loopback:
+            raise SkipTest("this machine has no address off loopback")
+        _, dsn = self.proxy(interface=address)
+        outcome = await self.connector(dsn).deliver(delivery())
+        assert isinstance(outcome, Retry), outcome
+        self.assertIn("SSL", outcome.reason)
+        self.assertEqual(query("SELECT to_regclass(%s)::text", (self.table,)), [(None,)])
+        with capturedLogs() as events:
+            connector = self.connector(make_conninfo(dsn, sslmode="disable"))
+        self.assertEqual(await connector.deliver(delivery()), Delivered("inserted"))
+        self.assertEqual([(e["event"], e["host"]) for e in events if e.get("event") == "upstream_plaintext"],
+                         [("upstream_plaintext", address)])
+
     async def test_value_the_table_refuses_is_dead(self) -> None:
         """A value the table's types refuse dead-letters that message only; the next is stored."""
         query(sql.SQL(
@@ -282,20 +308,20 @@ class PostgresConnectorTests(TestCase):
 
     async def test_stop_closes_the_connection(self) -> None:
         """stop() closes the server connection; deliveries after it are retried, not sent."""
-        connector = build(spec(dsn_env="ARCHIVE_DSN", table=self.table), reactor, {"ARCHIVE_DSN": DSN})
+        # A name of its own: other tests' connectors share the server.
+        name = f"archive-{uuid.uuid4().hex[:8]}"
+        connector = build(ConnectorSpec(name, "postgres", None, {"dsn_env": "ARCHIVE_DSN", "table": self.table}),
+                          reactor, {"ARCHIVE_DSN": DSN})
         connector.start()
         self.assertIsInstance(await connector.deliver(delivery()), Delivered)
 
         def sessions() -> list[tuple[Any, ...]]:
-            return query("SELECT pid FROM pg_stat_activity WHERE application_name = 'mllpd-archive'")
+            return query("SELECT pid FROM pg_stat_activity WHERE application_name = %s", (f"mllpd-{name}",))
 
         self.assertEqual(len(await deferToThread(sessions)), 1)
         await connector.stop()
         # The backend exits just after the client closes: bounded wait for it.
-        for _ in range(100):
-            if not await deferToThread(sessions):
-                break
-            await deferLater(reactor, 0.02)
+        await until(lambda: deferToThread(sessions), lambda rows: not rows, what="the backend to exit")
         self.assertEqual(await deferToThread(sessions), [])
         self.assertEqual(await connector.deliver(delivery()), Retry("connector is stopping"))
 
@@ -365,5 +391,32 @@ class BuildTests(SynchronousTestCase):
         self.assertEqual(
             self.refused(dsn="host=h", tabel="x"),
             "MLLP_CONFIG: connectors.archive.tabel: unknown option for a postgres connector; "
-            "expected one of dsn, dsn_env, table, timeout",
+            "expected one of dsn, dsn_env, insecure, table, timeout",
         )
+
+    def test_remote_server_is_verified(self) -> None:
+        """A server off loopback defaults to sslmode=verify-full; weaker modes need insecure: true; local ones are left alone."""
+        def sslmode(dsn: str, environ: dict[str, str] | None = None, **options: Any) -> object:
+            connector = build(spec(dsn=dsn, **options), reactor, environ or {})
+            return conninfo_to_dict(connector._conninfo).get("sslmode")
+
+        self.assertEqual(sslmode("host=db.hospital.internal dbname=archive"), "verify-full")
+        self.assertEqual(sslmode("postgresql://u@10.0.0.5/archive"), "verify-full")
+        self.assertEqual(sslmode("dbname=archive", {"PGHOST": "db.hospital.internal"}), "verify-full")
+        self.assertEqual(sslmode("host=db sslmode=verify-full"), "verify-full")
+        self.assertEqual(sslmode("host=db sslmode=disable"), "disable")
+        for local in ("host=localhost", "host=127.0.0.1", "host=/run/postgresql", "dbname=a",
+                      "host=db hostaddr=127.0.0.1", "host=::1"):
+            self.assertIsNone(sslmode(local), local)
+        for mode in ("prefer", "require", "verify-ca", "allow"):
+            self.assertEqual(
+                self.refused(dsn=f"host=db sslmode={mode} password=hunter2"),
+                f"MLLP_CONFIG: connectors.archive.dsn: sslmode={mode} does not verify the server's certificate "
+                "and name; use sslmode=verify-full (the default for a server that is not local), "
+                "or set insecure: true to accept that",
+            )
+            self.assertEqual(sslmode(f"host=db sslmode={mode}", insecure=True), mode)
+        self.assertIn("connectors.archive.dsn_env: sslmode=require",
+                      self.refused({"D": "host=db sslmode=require"}, dsn_env="D"))
+        self.assertIn("connectors.archive.dsn: sslmode=prefer", self.refused({"PGSSLMODE": "prefer"}, dsn="host=db"))
+        self.assertIn("connectors.archive.insecure: expected true or false", self.refused(dsn="host=db", insecure="true"))

@@ -14,13 +14,14 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor as _reactor
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
@@ -39,10 +40,10 @@ from tests.serverproc import (
     query,
     spawn_server,
 )
+from tests.upstreams import until
 
 reactor: Any = _reactor
 
-POLL = 0.02
 # Short backoff so outages cost the tests fractions of a second.
 FAST_RETRY = "retry: {initial: 100ms, max: 500ms, multiplier: 2, jitter: 0.1, max_attempts: 1000}"
 PG_DSN = os.environ.get("MLLPD_TEST_POSTGRES_DSN")
@@ -250,18 +251,14 @@ class HTTPUpstream(_Port, Resource):
 # -- helpers ----------------------------------------------------------------------------
 
 
-async def eventually(check: Callable[[], object], timeout: float, what: Callable[[], str]) -> None:
-    """Poll ``check`` until true; fail with ``what()`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what()}")
-        await deferLater(reactor, POLL, lambda: None)
-
-
-async def pause(seconds: float) -> None:
-    """Let the reactor run (the upstreams answer) for a moment."""
-    await deferLater(reactor, seconds, lambda: None)
+def outbox_depth(metrics_port: int, connector: str) -> tuple[float, float]:
+    """(queue depth, oldest age) of ``connector`` on the server's metrics
+    page: both change at each recount of the backlog."""
+    with urllib.request.urlopen(f"http://{LOOPBACK}:{metrics_port}/metrics", timeout=10) as page:
+        text = page.read().decode()
+    got = {s.name: s.value for family in text_string_to_metric_families(text)
+           for s in family.samples if s.labels.get("connector") == connector}
+    return got.get("mllp_outbox_depth", -1.0), got.get("mllp_outbox_oldest_age_seconds", -1.0)
 
 
 def send_all(port: int, payloads: Sequence[bytes], timeout: float = 30.0) -> list[Ack]:
@@ -377,10 +374,10 @@ class RoutingTests(TestCase):
                 self.assertTrue(a.has_err)
                 self.assertIn(b"patient-id-required", a.raw)
 
-        await eventually(
+        await until(
             lambda: all_delivered(server, "ehr", len(accepted))
             and all_delivered(server, "lake", len(adt)),
-            20, lambda: f"ehr {states(server, 'ehr')} lake {states(server, 'lake')}",
+            timeout=20, what=lambda: f"ehr {states(server, 'ehr')} lake {states(server, 'lake')}",
         )
         self.assertEqual(ehr.received, accepted)
         self.assertEqual([p.body for p in lake.posts], adt)
@@ -400,7 +397,7 @@ class RoutingTests(TestCase):
                 )
             }
 
-        await eventually(lambda: len(audit()) == len(sent), 10, lambda: str(audit()))
+        await until(lambda: len(audit()) == len(sent), timeout=10, what=lambda: str(audit()))
         trail = audit()
         for p in sent:
             cid = control_id(p)
@@ -431,9 +428,9 @@ class OutageTests(TestCase):
         server = await run_server(self, config)
         before = messages("UP", 5)
         self.assertEqual({a.code for a in await send(server, before)}, {"AA"})
-        await eventually(
+        await until(
             lambda: all_delivered(server, "ehr", 5) and all_delivered(server, "lake", 5),
-            20, lambda: f"{states(server, 'ehr')} {states(server, 'lake')}",
+            timeout=20, what=lambda: f"{states(server, 'ehr')} {states(server, 'lake')}",
         )
         ports = (ehr.port, lake.port)
         await ehr.close()
@@ -445,18 +442,18 @@ class OutageTests(TestCase):
             return any(s == "pending" and a >= 1 and e for _, s, a, e in states(server, connector))
 
         # Both connectors have failed at least once against the closed ports.
-        await eventually(
-            lambda: retried("ehr") and retried("lake"), 20,
-            lambda: f"{states(server, 'ehr')} {states(server, 'lake')}",
+        await until(
+            lambda: retried("ehr") and retried("lake"), timeout=20,
+            what=lambda: f"{states(server, 'ehr')} {states(server, 'lake')}",
         )
         self.assertEqual(len(ehr.received), 5)
         self.assertEqual(len(lake.posts), 5)
         ehr.listen()
         lake.listen()
         self.assertEqual((ehr.port, lake.port), ports)
-        await eventually(
+        await until(
             lambda: all_delivered(server, "ehr", 15) and all_delivered(server, "lake", 15),
-            30, lambda: f"{states(server, 'ehr')} {states(server, 'lake')}",
+            timeout=30, what=lambda: f"{states(server, 'ehr')} {states(server, 'lake')}",
         )
         self.assertEqual(ehr.received, before + during)
         self.assertEqual([p.body for p in lake.posts], before + during)
@@ -482,9 +479,9 @@ class OutageTests(TestCase):
         server = await run_server(self, config)
         sent = [hl7_message("SLOW-0000"), hl7_message("BAD-0001"), hl7_message("NEXT-0002")]
         self.assertEqual({a.code for a in await send(server, sent)}, {"AA"})
-        await eventually(
+        await until(
             lambda: [s for _, s, _, _ in states(server, "lake")] == ["delivered", "dead", "delivered"],
-            20, lambda: str(states(server, "lake")),
+            timeout=20, what=lambda: str(states(server, "lake")),
         )
         slow = [p.at for p in lake.posts if control_id(p.body) == "SLOW-0000"]
         self.assertEqual(len(slow), 2)
@@ -503,10 +500,10 @@ class OutageTests(TestCase):
             env={**os.environ, "PYTHONPATH": str(REPO)},
         )
         self.assertEqual(cli.returncode, 0, cli.stderr)
-        await eventually(
+        await until(
             lambda: lake.delivered_ids().count("BAD-0001") == 1
             and all(s == "delivered" for _, s, _, _ in states(server, "lake")),
-            20, lambda: f"{states(server, 'lake')} {lake.control_ids()}",
+            timeout=20, what=lambda: f"{states(server, 'lake')} {lake.control_ids()}",
         )
         self.assertEqual(lake.posts[-1].body, sent[1])
         self.assertEqual(len({p.key for p in lake.posts if control_id(p.body) == "BAD-0001"}), 1)
@@ -526,7 +523,7 @@ class OutageTests(TestCase):
         server = await run_server(self, "connectors:\n" + mllp_connector("ehr", ehr.port) + FAST_RETRY + "\n")
         sent = [hl7_message("ONE-0001"), hl7_message("TWO-0002")]
         self.assertEqual({a.code for a in await send(server, sent)}, {"AA"})
-        await eventually(lambda: len(ehr.held) == 1, 20, lambda: str(ehr.control_ids()))
+        await until(lambda: len(ehr.held) == 1, timeout=20, what=lambda: str(ehr.control_ids()))
         first = states(server, "ehr")[0]
         self.assertEqual(first[0], "ONE-0001")
         self.assertNotEqual(first[1], "delivered")
@@ -539,7 +536,7 @@ class OutageTests(TestCase):
         self.assertIn("OLD-9999", retries[0][2] if retries else "", str(retries))
         self.assertEqual(retries[0][:2], ("ONE-0001", 1))
         ehr.release()
-        await eventually(lambda: all_delivered(server, "ehr", 2), 20, lambda: str(states(server, "ehr")))
+        await until(lambda: all_delivered(server, "ehr", 2), timeout=20, what=lambda: str(states(server, "ehr")))
         self.assertEqual(ehr.control_ids(), ["ONE-0001", "ONE-0001", "TWO-0002"])
         self.assertEqual(ehr.received[0], ehr.received[1])
         # Delivered by a later attempt (a slow reconnect may take one more), never the first.
@@ -572,9 +569,9 @@ class CrashTests(TestCase):
         acks = [a for batch in results for a in batch]
         self.assertEqual(len(acks), 2400)
         self.assertEqual({a.code for a in acks}, {"AA"})
-        await eventually(
-            lambda: len(ehr.received) >= 300 and len(lake.posts) >= 300, 30,
-            lambda: f"ehr {len(ehr.received)} lake {len(lake.posts)}",
+        await until(
+            lambda: len(ehr.received) >= 300 and len(lake.posts) >= 300, timeout=30,
+            what=lambda: f"ehr {len(ehr.received)} lake {len(lake.posts)}",
         )
         server.process.kill()
         await deferToThread(server.wait)
@@ -585,9 +582,9 @@ class CrashTests(TestCase):
             self, env={"MLLP_CONFIG": os.path.join(workdir, "mllp.yaml")}, workdir=workdir
         )
         await deferToThread(restarted.wait_listening)
-        await eventually(
+        await until(
             lambda: all_delivered(restarted, "ehr", 2400) and all_delivered(restarted, "lake", 2400),
-            90, lambda: f"ehr {len(ehr.received)} lake {len(lake.posts)}",
+            timeout=90, what=lambda: f"ehr {len(ehr.received)} lake {len(lake.posts)}",
         )
         queue_order = {c: [cid for cid, *_ in states(restarted, c)] for c in ("ehr", "lake")}
         everything = {control_id(p) for batch in batches for p in batch}
@@ -635,9 +632,9 @@ class CrashTests(TestCase):
             lambda: [r.result() for r in _parallel(server.port, batches)]  # type: ignore[arg-type]
         )
         self.assertEqual({a.code for batch in results for a in batch}, {"AA"})
-        await eventually(
-            lambda: len(ehr.received) >= 200 and len(lake.posts) >= 200, 30,
-            lambda: f"ehr {len(ehr.received)} lake {len(lake.posts)}",
+        await until(
+            lambda: len(ehr.received) >= 200 and len(lake.posts) >= 200, timeout=30,
+            what=lambda: f"ehr {len(ehr.received)} lake {len(lake.posts)}",
         )
         server.process.kill()
         await deferToThread(server.wait)
@@ -648,9 +645,9 @@ class CrashTests(TestCase):
             self, env={"MLLP_CONFIG": os.path.join(workdir, "mllp.yaml")}, workdir=workdir
         )
         await deferToThread(restarted.wait_listening)
-        await eventually(
+        await until(
             lambda: all_delivered(restarted, "ehr", 1600) and all_delivered(restarted, "lake", 1600),
-            90, lambda: f"ehr {len(ehr.received)} lake {len(lake.posts)}",
+            timeout=90, what=lambda: f"ehr {len(ehr.received)} lake {len(lake.posts)}",
         )
         arrivals = {
             "ehr": ehr.control_ids(),
@@ -704,7 +701,11 @@ class BackPressureTests(TestCase):
         ehr.reserve()
         server = await run_server(
             self, "connectors:\n" + mllp_connector("ehr", ehr.port) + FAST_RETRY + "\n",
-            env={"MLLP_MAX_OUTBOX": "5"},
+            env={"MLLP_MAX_OUTBOX": "5", "MLLP_METRICS_ADDR": f"tcp:0:interface={LOOPBACK}"},
+        )
+        [metrics_port] = await until(
+            lambda: [e["port"] for e in server.events() if e.get("event") == "metrics_listening"],
+            what="the metrics_listening event",
         )
         first = await send(server, messages("BP", 5))
         self.assertEqual({a.code for a in first}, {"AA"})
@@ -714,21 +715,20 @@ class BackPressureTests(TestCase):
             self.assertTrue(a.has_err)
             self.assertIn(b"207", a.raw)
         # Still full a recount later (the backlog is recounted every second).
-        await pause(1.2)
+        before = await deferToThread(outbox_depth, metrics_port, "ehr")
+        await until(lambda: deferToThread(outbox_depth, metrics_port, "ehr"),
+                    lambda now: now[0] == 5 and now[1] > before[1], what="a recount after the refusals")
         self.assertEqual([a.code for a in await send(server, messages("STILL", 1))], ["AR"])
 
         ehr.listen()
-        await eventually(lambda: all_delivered(server, "ehr", 5), 30, lambda: str(states(server, "ehr")))
+        await until(lambda: all_delivered(server, "ehr", 5), timeout=30, what=lambda: str(states(server, "ehr")))
         codes: list[str] = []
 
         async def accepted() -> bool:
             codes.extend(a.code for a in await send(server, [hl7_message(f"AGAIN-{len(codes)}")]))
             return codes[-1] == "AA"
 
-        deadline = time.monotonic() + 10
-        while not await accepted():
-            self.assertLess(time.monotonic(), deadline, f"still refused: {codes}")
-            await pause(0.1)
+        await until(accepted, timeout=10, what=lambda: f"still refused: {codes}")
         self.assertEqual(set(codes[:-1]), {"AR"} if codes[:-1] else set())
         stored = sorted(cid for (cid,) in query(server.db_path, "SELECT control_id FROM messages"))
         self.assertEqual(stored, sorted([f"BP-{n:04d}" for n in range(5)] + [f"AGAIN-{len(codes) - 1}"]))
@@ -779,8 +779,8 @@ class PostgresTests(TestCase):
             .replace(b"|2.5\r", b"|2.5||||||8859/1\r", 1)
         )
         self.assertEqual({a.code for a in await send(server, sent)}, {"AA"})
-        await eventually(lambda: all_delivered(server, "archive", 6), 30,
-                         lambda: str(states(server, "archive")))
+        await until(lambda: all_delivered(server, "archive", 6), timeout=30,
+                    what=lambda: str(states(server, "archive")))
         ids = dict(query(server.db_path, "SELECT control_id, message_id FROM messages"))
         found = await deferToThread(rows)
         self.assertEqual(found, [(ids[control_id(p)], control_id(p), p) for p in sent])
@@ -794,8 +794,8 @@ class PostgresTests(TestCase):
         again = spawn_server(self, env={"MLLP_CONFIG": os.path.join(workdir, "mllp.yaml"), **env},
                              workdir=workdir)
         await deferToThread(again.wait_listening)
-        await eventually(lambda: all_delivered(again, "archive", 6), 30,
-                         lambda: str(states(again, "archive")))
+        await until(lambda: all_delivered(again, "archive", 6), timeout=30,
+                    what=lambda: str(states(again, "archive")))
         self.assertEqual([a for *_, a, _ in states(again, "archive")], [1] * 6)
         self.assertEqual(await deferToThread(rows), found)
 
@@ -816,12 +816,12 @@ class RetentionTests(TestCase):
         server = await run_server(self, config, env={"MLLP_RETENTION": "1s"})
         sent = messages("RET", 3) + [hl7_message("WAIT-0001", msg_type="ORU^R01")]
         self.assertEqual({a.code for a in await send(server, sent)}, {"AA"})
-        await eventually(lambda: len(lake.posts) == 3, 20, lambda: str(lake.control_ids()))
+        await until(lambda: len(lake.posts) == 3, timeout=20, what=lambda: str(lake.control_ids()))
 
         def stored() -> list[str]:
             return sorted(cid for (cid,) in query(server.db_path, "SELECT control_id FROM messages"))
 
-        await eventually(lambda: stored() == ["WAIT-0001"], 15, lambda: str(stored()))
+        await until(lambda: stored() == ["WAIT-0001"], timeout=15, what=lambda: str(stored()))
         self.assertEqual(query(server.db_path, "SELECT COUNT(*) FROM deliveries WHERE connector = 'lake'"),
                          [(0,)])
         self.assertIn(states(server, "ehr")[0][1], ("pending", "in_flight"))

@@ -116,6 +116,18 @@ class RenderedOverlayTests(SynchronousTestCase):
             r = _with_components(root, "tls", "mtls")
         self.assertEqual(check_tls(r, client_ca=True), [])
 
+    def test_cloudnative_pg_component(self) -> None:
+        """The cloudnative-pg component adds a three-instance Cluster with
+        synchronous replication and takes MLLP_DB_URL from its Secret."""
+        with tree_copy() as root:
+            r = _with_components(root, "cloudnative-pg")
+        cluster = r.get("Cluster", "mllpd-db")
+        assert cluster is not None
+        self.assertEqual(cluster["spec"]["instances"], 3)
+        self.assertEqual(cluster["spec"]["postgresql"]["synchronous"]["number"], 1)
+        url = {v["name"]: v.get("valueFrom") for v in r.container()["env"]}["MLLP_DB_URL"]
+        self.assertEqual(url, {"secretKeyRef": {"name": "mllpd-db-app", "key": "uri"}})
+
     def test_config_example(self) -> None:
         """The MLLP_CONFIG example is rules plus mllp and http connectors,
         and needs no environment variable that the manifests do not set."""

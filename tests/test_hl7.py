@@ -14,6 +14,7 @@ from mllpd.hl7 import (
     Header,
     Message,
     NotHL7Error,
+    WideCharsetError,
     codec_for_charset,
     escape,
     parse_message,
@@ -240,27 +241,40 @@ class CharsetTests(SynchronousTestCase):
             self.assertEqual(m.header.control_id, "CTRL123", charset)
             self.assertEqual(m.header.field(18), charset)
 
-    def test_utf16_with_bom(self) -> None:
-        """UTF-16 payloads with a little- or big-endian BOM are read."""
+    def test_utf16_and_utf32_refused(self) -> None:
+        """UTF-16/32 payloads (BOM, bare 'MSH' bytes, or only MSH-18) raise WideCharsetError, with the header when readable."""
         text = message_text(name="Ωmega 山田", charset="UNICODE UTF-16")
         for payload in (
             codecs.BOM_UTF16_LE + text.encode("utf-16-le"),
             codecs.BOM_UTF16_BE + text.encode("utf-16-be"),
+            text.encode("utf-16-le"),
+            text.encode("utf-16-be"),
+            message_text(charset="UNICODE UTF-32").encode("utf-32"),
         ):
-            m = parse_message(payload)
-            self.assertEqual(m.get("PID", 5, 1), "Ωmega 山田")
-            self.assertEqual(m.header.control_id, "CTRL123")
-            self.assertEqual(m.header.field(18), "UNICODE UTF-16")
-            self.assertEqual(m.raw, payload)
-            # The codec chosen must read the payload back to the same text.
-            self.assertEqual(payload.decode(m.codec).lstrip("\ufeff"), text)
+            with self.assertRaises(WideCharsetError) as ctx:
+                parse_message(payload)
+            assert ctx.exception.header is not None
+            self.assertEqual(ctx.exception.header.control_id, "CTRL123")
+        with self.assertRaises(WideCharsetError):
+            parse_message(message_text(charset="UNICODE UTF-16").encode("ascii"))
+        with self.assertRaises(WideCharsetError):
+            parse_message(message_text().encode("ascii"), "UNICODE")
 
-    def test_utf16_without_bom(self) -> None:
-        """UTF-16 payloads without a BOM are recognised from the 'MSH' bytes."""
-        text = message_text(name="Ωmega", charset="UNICODE UTF-16")
-        for codec in ("utf-16-le", "utf-16-be"):
-            m = parse_message(text.encode(codec))
-            self.assertEqual(m.get("PID", 5, 1), "Ωmega", codec)
+    def test_utf8_bom_skipped(self) -> None:
+        """A UTF-8 byte order mark before MSH is skipped and means UTF-8; the raw bytes keep it."""
+        payload = codecs.BOM_UTF8 + message_text(name="Müller").encode("utf-8")
+        m = parse_message(payload)
+        self.assertEqual(m.get("PID", 5, 1), "Müller")
+        self.assertEqual(m.header.control_id, "CTRL123")
+        self.assertEqual(m.codec, "utf-8")
+        self.assertEqual(m.raw, payload)
+
+    def test_utf8_bom_with_declared_charset(self) -> None:
+        """MSH-18 still governs a message that starts with a UTF-8 BOM."""
+        payload = codecs.BOM_UTF8 + message_text(name="Café", charset="8859/1").encode("latin-1")
+        m = parse_message(payload)
+        self.assertEqual(m.get("PID", 5, 1), "Café")
+        self.assertEqual(m.charset, "8859/1")
 
     def test_multibyte_trail_bytes_in_fields(self) -> None:
         """Big-5 and GB 18030 characters whose second byte is '|' or '^' stay in one field."""
@@ -481,6 +495,16 @@ class EscapeTests(SynchronousTestCase):
         out = escape("line one\rline two\nline three", h)
         self.assertNotIn("\r", out)
         self.assertNotIn("\n", out)
+
+    def test_escape_pattern_cache_bounded(self) -> None:
+        """Messages with thousands of different escape characters leave a bounded pattern cache."""
+        from mllpd import hl7
+
+        escapes = [c for c in map(chr, range(0x2000, 0x3000)) if not c.isalnum()][:500]
+        for esc in escapes:
+            h = Header(fields=("MSH", "|", f"^~{esc}&", "A"))
+            self.assertEqual(unescape(f"a{esc}F{esc}b", h), "a|b")
+        self.assertLessEqual(hl7._escape_pattern.cache_info().currsize, 16)
 
     @settings(deadline=None, max_examples=500)
     @given(header=headers(), value=st.text(max_size=200))

@@ -28,9 +28,10 @@ FILE = f"""
 """
 
 
-def message(msh3: str, msh4: str, control_id: str = "C1") -> bytes:
+def message(msh3: str, msh4: str, control_id: str = "C1", delimiters: str = "|^~\\&") -> bytes:
+    fs = delimiters[0]
     return (
-        f"MSH|^~\\&|{msh3}|{msh4}|EHR|HOSP|20260101||ADT^A01|{control_id}|P|2.5\r"
+        f"MSH{delimiters}{fs}{msh3}{fs}{msh4}{fs}EHR{fs}HOSP{fs}20260101{fs}{fs}ADT^A01{fs}{control_id}{fs}P{fs}2.5\r"
         "PID|1||123\r"
     ).encode()
 
@@ -43,14 +44,18 @@ class IdentityFileTests(SynchronousTestCase):
         return path
 
     def test_matching(self) -> None:
-        """Subject or SAN entries allow exactly their MSH-3/MSH-4 pairs; first components and * match."""
+        """Subject or SAN entries allow exactly their MSH-3/MSH-4 pairs as whole HDs; * matches anything."""
         ids = load_identities(self.write(FILE))
         self.assertEqual(len(ids), 3)
         lab = frozenset({LAB, "DNS:lab-analyser-1"})
         ris = frozenset({"CN=ris", "DNS:ris.hospital.internal"})
         cases = [
             (lab, "LAB", "GENHOSP", True),
-            (lab, "LAB^1.2.3^ISO", "GENHOSP", True),
+            (lab, "LAB^^", "GENHOSP", True),  # empty HD.2/HD.3 are the same HD
+            (lab, "LAB^1.2.3^ISO", "GENHOSP", False),  # an unlisted OID is another sender
+            (lab, "LAB^2.16.840.1.999^ISO", "GENHOSP", False),
+            (lab, "LAB&X", "GENHOSP", False),
+            (lab, "LAB~RIS", "GENHOSP", False),
             (lab, "LAB2", "CLINIC", True),
             (lab, "LAB", "CLINIC", False),  # each entry's pair, not a cross product
             (lab, "RIS", "GENHOSP", False),
@@ -66,6 +71,30 @@ class IdentityFileTests(SynchronousTestCase):
                 outcome, error = result
                 self.assertEqual((outcome, error.code, error.segment, error.position), (REJECT, "207", "MSH", 3))
 
+    def test_listed_universal_id(self) -> None:
+        """An entry naming HD.2/HD.3 matches exactly that HD, not the bare namespace or another OID."""
+        ids = load_identities(self.write(f'- client: "{LAB}"\n  msh3: ["LAB^1.2.3^ISO"]\n  msh4: [GENHOSP]\n'))
+        lab = frozenset({LAB})
+        for msh3, allowed in [("LAB^1.2.3^ISO", True), ("LAB", False), ("LAB^1.2.4^ISO", False),
+                              ("LAB^1.2.3^DNS", False), ("^1.2.3^ISO", False)]:
+            result = ids.check(lab, parse_message(message(msh3, "GENHOSP")).header)
+            self.assertEqual(result is None, allowed, msh3)
+
+    def test_non_standard_delimiters_refused(self) -> None:
+        """With identities on, a message with other delimiters gets AR at MSH-2, so LAB-2 cannot pass as LAB."""
+        ids = load_identities(self.write(FILE))
+        lab = frozenset({LAB})
+        for delimiters, msh3 in [("|-~\\&", "LAB-2"), ("|-~\\&", "LAB"), ("#^~\\&", "LAB"),
+                                 ("|^~\\", "LAB"), ("|&~\\^", "LAB")]:
+            header = parse_message(message(msh3, "GENHOSP", delimiters=delimiters)).header
+            result = ids.check(lab, header)
+            assert result is not None, delimiters
+            outcome, error = result
+            self.assertEqual((outcome, error.code, error.segment, error.position), (REJECT, "207", "MSH", 2))
+        # The v2.7 truncation character is still the standard set.
+        header = parse_message(message("LAB", "GENHOSP", delimiters="|^~\\&#")).header
+        self.assertIsNone(ids.check(lab, header))
+
     def test_bad_files(self) -> None:
         """A missing, malformed or mis-shaped file raises IdentityError with one line."""
         folder = make_workdir(self)
@@ -76,6 +105,9 @@ class IdentityFileTests(SynchronousTestCase):
             self.write("- client: x\n  msh3: [A]\n"),
             self.write("- client: x\n  msh3: [A]\n  msh4: [B]\n  msh5: [C]\n"),
             self.write("- msh3: [A]\n  msh4: [B]\n"),
+            self.write("- client: x\n  msh3: [\"A|B\"]\n  msh4: [B]\n"),
+            self.write("- client: x\n  msh3: [\"A^B^C^D\"]\n  msh4: [B]\n"),
+            self.write("- client: x\n  msh3: [\"^^\"]\n  msh4: [B]\n"),
         ]
         for path in bad:
             with self.assertRaises(IdentityError, msg=path) as ctx:

@@ -5,7 +5,6 @@ OTLP/HTTP receiver in the test.
 
 from __future__ import annotations
 
-import time
 import urllib.request
 from collections import Counter
 from typing import Any
@@ -17,7 +16,6 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor as _reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -32,6 +30,7 @@ from tests.serverproc import (
     spawn_server,
     start_server,
 )
+from tests.upstreams import until, wait_until
 
 reactor: Any = _reactor
 
@@ -92,6 +91,17 @@ class CollectorTests(SynchronousTestCase):
         self.assertEqual(v("mllp_dead_letters_total", connector="lake"), 1)
         self.assertEqual(v("mllp_outbox_depth", connector="ehr"), 4)
         self.assertEqual(v("mllp_outbox_oldest_age_seconds", connector="ehr"), 12.5)
+
+    def test_lease_gauge_says_which_pod_delivers(self) -> None:
+        """With the PostgreSQL outbox, mllp_connector_lease is 1 for the connectors this pod delivers for, 0 for the others; absent otherwise."""
+        m = Metrics(pod="mllpd-1")
+        self.assertNotIn("mllp_connector_lease", generate_latest(m.registry).decode())
+        m.set_lease("ehr", True)
+        m.set_lease("lab", True)
+        m.set_lease("lab", False)
+        got = samples(generate_latest(m.registry).decode())
+        self.assertEqual(got[("mllp_connector_lease", (("connector", "ehr"), ("pod", "mllpd-1")))], 1)
+        self.assertEqual(got[("mllp_connector_lease", (("connector", "lab"), ("pod", "mllpd-1")))], 0)
 
     def test_message_types_bounded(self) -> None:
         """A sender inventing message types cannot grow the label set past MAX_MSG_TYPES."""
@@ -235,19 +245,17 @@ class PrometheusTests(SynchronousTestCase):
             return got.get((name, tuple(sorted(labels.items()))), -1)
 
         url = f"http://{LOOPBACK}:{metrics_port}/metrics"
-        deadline = time.monotonic() + 20
-        while True:
+
+        def scrape() -> dict[Any, float]:
             with urllib.request.urlopen(url, timeout=10) as response:
-                got = samples(response.read().decode())
-            settled = (
+                return samples(response.read().decode())
+
+        got = wait_until(scrape, lambda got: (
                 v(got, "mllp_deliveries_total", connector="lake", result="delivered") == 3
                 and v(got, "mllp_outbox_depth", connector="lake") == 0
                 and v(got, "mllp_outbox_depth", connector="ehr") == 4
                 and v(got, "mllp_deliveries_total", connector="ehr", result="retry") >= 1
-            )
-            if settled or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
+            ), timeout=20, what="the deliveries and queue depths")
         self.assertEqual(v(got, "mllp_deliveries_total", connector="lake", result="delivered"), 3)
         self.assertEqual(v(got, "mllp_deliveries_total", connector="lake", result="dead"), 1)
         self.assertEqual(v(got, "mllp_dead_letters_total", connector="lake"), 1)
@@ -341,14 +349,10 @@ class OTLPTests(TestCase):
             for n in range(4):
                 self.assertEqual(client.request(hl7_message(f"OT-{n}")).code, "AA")
             self.assertEqual(client.request(hl7_message("OT-AR", version="3.0")).code, "AR")
-        got: dict[str, Any] = {}
-        deadline = time.monotonic() + 30
-        for _ in range(1000):
-            got = receiver.latest()
-            messages = got.get("mllp.messages", {})
-            if messages.get((("code", "AA"), ("msg_type", "ADT"))) == 4 or time.monotonic() > deadline:
-                break
-            await deferLater(reactor, 0.1)
+        got: dict[str, Any] = await until(
+            receiver.latest,
+            lambda got: got.get("mllp.messages", {}).get((("code", "AA"), ("msg_type", "ADT"))) == 4,
+            what="the four AA messages over OTLP")
         self.assertEqual(got["mllp.messages"][(("code", "AA"), ("msg_type", "ADT"))], 4)
         self.assertEqual(got["mllp.messages"][(("code", "AR"), ("msg_type", "ADT"))], 1)
         self.assertEqual(got["mllp.connections.accepted"][()], 1)

@@ -6,14 +6,13 @@ import hashlib
 import os
 import shutil
 import sqlite3
+import stat
 import tempfile
-import time
 import uuid
 from typing import Any
 
 from twisted.internet import defer
 from twisted.internet import reactor as _reactor
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mllpd.hl7 import parse_message
@@ -26,6 +25,7 @@ from mllpd.outbox.sqlite import (
     schema_files,
 )
 from mllpd.rules import default_lane, lane_key
+from tests.upstreams import until
 
 reactor: Any = _reactor
 
@@ -219,10 +219,11 @@ class SchemaTests(SynchronousTestCase):
         """Rows still queued when an outbox is upgraded to lanes get their message's default order key."""
         path = temp_db(self)
         conn = sqlite3.connect(path, isolation_level=None)
-        conn.create_function("mllp_dedup_key", 4, lambda *a: 1)
+        conn.create_function("mllp_dedup_key", 1, lambda *a: 1)
         conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        # Up to batches (4), on the slim rows of 3: lanes is 5.
         for version, script in schema_files("sqlite"):
-            if version <= 3:
+            if version <= 4:
                 for statement in _statements(script):
                     conn.execute(statement)
                 conn.execute("INSERT INTO schema_version VALUES (?)", (version,))
@@ -265,6 +266,26 @@ class SchemaTests(SynchronousTestCase):
         with self.assertRaises(OutboxError) as ctx:
             open_database(path)
         self.assertIn("newer", str(ctx.exception))
+
+    def test_files_private_whatever_the_umask(self) -> None:
+        """Under umask 022 the outbox and its -wal and -shm are created 0600; an older 0644 outbox is made 0600."""
+        old_umask = os.umask(0o022)
+        self.addCleanup(os.umask, old_umask)
+        path = temp_db(self)
+        conn = open_database(path)
+        conn.execute("INSERT INTO schema_version VALUES (0)")  # something in the WAL
+        modes = {s: stat.S_IMODE(os.stat(path + s).st_mode) for s in ("", "-wal", "-shm")}
+        conn.close()
+        self.assertEqual(modes, {"": 0o600, "-wal": 0o600, "-shm": 0o600})
+        older = os.path.join(os.path.dirname(path), "older.db")
+        conn = sqlite3.connect(older)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("CREATE TABLE t (x)")
+        self.assertEqual(stat.S_IMODE(os.stat(older + "-wal").st_mode), 0o644)
+        open_database(older).close()
+        modes = {s: stat.S_IMODE(os.stat(older + s).st_mode) for s in ("", "-wal", "-shm")}
+        conn.close()
+        self.assertEqual(modes, {"": 0o600, "-wal": 0o600, "-shm": 0o600})
 
     def test_unopenable_path(self) -> None:
         """A path in a missing directory fails with one line naming the file."""
@@ -364,6 +385,32 @@ class AuditTests(_Opening):
         self.assertEqual(queued, [("ehr",), ("lake",)])
         self.assertEqual(select(path, "SELECT COUNT(*) FROM messages"), [(2,)])
 
+    async def test_audit_fields_bounded(self) -> None:
+        """A 2 MiB MSH-10 (and an oversized type, peer or subject) is stored cut to its limit with the full length marked."""
+        path = temp_db(self)
+        outbox = self.open(path)
+        huge = "X" * (2 * 1024 * 1024)
+        for n in range(20):
+            outbox.audit(AuditRecord(
+                received_at=1001.0, peer="p" * 500, client_subject="CN=" + "s" * 5000,
+                control_id=f"{n:02d}{huge}", msg_type="T" * 1000, size=len(huge), sha256="ab" * 32,
+                ack_code="AR",
+            ))
+        await outbox.store(routed("Y" * 300, "ehr"))
+        # Refused messages' records; a stored message's record is its row,
+        # whose header fields the receiver already bounds (overlong: AR).
+        trail = select(path, "SELECT control_id, msg_type, peer, client_subject FROM audit_log")
+        self.assertEqual(len(trail), 20)
+        by_start = {r[0][:2]: r for r in trail}
+        control_id, msg_type, peer, subject = by_start["00"]
+        self.assertEqual(control_id, "00" + "X" * 197 + f"…[{2 * 1024 * 1024 + 2} chars]")
+        self.assertEqual(msg_type, "T" * 15 + "…[1000 chars]")
+        self.assertEqual(peer, "p" * 128 + "…[500 chars]")
+        self.assertEqual(subject, "CN=" + "s" * 1021 + "…[5003 chars]")
+        # The stored message itself keeps every byte.
+        self.assertEqual(select(path, "SELECT length(control_id) FROM messages"), [(300,)])
+        self.assertLess(sum(len(r[0]) for r in trail), 20 * 250)
+
     async def test_audit_records_cannot_be_updated(self) -> None:
         """An UPDATE of an audit record is refused by the database itself."""
         path = temp_db(self)
@@ -375,15 +422,6 @@ class AuditTests(_Opening):
             conn.execute("UPDATE audit SET ack_code = 'AR'")
         self.assertIn("immutable", str(ctx.exception))
         self.assertEqual(select(path, "SELECT ack_code FROM audit"), [("AA",)])
-
-
-async def _until(check: Any, timeout: float, what: Any) -> None:
-    """Poll ``check()`` on the reactor until true, for at most ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what()}")
-        await deferLater(reactor, 0.02, lambda: None)
 
 
 class QueueTests(_Opening):
@@ -401,7 +439,7 @@ class QueueTests(_Opening):
     async def test_backlog_counts_undelivered_messages(self) -> None:
         """backlog() counts routed undelivered messages on store and drops delivered ones at the recount; max_count makes it full."""
         outbox, seen = self.counted(temp_db(self), max_count=3)
-        await _until(lambda: seen, 5, lambda: "no recount")
+        await until(lambda: seen, timeout=5, what="a recount")
         size = len(routed("B1").payload)
         await outbox.store(routed("B1", "ehr", "lake"))
         await outbox.store(routed("B2", "ehr"))
@@ -416,7 +454,7 @@ class QueueTests(_Opening):
         # B1 still waits for lake: only B2 leaves the backlog.
         await outbox.mark_delivered(ehr[0].seq, 1001.0)
         await outbox.mark_delivered(ehr[1].seq, 1001.0)
-        await _until(lambda: outbox.backlog() == Backlog(2, 2 * size), 5, outbox.backlog)
+        await until(lambda: outbox.backlog() == Backlog(2, 2 * size), timeout=5, what=outbox.backlog)
         self.assertFalse(outbox.full)
 
     async def test_recount_during_commits_never_undercounts(self) -> None:
@@ -428,7 +466,7 @@ class QueueTests(_Opening):
         )
         self.assertEqual(len(stored), 20)
         self.assertTrue(outbox.full)
-        await _until(lambda: len(seen) >= 2, 5, lambda: str(seen))
+        await until(lambda: len(seen) >= 2, timeout=5, what=lambda: str(seen))
         self.assertEqual([b.messages >= 20 for b in seen], [True] * len(seen), str(seen))
         self.assertEqual(outbox.backlog().messages, 20)
         self.assertTrue(outbox.full)

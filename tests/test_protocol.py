@@ -116,6 +116,16 @@ class FramingTests(SynchronousTestCase):
         self.assertEqual(msa(acks(t)[1])[1:3], ["AA", "C2"])
         self.assertFalse(t.disconnecting)
 
+    def test_framing_bytes_in_echoed_fields_escaped(self) -> None:
+        """An MSH-10 of X<0x1C> gets exactly one intact ACK frame whose MSA-2 holds the escape, not the byte."""
+        h = Harness()
+        proto, t = h.connect()
+        proto.dataReceived(frame(adt("X\x1c")) + frame(adt("NEXT")))
+        answers = acks(t)
+        self.assertEqual([msa(a)[1:3] for a in answers], [["AA", "X\\X1C\\"], ["AA", "NEXT"]])
+        self.assertNotIn(b"\x1c\x0d\x1c", t.value())
+        self.assertEqual(t.value().count(b"\x1c"), 2)
+
     def test_junk_discarded_and_counted(self) -> None:
         """Bytes before a start block are counted and never reach the stored message."""
         h = Harness()
@@ -138,6 +148,19 @@ class FramingTests(SynchronousTestCase):
 
 
 class LimitTests(SynchronousTestCase):
+    def test_metric_labels_bounded(self) -> None:
+        """Reply counts use the message type only when it is three capitals or digits, else 'other'."""
+        h = Harness()
+        proto, t = h.connect()
+        for i, kind in enumerate(["ADT", "x" * 15, "A-B", "ORU", "Ab1"]):
+            payload = f"MSH|^~\\&|A|B|C|D|||{kind}^A01|C{i}|P|9.9\r".encode()
+            proto.dataReceived(frame(payload))
+        big = f"MSH|^~\\&|A|B|C|D|||{'Q' * 1_000_000}^A01|C9|P|9.9\r".encode()
+        proto.dataReceived(frame(big))
+        self.assertEqual(
+            dict(h.factory.acks), {("ADT", "AR"): 1, ("ORU", "AR"): 1, ("other", "AR"): 4}
+        )
+
     def test_oversized_frame_nak_and_close(self) -> None:
         """A frame over MLLP_MAX_FRAME_SIZE gets an AR echoing its MSH-10, then a half-close."""
         h = Harness(max_frame_size=1000)
@@ -176,6 +199,41 @@ class LimitTests(SynchronousTestCase):
         self.assertEqual(h.factory.open_connections, 2)
         p3.connectionLost(None)
         self.assertEqual(h.factory.open_connections, 2)
+
+    def test_max_buffer_pauses_every_connection(self) -> None:
+        """Past MLLP_MAX_BUFFER (partial frames plus uncommitted messages, all connections) nobody is read until it falls."""
+        h = Harness(hold=True, max_buffer=100_000, max_frame_size=60_000)
+        conns = [h.connect(40000 + i) for i in range(4)]
+        (p0, t0), (p1, t1), (p2, t2), (p3, t3) = conns
+        big = adt("C0") + b"NTE|1||" + b"x" * 45_000 + b"\r"
+        p0.dataReceived(frame(big))  # awaiting commit
+        partial = adt("C1") + b"y" * 40_000
+        p1.dataReceived(b"\x0b" + partial)  # in progress
+        self.assertTrue(all(t.producerState == "producing" for _, t in conns))
+        p2.dataReceived(b"\x0b" + b"z" * 20_000)
+        self.assertEqual(h.factory.buffered, len(big) + len(partial) + 20_000)
+        self.assertTrue(all(t.producerState == "paused" for _, t in conns))
+        _, t4 = h.connect(40010)
+        self.assertEqual(t4.producerState, "paused")
+        self.assertEqual(h.factory.stats["buffer_full"], 1)
+        h.outbox.commit()  # C0's bytes are freed
+        self.assertEqual(msa(acks(t0)[0])[1:3], ["AA", "C0"])
+        self.assertTrue(all(t.producerState == "producing" for _, t in [*conns, (None, t4)]))
+        p2.connectionLost(None)
+        p1.dataReceived(b"\x1c\r")
+        h.outbox.commit()
+        self.assertEqual(h.factory.buffered, 0)
+        self.assertEqual(h.factory.stats["buffer_full"], 1)
+
+    def test_frame_completed_is_not_counted_twice(self) -> None:
+        """A frame finishing in a read moves its bytes from in-progress to awaiting-commit without pausing anyone."""
+        h = Harness(hold=True, max_buffer=100_000, max_frame_size=90_000)
+        proto, t = h.connect()
+        big = adt("C0") + b"NTE|1||" + b"x" * 60_000 + b"\r"
+        proto.dataReceived(b"\x0b" + big)
+        proto.dataReceived(b"\x1c\r")
+        self.assertEqual(h.factory.buffered, len(big))
+        self.assertEqual((t.producerState, h.factory.stats["buffer_full"]), ("producing", 0))
 
     def test_pipeline_depth_pauses_reading(self) -> None:
         """A client with MAX_PIPELINE unanswered frames is not read from until ACKs go out."""
@@ -223,6 +281,19 @@ class TimeoutTests(SynchronousTestCase):
         self.assertEqual(msa(acks(t)[0])[1:3], ["AR", "SLOW1"])
         self.assertTrue(t.write_closed)
         self.assertEqual(h.factory.stats["frames_timed_out"], 1)
+
+    def test_start_bytes_do_not_restart_frame_timer(self) -> None:
+        """Start bytes trickled into an unfinished frame neither restart MLLP_FRAME_TIMEOUT nor hold the connection; they are counted."""
+        h = Harness(frame_timeout=60.0, idle_timeout=30.0)
+        proto, t = h.connect()
+        proto.dataReceived(b"\x0b")
+        h.clock.advance(55)
+        proto.dataReceived(b"\x0b")
+        self.assertFalse(proto.lost or t.write_closed or t.disconnecting)
+        h.clock.advance(5)
+        self.assertTrue(t.write_closed or t.disconnecting)
+        self.assertEqual(h.factory.stats["frames_timed_out"], 1)
+        self.assertEqual(h.factory.stats["frame_restarts"], 1)
 
     def test_frame_timeout_restarts_per_frame(self) -> None:
         """Each frame gets the full MLLP_FRAME_TIMEOUT from its own start byte."""

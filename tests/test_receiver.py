@@ -218,6 +218,49 @@ class RulesAndRoutingTests(SynchronousTestCase):
         self.assertEqual(self.receive(payload).code, "CE")
 
 
+class ModelCapTests(SynchronousTestCase):
+    """What rules model is bounded; a message past the bound gets AE."""
+
+    def receiver(self, *rules: tuple[str, str]) -> Receiver:
+        from mllpd.rules import Rule, RuleSet
+
+        self.outbox = MemoryOutbox()
+        ruleset = RuleSet(rules=[Rule(name, expr) for name, expr in rules])
+        return Receiver(self.outbox, Clock(), ack_id=lambda: "ACKID", rules=ruleset)
+
+    def test_obx_past_cap_gets_ae(self) -> None:
+        """An obx_list rule sees up to MAX_MODEL_SEGMENTS OBX; one more gives AE naming the cap, nothing stored."""
+        from mllpd.rules import MAX_MODEL_SEGMENTS
+
+        r = self.receiver(("all-final", 'obx_list.all(o, o.status == "F")'))
+        obx = "OBX|1|NM|8867-4||72|/min|||||F\r"
+        at_cap = (msh("C1") + obx * MAX_MODEL_SEGMENTS).encode()
+        over = (msh("C2") + obx * (MAX_MODEL_SEGMENTS + 1)).encode()
+        self.assertEqual(self.successResultOf(r.receive(at_cap, "p")).code, "AA")
+        reply = self.successResultOf(r.receive(over, "p"))
+        self.assertEqual(reply.code, "AE")
+        assert reply.error is not None
+        self.assertIn(f"more than {MAX_MODEL_SEGMENTS} OBX", reply.error.text)
+        self.assertEqual([e.control_id for e in self.outbox.stored], ["C1"])
+
+    def test_cap_applies_only_to_what_rules_read(self) -> None:
+        """A 20,000-OBX message is accepted when no rule reads obx_list."""
+        r = self.receiver(("first-final", 'obx.status == "F"'))
+        payload = (msh("C1") + "OBX|1|NM|8867-4||72|/min|||||F\r" * 20_000).encode()
+        self.assertEqual(self.successResultOf(r.receive(payload, "p")).code, "AA")
+
+    def test_composite_past_cap_gets_ae(self) -> None:
+        """A composite value with MAX_MODEL_COMPONENTS or more components gets AE when a rule reads it."""
+        from mllpd.rules import MAX_MODEL_COMPONENTS
+
+        r = self.receiver(("located", 'pv1.assigned_location != ""'))
+        ok = (msh("C1") + "PV1|1|I|" + "W^" * 10 + "\r").encode()
+        over = (msh("C2") + "PV1|1|I|" + "W^" * MAX_MODEL_COMPONENTS + "\r").encode()
+        self.assertEqual(self.successResultOf(r.receive(ok, "p")).code, "AA")
+        reply = self.successResultOf(r.receive(over, "p"))
+        self.assertEqual(reply.code, "AE")
+
+
 class BackPressureTests(SynchronousTestCase):
     """MLLP_MAX_OUTBOX: past the limit new messages get AR, never AA."""
 
@@ -252,3 +295,53 @@ class BackPressureTests(SynchronousTestCase):
         self.assertEqual(self.reply(receiver, "S1").code, "AR")
         self.outbox.pending = self.Backlog(1, 9_999)
         self.assertEqual(self.reply(receiver, "S2").code, "AA")
+
+
+class WideCharsetTests(SynchronousTestCase):
+    def test_utf16_and_utf32_get_ar(self) -> None:
+        """UTF-16/32 messages get AR 103 on MSH-18 in an 8-bit ACK without framing bytes; nothing is stored."""
+        outbox = MemoryOutbox()
+        receiver = Receiver(outbox, Clock(), ack_id=lambda: "ACKID")
+        for charset, codec in (("UNICODE UTF-16", "utf-16"), ("UNICODE UTF-32", "utf-32-le")):
+            text = msh("W1", msh18=charset) + "PID|1||\u0d1c\r"
+            reply = self.successResultOf(receiver.receive(text.encode(codec), "p"))
+            self.assertEqual(reply.code, "AR")
+            assert reply.ack is not None and reply.error is not None
+            self.assertEqual(reply.error.code, "103")
+            self.assertIn(b"MSA|AR|W1", reply.ack)
+            self.assertNotIn(b"\x1c", reply.ack)
+        self.assertEqual(outbox.stored, [])
+
+
+class OverlongFieldTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.outbox = MemoryOutbox()
+        self.receiver = Receiver(self.outbox, self.clock, ack_id=lambda: "ACKID")
+
+    def receive(self, payload: bytes) -> Reply:
+        return self.successResultOf(self.receiver.receive(payload, "10.1.1.1:999"))
+
+    def test_overlong_fields_get_ar_not_echoed(self) -> None:
+        """An MSH field past HL7's maximum gets AR naming it; the ACK, log fields and audit hold a bounded prefix."""
+        big = "X" * 1_000_000
+        cases = {
+            f"MSH|^~\\&|A|B|C|D|||{big}^A01|C1|P|9.9\r": 9,
+            f"MSH|^~\\&|A|B|C|D|||ADT^A01|{big}|P|2.5\r": 10,
+            f"MSH|^~\\&|{big}|B|C|D|||ADT^A01|C1|P|2.5\r": 3,
+            f"MSH|^~\\&|A|B|C|D|||ADT^A01|C1|P|2.5|||||||||||||||||{'Z' * 201}\r": 29,
+        }
+        for text, n in cases.items():
+            reply = self.receive(text.encode())
+            self.assertEqual(reply.code, "AR")
+            assert reply.error is not None and reply.ack is not None
+            self.assertIn(f"MSH-{n} is longer than", reply.error.text)
+            self.assertLess(len(reply.ack), 2000)
+            self.assertLessEqual(len(reply.control_id), 199)
+            self.assertLessEqual(len(reply.msg_type), 40)
+        self.assertEqual(self.outbox.stored, [])
+
+    def test_repeated_charsets_within_limits_accepted(self) -> None:
+        """MSH-18 with two repetitions, each within 16 characters, is not overlong."""
+        text = "MSH|^~\\&|A|B|C|D|||ADT^A01|C1|P|2.5|||||||ASCII~ISO IR87\r"
+        self.assertEqual(self.receive(text.encode()).code, "AA")

@@ -12,11 +12,12 @@ from typing import Any
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from mllpd.cli.store import Store
 from mllpd.connectors import Dead, Delivered, Delivery, IConnector, Outcome, Retry
+from mllpd.outbox import QueuedDelivery
 from mllpd.outbox.sqlite import SQLiteOutbox
 from mllpd.pipeline import RetryPolicy
 from mllpd.relay import Relay, Worker
@@ -386,8 +387,9 @@ class LaneTests(RelayCase):
         """Up to N deliveries are in flight at once, one per key; a key's next message waits for its previous one."""
         outbox = self.open()
         up = ScriptedConnector("up", ["hold"] * 12)
-        worker = self.worker(outbox, up, lanes=3)
+        # Queued before the worker starts: its first read sees every key.
         await self.store_keyed(outbox, "A1", "A2", "B1", "A3", "B2", "C1", "D1", "C2", "D2")
+        worker = self.worker(outbox, up, lanes=3)
         await up.wait_for(3)
         self.assertEqual([d.control_id for d in up.seen], ["A1", "B1", "C1"])
         self.assertEqual(worker.in_flight, 3)
@@ -561,3 +563,50 @@ class LaneTests(RelayCase):
         self.clock.advance(5.1)
         await up.wait_for(4)
         self.assertEqual([d.control_id for d in up.seen], ["A1", "A1", "B1", "C1"])
+
+class _ByStateQueue:
+    """A queue read by state, as PostgreSQL's is: every read and every
+    delivered mark waits until the test fires it."""
+
+    def __init__(self) -> None:
+        self.reads: list[Deferred[list[QueuedDelivery]]] = []
+        self.marks: list[Deferred[None]] = []
+
+    def fetch(
+        self, connector: str, after: int, limit: int,
+        skip_lanes: Any = (), skip_seqs: Any = (),
+    ) -> Deferred[list[QueuedDelivery]]:
+        d: Deferred[list[QueuedDelivery]] = Deferred()
+        self.reads.append(d)
+        return d
+
+    def mark_in_flight(self, seq: int, now: float) -> Deferred[None]:
+        return succeed(None)
+
+    def mark_delivered(self, seq: int, now: float) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self.marks.append(d)
+        return d
+
+
+class ReadByStateTests(SynchronousTestCase):
+    def test_read_begun_before_the_mark_committed_does_not_deliver_again(self) -> None:
+        """A queue read whose snapshot predates a delivered mark's commit still shows the row pending; the worker does not deliver it again."""
+        queue, clock = _ByStateQueue(), Clock()
+        connector = ScriptedConnector("up")
+        worker = Worker(connector, queue, Policy(), clock, rand=lambda: 0.5)  # type: ignore[arg-type]
+        worker.start()
+        self.addCleanup(worker.stop)
+        row = QueuedDelivery(7, "m7", "up", 0, 0.0, 0.0, "C7", "ADT^A01", None, b"MSH|^~\\&|")
+        queue.reads[0].callback([row])
+        self.assertEqual(len(connector.seen), 1)
+        # The next read starts before the mark is committed, and returns after.
+        self.assertEqual(len(queue.reads), 2)
+        queue.marks[0].callback(None)
+        queue.reads[1].callback([row])
+        self.assertEqual(len(connector.seen), 1)
+        # A read begun after the commit no longer shows it.
+        clock.advance(1.0)
+        queue.reads[2].callback([])
+        self.assertEqual([d.control_id for d in connector.seen], ["C7"])
+        self.assertEqual(worker._finished, {})

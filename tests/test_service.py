@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import socket
 import sqlite3
-import tempfile
 from typing import Any, cast
 
 from twisted.internet import defer
@@ -19,6 +18,7 @@ from mllpd.outbox.sqlite import SQLiteOutbox
 from mllpd.protocol import MLLPServerFactory, MLLPServerProtocol
 from mllpd.receiver import Receiver
 from mllpd.service import ListenError, MLLPService
+from tests.serverproc import make_workdir
 
 reactor: Any = _reactor
 
@@ -46,7 +46,7 @@ class Client(Protocol):
 class ServiceTests(TestCase):
     timeout = 15
     def make_service(self, **limits: object) -> tuple[MLLPService, str]:
-        folder = tempfile.mkdtemp(prefix="mllpd-svc-")
+        folder = make_workdir(self)
         path = os.path.join(folder, "outbox.db")
         outbox = SQLiteOutbox(path, reactor)
         factory = MLLPServerFactory(Receiver(outbox, reactor), reactor, **limits)  # type: ignore[arg-type]
@@ -133,7 +133,7 @@ class ServiceTests(TestCase):
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        folder = tempfile.mkdtemp(prefix="mllpd-svc-")
+        folder = make_workdir(self)
         outbox = SQLiteOutbox(os.path.join(folder, "o.db"), reactor)
         self.addCleanup(outbox.close)
         factory = MLLPServerFactory(Receiver(outbox, reactor), reactor)

@@ -256,7 +256,7 @@ class MigrationTests(TestCase):
         ])
         self.assertEqual(
             select(path, "SELECT dedup_key FROM messages WHERE message_id = 'm1'"),
-            [(dedup_key("C1", "LAB", "HOSP", "ab"),)],
+            [(dedup_key("ab"),)],
         )
         resend = routed("C1")._replace(sending_app="LAB", sending_fac="HOSP", sha256="ab",
                                        received_at=1500.0)

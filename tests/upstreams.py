@@ -5,32 +5,34 @@ its own, so it serves while a SynchronousTestCase blocks: it records every
 POST and answers with ``status``, which the test may change at any time.
 ``refusing_port`` gives a port where nothing listens, for a connector whose
 upstream is down. ``write_config`` writes the MLLP_CONFIG file, and
-``wait_until`` polls (the outbox file, say) with a deadline.
+``wait_until`` polls (the outbox file, say) with a deadline; ``until`` is
+the same poll for asynchronous tests, letting the event loop run between tries.
 """
 
 from __future__ import annotations
 
+import inspect
 import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 import yaml
 
 from tests.serverproc import LOOPBACK
 
-__all__ = ["HTTPUpstream", "Received", "refusing_port", "wait_until", "write_config"]
+__all__ = ["HTTPUpstream", "Received", "refusing_port", "until", "wait_until", "write_config"]
 
 T = TypeVar("T")
 
 # Connectors retry quickly in these tests; a down upstream keeps its
 # messages pending (attempts never run out within a test).
 FAST_RETRY = {"initial": "100ms", "max": "500ms", "max_attempts": 100_000}
-POLL_STEP = 0.05
+POLL_STEP = 0.02
 
 
 class _Cleanups(Protocol):
@@ -135,23 +137,58 @@ def write_config(path: str, connectors: list[dict[str, Any]]) -> str:
     return path
 
 
-def wait_until(
-    probe: Callable[[], T],
-    done: Callable[[T], bool],
+async def until(
+    probe: Callable[[], T | Awaitable[T]],
+    done: Callable[[T], bool] = bool,
     *,
     timeout: float = 30.0,
-    what: str = "the condition",
+    what: str | Callable[[], object] = "the condition",
+    pause: Callable[[float], Awaitable[object]] | None = None,
 ) -> T:
-    """Call ``probe`` until ``done`` holds for its result; returns that
-    result. Fails after ``timeout`` seconds naming ``what`` and the last
-    result."""
+    """The suite's one poll: call ``probe`` (awaiting what it returns, if
+    awaitable) until ``done`` holds for its result; returns that result.
+    Fails after ``timeout`` seconds naming ``what`` (or what it returns)
+    and the last result. Between tries it awaits ``pause(POLL_STEP)``: by
+    default the Twisted reactor runs meanwhile; an asyncio test passes its
+    own."""
+    wait = pause or _reactor_pause
     deadline = time.monotonic() + timeout
     last: T | None = None
     for _ in range(int(timeout / POLL_STEP) + 100):
-        last = probe()
+        value = probe()
+        last = await value if inspect.isawaitable(value) else value
         if done(last):
             return last
         if time.monotonic() >= deadline:
             break
-        time.sleep(POLL_STEP)
-    raise AssertionError(f"{what} not reached within {timeout}s; last: {last!r:.500}")
+        await wait(POLL_STEP)
+    name = what if isinstance(what, str) else what()
+    raise AssertionError(f"{name} not reached within {timeout}s; last: {last!r:.500}")
+
+
+def wait_until(
+    probe: Callable[[], T],
+    done: Callable[[T], bool] = bool,
+    *,
+    timeout: float = 30.0,
+    what: str | Callable[[], object] = "the condition",
+) -> T:
+    """:func:`until` for synchronous tests: it sleeps between tries."""
+    poll = until(probe, done, timeout=timeout, what=what, pause=_sleep)
+    try:
+        poll.send(None)  # never suspends: runs the poll to its end
+    except StopIteration as stop:
+        return cast(T, stop.value)
+    poll.close()
+    raise AssertionError("wait_until's probe must not return an awaitable that suspends")
+
+
+async def _sleep(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def _reactor_pause(seconds: float) -> Awaitable[object]:
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    return deferLater(reactor, seconds)

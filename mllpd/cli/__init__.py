@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -15,14 +16,33 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import NamedTuple, TextIO
 
-from mllpd.cli.store import STATES, MessageDetail, Store, StoreError, default_db_path
+from mllpd.cli.store import STATES, MessageDetail, Store, StoreError, open_store
 from mllpd.config import parse_duration
 
-__all__ = ["build_parser", "format_age", "main", "render_message"]
+__all__ = ["build_parser", "format_age", "main", "plain", "render_message"]
 
 EXIT_OK = 0
 EXIT_NOTHING = 1
 EXIT_USAGE = 2
+
+
+# What a sender could use to write to the operator's terminal rather than
+# show text: C0 and C1 controls (ESC starts terminal escape sequences), DEL,
+# and the invisible Unicode characters that reorder or hide text (bidi
+# overrides and isolates, zero-width characters, line separators, BOM).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+
+
+def _visible(m: re.Match[str]) -> str:
+    code = ord(m.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def plain(text: str) -> str:
+    """Sender text made safe to print: every control or invisible formatting
+    character shown as a ``\\xNN``/``\\uNNNN`` escape. Markup is never
+    interpreted anywhere it is shown (the TUI passes it as plain Text)."""
+    return _UNSAFE.sub(_visible, text)
 
 
 def format_age(seconds: float | None) -> str:
@@ -46,7 +66,7 @@ def _timestamp(t: float) -> str:
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], out: TextIO) -> None:
-    cells = [[str(c) for c in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    cells = [[str(c) for c in headers]] + [["" if c is None else plain(str(c)) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     for r in cells:
         line = "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))
@@ -65,6 +85,10 @@ def render_message(detail: MessageDetail, now: float) -> list[str]:
         f"charset     {d.charset or '-'}   size {d.size} bytes   ACK {d.ack_code}",
         f"sha256      {d.sha256}",
     ]
+    if d.batch_position is not None:
+        lines.append(
+            f"batch       control id {d.batch_control_id or '-'}   position {d.batch_position}"
+        )
     if not d.deliveries:
         lines.append("queues      (not routed to any connector)")
     for i, q in enumerate(d.deliveries):
@@ -78,14 +102,14 @@ def render_message(detail: MessageDetail, now: float) -> list[str]:
         lines.append(segment.text)
         for f in segment.fields:
             lines.append(f"    {f.label()}: {f.value}")
-    return lines
+    return [plain(line) for line in lines]
 
 
 def _confirm(args: argparse.Namespace, question: str) -> bool:
     if args.yes:
         return True
     # The prompt goes to stderr so stdout stays clean for scripts.
-    sys.stderr.write(f"{question} [y/N] ")
+    sys.stderr.write(f"{plain(question)} [y/N] ")
     sys.stderr.flush()
     answer = sys.stdin.readline()
     if not sys.stdin.isatty():
@@ -162,10 +186,11 @@ def _cmd_audit(store: Store, args: argparse.Namespace, now: float) -> int:
         return EXIT_OK
     _table(
         ["received", "peer", "client", "type", "control_id", "size", "ack", "rule",
-         "connectors", "message_id"],
+         "connectors", "message_id", "batch"],
         [
             [_timestamp(r.received_at), r.peer, r.client_subject or "", r.msg_type,
-             r.control_id, r.size, r.ack_code, r.rule or "", r.connectors, r.message_id or ""]
+             r.control_id, r.size, r.ack_code, r.rule or "", r.connectors, r.message_id or "",
+             r.batch_control_id or ""]
             for r in rows
         ],
         sys.stdout,
@@ -271,10 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mllp-cli",
         description="Look at and repair the mllpd outbox. Without a command: the terminal UI.",
     )
+    url_help = (
+        "the PostgreSQL outbox of a cluster (default: $MLLP_DB_URL unless --db is given)"
+    )
     parser.add_argument("--db", metavar="PATH", help=db_help)
+    parser.add_argument("--db-url", metavar="URL", help=url_help)
     # --db is accepted after the command too; SUPPRESS keeps the top-level value.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--db", metavar="PATH", default=argparse.SUPPRESS, help=db_help)
+    common.add_argument("--db-url", metavar="URL", default=argparse.SUPPRESS, help=url_help)
     confirm = argparse.ArgumentParser(add_help=False)
     confirm.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
 
@@ -356,9 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("mllp-cli: the terminal UI needs a terminal; for scripts use a command:"
               " stats, list, show, replay, delete, purge (see --help)", file=sys.stderr)
         return EXIT_USAGE
-    path = args.db or default_db_path()
     try:
-        store = Store(path)
+        store = open_store(args.db, args.db_url)
     except StoreError as e:
         print(f"mllp-cli: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -22,7 +22,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, DataTable, Footer, Header, Label, Static
 
-from mllpd.cli import format_age, render_message
+from mllpd.cli import format_age, plain, render_message
 from mllpd.cli.store import ConnectorStats, MessageDetail, MessageRow, Store, StoreError
 
 __all__ = ["ConfirmScreen", "MessageScreen", "OutboxApp"]
@@ -37,10 +37,17 @@ _MAIN_SCREEN_ACTIONS = frozenset(
 )
 
 
+def _cell(value: object) -> object:
+    # DataTable reads a str cell as Rich markup: "A[/]" in a control id
+    # would break the table, "[link=...]" would add a link. Text is shown as is.
+    return Text(plain(value), no_wrap=True, end="") if isinstance(value, str) else value
+
+
 def _fill(table: DataTable[Any], rows: list[tuple[str, tuple[object, ...]]]) -> None:
     """Show ``(key, cells)`` rows. When the same rows are shown already, only
     their cells change, so the cursor and scroll position stay where the
-    user left them on every refresh."""
+    user left them on every refresh. Strings are shown as plain text."""
+    rows = [(key, tuple(_cell(c) for c in cells)) for key, cells in rows]
     keys = [key for key, _ in rows]
     current = [str(row.key.value) for row in table.ordered_rows]
     if keys == current:
@@ -82,7 +89,7 @@ class ConfirmScreen(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
-            yield Label(self.question, id="question")
+            yield Label(plain(self.question), id="question", markup=False)
             with Horizontal(id="buttons"):
                 yield Button("Yes", id="yes", variant="error")
                 yield Button("No", id="no", variant="primary")
@@ -110,7 +117,7 @@ class MessageScreen(Screen[None]):
         super().__init__()
         self.detail = detail
         self.lines = render_message(detail, now)
-        self._segment_lines = {segment.text for segment in detail.segments()}
+        self._segment_lines = {plain(segment.text) for segment in detail.segments()}
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -169,9 +176,9 @@ class OutboxApp(App[None]):
         yield Header()
         yield Label("Connectors", classes="caption")
         yield DataTable(id="connectors", cursor_type="row", zebra_stripes=True)
-        yield Label("", id="filter", classes="caption")
+        yield Label("", id="filter", classes="caption", markup=False)
         yield DataTable(id="messages", cursor_type="row", zebra_stripes=True)
-        yield Label("", id="status")
+        yield Label("", id="status", markup=False)
         yield Footer()
 
     def on_mount(self) -> None:
@@ -244,11 +251,11 @@ class OutboxApp(App[None]):
     def _show_filter(self) -> None:
         state = self.state or "all states"
         self.query_one("#filter", Label).update(
-            f"Messages of {self.connector or '-'}: {state}  (s: change)"
+            plain(f"Messages of {self.connector or '-'}: {state}  (s: change)")
         )
 
     def set_status(self, text: str) -> None:
-        self.query_one("#status", Label).update(text)
+        self.query_one("#status", Label).update(plain(text))
 
     @property
     def status(self) -> str:

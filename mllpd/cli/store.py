@@ -17,11 +17,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from mllpd.cli.fields import field_names
 from mllpd.hl7 import DecodeError, NotHL7Error, codec_for_charset, parse_message
 from mllpd.outbox import OutboxError
-from mllpd.outbox.sqlite import open_database, schema_files
+from mllpd.outbox.sqlite import schema_files
 
 __all__ = [
     "STATES",
@@ -33,8 +34,10 @@ __all__ = [
     "SegmentView",
     "Store",
     "StoreError",
+    "PostgresStore",
     "decode_payload",
     "default_db_path",
+    "open_store",
     "render_segments",
 ]
 
@@ -64,6 +67,19 @@ def default_db_path(environ: dict[str, str] | None = None) -> str:
     return env.get("MLLP_DB_PATH") or "outbox.db"
 
 
+def open_store(
+    path: str | None = None, url: str | None = None, environ: dict[str, str] | None = None,
+) -> Store:
+    """The outbox the server uses: PostgreSQL when a URL is given (or
+    ``$MLLP_DB_URL`` is set and no path is given), else the SQLite file."""
+    env = os.environ if environ is None else environ
+    if url is None and path is None:
+        url = env.get("MLLP_DB_URL") or None
+    if url:
+        return PostgresStore(url)
+    return Store(path or default_db_path(environ))
+
+
 @dataclass(frozen=True)
 class ConnectorStats:
     connector: str
@@ -83,7 +99,7 @@ class ConnectorStats:
 class AuditRow:
     """One audit record: a received message and what was decided about it."""
 
-    id: int
+    id: int | None  # None for a stored message (PostgreSQL keeps its record in its row)
     received_at: float
     peer: str
     client_subject: str | None
@@ -96,6 +112,7 @@ class AuditRow:
     ack_code: str
     rule: str | None
     connectors: str
+    batch_control_id: str | None = None  # BHS-11, when it came in an HL7 batch
 
 
 @dataclass(frozen=True)
@@ -164,6 +181,9 @@ class MessageDetail:
     ack_code: str
     payload: bytes
     deliveries: list[Delivery] = field(default_factory=list)
+    # BHS-11 and 1-based position, when it came in an HL7 batch.
+    batch_control_id: str | None = None
+    batch_position: int | None = None
 
     @property
     def text(self) -> str:
@@ -226,11 +246,16 @@ def _preview(head: bytes, charset: str | None) -> str:
 
 
 class Store:
-    """The outbox file, opened with the server's own migration code.
+    """The outbox file, at the schema version this mllpd writes; never migrated.
 
     A file the server has not created yet is refused rather than created, so
     a mistyped path does not silently show an empty outbox.
     """
+
+    # Where audit records are: (table, id, rule, arrival order) of each.
+    _AUDIT_SOURCES: tuple[tuple[str, str, str, str], ...] = (
+        ("messages", "id", "NULL", "id"), ("audit_log", "id", "rule", "id"),
+    )
 
     def __init__(
         self,
@@ -254,9 +279,9 @@ class Store:
 
     @staticmethod
     def _open(path: str, busy_timeout: float) -> sqlite3.Connection:
-        # Migrating takes the write lock, so only an outbox that is behind
-        # goes through open_database; an up-to-date one is opened with a
-        # read, which never waits for the server's commit in progress.
+        # Read/write, never migrated from here: a newer mllp-cli must not
+        # change the schema under an older server that is running on it
+        # (the server migrates its own file when it starts).
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
         newest = schema_files("sqlite")[-1][0]
@@ -268,12 +293,15 @@ class Store:
             conn.close()
             raise StoreError(
                 f"outbox schema version {current} is newer than this mllpd knows "
-                f"({newest}); upgrade mllpd"
+                f"({newest}); use the mllp-cli of the mllpd that wrote it"
             )
         if current < newest:
             conn.close()
-            conn = open_database(path)
-            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            raise StoreError(
+                f"outbox schema version {current} is older than this mllp-cli needs ({newest}); "
+                "it does not migrate the outbox: use the mllp-cli of the running mllpd, "
+                "or start this version's mllpd, which migrates it"
+            )
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute("PRAGMA synchronous = FULL")
         return conn
@@ -403,8 +431,8 @@ class Store:
         with self._read() as conn:
             row = conn.execute(
                 "SELECT message_id, received_at, peer, control_id, msg_type, sending_app,"
-                " sending_fac, version, charset, size, sha256, ack_code, payload"
-                " FROM messages WHERE message_id = ?",
+                " sending_fac, version, charset, size, sha256, ack_code, payload,"
+                " batch_control_id, batch_position FROM messages WHERE message_id = ?",
                 (message_id,),
             ).fetchone()
             if row is None:
@@ -418,10 +446,11 @@ class Store:
                 )
             ]
         (mid, received_at, peer, control_id, msg_type, sending_app, sending_fac, version,
-         charset, size, sha256, ack_code, payload) = row
+         charset, size, sha256, ack_code, payload, batch_control_id, batch_position) = row
         return MessageDetail(
             mid, received_at, peer, control_id, msg_type, sending_app, sending_fac, version,
             charset, size, sha256, ack_code, bytes(payload), deliveries,
+            batch_control_id, batch_position,
         )
 
     def audit(
@@ -451,12 +480,13 @@ class Store:
         condition = " AND ".join(where)
         found: list[AuditRow] = []
         with self._read() as conn:
-            for source, rule in (("messages", "NULL"), ("audit_log", "rule")):
+            for source, id_, rule, order in self._AUDIT_SOURCES:
                 found.extend(
                     AuditRow(*row) for row in conn.execute(
-                        "SELECT id, received_at, peer, client_subject, pod, message_id,"
-                        f" control_id, msg_type, size, sha256, ack_code, {rule}, connectors"
-                        f" FROM {source} WHERE {condition} ORDER BY id DESC LIMIT ?",
+                        f"SELECT {id_}, received_at, peer, client_subject, pod, message_id,"
+                        f" control_id, msg_type, size, sha256, ack_code, {rule}, connectors,"
+                        " batch_control_id"
+                        f" FROM {source} WHERE {condition} ORDER BY {order} DESC LIMIT ?",
                         (*params, limit),
                     )
                 )
@@ -624,8 +654,98 @@ def _keep_audit(conn: sqlite3.Connection, condition: str, params: Sequence[objec
     records outlive a deletion."""
     conn.execute(
         "INSERT INTO audit_log (received_at, peer, client_subject, pod, message_id,"
-        " control_id, msg_type, size, sha256, ack_code, rule, connectors)"
+        " control_id, msg_type, size, sha256, ack_code, rule, connectors, batch_control_id)"
         " SELECT received_at, peer, client_subject, pod, message_id, control_id, msg_type,"
-        f" size, sha256, ack_code, NULL, connectors FROM messages WHERE {condition}",
+        f" size, sha256, ack_code, NULL, connectors, batch_control_id FROM messages"
+        f" WHERE {condition}",
         params,
     )
+
+
+class _Dialect:
+    """A psycopg connection that takes the SQLite-style ``?`` placeholders
+    the shared queries are written with."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, params: Sequence[object] = ()) -> Any:
+        return self.conn.execute(sql.replace("?", "%s"), params)
+
+
+class PostgresStore(Store):
+    """The PostgreSQL outbox of a cluster (``MLLP_DB_URL``), with the same
+    queries. Reads and writes are short transactions; row locks, not a
+    database-wide write lock, so the replicas keep committing meanwhile."""
+
+    # A stored message's row has no id of its own; its arrival time orders it.
+    _AUDIT_SOURCES = (
+        ("messages", "NULL::bigint", "NULL::text", "received_at"),
+        ("audit_log", "id", "rule", "id"),
+    )
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        import psycopg
+
+        from mllpd.outbox.postgres import connect, server_name
+
+        self._sleep = sleep
+        self._monotonic = monotonic
+        self.path = server_name(url)
+        self._errors: tuple[type[BaseException], ...] = (psycopg.Error,)
+        try:
+            conn = connect(url, "mllp-cli")
+        except psycopg.Error as e:
+            raise StoreError(f"cannot connect to outbox {self.path}: {_describe(e)}") from None
+        # Never migrated from here, as the SQLite file: the replicas migrate
+        # the database when they start.
+        newest = schema_files("postgres")[-1][0]
+        try:
+            row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+            current = (row[0] if row else None) or 0
+        except psycopg.errors.UndefinedTable:
+            current = 0
+        except psycopg.Error as e:
+            conn.close()
+            raise StoreError(f"cannot open outbox {self.path}: {_describe(e)}") from None
+        if current != newest:
+            conn.close()
+            if current == 0:
+                raise StoreError(f"no outbox in {self.path} (start mllpd with MLLP_DB_URL first)")
+            raise StoreError(
+                f"outbox schema version {current} in {self.path}, this mllp-cli knows {newest};"
+                " use the mllp-cli of the running mllpd"
+            )
+        self._pg = conn
+        self._conn = _Dialect(conn)  # type: ignore[assignment]
+
+    def close(self) -> None:
+        self._pg.close()
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        try:
+            with self._pg.transaction():
+                yield self._conn
+        except self._errors as e:
+            raise StoreError(f"cannot read outbox {self.path}: {_describe(e)}") from None
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        try:
+            with self._pg.transaction():
+                yield self._conn
+        except self._errors as e:
+            raise StoreError(f"cannot change outbox {self.path}: {_describe(e)}") from None
+
+
+def _describe(e: BaseException) -> str:
+    from mllpd.outbox.postgres import describe_error
+
+    return describe_error(e)

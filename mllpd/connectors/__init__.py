@@ -15,6 +15,7 @@ reason naming ``connectors.<name>.<option>``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from twisted.internet.defer import Deferred
@@ -25,6 +26,7 @@ __all__ = [
     "Dead",
     "Delivered",
     "Delivery",
+    "IBatchConnector",
     "IConnector",
     "Outcome",
     "Retry",
@@ -97,3 +99,15 @@ class IConnector(Interface):
 
     def stop() -> Deferred[None]:
         """Let a delivery in progress finish, then close connections."""
+
+
+class IBatchConnector(IConnector):
+    """A connector that can forward the messages of an HL7 batch together."""
+
+    forward_batches = Attribute("True when configured to forward batches whole.")
+
+    def deliver_batch(
+        deliveries: Sequence[Delivery], batch_control_id: str
+    ) -> Deferred[list[Outcome]]:
+        """Send the messages as one batch; fires with one outcome each, in
+        order, never fails."""

@@ -7,29 +7,37 @@ Every option error is a :class:`ConfigError` on MLLP_CONFIG whose one line names
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections import deque
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from mllpd.config import ConfigError, parse_duration
 
-from . import ConnectorSpec, Delivery, IConnector, Outcome, Retry
+from . import ConnectorSpec, Delivery, IBatchConnector, IConnector, Outcome, Retry
 
 __all__ = [
     "ConnectorPool",
     "CurrentDelivery",
+    "bool_option",
     "check_keys",
     "duration_option",
     "expand_env",
+    "is_loopback",
     "mapping_option",
     "option_error",
     "settled",
     "string_option",
+    "warn_plaintext",
+    "warn_unverified",
 ]
+
+log = Logger(namespace="mllpd.connectors")
 
 
 def option_error(spec: ConnectorSpec, option: str, message: str) -> ConfigError:
@@ -57,6 +65,41 @@ def string_option(spec: ConnectorSpec, key: str, default: str | None = None) -> 
     if not isinstance(value, str) or not value.strip():
         raise option_error(spec, key, "expected a non-empty string")
     return value.strip()
+
+
+def bool_option(spec: ConnectorSpec, key: str) -> bool:
+    """A YAML boolean, false when absent: ``"yes"`` or ``1`` are refused, not guessed."""
+    value = spec.options.get(key, False)
+    if not isinstance(value, bool):
+        raise option_error(spec, key, "expected true or false")
+    return value
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses: traffic that never leaves the host."""
+    name = host.strip().strip("[]").lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_plaintext(spec: ConnectorSpec, host: str) -> None:
+    """Say at startup that messages (PHI) will cross the network unencrypted."""
+    log.warn(
+        "{connector}: messages to {host} are sent without TLS; they are readable on the network",
+        event="upstream_plaintext", connector=spec.name, host=host,
+    )
+
+
+def warn_unverified(spec: ConnectorSpec, host: str, what: str) -> None:
+    """Say at startup that ``insecure: true`` lets anyone in the path read the messages."""
+    log.warn(
+        "{connector}: insecure: true: {what} for {host}; a machine in the path can read every message",
+        event="upstream_tls_unverified", connector=spec.name, host=host, what=what,
+    )
 
 
 def duration_option(spec: ConnectorSpec, key: str, default: str) -> float:
@@ -146,7 +189,7 @@ class CurrentDelivery:
             await settled(d)
 
 
-@implementer(IConnector)
+@implementer(IBatchConnector)
 class ConnectorPool:
     """``lanes`` connectors of one kind that carry one delivery each (the
     mllp connector's one connection): each delivery goes to an idle one, so
@@ -156,6 +199,11 @@ class ConnectorPool:
         self.members = tuple(members)
         self.name = self.members[0].name
         self._idle: deque[IConnector] = deque(self.members)
+        # Members that forward HL7 batches whole do so in the pool too.
+        self.forward_batches = bool(
+            IBatchConnector.providedBy(self.members[0])
+            and getattr(self.members[0], "forward_batches", False)
+        )
 
     def start(self) -> None:
         for member in self.members:
@@ -172,6 +220,20 @@ class ConnectorPool:
             return outcome
 
         return member.deliver(delivery).addBoth(release)
+
+    def deliver_batch(
+        self, deliveries: Sequence[Delivery], batch_control_id: str
+    ) -> Deferred[list[Outcome]]:
+        if not self._idle:
+            return succeed([Retry("every connection is busy")] * len(deliveries))
+        member: Any = self._idle.popleft()
+
+        def release(outcomes: list[Outcome]) -> list[Outcome]:
+            self._idle.append(member)
+            return outcomes
+
+        d: Deferred[list[Outcome]] = member.deliver_batch(deliveries, batch_control_id)
+        return d.addBoth(release)
 
     def stop(self) -> Deferred[None]:
         d = DeferredList([member.stop() for member in self.members], consumeErrors=True)

@@ -51,9 +51,11 @@ from ._common import (
     check_keys,
     duration_option,
     expand_env,
+    is_loopback,
     mapping_option,
     option_error,
     string_option,
+    warn_plaintext,
 )
 
 __all__ = ["CONTENT_TYPE", "HTTPConnector", "build", "mime_charset", "parse_retry_after"]
@@ -417,6 +419,8 @@ def _check_url(spec: ConnectorSpec, url: str) -> bool:
     if parts.fragment:
         raise option_error(spec, "url", "a URL fragment is never sent; remove it")
     del port
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
+        warn_plaintext(spec, parts.hostname)
     return parts.scheme == "https"
 
 

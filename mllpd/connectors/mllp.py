@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from OpenSSL import SSL, crypto
@@ -35,17 +36,25 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath, UnlistableError
 from zope.interface import implementer
 
+from mllpd.batch import BatchError, forward_payload, is_batch, parse_batch
 from mllpd.config import ConfigError, parse_duration
 from mllpd.connectors import (
     ConnectorSpec,
     Dead,
     Delivered,
     Delivery,
+    IBatchConnector,
     IConnector,
     Outcome,
     Retry,
 )
-from mllpd.connectors._common import ConnectorPool
+from mllpd.connectors._common import (
+    ConnectorPool,
+    bool_option,
+    is_loopback,
+    warn_plaintext,
+    warn_unverified,
+)
 from mllpd.framing import Frame, Framer, Junk, frame
 from mllpd.hl7 import DecodeError, Message, NotHL7Error, parse_message
 
@@ -66,13 +75,16 @@ DEFAULT_ACK_TIMEOUT = 30.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
 # An ACK is a few hundred bytes; anything near this is not an ACK.
 MAX_ACK_SIZE = 1024 * 1024
+# A batch ACK holds one ACK per forwarded message.
+MAX_BATCH_ACK_SIZE = 16 * 1024 * 1024
 # stop() closes the connection politely; a peer that never completes the
 # close (a stuck TLS shutdown) is aborted after this long.
 CLOSE_TIMEOUT = 5.0
 # Upper bound for the reason texts we hand to the relay (stored, logged).
 _REASON_LIMIT = 200
 
-_OPTIONS = ("address", "ack_timeout", "connect_timeout")
+_OPTIONS = ("address", "ack_timeout", "connect_timeout", "insecure", "batch")
+_BATCH_MODES = ("per-message", "forward")
 _ADDRESS_HELP = (
     "expected tcp:host:port, tls:host:port[:trustRoots=CA_DIR]"
     "[:certificate=CERT_PEM:privateKey=KEY_PEM] or host:port"
@@ -140,7 +152,7 @@ class MLLPClientProtocol(Protocol):
         self.peer = "?"
         # False once the stream cannot be trusted (dropped) or is gone.
         self.usable = False
-        self._framer = Framer(MAX_ACK_SIZE)
+        self._framer = Framer(MAX_BATCH_ACK_SIZE if connector.forward_batches else MAX_ACK_SIZE)
         self._waiter: Deferred[_Reply] | None = None
 
     def connectionMade(self) -> None:
@@ -265,7 +277,7 @@ class _WatchedEndpoint:
         return d.addErrback(failed)
 
 
-@implementer(IConnector)
+@implementer(IBatchConnector)
 class MLLPConnector:
     """Delivers messages over one persistent MLLP connection.
 
@@ -284,9 +296,12 @@ class MLLPConnector:
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         retry_policy: Callable[[int], float] | None = None,
         address: str = "",
+        forward_batches: bool = False,
     ) -> None:
         self.name = name
         self.address = address
+        # batch: forward sends the messages of an HL7 batch as one batch.
+        self.forward_batches = forward_batches
         self.ack_timeout = ack_timeout
         self.connect_timeout = connect_timeout
         self._clock = clock
@@ -332,11 +347,11 @@ class MLLPConnector:
 
     # Delivery
 
-    async def _deliver(self, delivery: Delivery) -> Outcome:
+    async def _connection(self, delivery: Delivery) -> MLLPClientProtocol | Retry:
         connecting = self._wait_connection().addTimeout(self.connect_timeout, self._clock)
         self._connecting = connecting
         try:
-            proto = await connecting
+            return await connecting
         except defer.TimeoutError:
             return self._retry(delivery, f"not connected within {self.connect_timeout:g}s")
         except CancelledError:
@@ -346,6 +361,10 @@ class MLLPConnector:
         finally:
             self._connecting = None
 
+    async def _deliver(self, delivery: Delivery) -> Outcome:
+        proto = await self._connection(delivery)
+        if isinstance(proto, Retry):
+            return proto
         waiting = proto.send(delivery.payload).addTimeout(self.ack_timeout, self._clock)
         try:
             reply = await waiting
@@ -378,6 +397,12 @@ class MLLPConnector:
                 f"ACK's MSA-2 {_clean(acked, 40)!r} is not the message's MSH-10 "
                 f"{delivery.control_id!r}",
             )
+        return self._verdict(proto, delivery, ack, code)
+
+    def _verdict(
+        self, proto: MLLPClientProtocol, delivery: Delivery, ack: Message, code: str
+    ) -> Outcome:
+        """The outcome an ACK's MSA-1 means for the message it answers."""
         if code in ("AA", "CA"):
             return self._delivered(delivery, proto, code)
         err_code, err_text = _error_of(ack)
@@ -399,6 +424,93 @@ class MLLPConnector:
             said = f"upstream {code}" + (f" (ERR {err_code})" if err_code else "")
             return self._retry(delivery, detail, code=code, logged=said)
         return self._retry(delivery, f"upstream answered with unknown MSA-1 {_clean(code, 10)!r}")
+
+    # HL7 batches (batch: forward)
+
+    def deliver_batch(
+        self, deliveries: Sequence[Delivery], batch_control_id: str
+    ) -> Deferred[list[Outcome]]:
+        items = list(deliveries)
+        if self._stopping or self._in_flight:
+            why = "connector is stopping" if self._stopping else "another delivery is in progress"
+            return succeed(self._retry_batch(items, batch_control_id, why))
+        self._in_flight = True
+        d = Deferred.fromCoroutine(self._deliver_batch(items, batch_control_id))
+        d.addErrback(lambda f: [self._unexpected(f, items[0])] * len(items))
+        d.addBoth(self._finished)
+        return d
+
+    async def _deliver_batch(self, items: list[Delivery], batch_control_id: str) -> list[Outcome]:
+        proto = await self._connection(items[0])
+        if isinstance(proto, Retry):
+            return [proto] * len(items)
+        payload = forward_payload(
+            [d.payload for d in items], batch_control_id,
+            datetime.fromtimestamp(self._clock.seconds(), UTC),
+        )
+        waiting = proto.send(payload).addTimeout(self.ack_timeout, self._clock)
+        try:
+            reply = await waiting
+        except defer.TimeoutError:
+            proto.drop(f"no batch ACK for {batch_control_id} within {self.ack_timeout:g}s")
+            return self._retry_batch(items, batch_control_id, f"no batch ACK within {self.ack_timeout:g}s")
+        if isinstance(reply, _Broken):
+            return self._retry_batch(items, batch_control_id, reply.reason)
+        return self._judge_batch(proto, items, batch_control_id, reply.payload)
+
+    def _judge_batch(
+        self, proto: MLLPClientProtocol, items: list[Delivery], batch_control_id: str, payload: bytes
+    ) -> list[Outcome]:
+        """Map the upstream's batch ACK to each message by MSA-2; one ACK
+        answering the batch control id answers every message. A batch ACK
+        that names our batch (BHS-12) and holds only negative ACKs accepts
+        the messages it does not list (HL7 v2 chapter 2: acknowledgement by
+        exception)."""
+        references = None
+        try:
+            if is_batch(payload):
+                answered = parse_batch(payload, 2 * len(items) + 1)
+                references = answered.batches[0].header.field(12).strip()
+                raws = [raw for _, _, raw in answered.messages()]
+            else:
+                raws = [payload]
+            acks = [parse_message(raw, default_charset=items[0].charset) for raw in raws]
+        except (BatchError, NotHL7Error, DecodeError):
+            proto.drop("upstream answered the batch with a frame that is not an HL7 batch ACK")
+            return self._retry_batch(items, batch_control_id, "upstream's answer is not an HL7 batch ACK")
+        answers: dict[str, list[tuple[Message, str]]] = {}
+        for ack in acks:
+            msa = ack.segment("MSA")
+            if msa is None:
+                proto.drop("upstream answered the batch without an MSA segment")
+                return self._retry_batch(items, batch_control_id, "an ACK in upstream's answer has no MSA")
+            code = ack.pick(msa[1]).strip().upper() if len(msa) > 1 else ""
+            acked = ack.pick(msa[2]).strip() if len(msa) > 2 else ""
+            answers.setdefault(acked, []).append((ack, code))
+        whole = answers.get(batch_control_id.strip()) if len(acks) == 1 else None
+        by_exception = references == batch_control_id.strip() and all(
+            code not in ("AA", "CA") for listed in answers.values() for _, code in listed
+        )
+        outcomes: list[Outcome] = []
+        for delivery in items:
+            mine = answers.get(delivery.control_id.strip())
+            answer = mine.pop(0) if mine else (whole[0] if whole else None)
+            if answer is None and by_exception:
+                outcomes.append(self._delivered(delivery, proto, "implicit AA"))
+            elif answer is None:
+                outcomes.append(self._retry(delivery, "upstream's batch ACK has no ACK for this message"))
+            else:
+                outcomes.append(self._verdict(proto, delivery, *answer))
+        return outcomes
+
+    def _retry_batch(self, items: list[Delivery], batch_control_id: str, reason: str) -> list[Outcome]:
+        reason = reason[:_REASON_LIMIT]
+        log.warn(
+            "{connector}: batch {batch_control_id} of {count} messages not delivered: {reason}",
+            event="batch_retry", connector=self.name, reason=reason, count=len(items),
+            batch_control_id=batch_control_id, attempt=items[0].attempt,
+        )
+        return [Retry(reason)] * len(items)
 
     def _delivered(self, delivery: Delivery, proto: MLLPClientProtocol, code: str) -> Delivered:
         log.debug(
@@ -583,6 +695,10 @@ def build(spec: ConnectorSpec, reactor: Any, environ: Mapping[str, str]) -> ICon
         raise problem(
             "address", "certificate or privateKey is not a valid PEM certificate/key"
         ) from None
+    _check_transport(spec, description, bool_option(spec, "insecure"), problem)
+    batch = options.get("batch", "per-message")
+    if batch not in _BATCH_MODES:
+        raise problem("batch", f"{_clean(str(batch), 40)!r}; expected per-message or forward")
     members = [
         MLLPConnector(
             spec.name,
@@ -591,6 +707,7 @@ def build(spec: ConnectorSpec, reactor: Any, environ: Mapping[str, str]) -> ICon
             ack_timeout=ack_timeout,
             connect_timeout=connect_timeout,
             address=address.strip(),
+            forward_batches=batch == "forward",
         )
         for _ in range(spec.lanes)
     ]
@@ -617,6 +734,34 @@ def endpoint_description(address: str, connect_timeout: float) -> str:
     if kind in _ENDPOINT_TYPES and not _TIMEOUT_KWARG.search(text):
         text += f":timeout={max(1, math.ceil(connect_timeout))}"
     return text
+
+
+def _check_transport(
+    spec: ConnectorSpec,
+    description: str,
+    insecure: bool,
+    problem: Callable[[str, str], ConfigError],
+) -> None:
+    """Refuse TLS that verifies nothing unless ``insecure: true``; warn about plaintext.
+
+    ``tls:`` always checks the chain and the name. Twisted's ``ssl:`` without
+    ``hostname=`` checks no name (and, without ``caCertsDir=``, no chain):
+    anyone in the path could read and answer for the upstream.
+    """
+    args, kwargs = parse_endpoint_string(description)
+    kind = str(args[0]).lower()
+    host = str(kwargs.get("host") or (args[1] if len(args) > 1 else ""))
+    if kind == "ssl" and not kwargs.get("hostname"):
+        if not insecure:
+            raise problem(
+                "address",
+                "ssl: without hostname= does not verify the upstream's certificate; "
+                "use tls:host:port[:trustRoots=CA_DIR], add hostname=, "
+                "or set insecure: true to accept that",
+            )
+        warn_unverified(spec, host, "the upstream's certificate is not verified")
+    elif kind == "tcp" and not is_loopback(host):
+        warn_plaintext(spec, host)
 
 
 def _check_trust_roots(description: str) -> None:

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import errors, sql
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -38,16 +38,22 @@ from zope.interface import implementer
 from . import ConnectorSpec, Dead, Delivered, Delivery, IConnector, Outcome, Retry
 from ._common import (
     CurrentDelivery,
+    bool_option,
     check_keys,
     duration_option,
     expand_env,
+    is_loopback,
     option_error,
     string_option,
+    warn_plaintext,
+    warn_unverified,
 )
 
 __all__ = ["PostgresConnector", "build", "describe_error"]
 
-_OPTIONS = ("dsn", "dsn_env", "table", "timeout")
+_OPTIONS = ("dsn", "dsn_env", "table", "timeout", "insecure")
+# libpq modes that may send in the clear or to a server whose name is unchecked.
+_UNVERIFIED_SSLMODES = frozenset({"allow", "prefer", "require", "verify-ca"})
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 _CREATE = """\
@@ -342,7 +348,8 @@ def _connect_args(conninfo: str, name: str, timeout: float) -> dict[str, Any]:
 def build(spec: ConnectorSpec, reactor: Any, environ: Mapping[str, str]) -> PostgresConnector:
     """Check a ``postgres`` connector's options and build it."""
     check_keys(spec, _OPTIONS)
-    conninfo = _conninfo(spec, environ)
+    insecure = bool_option(spec, "insecure")
+    conninfo = _transport(spec, _conninfo(spec, environ), environ, insecure)
     table = _table(spec)
     timeout = duration_option(spec, "timeout", "30s")
     return PostgresConnector(spec.name, conninfo, table, timeout, reactor)
@@ -381,6 +388,41 @@ def _conninfo(spec: ConnectorSpec, environ: Mapping[str, str]) -> str:
             f"{what} is not a PostgreSQL connection string "
             "(expected postgresql://user@host:port/db or 'host=... dbname=...')",
         ) from None
+    return conninfo
+
+
+def _transport(
+    spec: ConnectorSpec, conninfo: str, environ: Mapping[str, str], insecure: bool
+) -> str:
+    """The conninfo with ``sslmode=verify-full`` when the server is not local.
+
+    libpq's default, ``prefer``, falls back to plaintext and never checks the
+    server's certificate. An explicit mode that checks less is refused unless
+    the connector says ``insecure: true``; ``disable`` is plaintext, warned.
+    """
+    params = conninfo_to_dict(conninfo)
+    targets = str(params.get("hostaddr") or params.get("host") or environ.get("PGHOST") or "")
+    remote = [
+        h for h in targets.split(",")
+        if h.strip() and not h.strip().startswith(("/", "@")) and not is_loopback(h)
+    ]
+    if not remote:
+        return conninfo  # a Unix socket or loopback: the traffic never leaves the host
+    host = ",".join(remote)
+    sslmode = str(params.get("sslmode") or environ.get("PGSSLMODE") or "").strip().lower()
+    if not sslmode:
+        return make_conninfo(conninfo, sslmode="verify-full")
+    if sslmode == "disable":
+        warn_plaintext(spec, host)
+    elif sslmode in _UNVERIFIED_SSLMODES:
+        if not insecure:
+            raise option_error(
+                spec, "dsn_env" if spec.options.get("dsn_env") is not None else "dsn",
+                f"sslmode={sslmode} does not verify the server's certificate and name; "
+                "use sslmode=verify-full (the default for a server that is not local), "
+                "or set insecure: true to accept that",
+            )
+        warn_unverified(spec, host, f"sslmode={sslmode}")
     return conninfo
 
 

@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Collection
-from importlib import resources
-from typing import NamedTuple
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
-from twisted.internet.task import LoopingCall
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mllpd.outbox import (
+    AUDIT_LIMITS,
     AuditRecord,
     Backlog,
     Envelope,
@@ -27,8 +25,18 @@ from mllpd.outbox import (
     OutboxError,
     QueuedDelivery,
     StoreResult,
+    bounded,
     dedup_key,
-    over_limit,
+)
+from mllpd.outbox.common import (
+    PRUNE_BATCH,
+    STATE_HOLD,
+    GroupCommitOutbox,
+    Op,
+    QueueDepth,
+    depths_from,
+    prune_interval,
+    schema_files,
 )
 from mllpd.outbox.wal import (
     CHECKPOINT_INTERVAL,
@@ -38,40 +46,19 @@ from mllpd.outbox.wal import (
     restart_threshold,
 )
 
-__all__ = ["SQLiteOutbox", "open_database", "prune_interval", "schema_files"]
+__all__ = [
+    "STATE_HOLD",
+    "QueueDepth",
+    "SQLiteOutbox",
+    "open_database",
+    "prune_interval",
+    "schema_files",
+]
 
 log = Logger(namespace="mllpd.outbox")
 
-# Seconds between recounts of the backlog (for MLLP_MAX_OUTBOX and metrics).
-BACKLOG_INTERVAL = 1.0
-# Seconds between retention sweeps, and rows deleted per sweep statement, so
-# a sweep never holds the write lock long enough to delay ACKs noticeably.
-PRUNE_INTERVAL = 60.0
-PRUNE_BATCH = 1000
 # Past every message id: SQLite's largest integer.
 _MAX_ID = 2**63 - 1
-# Seconds delivery-state changes may wait for a message commit to ride along.
-STATE_HOLD = 0.01
-# A sweep is a write transaction: never more often than this.
-MIN_PRUNE_INTERVAL = 0.5
-
-
-def prune_interval(retention: float) -> float:
-    """Seconds between sweeps: PRUNE_INTERVAL, or half the retention when
-    that is shorter, so a short retention (minutes) is kept to within half
-    of itself instead of being overrun by a whole interval."""
-    return max(MIN_PRUNE_INTERVAL, min(PRUNE_INTERVAL, retention / 2))
-
-
-def schema_files(dialect: str) -> list[tuple[int, str]]:
-    """The numbered schema scripts for a dialect, in order."""
-    folder = resources.files("mllpd.outbox").joinpath("schema", dialect)
-    scripts = []
-    for entry in folder.iterdir():
-        name = entry.name
-        if name.endswith(".sql"):
-            scripts.append((int(name.split("_", 1)[0]), entry.read_text("utf-8")))
-    return sorted(scripts)
 
 
 # Page size of a new outbox. Every page a commit touches is written whole
@@ -88,6 +75,7 @@ def open_database(path: str, *, wal_limit: int = DEFAULT_WAL_LIMIT) -> sqlite3.C
     Raises :class:`OutboxError` with a one-line reason when the file cannot
     be opened, written or migrated.
     """
+    _private_files(path)
     try:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         conn.execute(f"PRAGMA busy_timeout = {WRITER_BUSY_MS}")
@@ -98,7 +86,7 @@ def open_database(path: str, *, wal_limit: int = DEFAULT_WAL_LIMIT) -> sqlite3.C
         conn.execute("PRAGMA synchronous = FULL")
         # When the log restarts, its file is cut back to this size.
         conn.execute(f"PRAGMA journal_size_limit = {restart_threshold(wal_limit)}")
-        conn.create_function("mllp_dedup_key", 4, _sql_dedup_key, deterministic=True)
+        conn.create_function("mllp_dedup_key", 1, dedup_key, deterministic=True)
         conn.create_function("mllp_default_lane", 2, _sql_default_lane, deterministic=True)
         # Off while migrating: a migration that rebuilds a table must not
         # cascade its DROP into the queues.
@@ -108,6 +96,34 @@ def open_database(path: str, *, wal_limit: int = DEFAULT_WAL_LIMIT) -> sqlite3.C
     except sqlite3.Error as e:
         raise OutboxError(f"cannot open outbox {path}: {e}") from None
     return conn
+
+
+def _private_files(path: str) -> None:
+    """Create the outbox 0600 and take group and other access off existing files.
+
+    The outbox holds PHI. SQLite gives ``-wal`` and ``-shm`` the mode of the
+    database file, so creating that one private (whatever the umask) keeps
+    all three private; files left by an older version are tightened here.
+    """
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise OutboxError(f"cannot open outbox {path}: {e.strerror or e}") from None
+    os.close(fd)
+    for name in (path, path + "-wal", path + "-shm"):
+        try:
+            mode = os.stat(name).st_mode & 0o777
+            if mode & 0o077:
+                os.chmod(name, mode & 0o700)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            log.warn(
+                "cannot make {path} private ({reason}); it stays readable by others",
+                event="outbox_permissions", path=name, reason=e.strerror or str(e),
+            )
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
@@ -160,10 +176,10 @@ def _statements(script: str) -> list[str]:
 _COLUMNS = (
     "message_id, received_at, peer, client_subject, pod, control_id, msg_type,"
     " sending_app, sending_fac, version, charset, size, sha256, ack_code, connectors,"
-    " dedup_key, payload"
+    " dedup_key, payload, batch_control_id, batch_position"
 )
-_ROW = "(" + ", ".join("?" * 17) + ")"
-# Rows per INSERT statement: 13 parameters each, far below SQLite's limit.
+_ROW = "(" + ", ".join("?" * 19) + ")"
+# Rows per INSERT statement: 19 parameters each, far below SQLite's limit.
 _ROWS_PER_STATEMENT = 500
 
 
@@ -172,14 +188,19 @@ def _row(e: Envelope, pod: str | None, key: int) -> tuple[object, ...]:
     return (
         e.message_id, e.received_at, e.peer, e.client_subject, pod, e.control_id,
         e.msg_type, e.sending_app, e.sending_fac, e.version, e.charset, e.size,
-        e.sha256, e.ack_code, ",".join(e.routes), key, e.payload,
+        e.sha256, e.ack_code, ",".join(e.routes), key, e.payload, e.batch_control_id,
+        e.batch_position,
     )
 
 
 def _audit_row(e: Envelope, message_id: str, pod: str | None, connectors: str) -> tuple[object, ...]:
+    subject = e.client_subject
     return (
-        e.received_at, e.peer, e.client_subject, pod, message_id, e.control_id,
-        e.msg_type, e.size, e.sha256, e.ack_code, None, connectors,
+        e.received_at, bounded(e.peer, AUDIT_LIMITS["peer"]),
+        None if subject is None else bounded(subject, AUDIT_LIMITS["client_subject"]),
+        pod, message_id, bounded(e.control_id, AUDIT_LIMITS["control_id"]),
+        bounded(e.msg_type, AUDIT_LIMITS["msg_type"]), e.size, e.sha256, e.ack_code, None,
+        connectors, e.batch_control_id,
     )
 
 
@@ -202,12 +223,8 @@ def _key(e: Envelope) -> DedupKey:
     return (e.control_id, e.sending_app, e.sending_fac, e.sha256)
 
 
-def _sql_dedup_key(control_id: str, sending_app: str, sending_fac: str, sha256: str) -> int:
-    return dedup_key(control_id, sending_app, sending_fac, sha256)
-
-
 def _sql_default_lane(payload: bytes, charset: str | None) -> int:
-    """The default order key of a stored message (for migration 004)."""
+    """The default order key of a stored message (for migration 005)."""
     from mllpd.hl7 import parse_message
     from mllpd.rules import default_lane
 
@@ -219,9 +236,9 @@ def _sql_default_lane(payload: bytes, charset: str | None) -> int:
 
 _AUDIT_COLUMNS = (
     "received_at, peer, client_subject, pod, message_id, control_id, msg_type, "
-    "size, sha256, ack_code, rule, connectors"
+    "size, sha256, ack_code, rule, connectors, batch_control_id"
 )
-_AUDIT_ROW = "(" + ", ".join("?" * 12) + ")"
+_AUDIT_ROW = "(" + ", ".join("?" * 13) + ")"
 _QUEUE_ROW = "(?, ?, 'pending', 0, ?, ?, ?)"
 
 # The head of a queue: one ordered index range per state, each stopping after
@@ -238,7 +255,8 @@ _SKIP = (
 )
 _FETCH = (
     "SELECT d.seq, d.message_id, d.connector, d.attempts, d.next_attempt,"
-    " m.received_at, m.control_id, m.msg_type, m.charset, m.payload, d.lane"
+    " m.received_at, m.control_id, m.msg_type, m.charset, m.payload,"
+    " m.batch_control_id, m.batch_position, d.lane"
     " FROM (SELECT * FROM (SELECT seq FROM deliveries WHERE connector = :connector"
     f" AND state = 'pending' AND seq > :after{_SKIP} ORDER BY seq LIMIT :limit)"
     " UNION ALL SELECT * FROM (SELECT seq FROM deliveries WHERE connector = :connector"
@@ -282,32 +300,27 @@ _PRUNE_AUDIT = (
 )
 
 
-def _plus(backlog: Backlog, envelope: Envelope, sign: int = 1) -> Backlog:
-    return Backlog(
-        backlog.messages + sign, backlog.size + sign * len(envelope.payload)
-    )
-
-
-class QueueDepth(NamedTuple):
-    """One connector's queue as of the last count."""
-
-    pending: int  # pending or in flight
-    dead: int
-    oldest: float | None  # received_at of the oldest pending message
-
-
-Op = tuple[str, tuple[object, ...], "Deferred[None]"]
-
-
 @implementer(IOutbox, IDeliveryQueue)
-class SQLiteOutbox:
-    """Stores envelopes with group commit.
-
-    While one commit runs on the outbox thread, new envelopes queue up; when
-    it returns they all go into the next transaction together. Each store's
-    Deferred fires after its transaction's COMMIT returned (WAL with
-    synchronous=FULL: the WAL is fsync'd before COMMIT returns).
+class SQLiteOutbox(GroupCommitOutbox):
+    """Stores envelopes with group commit (see :class:`GroupCommitOutbox`):
+    WAL with synchronous=FULL, so the WAL is fsync'd before COMMIT returns.
     """
+
+    OP_SQL = {
+        "in_flight": "UPDATE deliveries SET state = 'in_flight', updated_at = ? WHERE seq = ?",
+        "delivered": (
+            "UPDATE deliveries SET state = 'delivered', attempts = attempts + 1,"
+            " last_error = NULL, updated_at = ? WHERE seq = ?"
+        ),
+        "retry": (
+            "UPDATE deliveries SET state = 'pending', attempts = ?, last_error = ?,"
+            " next_attempt = ?, updated_at = ? WHERE seq = ?"
+        ),
+        "dead": (
+            "UPDATE deliveries SET state = 'dead', attempts = ?, last_error = ?,"
+            " updated_at = ? WHERE seq = ?"
+        ),
+    }
 
     def __init__(
         self,
@@ -324,14 +337,12 @@ class SQLiteOutbox:
         wal_limit: int = DEFAULT_WAL_LIMIT,
         checkpoint_interval: float = CHECKPOINT_INTERVAL,
     ) -> None:
+        super().__init__(
+            reactor, dedup_window=dedup_window, wall_clock=wall_clock,
+            retention=retention, max_count=max_count, max_bytes=max_bytes, pod=pod,
+            hold_clock=hold_clock, thread_name="mllpd-outbox",
+        )
         self.path = path
-        self.dedup_window = dedup_window
-        self.retention = retention
-        self.max_count = max_count
-        self.max_bytes = max_bytes
-        self.pod = pod
-        self._reactor = reactor
-        self._wall_clock = wall_clock
         self._conn = open_database(path, wal_limit=wal_limit)
         try:
             # Deliveries that were in flight when the last process stopped go
@@ -344,32 +355,14 @@ class SQLiteOutbox:
             self._conn.close()
             raise OutboxError(f"cannot open outbox {path}: {e}") from None
         self._backlog = Backlog(counted[0], int(counted[1]))
-        # Routed stores whose commit has not returned yet, and those a
-        # recount in progress may not see: a recount reads a snapshot on
-        # another thread, so it adds these rather than forget them.
-        self._uncommitted = Backlog(0, 0)
-        self._unseen = Backlog(0, 0)
-        self.depths: dict[str, QueueDepth] = {}
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="mllpd-outbox")
         # Queue reads and counts run on a connection and thread of their own:
         # a WAL reader never waits for the writer, nor the writer for it.
         if path == ":memory:":
-            self._reader, self._reader_pool = self._conn, self._pool
+            self._reader = self._conn
         else:
             self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._reader_pool = ThreadPool(minthreads=1, maxthreads=1, name="mllpd-outbox-reader")
-        self._counting = LoopingCall(self._count)
-        self._counting.clock = reactor  # type: ignore[assignment]
-        self._pruning = LoopingCall(self.prune)
-        self._pruning.clock = reactor  # type: ignore[assignment]
-        self._ops: list[Op] = []
-        self._audits: list[AuditRecord] = []
         self._durable = True  # the connection's synchronous mode is FULL
-        self._held: IDelayedCall | None = None
-        self._hold_clock: IReactorTime = hold_clock or reactor  # type: ignore[assignment]
-        self._listeners: list[Callable[[set[str]], None]] = []
-        # Called with every connector's queue depth after each recount.
-        self.count_observer: Callable[[dict[str, QueueDepth]], None] | None = None
         # Checkpoints copy the WAL into the database file and fsync it. Left
         # to SQLite they run inside a COMMIT every 1000 pages and stall the
         # ACKs of that batch; WalGuard does them in the background and has
@@ -378,166 +371,30 @@ class SQLiteOutbox:
         if path != ":memory:":
             self._conn.execute("PRAGMA wal_autocheckpoint = 0")
             self.wal = WalGuard(path, reactor, limit=wal_limit, interval=checkpoint_interval)
-        self._pending: list[tuple[Envelope, Deferred[StoreResult]]] = []
-        self._committing = False
-        self._closing = False
-        self._closed = False
-        self._shutting = False
-        self._close_waiters: list[Deferred[None]] = []
-        self.commits = 0
-        self.committed_messages = 0
-        # Told (batch size, seconds) after each successful commit: metrics.
-        self.commit_observer: Callable[[int, float], None] | None = None
-        self._commit_started = 0.0
 
     def start(self) -> None:
-        self._pool.start()
-        if self._reader_pool is not self._pool:
-            self._reader_pool.start()
+        super().start()
         if self.wal is not None:
             self.wal.start()
-        self._counting.start(BACKLOG_INTERVAL, now=True)
-        self._pruning.start(prune_interval(self.retention), now=False)
-
-    def add_listener(self, listener: Callable[[set[str]], None]) -> None:
-        """Call ``listener(connectors)`` after each commit that queued
-        messages for those connectors."""
-        self._listeners.append(listener)
-
-    # -- back-pressure ---------------------------------------------------
-
-    def backlog(self) -> Backlog:
-        return self._backlog
-
-    @property
-    def full(self) -> bool:
-        """Past MLLP_MAX_OUTBOX: new messages must get AR."""
-        return over_limit(self._backlog, self.max_count, self.max_bytes)
-
-    def _count(self) -> Deferred[object]:
-        # Commits that return during the read may be in its snapshot or
-        # not; counting them twice until the next recount errs towards AR.
-        self._unseen = self._uncommitted
-        d = deferToThreadPool(self._reactor, self._reader_pool, self._read_counts)
-        d.addCallback(self._counted)
-        return d.addErrback(self._count_failed)
 
     def _read_counts(self) -> tuple[Backlog, dict[str, QueueDepth]]:
         conn = self._reader
         count, size = conn.execute(_BACKLOG).fetchone()
-        depths: dict[str, list[object]] = {}
-        for connector, state, n, oldest in conn.execute(_DEPTHS):
-            entry = depths.setdefault(connector, [0, 0, None])
-            if state == "dead":
-                entry[1] = n
-            else:
-                entry[0] = int(entry[0]) + n  # type: ignore[call-overload]
-                if entry[2] is None or oldest < entry[2]:  # type: ignore[operator]
-                    entry[2] = oldest
-        return Backlog(count, int(size)), {
-            name: QueueDepth(*values) for name, values in depths.items()  # type: ignore[arg-type]
-        }
+        return Backlog(count, int(size)), depths_from(conn.execute(_DEPTHS).fetchall())
 
-    def _counted(self, result: tuple[Backlog, dict[str, QueueDepth]]) -> None:
-        counted, depths = result
-        self._backlog = Backlog(
-            counted.messages + self._unseen.messages, counted.size + self._unseen.size
-        )
-        # Connectors whose queues emptied keep a zero entry.
-        for name in self.depths:
-            depths.setdefault(name, QueueDepth(0, 0, None))
-        self.depths = depths
-        if self.count_observer is not None:
-            self.count_observer(depths)
-
-    def _count_failed(self, failure: Failure) -> None:
-        log.warn(
-            "outbox backlog count failed: {reason}", event="count_failed",
-            reason=failure.getErrorMessage(),
-        )
-
-    # -- queues ----------------------------------------------------------
-
-    def fetch(
-        self,
-        connector: str,
-        after: int,
-        limit: int,
-        skip_lanes: Collection[int] = (),
-        skip_seqs: Collection[int] = (),
-    ) -> Deferred[list[QueuedDelivery]]:
+    def _fetch(
+        self, connector: str, after: int, limit: int,
+        skip_lanes: Collection[int], skip_seqs: Collection[int],
+    ) -> list[QueuedDelivery]:
         params = {
             "connector": connector, "after": after, "limit": limit,
             "lanes": json.dumps(list(skip_lanes)), "seqs": json.dumps(list(skip_seqs)),
         }
-        return deferToThreadPool(self._reactor, self._reader_pool, self._fetch, params)
-
-    def _fetch(self, params: dict[str, object]) -> list[QueuedDelivery]:
         cursor = self._reader.execute(_FETCH, params)
         try:
             return [QueuedDelivery(*row) for row in cursor]
         finally:
             cursor.close()
-
-    def _op(self, sql: str, params: tuple[object, ...]) -> Deferred[None]:
-        d: Deferred[None] = Deferred()
-        if self._closing:
-            d.errback(OutboxError("outbox is closing"))
-            return d
-        self._ops.append((sql, params, d))
-        if not self._committing and self._held is None:
-            # State changes alone wait a little for company: a message
-            # commit or more changes. Nothing waits on them but the relay's
-            # bookkeeping, and each commit costs the reactor a thread round
-            # trip.
-            self._held = self._hold_clock.callLater(STATE_HOLD, self._release_held)
-        return d
-
-    def _release_held(self) -> None:
-        self._held = None
-        self._schedule()
-
-    def mark_in_flight(self, seq: int, now: float) -> Deferred[None]:
-        return self._op(
-            "UPDATE deliveries SET state = 'in_flight', updated_at = ? WHERE seq = ?",
-            (now, seq),
-        )
-
-    def mark_delivered(self, seq: int, now: float) -> Deferred[None]:
-        return self._op(
-            "UPDATE deliveries SET state = 'delivered', attempts = attempts + 1,"
-            " last_error = NULL, updated_at = ? WHERE seq = ?",
-            (now, seq),
-        )
-
-    def mark_retry(
-        self, seq: int, attempts: int, error: str, next_attempt: float, now: float
-    ) -> Deferred[None]:
-        return self._op(
-            "UPDATE deliveries SET state = 'pending', attempts = ?, last_error = ?,"
-            " next_attempt = ?, updated_at = ? WHERE seq = ?",
-            (attempts, error, next_attempt, now, seq),
-        )
-
-    def mark_dead(self, seq: int, attempts: int, error: str, now: float) -> Deferred[None]:
-        return self._op(
-            "UPDATE deliveries SET state = 'dead', attempts = ?, last_error = ?,"
-            " updated_at = ? WHERE seq = ?",
-            (attempts, error, now, seq),
-        )
-
-    def audit(self, record: AuditRecord) -> None:
-        if self._closing:
-            return
-        self._audits.append(record)
-        self._schedule()
-
-    def prune(self) -> Deferred[int]:
-        """Delete delivered messages and audit records older than the
-        retention, a batch at a time; fires with the messages deleted."""
-        return deferToThreadPool(self._reactor, self._pool, self._prune).addErrback(
-            self._prune_failed
-        )
 
     def _prune(self) -> int:
         cutoff = self._wall_clock() - self.retention
@@ -551,48 +408,6 @@ class SQLiteOutbox:
             deleted += n
             if n < PRUNE_BATCH and audited < PRUNE_BATCH:
                 return deleted
-
-    def _prune_failed(self, failure: Failure) -> int:
-        log.warn(
-            "outbox retention sweep failed: {reason}", event="prune_failed",
-            reason=failure.getErrorMessage(),
-        )
-        return 0
-
-    def store(self, envelope: Envelope) -> Deferred[StoreResult]:
-        d: Deferred[StoreResult] = Deferred()
-        if self._closing:
-            d.errback(OutboxError("outbox is closing"))
-            return d
-        self._pending.append((envelope, d))
-        if envelope.routes:
-            self._backlog = _plus(self._backlog, envelope)
-            self._uncommitted = _plus(self._uncommitted, envelope)
-            self._unseen = _plus(self._unseen, envelope)
-        self._schedule()
-        return d
-
-    def _schedule(self) -> None:
-        if self._held is not None:
-            # Messages are waiting: held state changes go with them, now.
-            self._held.cancel()
-            self._held = None
-        if not self._committing:
-            # Start at the end of this reactor turn, not now: every frame read
-            # in the same turn then shares the commit, instead of the first
-            # one committing alone while the rest wait behind it.
-            self._committing = True
-            self._reactor.callLater(0, self._commit_next)  # type: ignore[attr-defined]
-
-    def _commit_next(self) -> None:
-        batch, self._pending = self._pending, []
-        ops, self._ops = self._ops, []
-        audits, self._audits = self._audits, []
-        self._committing = True
-        envelopes = [e for e, _ in batch]
-        self._commit_started = time.perf_counter()
-        d = deferToThreadPool(self._reactor, self._pool, self._write, envelopes, ops, audits)
-        d.addBoth(self._committed, batch, ops)
 
     def _write(
         self, envelopes: list[Envelope], ops: list[Op], audits: list[AuditRecord]
@@ -632,7 +447,7 @@ class SQLiteOutbox:
                     continue
                 if self.dedup_window > 0:
                     known[key] = e.message_id
-                rows.append(_row(e, pod, dedup_key(*key)))
+                rows.append(_row(e, pod, dedup_key(e.sha256)))
                 lanes = e.lanes or (0,) * len(e.routes)
                 for connector, lane in zip(e.routes, lanes, strict=True):
                     queued.append((e.message_id, connector, e.received_at, e.received_at, lane))
@@ -640,7 +455,7 @@ class SQLiteOutbox:
             for a in audits:
                 trail.append((
                     a.received_at, a.peer, a.client_subject, pod, None, a.control_id,
-                    a.msg_type, a.size, a.sha256, a.ack_code, a.rule, "",
+                    a.msg_type, a.size, a.sha256, a.ack_code, a.rule, "", a.batch_control_id,
                 ))
             _insert(conn, "messages", _COLUMNS, _ROW, rows)
             _insert(
@@ -665,7 +480,7 @@ class SQLiteOutbox:
         """Stored messages within the window that share a batch member's key."""
         since = self._wall_clock() - self.dedup_window
         wanted = {_key(e) for e in envelopes}
-        keys = sorted({dedup_key(*k) for k in wanted})
+        keys = sorted({dedup_key(k[3]) for k in wanted})
         found: dict[DedupKey, str] = {}
         for i in range(0, len(keys), _ROWS_PER_STATEMENT):
             chunk = keys[i : i + _ROWS_PER_STATEMENT]
@@ -684,65 +499,6 @@ class SQLiteOutbox:
             cursor.close()
         return found
 
-    def _committed(
-        self,
-        result: list[StoreResult] | Failure,
-        batch: list[tuple[Envelope, Deferred[StoreResult]]],
-        ops: list[Op],
-    ) -> None:
-        self._committing = False
-        elapsed = time.perf_counter() - self._commit_started
-        for envelope, _ in batch:
-            if envelope.routes:
-                self._uncommitted = _plus(self._uncommitted, envelope, -1)
-        # Start the next commit before answering this one: the replies write
-        # ACKs and parse newly arrived frames, which would otherwise delay it.
-        if self._pending or self._ops or self._audits:
-            self._commit_next()
-        if isinstance(result, Failure):
-            reason = result.getErrorMessage()
-            log.error(
-                "outbox commit of {count} messages failed: {reason}",
-                event="commit_failed",
-                count=len(batch),
-                reason=reason,
-            )
-            for _, d in batch:
-                d.errback(OutboxError(reason))
-            for _, _, op in ops:
-                op.errback(OutboxError(reason))
-        else:
-            self.commits += 1
-            self.committed_messages += len(batch)
-            if self.commit_observer is not None:
-                self.commit_observer(len(batch), elapsed)
-            routed: set[str] = set()
-            for (envelope, d), stored in zip(batch, result, strict=True):
-                if not stored.duplicate:
-                    routed.update(envelope.routes)
-                d.callback(stored)
-            for _, _, op in ops:
-                op.callback(None)
-            if routed:
-                for listener in self._listeners:
-                    listener(routed)
-        if self._closing and not self._committing and not (self._pending or self._ops):
-            self._finish_close()
-
-    def close(self) -> Deferred[None]:
-        d: Deferred[None] = Deferred()
-        if self._closed:
-            d.callback(None)
-            return d
-        self._close_waiters.append(d)
-        if not self._closing:
-            self._closing = True
-            if self._held is not None:
-                self._schedule()  # commit held state changes before closing
-            elif not self._committing:
-                self._finish_close()
-        return d
-
     def _close_writer(self) -> None:
         # Deliveries interrupted by the shutdown wait in their queue, not
         # in flight, for whoever opens the outbox next (and for mllp-cli).
@@ -753,14 +509,7 @@ class SQLiteOutbox:
         finally:
             self._conn.close()
 
-    def _finish_close(self) -> None:
-        # Reentrant: a store's callback may call close() from inside _committed.
-        if self._shutting:
-            return
-        self._shutting = True
-        for loop in (self._counting, self._pruning):
-            if loop.running:
-                loop.stop()
+    def _shut(self) -> Deferred[None]:
         if not self._pool.started:
             # Never started (startup failed before the service ran).
             self._conn.close()
@@ -786,12 +535,4 @@ class SQLiteOutbox:
         if self.wal is not None:
             wal = self.wal
             d.addBoth(lambda result: wal.stop().addCallback(lambda _: result))
-
-        def closed(result: object) -> None:
-            self._pool.stop()
-            self._closed = True
-            waiters, self._close_waiters = self._close_waiters, []
-            for waiter in waiters:
-                waiter.callback(None)
-
-        d.addBoth(closed)
+        return d.addBoth(lambda _: None)

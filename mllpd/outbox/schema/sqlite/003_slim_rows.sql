@@ -8,8 +8,8 @@
 --   records of messages that are not in `messages`: refused, resent
 --   duplicates, and messages deleted with mllp-cli. The `audit` view shows
 --   both, as the one trail it always was.
--- * Duplicate detection looks up one integer (`dedup_key`, 8 bytes of a hash
---   of MSH-10, MSH-3, MSH-4 and the payload's SHA-256) and checks the fields.
+-- * Duplicate detection looks up one integer (`dedup_key`, the first 8 bytes
+--   of the payload's SHA-256) and checks the fields.
 -- * No AUTOINCREMENT on messages (nothing refers to messages.id), and no
 --   received_at index: retention walks messages in id order, which is
 --   arrival order, and stops at the first one inside the window.
@@ -46,7 +46,7 @@ SELECT
     m.id, m.message_id, m.received_at, m.peer, a.client_subject, a.pod, m.control_id,
     m.msg_type, m.sending_app, m.sending_fac, m.version, m.charset, m.size, m.sha256,
     m.ack_code, COALESCE(a.connectors, ''),
-    mllp_dedup_key(m.control_id, m.sending_app, m.sending_fac, m.sha256), m.payload
+    mllp_dedup_key(m.sha256), m.payload
 FROM messages m
 LEFT JOIN audit a ON a.id = (
     SELECT MIN(first.id) FROM audit first WHERE first.message_id = m.message_id

@@ -1,0 +1,741 @@
+"""HL7 batches, one message per frame, and the UTF-8 BOM, as a sender sees them.
+
+Batch acknowledgements are compared with golden files (tests/golden/batch_ack,
+regenerate with MLLPD_UPDATE_GOLDEN=1 and review the diff) and read back
+with hl7apy.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import re
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock, deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
+
+from mllpd.ack import AckError
+from mllpd.batch import BatchError, has_several_messages, is_batch, parse_batch
+from mllpd.connectors import Delivered, Delivery, IBatchConnector, Outcome, Retry
+from mllpd.framing import frame
+from mllpd.hl7 import Message
+from mllpd.outbox import OutboxError
+from mllpd.outbox.sqlite import SQLiteOutbox
+from mllpd.receiver import Receiver, Reply
+from mllpd.testing import MemoryOutbox
+from tests.test_outbox import envelope, reactor, rows, temp_db
+
+GOLDEN = Path(__file__).parent / "golden" / "batch_ack"
+VERSIONS = ("2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.8")
+STANDARD = "|^~\\&"
+CUSTOM = "#$*@!"  # field, component, repetition, escape, subcomponent
+
+
+def msh(control_id: str, version: str = "2.5", delims: str = STANDARD, enhanced: bool = False,
+        msg_type: str = "ADT^A01^ADT_A01", mode: str = "AL") -> str:
+    fs, enc = delims[0], delims[1:]
+    fields = ["MSH", enc, "LAB", "HOSP", "EHR", "HOSP", "20260101120000", "",
+              msg_type.replace("^", enc[0]), control_id, "P", version]
+    if enhanced:
+        fields += ["", "", mode, "NE"]
+    return fs.join(fields) + "\r"
+
+
+def message(control_id: str, version: str = "2.5", delims: str = STANDARD,
+            enhanced: bool = False, mode: str = "AL") -> str:
+    fs = delims[0]
+    return msh(control_id, version, delims, enhanced, mode=mode) + fs.join(
+        ["PID", "1", "", f"{control_id}{delims[1]}{delims[1]}{delims[1]}HOSP{delims[1]}MR"]
+    ) + "\r"
+
+
+def batch(*messages: str, delims: str = STANDARD, batch_id: str = "B1", file_id: str | None = "F1",
+          count: str | None = None) -> str:
+    fs, enc = delims[0], delims[1:]
+    head = fs.join(["BHS", enc, "LAB", "HOSP", "EHR", "HOSP", "20260101120000", "", "", "",
+                    batch_id]) + "\r"
+    tail = f"BTS{fs}{len(messages) if count is None else count}\r"
+    text = head + "".join(messages) + tail
+    if file_id is not None:
+        fhs = fs.join(["FHS", enc, "LAB", "HOSP", "EHR", "HOSP", "20260101120000", "", "", "",
+                       file_id]) + "\r"
+        text = fhs + text + f"FTS{fs}1\r"
+    return text
+
+
+def segments(data: bytes) -> list[str]:
+    return [s for s in data.decode("latin-1").split("\r") if s]
+
+
+def msa(data: bytes, fs: str = "|") -> list[tuple[str, str]]:
+    return [tuple(s.split(fs)[1:3]) for s in segments(data) if s.startswith("MSA")]  # type: ignore[misc]
+
+
+class Harness(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        self.outbox = MemoryOutbox()
+        self.ids = iter(range(1, 1_000_000))
+        self.receiver = Receiver(self.outbox, self.clock, ack_id=self.next_id)
+
+    def next_id(self) -> str:
+        return f"ACK{next(self.ids):05d}"
+
+    def receive(self, payload: bytes | str, receiver: Receiver | None = None) -> Reply:
+        data = payload.encode("latin-1") if isinstance(payload, str) else payload
+        return self.successResultOf((receiver or self.receiver).receive(data, "10.1.1.1:999"))
+
+
+class SplitTests(SynchronousTestCase):
+    """parse_batch: the envelope read, each message's exact bytes kept."""
+
+    def test_messages_keep_their_bytes(self) -> None:
+        """Each contained message is exactly its bytes in the frame, CR LF endings included."""
+        one = message("C1").replace("\r", "\r\n").encode()
+        two = message("C2").encode()
+        text = b"BHS|^~\\&|LAB|HOSP|||||||B9\r\n" + one + two + b"BTS|2\r\n"
+        parsed = parse_batch(text, 100)
+        self.assertEqual([m for _, _, m in parsed.messages()], [one, two])
+        self.assertEqual([(b, p) for b, p, _ in parsed.messages()], [("B9", 1), ("B9", 2)])
+
+    def test_several_batches_in_a_file(self) -> None:
+        """A file (FHS ... FTS) may hold several batches; positions restart in each."""
+        text = ("FHS|^~\\&|LAB|HOSP|||||||F1\r"
+                + batch(message("A1"), message("A2"), batch_id="X", file_id=None)
+                + batch(message("B1"), batch_id="Y", file_id=None) + "FTS|2\r")
+        parsed = parse_batch(text.encode(), 100)
+        self.assertEqual([(b, p) for b, p, _ in parsed.messages()], [("X", 1), ("X", 2), ("Y", 1)])
+
+    def test_malformed_batches(self) -> None:
+        """Each malformed envelope raises BatchError naming the problem."""
+        m = message("C1")
+        cases = {
+            batch(m, count="2"): "BTS-1 says 2 messages, the frame has 1",
+            batch(m, count="two"): "BTS-1 says two",
+            batch(m, file_id=None).replace("BTS|1\r", ""): "BTS missing",
+            batch(m).replace("FTS|1\r", ""): "FTS missing",
+            batch(m).replace("FTS|1\r", "FTS|3\r"): "FTS-1 says 3 batches",
+            batch(m, file_id=None) + "FTS|1\r": "FTS without FHS",
+            batch(m, file_id=None) + "PID|1\r": "'PID' segment outside",
+            "BHS|^~\\&|A\rPID|1\r" + m + "BTS|1\r": "'PID' segment outside a message",
+            "FHS|^~\\&|A|B|||||||F\r" + m + "FTS|1\r": "MSH before BHS",
+            batch(m, file_id=None) + batch(m, file_id=None): "several batches in one frame need FHS",
+            "BHS\rBTS|0\r": "BHS segment is too short",
+            batch(m) + "BHS|^~\\&\r": "segments after FTS",
+        }
+        for text, problem in cases.items():
+            with self.assertRaises(BatchError, msg=text) as ctx:
+                parse_batch(text.encode(), 100)
+            self.assertIn(problem, str(ctx.exception), text)
+
+    def test_message_limit(self) -> None:
+        """More messages than the limit is a BatchError naming MLLP_MAX_BATCH_MESSAGES."""
+        text = batch(*(message(f"C{n}") for n in range(4)))
+        self.assertEqual(parse_batch(text.encode(), 4).count, 4)
+        with self.assertRaises(BatchError) as ctx:
+            parse_batch(text.encode(), 3)
+        self.assertIn("MLLP_MAX_BATCH_MESSAGES", str(ctx.exception))
+
+    def test_detection(self) -> None:
+        """Batches are told from messages by their first segment; several MSH by a segment start."""
+        self.assertTrue(is_batch(codecs.BOM_UTF8 + b"\r\nBHS|^~\\&|"))
+        self.assertTrue(is_batch(b"FHS|^~\\&|"))
+        self.assertFalse(is_batch(message("C1").encode()))
+        self.assertTrue(has_several_messages((message("C1") + message("C2")).encode()))
+        self.assertFalse(has_several_messages(("\r\n" + message("C1")).encode()))
+        self.assertFalse(has_several_messages(b"MSH|^~\\&|A\rNTE|1||MSH appears in text\r"))
+
+
+class ReceiveTests(Harness):
+    """What a batch sender gets back, and what is stored."""
+
+    def test_batch_stored_in_order_with_one_ack_each(self) -> None:
+        """Every message is stored on its own, in order, with its batch id and position; one ACK each."""
+        sent = [message(f"C{n}") for n in range(5)]
+        reply = self.receive(batch(*sent))
+        assert reply.ack is not None
+        self.assertEqual([e.payload for e in self.outbox.stored], [m.encode() for m in sent])
+        self.assertEqual([(e.batch_control_id, e.batch_position) for e in self.outbox.stored],
+                         [("B1", n) for n in range(1, 6)])
+        self.assertEqual(msa(reply.ack), [("AA", f"C{n}") for n in range(5)])
+        names = [s[:3] for s in segments(reply.ack)]
+        self.assertEqual(names[:2], ["FHS", "BHS"])
+        self.assertEqual(names[-2:], ["BTS", "FTS"])
+        self.assertEqual(segments(reply.ack)[-2:], ["BTS|5", "FTS|1"])
+        self.assertEqual(segments(reply.ack)[1].split("|")[11], "B1")  # BHS-12
+        self.assertEqual(segments(reply.ack)[0].split("|")[11], "F1")  # FHS-12
+        self.assertEqual([p.code for p in reply.parts], ["AA"] * 5)
+
+    def test_each_message_decided_alone(self) -> None:
+        """A bad message in a batch gets its own AE; the others are stored and get AA."""
+        bad = "MSH|^~\\&|LAB|HOSP|EHR|HOSP|20260101||ADT^A01||P|2.5\r"
+        reply = self.receive(batch(message("C1"), bad, message("C3")))
+        assert reply.ack is not None
+        self.assertEqual(msa(reply.ack), [("AA", "C1"), ("AE", ""), ("AA", "C3")])
+        self.assertIn("ERR|", reply.ack.decode())
+        self.assertEqual([e.control_id for e in self.outbox.stored], ["C1", "C3"])
+        self.assertEqual([e.batch_position for e in self.outbox.stored], [1, 3])
+        self.assertEqual([(a.control_id, a.ack_code, a.batch_control_id) for a in self.outbox.audits],
+                         [("", "AE", "B1")])
+
+    def test_malformed_batch_one_reject_nothing_stored(self) -> None:
+        """A count that disagrees gets one batch-level AE whose ERR names it; nothing is stored."""
+        reply = self.receive(batch(message("C1"), message("C2"), count="3"))
+        assert reply.ack is not None
+        self.assertEqual(self.outbox.stored, [])
+        self.assertEqual(msa(reply.ack), [("AE", "B1")])
+        text = reply.ack.decode()
+        self.assertIn("BTS-1 says 3 messages, the frame has 2", text.split("ERR|", 1)[1])
+        self.assertEqual(segments(reply.ack)[-2:], ["BTS|1", "FTS|1"])
+        self.assertEqual([(a.control_id, a.ack_code, a.batch_control_id) for a in self.outbox.audits],
+                         [("B1", "AE", "B1")])
+
+    def test_store_failure_rejects_the_whole_batch(self) -> None:
+        """When the batch's commit fails every accepted message gets AR and none is stored."""
+        self.outbox.hold = True
+        d = self.receiver.receive(batch(message("C1"), message("C2")).encode(), "p")
+        self.assertEqual(len(self.outbox.waiting_batches), 1)
+        self.outbox.fail_batch()
+        reply = self.successResultOf(d)
+        assert reply.ack is not None
+        self.assertEqual(msa(reply.ack), [("AR", "C1"), ("AR", "C2")])
+        self.assertEqual(self.outbox.stored, [])
+
+    def test_duplicates_in_a_batch(self) -> None:
+        """A resent batch is acknowledged again but stored once."""
+        text = batch(message("C1"), message("C2"))
+        self.receive(text)
+        again = self.receive(text)
+        self.assertEqual([p.duplicate for p in again.parts], [True, True])
+        self.assertEqual(len(self.outbox.stored), 2)
+
+    def test_too_many_messages(self) -> None:
+        """A batch over MLLP_MAX_BATCH_MESSAGES gets one AE naming the setting; nothing is stored."""
+        receiver = Receiver(self.outbox, self.clock, max_batch_messages=2)
+        reply = self.receive(batch(*(message(f"C{n}") for n in range(3))), receiver)
+        assert reply.ack is not None
+        self.assertEqual(msa(reply.ack), [("AE", "B1")])
+        self.assertIn(b"MLLP_MAX_BATCH_MESSAGES", reply.ack)
+        self.assertEqual(self.outbox.stored, [])
+
+    def test_shutting_down_rejects_every_message(self) -> None:
+        """While shutting down every message of a batch gets AR, so the sender resends it whole."""
+        self.receiver.accepting = False
+        reply = self.receive(batch(message("C1"), message("C2")))
+        assert reply.ack is not None
+        self.assertEqual(msa(reply.ack), [("AR", "C1"), ("AR", "C2")])
+        self.assertEqual(self.outbox.stored, [])
+
+    def test_validator_runs_per_message(self) -> None:
+        """The structure validator sees each contained message; its AE is that message's alone."""
+        seen: list[str] = []
+
+        def validate(m: Message) -> Deferred[AckError | None]:
+            seen.append(m.header.control_id)
+            bad = m.header.control_id == "C2"
+            return succeed(AckError("100", "structure invalid") if bad else None)
+
+        receiver = Receiver(self.outbox, self.clock, validator=validate)
+        reply = self.receive(batch(message("C1"), message("C2"), message("C3")), receiver)
+        assert reply.ack is not None
+        self.assertEqual(seen, ["C1", "C2", "C3"])
+        self.assertEqual(msa(reply.ack), [("AA", "C1"), ("AE", "C2"), ("AA", "C3")])
+
+    def test_bom_batch(self) -> None:
+        """A batch after a UTF-8 BOM is read as UTF-8 when MSH-18 is empty."""
+        text = batch(message("C1").replace("PID|1|", "PID|1|Müller|"))
+        reply = self.receive(codecs.BOM_UTF8 + text.encode("utf-8"))
+        self.assertEqual(reply.parts[0].code, "AA")
+        self.assertEqual(self.outbox.stored[0].charset, "UNICODE UTF-8")
+        self.assertIn("Müller".encode(), self.outbox.stored[0].payload)
+
+
+class OneMessagePerFrameTests(Harness):
+    """Two messages glued in one frame are refused, not stored as one."""
+
+    def test_several_messages_get_ae(self) -> None:
+        """A frame with two MSH and no batch header gets AE saying what to send; nothing is stored."""
+        reply = self.receive(message("C1") + message("C2"))
+        self.assertEqual(reply.code, "AE")
+        assert reply.ack is not None and reply.error is not None
+        self.assertIn("one message per frame", reply.error.text)
+        self.assertIn(b"ERR|", reply.ack)
+        self.assertEqual(msa(reply.ack)[0], ("AE", "C1"))
+        self.assertEqual(self.outbox.stored, [])
+        self.assertEqual([a.ack_code for a in self.outbox.audits], ["AE"])
+
+    def test_bom_message_stored_exactly(self) -> None:
+        """A message after a UTF-8 BOM gets AA and is stored with the BOM, byte for byte."""
+        payload = codecs.BOM_UTF8 + message("C1").replace("PID|1|", "PID|1|Müller|").encode()
+        reply = self.receive(payload)
+        self.assertEqual(reply.code, "AA")
+        self.assertEqual(self.outbox.stored[0].payload, payload)
+        self.assertEqual(self.outbox.stored[0].charset, "UNICODE UTF-8")
+
+
+def _golden_batch(version: str, delims: str, enhanced: bool) -> str:
+    sent = [message(cid, version, delims, enhanced) for cid in ("G1", "BAD", "G2")]
+    return batch(*sent, delims=delims)
+
+
+def _refuse_bad(m: Message) -> Deferred[AckError | None]:
+    bad = m.header.control_id == "BAD"
+    return succeed(AckError("101", "PID-5 is required", "PID", 5) if bad else None)
+
+
+def _hl7apy_chars(delims: str) -> dict[str, str]:
+    return {"FIELD": delims[0], "COMPONENT": delims[1], "REPETITION": delims[2],
+            "ESCAPE": delims[3], "SUBCOMPONENT": delims[4], "GROUP": "\r", "SEGMENT": "\r"}
+
+
+class GoldenAckTests(Harness):
+    """Batch ACKs for 2.3 to 2.8, original and enhanced mode, standard and custom delimiters."""
+
+    def check(self, version: str, delims: str, enhanced: bool) -> None:
+        from hl7apy.consts import VALIDATION_LEVEL
+        from hl7apy.parser import parse_message, parse_segment
+
+        name = (f"{version}-{'enhanced' if enhanced else 'original'}-"
+                f"{'custom' if delims != STANDARD else 'standard'}.er7")
+        receiver = Receiver(self.outbox, self.clock, ack_id=self.next_id, validator=_refuse_bad)
+        reply = self.receive(_golden_batch(version, delims, enhanced), receiver)
+        assert reply.ack is not None
+        text = reply.ack.decode("ascii").replace("\r", "\n")
+        path = GOLDEN / name
+        if os.environ.get("MLLPD_UPDATE_GOLDEN"):
+            GOLDEN.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="ascii")
+        self.assertEqual(text, path.read_text(encoding="ascii"), name)
+
+        fs = delims[0]
+        chars = _hl7apy_chars(delims)
+        lines = [s for s in reply.ack.decode("ascii").split("\r") if s]
+        # hl7apy reads BHS like an ordinary segment: its bhs_N is BHS-(N+1).
+        bhs = parse_segment(lines[1], version=version, encoding_chars=chars)
+        self.assertEqual(bhs.bhs_11.value, "B1", name)  # BHS-12, the reference batch control id
+        fhs = parse_segment(lines[0], version=version, encoding_chars=chars)
+        self.assertEqual(fhs.fhs_11.value, "F1", name)
+        bts = parse_segment(lines[-2], version=version, encoding_chars=chars)
+        self.assertEqual(bts.bts_1.value, "3", name)
+        acks = re.split(f"(?=MSH{re.escape(fs)})", "\r".join(lines[2:-2]) + "\r")[1:]
+        codes = []
+        for ack_text in acks:
+            # 2.3 and 2.3.1 ACKs name no message structure (MSH-9.3), which
+            # hl7apy needs for strict validation.
+            level = VALIDATION_LEVEL.TOLERANT if version < "2.4" else VALIDATION_LEVEL.STRICT
+            parsed = parse_message(ack_text, validation_level=level, find_groups=False)
+            if level == VALIDATION_LEVEL.STRICT:
+                parsed.validate()
+            self.assertEqual(parsed.msh.msh_12.to_er7().split(delims[1])[0], version)
+            codes.append((parsed.msa.msa_1.value, parsed.msa.msa_2.value))
+        prefix = "C" if enhanced else "A"
+        self.assertEqual(codes, [(prefix + "A", "G1"), (prefix + "E", "BAD"), (prefix + "A", "G2")], name)
+
+    def test_golden_batch_rejects(self) -> None:
+        """Batch-level rejects match their golden files: AE naming the problem, MSA-2 the BHS-11, hl7apy reads them."""
+        from hl7apy.consts import VALIDATION_LEVEL
+        from hl7apy.parser import parse_message
+
+        cases = {
+            "reject-count-2.5-original-standard.er7": batch(message("R1"), count="2"),
+            "reject-count-2.8-enhanced-custom.er7": batch(
+                message("R1", "2.8", CUSTOM, enhanced=True), delims=CUSTOM, count="5"),
+            "reject-no-bhs-2.5-original-standard.er7":
+                "FHS|^~\\&|LAB|HOSP|EHR|HOSP|20260101120000||||F1\r" + message("R1") + "FTS|1\r",
+        }
+        for name, text in cases.items():
+            reply = self.receive(text)
+            assert reply.ack is not None
+            got = reply.ack.decode("ascii").replace("\r", "\n")
+            path = GOLDEN / name
+            if os.environ.get("MLLPD_UPDATE_GOLDEN"):
+                path.write_text(got, encoding="ascii")
+            self.assertEqual(got, path.read_text(encoding="ascii"), name)
+            fs = got.split("\n")[0][3]
+            lines = [s for s in reply.ack.decode("ascii").split("\r") if s]
+            ack_text = "\r".join(s for s in lines if s[:3] in ("MSH", "MSA", "ERR")) + "\r"
+            parsed = parse_message(ack_text, validation_level=VALIDATION_LEVEL.STRICT, find_groups=False)
+            parsed.validate()
+            self.assertIn(parsed.msa.msa_1.value, ("AE", "CE"), name)
+            self.assertEqual(lines[-2 if lines[-1].startswith("FTS") else -1], f"BTS{fs}1", name)
+        self.assertEqual(self.outbox.stored, [])
+
+    def test_golden(self) -> None:
+        """Each batch ACK matches its golden file and reads back in hl7apy: BHS-12, one MSA each, BTS count."""
+        for version in VERSIONS:
+            for delims in (STANDARD, CUSTOM):
+                for enhanced in (False, True):
+                    self.check(version, delims, enhanced)
+
+
+_ids = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789", min_size=1, max_size=20)
+
+
+# Field text without delimiters, segment ends or escape characters.
+_text = st.text(alphabet=st.characters(codec="utf-8", exclude_characters="|^~\\&#$*@!\r\n\x1c\x0b"),
+                max_size=30)
+_segment_ids = st.sampled_from(["PID", "PV1", "OBX", "NTE", "ZXY", "EVN", "AL1"])
+
+
+@st.composite
+def _messages(draw: st.DrawFn, delims: str) -> tuple[str, str]:
+    """(control id, message text): an MSH, then a few segments of arbitrary text."""
+    cid = draw(_ids)
+    enhanced = draw(st.booleans())
+    version = draw(st.sampled_from(VERSIONS))
+    head = msh(cid, version, delims, enhanced)
+    body = "".join(
+        delims[0].join([seg_id, *fields]) + "\r"
+        for seg_id, fields in draw(st.lists(st.tuples(_segment_ids, st.lists(_text, max_size=6)),
+                                            max_size=5))
+    )
+    return cid, head + body
+
+
+class RoundTripProperty(SynchronousTestCase):
+    """Any batch built from valid messages is split, stored and acknowledged one for one."""
+
+    @settings(max_examples=80, deadline=None)
+    @given(
+        data=st.data(),
+        delims=st.sampled_from([STANDARD, CUSTOM, "|^~\\&#"]),
+        crlf=st.booleans(),
+        with_file=st.booleans(),
+        bom=st.booleans(),
+    )
+    def test_round_trip(self, data: st.DataObject, delims: str, crlf: bool, with_file: bool,
+                        bom: bool) -> None:
+        """Stored payloads are the sent messages exactly and in order; one ACK answers each, in order."""
+        drawn = data.draw(st.lists(_messages(delims), max_size=25, unique_by=lambda m: m[0]))
+        ids = [cid for cid, _ in drawn]
+        sent = [text for _, text in drawn]
+        clock = Clock()
+        outbox = MemoryOutbox()
+        receiver = Receiver(outbox, clock)
+        text = batch(*sent, delims=delims, file_id="F" if with_file else None)
+        if crlf:
+            text = text.replace("\r", "\r\n")
+            sent = [m.replace("\r", "\r\n") for m in sent]
+        payload = (codecs.BOM_UTF8 if bom else b"") + text.encode("utf-8")
+        reply = self.successResultOf(receiver.receive(payload, "p"))
+        assert reply.ack is not None
+        self.assertEqual([e.payload for e in outbox.stored], [m.encode("utf-8") for m in sent])
+        self.assertEqual([e.batch_position for e in outbox.stored], list(range(1, len(ids) + 1)))
+        acked = msa(reply.ack, delims[0])
+        self.assertEqual([cid for _, cid in acked], ids)
+        self.assertEqual({code for code, _ in acked} - {"AA", "CA"}, set())
+        self.assertIn(f"BTS{delims[0]}{len(ids)}\r".encode(), reply.ack)
+
+
+class SQLiteBatchTests(TestCase):
+    """store_batch on a real SQLite file: one transaction for the whole batch."""
+
+    def open(self, path: str) -> SQLiteOutbox:
+        outbox = SQLiteOutbox(path, reactor)
+        outbox.start()
+        self.addCleanup(outbox.close)
+        return outbox
+
+    async def test_batch_stored_with_its_place(self) -> None:
+        """A stored batch keeps its order, batch control id and positions, also in the audit trail."""
+        path = temp_db(self)
+        outbox = self.open(path)
+        sent = [envelope(f"P{n}")._replace(batch_control_id="B7", batch_position=n)
+                for n in range(1, 4)]
+        results = await outbox.store_batch(sent)
+        self.assertEqual([r.message_id for r in results], [e.message_id for e in sent])
+        conn = sqlite3.connect(path)
+        self.addCleanup(conn.close)
+        self.assertEqual(
+            conn.execute("SELECT control_id, batch_control_id, batch_position FROM messages"
+                         " ORDER BY id").fetchall(),
+            [("P1", "B7", 1), ("P2", "B7", 2), ("P3", "B7", 3)],
+        )
+        self.assertEqual(
+            conn.execute("SELECT DISTINCT batch_control_id FROM audit").fetchall(), [("B7",)]
+        )
+
+    async def test_batch_all_or_nothing(self) -> None:
+        """When one message of a batch cannot be written, none of the batch is stored."""
+        path = temp_db(self)
+        outbox = self.open(path)
+        await outbox.store(envelope("F0"))
+        conn = sqlite3.connect(path)
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.close()
+        # SQLite's own limit makes it answer SQLITE_FULL exactly as on a full disk.
+        outbox._conn.execute(f"PRAGMA max_page_count = {pages + 2}")
+        big = b"MSH|^~\\&|A|B|C|D|||ADT^A01|F3|P|2.5\r" + b"x" * 200_000
+        batch_ = [envelope("F1"), envelope("F2"), envelope("F3", big)]
+        with self.assertRaises(OutboxError):
+            await outbox.store_batch(batch_)
+        self.assertEqual([r[0] for r in rows(path)], ["F0"])
+
+    async def test_batch_during_a_commit_is_not_split(self) -> None:
+        """A batch queued while another commit runs goes whole into one later commit."""
+        outbox = self.open(temp_db(self))
+        seen: list[int] = []
+        outbox.commit_observer = lambda n, _: seen.append(n)
+        first = outbox.store(envelope("S0"))
+        await deferLater(reactor, 0, lambda: None)  # S0's commit is now running
+        results = await outbox.store_batch([envelope(f"S{n}") for n in range(1, 301)])
+        await first
+        self.assertEqual(len(results), 300)
+        self.assertEqual(seen, [1, 300])
+
+
+class ProtocolTests(SynchronousTestCase):
+    """A batch frame on a connection: one reply frame, counters per message."""
+
+    def test_batch_frame_gets_one_reply_frame_in_order(self) -> None:
+        """A batch between two single messages gets one batch ACK frame, in arrival order; counters count its messages."""
+        from tests.test_protocol import Harness as ProtocolHarness
+        from tests.test_protocol import acks
+
+        h = ProtocolHarness(hold=True)
+        proto, transport = h.connect()
+        bad = "MSH|^~\\&|LAB|HOSP|EHR|HOSP|20260101||ADT^A01||P|2.5\r"
+        proto.dataReceived(
+            frame(message("S1").encode())
+            + frame(batch(message("C1"), bad, message("C2")).encode())
+            + frame(message("S2").encode())
+        )
+        h.outbox.commit_batch()
+        self.assertEqual(acks(transport), [])  # S1 still waits for its commit
+        h.outbox.commit()
+        h.outbox.commit()
+        replies = acks(transport)
+        self.assertEqual(len(replies), 3)
+        self.assertEqual(msa(replies[0].encode()), [("AA", "S1")])
+        self.assertTrue(replies[1].startswith("FHS|"))
+        self.assertEqual(msa(replies[1].encode()), [("AA", "C1"), ("AE", ""), ("AA", "C2")])
+        self.assertEqual(msa(replies[2].encode()), [("AA", "S2")])
+        self.assertEqual(h.factory.acks[("ADT", "AA")], 4)
+        self.assertEqual(h.factory.acks[("ADT", "AE")], 1)
+
+
+class CLITests(SynchronousTestCase):
+    """mllp-cli and the TUI show which batch a message came in."""
+
+    def setUp(self) -> None:
+        import time
+
+        from tests.outboxrows import add_message, connect, new_outbox
+
+        self.path = new_outbox(self)
+        conn = connect(self.path)
+        self.addCleanup(conn.close)
+        now = time.time()
+        self.single = add_message(conn, "ALONE", received_at=now - 5)
+        # A stored message's row is also its audit record.
+        self.member = add_message(conn, "IN-BATCH", received_at=now - 4,
+                                  batch_control_id="B42", batch_position=7)
+
+    def test_show_names_the_batch(self) -> None:
+        """``show`` (and the TUI's message screen, which renders the same lines) gives batch control id and position."""
+        from tests.test_cli_commands import mllp_cli
+
+        shown = mllp_cli(["--db", self.path, "show", self.member])
+        self.assertEqual(shown.returncode, 0, shown.stderr)
+        self.assertIn("batch       control id B42   position 7", shown.stdout.splitlines())
+        alone = mllp_cli(["--db", self.path, "show", self.single])
+        self.assertNotIn("batch ", alone.stdout)
+
+    def test_tui_message_screen_names_the_batch(self) -> None:
+        """In the TUI, viewing a message that came in a batch shows its batch control id and position."""
+        from mllpd.cli.app import MessageScreen, OutboxApp
+        from mllpd.cli.store import Store
+        from tests.outboxrows import add_delivery, connect
+        from tests.test_cli_app import run_scenario, settle
+
+        conn = connect(self.path)
+        self.addCleanup(conn.close)
+        add_delivery(conn, self.member, "ehr", "dead", updated_at=1000.0)
+
+        async def scenario() -> None:
+            store = Store(self.path)
+            app = OutboxApp(store, interval=0, clock=lambda: 2000.0)
+            try:
+                async with app.run_test(size=(200, 50)) as pilot:
+                    await settle(app, pilot)
+                    await pilot.press("v")
+                    await settle(app, pilot)
+                    screen = app.screen
+                    assert isinstance(screen, MessageScreen)
+                    self.assertIn("batch       control id B42   position 7", screen.lines)
+            finally:
+                store.close()
+
+        run_scenario(scenario)
+
+    def test_audit_names_the_batch(self) -> None:
+        """``audit`` lists the batch control id of records that came in a batch."""
+        import json
+
+        from tests.test_cli_commands import mllp_cli
+
+        result = mllp_cli(["--db", self.path, "audit", "--json"])
+        self.assertEqual(result.returncode, 0, result.stderr)
+        # Newest first: the batch member, then the message sent alone.
+        self.assertEqual([r["batch_control_id"] for r in json.loads(result.stdout)], ["B42", None])
+        table = mllp_cli(["--db", self.path, "audit"]).stdout.splitlines()
+        self.assertEqual(table[0].split()[-1], "batch")
+        self.assertEqual(table[1].split()[-1], "B42")
+
+
+class ForwardingRelayTests(TestCase):
+    """The relay hands a forwarding connector a batch's queued messages together."""
+
+    timeout = 15
+
+    def setUp(self) -> None:
+        self.path = temp_db(self)
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        self.outbox = SQLiteOutbox(self.path, reactor, wall_clock=self.clock.seconds)
+        self.outbox.start()
+        self.addCleanup(self.outbox.close)
+
+    def start(self, connector: Any) -> None:
+        from mllpd.relay import Relay, Worker
+        from tests.test_relay import Policy
+
+        worker = Worker(connector, self.outbox, Policy(), self.clock, rand=lambda: 0.5)
+        self.outbox.add_listener(Relay([worker]).notify)
+        worker.start()
+        self.addCleanup(worker.stop)
+
+    async def store_batch(self, batch_id: str, *control_ids: str) -> None:
+        await self.outbox.store_batch([
+            envelope(cid, received_at=self.clock.seconds())._replace(
+                routes=("up",), batch_control_id=batch_id, batch_position=n)
+            for n, cid in enumerate(control_ids, 1)
+        ])
+
+    async def test_batches_go_together_and_retry_keeps_order(self) -> None:
+        """Each batch goes as one call; an AR'd message and those after it are retried together after the backoff."""
+        from tests.test_relay import queue_rows
+
+        up = BatchConnector([[Delivered(), Retry("upstream AR"), Delivered()]])
+        self.start(up)
+        await self.store_batch("B1", "A", "B", "C")
+        await self.outbox.store(envelope("ALONE", received_at=self.clock.seconds())._replace(routes=("up",)))
+        await up.wait_for(1)
+        await self.outbox.mark_in_flight(-1, 0)  # every state change so far is committed
+        self.assertEqual(
+            [(c, s, n) for c, s, n, _ in queue_rows(self.path, "up")],
+            [("A", "delivered", 1), ("B", "pending", 1), ("C", "pending", 1), ("ALONE", "pending", 0)],
+        )
+        self.clock.advance(10.1)
+        await up.wait_for(3)
+        self.assertEqual(up.calls, [["A", "B", "C"], ["B", "C"], ["ALONE"]])
+        self.assertEqual([d.attempt for d in up.seen[1]], [2, 2])
+
+
+@implementer(IBatchConnector)
+class BatchConnector:
+    """Records each call (a batch or a single message) and answers a batch
+    with the next scripted outcomes (all Delivered when none are left)."""
+
+    forward_batches = True
+
+    def __init__(self, script: list[list[Outcome]]) -> None:
+        self.name = "up"
+        self.script = script
+        self.seen: list[list[Delivery]] = []
+        self.waiters: list[tuple[int, Deferred[None]]] = []
+
+    @property
+    def calls(self) -> list[list[str]]:
+        return [[d.control_id for d in call] for call in self.seen]
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> Deferred[None]:
+        return succeed(None)
+
+    def _called(self, deliveries: list[Delivery]) -> None:
+        self.seen.append(deliveries)
+        for n, d in list(self.waiters):
+            if len(self.seen) >= n:
+                self.waiters.remove((n, d))
+                reactor.callLater(0, d.callback, None)
+
+    def deliver(self, delivery: Delivery) -> Deferred[Outcome]:
+        self._called([delivery])
+        return succeed(Delivered())
+
+    def deliver_batch(self, deliveries: list[Delivery], batch_control_id: str) -> Deferred[list[Outcome]]:
+        self._called(list(deliveries))
+        outcomes = self.script.pop(0) if self.script else [Delivered()] * len(deliveries)
+        return succeed(outcomes)
+
+    def wait_for(self, n: int) -> Deferred[None]:
+        if len(self.seen) >= n:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self.waiters.append((n, d))
+        return d
+
+
+class ForwardOptionTests(SynchronousTestCase):
+    """The mllp connector's ``batch`` option."""
+
+    def test_batch_option(self) -> None:
+        """``batch`` is per-message by default or forward; anything else fails naming the option."""
+        from twisted.internet.task import Clock as FakeReactor
+
+        from mllpd.config import ConfigError
+        from mllpd.connectors import ConnectorSpec
+        from mllpd.connectors.mllp import build
+
+        def make(**options: str) -> Any:
+            spec = ConnectorSpec("ehr", "mllp", None, {"address": "tcp:127.0.0.1:1", **options})
+            return build(spec, FakeReactor(), {})
+
+        self.assertFalse(make().forward_batches)
+        self.assertTrue(make(batch="forward").forward_batches)
+        with self.assertRaises(ConfigError) as ctx:
+            make(batch="whole")
+        self.assertIn("connectors.ehr.batch: 'whole'; expected per-message or forward", str(ctx.exception))
+
+
+class OversizedBatchTests(SynchronousTestCase):
+    """A batch counts against MLLP_MAX_FRAME_SIZE as one frame."""
+
+    def test_oversized_batch_gets_batch_level_ar(self) -> None:
+        """A batch frame over MLLP_MAX_FRAME_SIZE gets one batch-level AR naming its BHS-11, then the connection closes; nothing is stored."""
+        from tests.test_protocol import Harness as ProtocolHarness
+        from tests.test_protocol import acks
+
+        h = ProtocolHarness(max_frame_size=2000)
+        proto, transport = h.connect()
+        text = batch(*(message(f"C{n}") for n in range(40)))
+        proto.dataReceived(b"\x0b" + text.encode())
+        [reply] = acks(transport)
+        self.assertEqual(msa(reply.encode()), [("AR", "B1")])
+        self.assertIn("BHS|^~\\&|EHR|HOSP|LAB|HOSP|", reply)
+        self.assertIn("frame larger than 2000 bytes", reply)
+        self.assertEqual(segments(reply.encode())[-2:], ["BTS|1", "FTS|1"])
+        self.assertTrue(transport.write_closed)
+        self.assertEqual(h.outbox.stored, [])
+
+    def test_small_batch_fits(self) -> None:
+        """The same limit takes a batch that fits: the frame's size is what counts."""
+        from tests.test_protocol import Harness as ProtocolHarness
+        from tests.test_protocol import acks
+
+        h = ProtocolHarness(max_frame_size=2000)
+        proto, transport = h.connect()
+        proto.dataReceived(frame(batch(*(message(f"C{n}") for n in range(5))).encode()))
+        [reply] = acks(transport)
+        self.assertEqual([code for code, _ in msa(reply.encode())], ["AA"] * 5)

@@ -1,0 +1,207 @@
+"""A cluster: real ``twistd mllp`` replicas sharing one PostgreSQL outbox,
+several MLLP senders, one MLLP upstream. Replicas die (kill -9) and the
+database restarts under load; nothing acknowledged is lost, each sender's
+messages arrive in the order it sent them, and delivery resumes within 15 s.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from tests.pgdb import fresh_database, private_cluster
+from tests.serverproc import REPO, ConnectionClosed, MLLPClient, ServerProcess, hl7_message
+from tests.test_delivery import (
+    FAST_RETRY,
+    MLLPUpstream,
+    control_id,
+    mllp_connector,
+    run_server,
+)
+from tests.test_outbox_postgres import _Proxy
+from tests.upstreams import until
+
+# Messages per sender, and the pause between one's ACK and the next
+# message: enough load to be in the middle of it when something breaks.
+PER_SENDER = 120
+SPACING = 0.02
+# How long a sender keeps resending a message answered AR.
+RESEND_FOR = 30.0
+
+
+class Sender:
+    """One MLLP connection sending its numbered messages one at a time,
+    resending on AR as a real sender does; stops when its replica dies."""
+
+    def __init__(self, port: int, name: str) -> None:
+        self.port = port
+        self.name = name
+        self.acked: list[str] = []
+        self.refused = 0
+        self.stop = threading.Event()
+
+    def run(self) -> list[str]:
+        try:
+            with MLLPClient(self.port, timeout=15.0) as client:
+                for n in range(PER_SENDER):
+                    if self.stop.is_set():
+                        break
+                    cid = f"{self.name}-{n:04d}"
+                    payload = hl7_message(cid, sending_app=self.name)
+                    deadline = time.monotonic() + RESEND_FOR
+                    for _ in range(10_000):
+                        ack = client.request(payload, timeout=15.0)
+                        if ack.code == "AA":
+                            self.acked.append(cid)
+                            break
+                        self.refused += 1
+                        if time.monotonic() > deadline:
+                            raise AssertionError(f"{cid} refused for {RESEND_FOR}s: {ack.code}")
+                        time.sleep(0.1)
+                    time.sleep(SPACING)
+        except (ConnectionClosed, OSError):
+            pass  # its replica was killed: what it acknowledged must arrive
+        return self.acked
+
+
+def lease_holders(servers: list[ServerProcess]) -> list[ServerProcess]:
+    """Replicas whose last lease event says they deliver for ehr."""
+    holders = []
+    for server in servers:
+        events = [
+            e["event"] for e in server.events()
+            if e.get("event") in ("lease_acquired", "lease_lost") and e.get("connector") == "ehr"
+        ]
+        if events and events[-1] == "lease_acquired" and server.alive():
+            holders.append(server)
+    return holders
+
+
+def first_arrivals(received: list[bytes]) -> list[str]:
+    """Control ids in the order they first reached the upstream."""
+    seen: dict[str, None] = {}
+    for payload in received:
+        seen.setdefault(control_id(payload), None)
+    return list(seen)
+
+
+class ClusterTests(TestCase):
+    timeout = 120
+
+    async def cluster(
+        self, replicas: int, proxy: _Proxy | None = None, database: str | None = None,
+    ) -> tuple[str, MLLPUpstream, list[ServerProcess]]:
+        """Replicas started one by one (the first takes the lease) on
+        ``database`` or a fresh one; the first reaches it through ``proxy``
+        when one is given."""
+        url = proxy.target_url if proxy is not None else database or fresh_database(self)
+        upstream = MLLPUpstream(self)
+        upstream.listen()
+        config = "connectors:\n" + mllp_connector("ehr", upstream.port) + FAST_RETRY + "\n"
+        servers = []
+        for i in range(replicas):
+            # One at a time: the first to start takes the lease.
+            servers.append(await run_server(
+                self, config,
+                env={"MLLP_DB_URL": proxy.url if proxy is not None and i == 0 else url,
+                     "POD_NAME": f"mllpd-{i}"},
+            ))
+        await until(lambda: len(lease_holders(servers)) == 1, timeout=15, what=lambda: "one replica holds the lease")
+        for server in servers:
+            # MLLP_DB_PATH (set for every test server) is ignored, once said.
+            said = [e for e in server.events() if e.get("event") == "outbox_postgres"]
+            self.assertEqual(len(said), 1, server.output())
+        return url, upstream, servers
+
+    def check_delivered(self, upstream: MLLPUpstream, senders: list[Sender]) -> None:
+        arrived = first_arrivals(upstream.received)
+        position = {cid: i for i, cid in enumerate(arrived)}
+        for sender in senders:
+            self.assertTrue(sender.acked, sender.name)
+            missing = [c for c in sender.acked if c not in position]
+            self.assertEqual(missing, [], f"{sender.name}: AA'd but never delivered")
+            order = [position[c] for c in sender.acked]
+            self.assertEqual(order, sorted(order), f"{sender.name}: out of order")
+
+    async def test_kill_lease_holder_mid_load(self) -> None:
+        """Kill -9 of the replica delivering mid-load: another delivers within 15 s; every AA'd message arrives, in each sender's order; only in-flight ones twice."""
+        url, upstream, servers = await self.cluster(3)
+        senders = [Sender(s.port or 0, f"S{i}") for i, s in enumerate(servers)]
+        running = [deferToThread(s.run) for s in senders]
+        await until(lambda: len(upstream.received) >= 40, timeout=30, what=lambda: f"{len(upstream.received)} delivered")
+        holder = lease_holders(servers)[0]
+        holder.kill()  # SIGKILL
+        killed_at = time.monotonic()
+        at_kill = len(upstream.received)
+        others = [s for s in servers if s is not holder]
+        await until(lambda: lease_holders(others), timeout=15, what=lambda: "a new lease holder")
+        await until(lambda: len(upstream.received) > at_kill, timeout=15 - (time.monotonic() - killed_at), what=lambda: "a delivery after the kill")
+        await defer.gatherResults(running)
+        acked = sum(len(s.acked) for s in senders)
+        await until(lambda: len(set(first_arrivals(upstream.received))) >= acked, timeout=30, what=lambda: f"{len(set(first_arrivals(upstream.received)))} of {acked} delivered")
+        self.check_delivered(upstream, senders)
+        ids = [control_id(p) for p in upstream.received]
+        twice = {c for c in ids if ids.count(c) > 1}
+        # Redelivered: only what the dead replica had sent without its
+        # delivered mark committed, i.e. the last rows before the kill.
+        self.assertLessEqual(len(twice), 32, sorted(twice))
+        before = set(ids[:at_kill])
+        self.assertTrue(twice <= before, sorted(twice - before))
+
+    async def test_database_restart_under_load(self) -> None:
+        """PostgreSQL restarting under load: AR (never AA) while it is away, service resumes by itself, nothing AA'd lost, one log line each way."""
+        # A cluster of its own: tests running beside this one use the shared one.
+        url, folder = private_cluster(self)
+        url, upstream, servers = await self.cluster(2, database=url)
+        senders = [Sender(s.port or 0, f"R{i}") for i, s in enumerate(servers)]
+        running = [deferToThread(s.run) for s in senders]
+        await until(lambda: len(upstream.received) >= 30, timeout=30, what=lambda: f"{len(upstream.received)} delivered")
+        restarted = await deferToThread(
+            subprocess.run, [str(REPO / ".ci" / "postgres.sh"), "restart", folder],
+            capture_output=True, timeout=60,
+        )
+        self.assertEqual(restarted.returncode, 0, restarted.stderr)
+        await defer.gatherResults(running)
+        self.assertEqual([len(s.acked) for s in senders], [PER_SENDER] * len(senders))
+        await until(lambda: len(set(first_arrivals(upstream.received))) >= PER_SENDER * len(senders), timeout=30, what=lambda: f"{len(set(first_arrivals(upstream.received)))} delivered")
+        self.check_delivered(upstream, senders)
+        for server in servers:
+            self.assertTrue(server.alive())
+            events = [e.get("event") for e in server.events()]
+            downs, ups = events.count("outbox_db_down"), events.count("outbox_db_up")
+            self.assertLessEqual(downs, 1, server.output())
+            self.assertEqual(downs, ups)
+
+    async def test_hung_database_session_moves_the_lease_within_15s(self) -> None:
+        """The lease holder's database connections hang (a proxy stops forwarding): it answers AR, never AA, and another replica delivers within 15 s."""
+        proxy = _Proxy(self, fresh_database(self))
+        url, upstream, servers = await self.cluster(2, proxy)
+        holder, other = servers
+        self.assertEqual(lease_holders(servers), [holder])
+        assert holder.port is not None and other.port is not None
+        proxy.forwarding.clear()  # the holder's packets go nowhere from now on
+        hung = time.monotonic()
+        # The hung replica refuses rather than acknowledges (once its
+        # commit counts as hung).
+        refused = deferToThread(_send_each, holder.port, [hl7_message("H-LOST")], 30.0)
+        sent = [hl7_message(f"H-{n}") for n in range(3)]
+        acks = await deferToThread(_send_each, other.port, sent)
+        self.assertEqual([a.code for a in acks], ["AA"] * 3)
+        await until(lambda: {"H-0", "H-1", "H-2"} <= set(first_arrivals(upstream.received)), timeout=15 - (time.monotonic() - hung), what=lambda: str(upstream.control_ids()))
+        self.assertEqual(lease_holders(servers), [other])
+        lost = [e for e in holder.events() if e.get("event") == "lease_lost"]
+        self.assertEqual(len(lost), 1, holder.output())
+        ack = await refused
+        self.assertEqual(ack[0].code, "AR")
+        self.assertNotIn("H-LOST", first_arrivals(upstream.received))
+
+
+def _send_each(port: int, payloads: list[bytes], timeout: float = 15.0) -> list[Any]:
+    with MLLPClient(port, timeout=timeout) as client:
+        return [client.request(p, timeout=timeout) for p in payloads]

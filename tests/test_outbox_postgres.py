@@ -1,0 +1,413 @@
+"""The PostgreSQL outbox on a real server: storage, cross-replica duplicates,
+commit-order reads, cluster-wide duties, delivery leases and outages.
+
+Two outbox (or lease) objects on one database stand for two replicas.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+import psycopg
+from twisted.internet import defer
+from twisted.internet import reactor as _reactor
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import TestCase
+
+from mllpd.connectors import Delivered, Delivery
+from mllpd.outbox import AuditRecord, Envelope, OutboxError
+from mllpd.outbox.common import schema_files
+from mllpd.outbox.leases import LEASE_INTERVAL, Leases
+from mllpd.outbox.postgres import PostgresOutbox, migrate
+from mllpd.relay import Worker
+from tests.pgdb import fresh_database
+from tests.upstreams import until
+
+reactor: Any = _reactor
+
+
+def envelope(
+    control_id: str, routes: tuple[str, ...] = ("ehr",), received_at: float = 1000.0,
+    payload: bytes | None = None,
+) -> Envelope:
+    body = payload if payload is not None else (
+        f"MSH|^~\\&|A|B|C|D|||ADT^A01|{control_id}|P|2.5\r".encode()
+    )
+    return Envelope(
+        message_id=uuid.uuid4().hex, received_at=received_at, peer="127.0.0.1:5000",
+        control_id=control_id, msg_type="ADT^A01", sending_app="A", sending_fac="B",
+        version="2.5", charset=None, sha256=hashlib.sha256(body).hexdigest(),
+        ack_code="AA", payload=body, routes=routes,
+    )
+
+
+def select(url: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
+
+
+class _PG(TestCase):
+    def setUp(self) -> None:
+        self.url = fresh_database(self)
+
+    def open(self, url: str | None = None, **kw: Any) -> PostgresOutbox:
+        kw.setdefault("wall_clock", lambda: 1000.0)
+        outbox = PostgresOutbox(url or self.url, reactor, **kw)
+        outbox.start()
+        self.addCleanup(outbox.close)
+        return outbox
+
+
+class StoreTests(_PG):
+    async def test_stored_message_is_one_row_with_its_audit_record(self) -> None:
+        """A stored message is one messages row holding its exact bytes, pod and routes, plus one queue row per route; no audit row."""
+        outbox = self.open(pod="mllpd-0")
+        payload = b"MSH|^~\\&|A|B|C|D|||ADT^A01|X1|P|2.5\rPID|1||\xe9\x00\xff\r"
+        result = await outbox.store(envelope("X1", ("ehr", "lake"), payload=payload))
+        self.assertFalse(result.duplicate)
+        self.assertEqual(
+            select(self.url, "SELECT payload, pod, connectors FROM messages"),
+            [(payload, "mllpd-0", "ehr,lake")],
+        )
+        self.assertEqual(
+            select(self.url, "SELECT connector, state FROM deliveries ORDER BY connector"),
+            [("ehr", "pending"), ("lake", "pending")],
+        )
+        self.assertEqual(select(self.url, "SELECT count(*) FROM audit_log"), [(0,)])
+
+    async def test_group_commit(self) -> None:
+        """Messages arriving during a commit share the next one: 200 stores, far fewer commits."""
+        outbox = self.open()
+        await defer.gatherResults([outbox.store(envelope(f"G{i}")) for i in range(200)])
+        self.assertEqual(select(self.url, "SELECT count(*) FROM messages"), [(200,)])
+        self.assertLess(outbox.commits, 20)
+
+    async def test_sessions_commit_synchronously(self) -> None:
+        """The outbox's sessions run with synchronous_commit on even where the server default is off."""
+        outbox = self.open()
+        with outbox._writer.use() as conn:
+            setting = conn.execute("SHOW synchronous_commit").fetchone()
+        self.assertEqual(setting, ("on",))
+
+    async def test_refused_and_duplicate_messages_audited(self) -> None:
+        """Refused messages and duplicates get an audit row with the pod; a duplicate names the stored original."""
+        outbox = self.open(pod="mllpd-1")
+        first = await outbox.store(envelope("D1"))
+        outbox.audit(AuditRecord(1000.0, "peer", None, "R1", "ADT^A01", 10, "ab", "AE", "rule-x"))
+        again = await outbox.store(envelope("D1"))
+        self.assertTrue(again.duplicate)
+        self.assertEqual(again.message_id, first.message_id)
+        self.assertEqual(
+            sorted(select(self.url, "SELECT control_id, ack_code, rule, message_id, pod FROM audit_log")),
+            [("D1", "AA", None, first.message_id, "mllpd-1"), ("R1", "AE", "rule-x", None, "mllpd-1")],
+        )
+
+    async def test_batch_stored_whole_or_not_at_all(self) -> None:
+        """An HL7 batch is one transaction: every message stored, in order, or none."""
+        outbox = self.open()
+        batch = [envelope(f"B{i}")._replace(batch_control_id="BATCH-1", batch_position=i + 1)
+                 for i in range(3)]
+        results = await outbox.store_batch(batch)
+        self.assertEqual([r.message_id for r in results], [e.message_id for e in batch])
+        self.assertEqual(
+            select(self.url, "SELECT control_id, batch_control_id, batch_position FROM messages"
+                             " ORDER BY batch_position"),
+            [("B0", "BATCH-1", 1), ("B1", "BATCH-1", 2), ("B2", "BATCH-1", 3)],
+        )
+        broken = [envelope("X0"), envelope("X1")]
+        broken[1] = broken[1]._replace(message_id=broken[0].message_id)  # cannot be stored
+        with self.assertRaises(OutboxError):
+            await outbox.store_batch(broken)
+        self.assertEqual(select(self.url, "SELECT count(*) FROM messages WHERE control_id LIKE 'X%%'"), [(0,)])
+
+    async def test_same_message_on_two_replicas_at_once_stored_once(self) -> None:
+        """Two replicas storing the same message in the same moment store it once and both confirm it."""
+        a, b = self.open(), self.open()
+        for round_ in range(5):
+            results = await defer.gatherResults([
+                a.store(envelope(f"S{round_}")), b.store(envelope(f"S{round_}")),
+            ])
+            self.assertEqual(len({r.message_id for r in results}), 1, results)
+            self.assertEqual(sorted(r.duplicate for r in results), [False, True])
+        self.assertEqual(select(self.url, "SELECT count(*) FROM messages"), [(5,)])
+        self.assertEqual(select(self.url, "SELECT count(*) FROM deliveries"), [(5,)])
+
+    async def test_resend_after_window_is_stored_again(self) -> None:
+        """A resend past MLLP_DEDUP_WINDOW is a new message; the old row gives up its key."""
+        now = [1000.0]
+        outbox = self.open(wall_clock=lambda: now[0], dedup_window=60.0)
+        first = await outbox.store(envelope("W1", received_at=1000.0))
+        now[0] = 1100.0
+        second = await outbox.store(envelope("W1", received_at=1100.0))
+        self.assertFalse(second.duplicate)
+        self.assertNotEqual(first.message_id, second.message_id)
+        self.assertEqual(select(self.url, "SELECT count(*) FROM messages"), [(2,)])
+
+    async def test_migrates_once(self) -> None:
+        """Replicas opening one database together apply each schema script once."""
+        opened = await defer.gatherResults([
+            defer.Deferred.fromCoroutine(self._open_on_thread()) for _ in range(3)
+        ])
+        self.assertEqual(len(opened), 3)
+        versions = [v for (v,) in select(self.url, "SELECT version FROM schema_version")]
+        self.assertEqual(versions, [v for v, _ in schema_files("postgres")])
+
+    async def _open_on_thread(self) -> int:
+        from twisted.internet.threads import deferToThread
+
+        def run() -> int:
+            with psycopg.connect(self.url, autocommit=True) as conn:
+                return migrate(conn)
+
+        result: int = await deferToThread(run)
+        return result
+
+
+class QueueTests(_PG):
+    async def test_worker_delivers_a_row_that_commits_after_a_later_one(self) -> None:
+        """A queue row whose transaction commits after a higher-numbered row was delivered is delivered too, not skipped."""
+        outbox = self.open()
+        delivered: list[str] = []
+
+        class Recorder:
+            name = "ehr"
+
+            def start(self) -> None:
+                pass
+
+            def stop(self) -> None:
+                pass
+
+            def deliver(self, d: Delivery) -> Delivered:
+                delivered.append(d.control_id)
+                return Delivered()
+
+        early = envelope("EARLY")
+        # Another replica's transaction takes a seq and stays open...
+        slow = psycopg.connect(self.url)
+        self.addCleanup(slow.close)
+        cols = (
+            "message_id, received_at, peer, control_id, msg_type, sending_app, sending_fac,"
+            " version, size, sha256, ack_code, connectors, payload"
+        )
+        slow.execute(
+            f"INSERT INTO messages ({cols}) VALUES (%s, 1000, 'p', %s, 'ADT^A01', 'A', 'B',"
+            " '2.5', %s, %s, 'AA', 'ehr', %s)",
+            (early.message_id, early.control_id, early.size, early.sha256, early.payload),
+        )
+        slow.execute(
+            "INSERT INTO deliveries (message_id, connector, updated_at) VALUES (%s, 'ehr', 1000)",
+            (early.message_id,),
+        )
+        # ... while a later one (a higher seq) commits and is delivered.
+        await outbox.store(envelope("LATE"))
+        worker = Worker(Recorder(), outbox, _NoRetry(), reactor)  # type: ignore[arg-type]
+        outbox.add_listener(lambda names: worker.notify())
+        worker.start()
+        self.addCleanup(worker.stop)
+        await until(lambda: delivered == ["LATE"], timeout=10, what=lambda: str(delivered))
+        slow.commit()
+        worker.notify()
+        await until(lambda: delivered == ["LATE", "EARLY"], timeout=10, what=lambda: str(delivered))
+        await until(lambda: select(self.url, "SELECT count(*) FROM deliveries WHERE state = 'delivered'")
+            == [(2,)], timeout=10, what=lambda: "marks")
+
+    async def test_other_replicas_hear_of_queued_messages(self) -> None:
+        """A commit on one replica wakes the others' workers for the connectors it queued for, without waiting for their poll."""
+        a, b = self.open(), self.open()
+        heard: list[set[str]] = []
+        b.add_listener(heard.append)
+        await until(lambda: b._notices._session.conn is not None, timeout=10, what=lambda: "listening")
+        await a.store(envelope("N1", ("ehr", "lab")))
+        await until(lambda: {"ehr", "lab"} in heard, timeout=10, what=lambda: str(heard))
+
+    async def test_backlog_counted_once_for_the_cluster(self) -> None:
+        """One replica counts the backlog per interval; the other reads its count."""
+        now = [1000.0]
+        a = self.open(wall_clock=lambda: now[0])
+        b = self.open(wall_clock=lambda: now[0])
+        await defer.gatherResults([a.store(envelope(f"B{i}")) for i in range(3)])
+        now[0] = 2000.0  # a count is due; the replicas recount every second
+        # (A recount that overlapped the commits may count them twice, erring
+        # towards AR, until the next one.)
+        await until(lambda: b.depths.get("ehr") is not None and b.depths["ehr"].pending == 3
+            and a.depths.get("ehr") is not None and a.depths["ehr"].pending == 3
+            and (a.backlog().messages, b.backlog().messages) == (3, 3), timeout=10, what=lambda: f"{a.depths} {b.depths} {a.backlog()} {b.backlog()}")
+        # Counted once at 2000 by one of them; the other read that count.
+        self.assertEqual(select(self.url, "SELECT counted_at FROM cluster_state"), [(2000.0,)])
+
+    async def test_retention_sweep_runs_once_per_interval(self) -> None:
+        """Delivered messages past the retention go, swept by one replica per interval."""
+        now = [1000.0]
+        a = self.open(wall_clock=lambda: now[0], retention=100.0)
+        b = self.open(wall_clock=lambda: now[0], retention=100.0)
+        stored = await a.store(envelope("P1"))
+        await a.store(envelope("P2"))
+        seq = select(self.url, "SELECT seq FROM deliveries WHERE message_id = %s", (stored.message_id,))[0][0]
+        await a.mark_delivered(seq, 1001.0)
+        now[0] = 1200.0
+        self.assertEqual(await a.prune(), 1)
+        self.assertEqual(await b.prune(), 0)  # already done for the cluster
+        self.assertEqual([c for (c,) in select(self.url, "SELECT control_id FROM messages")], ["P2"])
+
+
+class _NoRetry:
+    max_attempts = 5
+    max = 1.0
+
+    def delay(self, attempt: int, rand: Any) -> float:
+        return 0.1
+
+
+class _Proxy:
+    """A TCP proxy to the database that can stop forwarding (a partition:
+    connections stay open, nothing gets through) or cut every connection."""
+
+    def __init__(self, case: TestCase, url: str) -> None:
+        self.target_url = url
+        params = psycopg.conninfo.conninfo_to_dict(url)
+        self.target = (params["host"], int(params["port"]))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        params.update(host="127.0.0.1", port=str(self.port))
+        self.url = psycopg.conninfo.make_conninfo(**params)
+        self.forwarding = threading.Event()
+        self.forwarding.set()
+        self.refusing = False
+        self.sockets: list[socket.socket] = []
+        self._stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+        case.addCleanup(self.close)
+
+    def _accept(self) -> None:
+        while not self._stop:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.refusing:
+                client.close()
+                continue
+            upstream = socket.create_connection(self.target)
+            self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                self.forwarding.wait()
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cut(self) -> None:
+        """Refuse new connections and reset every open one (a database down)."""
+        self.refusing = True
+        for s in self.sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.sockets = []
+
+    def close(self) -> None:
+        self._stop = True
+        self.forwarding.set()
+        self.cut()
+        self.listener.close()
+
+
+class OutageTests(_PG):
+    async def test_database_down_gives_errors_then_recovers_with_two_log_lines(self) -> None:
+        """While the database is unreachable stores fail (AR); they succeed again once it is back; the log says so once each way."""
+        proxy = _Proxy(self, self.url)
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        outbox = self.open(proxy.url)
+        await outbox.store(envelope("UP1"))
+        proxy.cut()
+        for i in range(5):
+            with self.assertRaises(OutboxError):
+                await outbox.store(envelope(f"DOWN{i}"))
+        proxy.refusing = False
+        stored = await outbox.store(envelope("UP2"))
+        self.assertFalse(stored.duplicate)
+        names = [e.get("event") for e in events if e.get("event", "").startswith("outbox_db")]
+        self.assertEqual(names, ["outbox_db_down", "outbox_db_up"])
+        self.assertEqual(
+            sorted(c for (c,) in select(self.url, "SELECT control_id FROM messages")), ["UP1", "UP2"]
+        )
+
+
+class LeaseTests(_PG):
+    def leases(self, url: str, names: list[str], clock: Clock, pod: str) -> tuple[Leases, dict[str, bool]]:
+        held: dict[str, bool] = {}
+        leases = Leases(url, reactor, names, lambda n, h: held.__setitem__(n, h), pod=pod, clock=clock)
+        self.addCleanup(leases.stop)
+        return leases, held
+
+    async def tick(self, clock: Clock, *leases: Leases) -> None:
+        clock.advance(LEASE_INTERVAL)
+        await until(lambda: not any(lease._checking for lease in leases), timeout=10, what=lambda: "lease check")
+
+    async def test_one_replica_holds_each_connector_and_another_takes_over(self) -> None:
+        """Each connector's lease is held by one replica; when it lets go, the other takes it at its next try."""
+        clock = Clock()
+        a, held_a = self.leases(self.url, ["ehr", "lab"], clock, "a")
+        a.start()
+        await until(lambda: not a._checking, timeout=10, what=lambda: "first check")
+        b, held_b = self.leases(self.url, ["ehr", "lab"], clock, "b")
+        b.start()
+        await self.tick(clock, a, b)
+        self.assertEqual(held_a, {"ehr": True, "lab": True})
+        self.assertEqual(held_b, {})
+        await a.stop()
+        self.assertEqual(held_a, {"ehr": False, "lab": False})
+        # The server frees a closed session's locks a moment after the
+        # close: b may need another try.
+        for _ in range(5):
+            await self.tick(clock, b)
+            if held_b == {"ehr": True, "lab": True}:
+                break
+        self.assertEqual(held_b, {"ehr": True, "lab": True})
+
+    async def test_hung_session_stops_delivery_then_lease_moves_within_15s(self) -> None:
+        """A holder whose session hangs stops delivering first; another replica holds the lease within 15 s."""
+        proxy = _Proxy(self, self.url)
+        changes: list[tuple[str, bool, float]] = []
+
+        def replica(url: str, pod: str) -> Leases:
+            leases = Leases(
+                url, reactor, ["ehr"],
+                lambda name, held: changes.append((pod, held, time.monotonic())), pod=pod,
+            )
+            self.addCleanup(leases.stop)
+            leases.start()
+            return leases
+
+        replica(proxy.url, "a")
+        await until(lambda: changes, timeout=10, what=lambda: "a holds the lease")
+        replica(self.url, "b")
+        await until(lambda: not any(c[0] == "b" for c in changes) and len(changes) == 1, timeout=1, what=lambda: str(changes))
+        proxy.forwarding.clear()  # a's packets go nowhere from now on
+        hung = time.monotonic()
+        await until(lambda: ("b", True) in [c[:2] for c in changes], timeout=15, what=lambda: str(changes))
+        self.assertEqual([c[:2] for c in changes], [("a", True), ("a", False), ("b", True)])
+        self.assertLess(changes[2][2] - hung, 15.0)
