@@ -16,12 +16,21 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from mllpd.cli.store import Store
-from mllpd.connectors import Dead, Delivered, Delivery, IConnector, Outcome, Retry
+from mllpd.connectors import (
+    Dead,
+    Delivered,
+    Delivery,
+    IBatchConnector,
+    IConnector,
+    Outcome,
+    Retry,
+)
 from mllpd.outbox import QueuedDelivery
 from mllpd.outbox.sqlite import SQLiteOutbox
 from mllpd.pipeline import RetryPolicy
 from mllpd.relay import Relay, Worker
 from tests.test_outbox import envelope, temp_db
+from tests.upstreams import until
 
 reactor: Any = _reactor
 
@@ -563,6 +572,55 @@ class LaneTests(RelayCase):
         self.clock.advance(5.1)
         await up.wait_for(4)
         self.assertEqual([d.control_id for d in up.seen], ["A1", "A1", "B1", "C1"])
+
+@implementer(IBatchConnector)
+class BatchRecorder:
+    """Forwards batches whole; each batch's outcomes are scripted in turn."""
+
+    forward_batches = True
+
+    def __init__(self, scripts: list[list[Outcome]]) -> None:
+        self.name = "up"
+        self.scripts = scripts
+        self.batches: list[list[str]] = []
+        self.singles: list[str] = []
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> Deferred[None]:
+        return succeed(None)
+
+    def deliver(self, delivery: Delivery) -> Deferred[Outcome]:
+        self.singles.append(delivery.control_id)
+        return succeed(Delivered())
+
+    def deliver_batch(self, deliveries: Any, batch_control_id: str) -> Deferred[list[Outcome]]:
+        self.batches.append([d.control_id for d in deliveries])
+        script = self.scripts.pop(0) if self.scripts else []
+        return succeed(script or [Delivered()] * len(deliveries))
+
+
+class LaneBatchTests(RelayCase):
+    async def test_batch_forwarded_per_key_and_retried_together(self) -> None:
+        """With lanes: 2 a batch's messages of one key go upstream together; once one is retried, the later ones wait with it, and the other key's message goes alone."""
+        outbox = self.open()
+        for position, c in enumerate(["A1", "A2", "B3", "A4"], 1):
+            await outbox.store(envelope(c, received_at=self.clock.seconds())._replace(
+                routes=("up",), lanes=(ord(c[0]),), batch_control_id="BAT",
+                batch_position=position))
+        up = BatchRecorder([[Delivered(), Retry("503"), Delivered()]])
+        self.worker(outbox, up, lanes=2)  # type: ignore[arg-type]
+        await until(lambda: (up.batches, up.singles), lambda seen: seen[1] == ["B3"]
+                    and len(seen[0]) == 1, timeout=10, what=lambda: str((up.batches, up.singles)))
+        self.assertEqual(up.batches, [["A1", "A2", "A4"]])
+        self.clock.advance(10.1)
+        await until(lambda: len(up.batches), lambda n: n == 2, timeout=10,
+                    what=lambda: str(up.batches))
+        self.assertEqual(up.batches, [["A1", "A2", "A4"], ["A2", "A4"]])
+        await self.settle(outbox)
+        self.assertEqual({r[1] for r in queue_rows(self.path, "up")}, {"delivered"})
+
 
 class _ByStateQueue:
     """A queue read by state, as PostgreSQL's is: every read and every
