@@ -21,8 +21,13 @@ load stopping. ``--rates`` offers a fixed total rate (loadgen ``--rate``)
 instead of sending as fast as ACKs come back, to find the highest receive
 rate at which delivery keeps up.
 
+``--sink-delay 20`` makes the sinks answer 20 ms late and ``--lanes 32``
+gives both connectors 32 lanes; loadgen sends one patient, so with lanes
+the connectors order by control id (every message its own key).
+
     python bench/run.py --delivery --connections 1,16,64 --duration 10
     python bench/delivery.py --connections 16 --rates 0,2000,3000 --repeat 3
+    python bench/delivery.py --connections 16 --rates 1000 --sink-delay 20 --lanes 32
 """
 
 from __future__ import annotations
@@ -65,11 +70,12 @@ rules:
 connectors:
   - name: sink-mllp
     type: mllp
-    address: tcp:127.0.0.1:{mllp_port}
+    address: tcp:127.0.0.1:{mllp_port}{lanes}
   - name: sink-http
     type: http
-    url: http://127.0.0.1:{http_port}/
+    url: http://127.0.0.1:{http_port}/{lanes}
 """
+LANES = "\n    lanes: {n}\n    order_by: msh.control_id"
 
 Timeline = list[tuple[float, int, int]]  # (monotonic s, messages, distinct ids)
 
@@ -142,7 +148,8 @@ def one_run(args: argparse.Namespace, conns: int, rate: float, rep: int,
         d = workdir / f"sink-{kind}"
         d.mkdir()
         sinks[kind] = Server(f"sink-{kind}", [sys.executable, str(SINKS), "--kind", kind,
-                                              "--report-every", str(args.report_every)],
+                                              "--report-every", str(args.report_every),
+                                              "--delay", str(args.sink_delay)],
                              d, dict(os.environ))
     db = workdir / "outbox.db"
     rec: dict[str, Any] = {"connections": conns, "offered_rate": rate or None,
@@ -152,8 +159,9 @@ def one_run(args: argparse.Namespace, conns: int, rate: float, rep: int,
         for sink in sinks.values():
             sink.start(args.startup_timeout)
         config = workdir / "mllp.yaml"
+        lanes = LANES.format(n=args.lanes) if args.lanes > 1 else ""
         config.write_text(CONFIG.format(rule=json.dumps(RULE), mllp_port=sinks["mllp"].port,
-                                        http_port=sinks["http"].port))
+                                        http_port=sinks["http"].port, lanes=lanes))
         env = server_env(args, db)
         env["MLLP_CONFIG"] = str(config)
         argv = [*twistd_command(args.twistd), "-n", "--pidfile=", "mllp",
@@ -296,6 +304,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--report-every", type=float, default=0.05,
                    help="seconds between the sinks' count lines (drain time resolution)")
     p.add_argument("--size", type=int, default=1024, help="HL7 payload bytes")
+    p.add_argument("--sink-delay", type=float, default=0.0,
+                   help="milliseconds each sink waits before answering")
+    p.add_argument("--lanes", type=int, default=1, help="lanes of both connectors")
     p.add_argument("--workers", default="1", help="loadgen worker processes")
     p.add_argument("--ack-timeout", type=float, default=10.0)
     p.add_argument("--pin", choices=("none", "split"), default="none")

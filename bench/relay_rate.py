@@ -13,9 +13,15 @@ messages per second for:
 - ``mllp-direct`` / ``http-direct``: the same connectors called back to back
   without relay or outbox (as ``bench/connector_rate.py`` does).
 
-The sinks run in their own processes, as upstreams do.
+The sinks run in their own processes, as upstreams do. ``--delay`` makes
+them answer each message that many milliseconds late (a slow upstream) and
+``--lanes`` sets the connector's lanes; messages carry 1,000 order keys
+(patients), so lanes have keys to spread over. With a delay, each run
+delivers about three seconds' worth at the expected rate (at most
+``--messages``).
 
     python bench/relay_rate.py --messages 5000 --backlog 0,20000
+    python bench/relay_rate.py --kinds mllp,http --delay 0,2,20 --lanes 1,8,32
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from mllpd.outbox import Envelope  # noqa: E402
 from mllpd.outbox.sqlite import SQLiteOutbox  # noqa: E402
 from mllpd.pipeline import RetryPolicy  # noqa: E402
 from mllpd.relay import Worker  # noqa: E402
+from mllpd.rules import lane_key  # noqa: E402
 
 NAME = "bench"
 
@@ -67,6 +74,9 @@ class NullConnector:
         return succeed(None)
 
 
+KEYS = [lane_key(f"LOADGEN\x1fP{k}") for k in range(1000)]
+
+
 def envelopes(n: int, tag: str) -> list[Envelope]:
     prefix, suffix = loadgen.build_template(1024, "20260101120000")
     now = time.time()
@@ -77,7 +87,7 @@ def envelopes(n: int, tag: str) -> list[Envelope]:
         out.append(Envelope(
             uuid.uuid4().hex, now, "127.0.0.1:1", control_id, "ADT^A01", "LOADGEN",
             "BENCH", "2.5", None, uuid.uuid4().hex, "AA", payload,
-            routes=(NAME,),
+            routes=(NAME,), lanes=(KEYS[i % len(KEYS)],),
         ))
     return out
 
@@ -100,13 +110,13 @@ async def _store_all(outbox: SQLiteOutbox, items: list[Envelope]) -> None:
 
 
 async def drain(reactor: Any, connector: IConnector, db: str, n: int,
-                backlog: int) -> tuple[float, float, float]:
+                backlog: int, lanes: int = 1) -> tuple[float, float, float]:
     """Queue ``backlog`` + ``n`` messages, deliver them with a Worker and
     return (msgs/s over the last n, msgs/s over the first backlog, outbox
     commits per delivery)."""
     outbox = SQLiteOutbox(db, reactor, dedup_window=0)
     outbox.start()
-    worker = Worker(connector, outbox, RetryPolicy(), reactor)
+    worker = Worker(connector, outbox, RetryPolicy(), reactor, lanes=lanes)
     try:
         await fill(outbox, backlog + n, "B")
         commits0 = outbox.commits
@@ -150,25 +160,37 @@ def cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def build(kind: str, reactor: Any, port: int) -> IConnector:
+def build(kind: str, reactor: Any, port: int, lanes: int = 1) -> IConnector:
     if kind == "null":
         return NullConnector()
     if kind == "mllp":
-        spec = ConnectorSpec(NAME, "mllp", None, {"address": f"tcp:127.0.0.1:{port}"})
+        spec = ConnectorSpec(NAME, "mllp", None, {"address": f"tcp:127.0.0.1:{port}"}, lanes)
         return mllp_connector.build(spec, reactor, {})
-    spec = ConnectorSpec(NAME, "http", None, {"url": f"http://127.0.0.1:{port}/"})
+    spec = ConnectorSpec(NAME, "http", None, {"url": f"http://127.0.0.1:{port}/"}, lanes)
     return http_connector.build(spec, reactor, {})
 
 
 async def main(reactor: Any, args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="mllpd-relay-", dir=args.tmp_dir))
+    try:
+        for delay in args.delays:
+            await one_delay(reactor, args, tmp, delay)
+    finally:
+        if not args.keep_tmp:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def one_delay(reactor: Any, args: argparse.Namespace, tmp: Path, delay: float) -> None:
     sinks: dict[str, Server] = {}
     try:
         for kind in ("mllp", "http"):
-            d = tmp / f"sink-{kind}"
+            d = tmp / f"sink-{kind}-{delay:g}"
             d.mkdir()
             sinks[kind] = Server(f"sink-{kind}", [sys.executable, str(HERE / "sinks.py"),
-                                                  "--kind", kind, "--report-every", "1"],
+                                                  "--kind", kind, "--report-every", "1",
+                                                  "--delay", str(delay)],
                                  d, dict(os.environ))
             sinks[kind].start(30.0)
         for kind in args.kinds.split(","):
@@ -185,24 +207,27 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
                 print(f"{kind:12s} backlog {'-':>6s}  {rate:7.0f} msgs/s  "
                       f"{1e6 / rate:6.0f} us/msg  CPU {cpu * 1e6:4.0f} us/msg", flush=True)
                 continue
-            for backlog in args.backlogs:
-                connector = build(kind, reactor, port)
-                db = str(tmp / f"{kind}-{backlog}-{uuid.uuid4().hex[:6]}.db")
-                c0 = cpu_s()
-                rate, early, commits = await drain(reactor, connector, db, args.messages, backlog)
-                # Filling the queue is not counted: its cost is measured on its own.
-                cpu = (cpu_s() - c0 - fill_cpu[0]) / (args.messages + backlog)
-                extra = f"  (first {backlog}: {early:.0f} msgs/s)" if backlog else ""
-                print(f"{kind:12s} backlog {backlog:6d}  {rate:7.0f} msgs/s  "
-                      f"{1e6 / rate:6.0f} us/msg  CPU {cpu * 1e6:4.0f} us/msg  "
-                      f"commits/msg {commits:.2f}{extra}", flush=True)
+            for lanes in args.lanes:
+                n = args.messages
+                if delay > 0:
+                    n = min(n, max(100, int(3.0 * lanes * 1000 / delay)))
+                for backlog in args.backlogs:
+                    connector = build(kind, reactor, port, lanes)
+                    db = str(tmp / f"{kind}-{backlog}-{uuid.uuid4().hex[:6]}.db")
+                    c0 = cpu_s()
+                    rate, early, commits = await drain(
+                        reactor, connector, db, n, backlog, lanes
+                    )
+                    # Filling the queue is not counted: its cost is measured on its own.
+                    cpu = (cpu_s() - c0 - fill_cpu[0]) / (n + backlog)
+                    extra = f"  (first {backlog}: {early:.0f} msgs/s)" if backlog else ""
+                    print(f"{kind:12s} delay {delay:4g} ms  lanes {lanes:3d}  "
+                          f"backlog {backlog:6d}  {rate:7.0f} msgs/s  "
+                          f"{1e6 / rate:6.0f} us/msg  CPU {cpu * 1e6:4.0f} us/msg  "
+                          f"commits/msg {commits:.2f}{extra}", flush=True)
     finally:
         for s in sinks.values():
             s.stop(5.0)
-        if not args.keep_tmp:
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
@@ -212,8 +237,13 @@ if __name__ == "__main__":
     parser.add_argument("--backlog", default="0",
                         help="comma-separated: messages queued ahead of the timed ones")
     parser.add_argument("--kinds", default="null,mllp,http,mllp-direct,http-direct")
+    parser.add_argument("--delay", default="0",
+                        help="comma-separated: sink answer delays in milliseconds")
+    parser.add_argument("--lanes", default="1", help="comma-separated: connector lanes")
     parser.add_argument("--tmp-dir", default=None)
     parser.add_argument("--keep-tmp", action="store_true")
     arguments = parser.parse_args()
     arguments.backlogs = [int(x) for x in arguments.backlog.split(",")]
+    arguments.delays = [float(x) for x in arguments.delay.split(",")]
+    arguments.lanes = [int(x) for x in arguments.lanes.split(",")]
     task.react(lambda reactor: Deferred.fromCoroutine(main(reactor, arguments)))

@@ -9,7 +9,9 @@ every ``--report-every`` seconds, a line
     {"event": "count", "t": <CLOCK_MONOTONIC s>, "n": <messages>, "unique": <ids>}
 
 where ``unique`` counts distinct MSH-10 (mllp) or X-MLLP-Message-Id (http)
-values, so a redelivery shows as ``n > unique``. CLOCK_MONOTONIC is
+values, so a redelivery shows as ``n > unique``. ``--delay 20`` answers each
+message 20 ms after it arrived, as a slow upstream does (each connection
+still answers in order). CLOCK_MONOTONIC is
 system-wide on Linux, so the benchmark can place these counts on its own
 timeline.
 """
@@ -25,7 +27,7 @@ from responder import Responder, build_ack
 from twisted.internet import endpoints, protocol, reactor, task
 from twisted.internet.interfaces import IListeningPort
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 
 class Counter:
@@ -63,15 +65,37 @@ class CountingResponder(Responder):
         return build_ack(msg)
 
 
+class DelayedResponder(CountingResponder):
+    """Writes each ACK ``DELAY`` seconds after its message arrived."""
+
+    def dataReceived(self, data: bytes) -> None:
+        transport = self.transport
+        assert transport is not None
+        real_write = transport.write
+        transport.write = lambda ack: reactor.callLater(  # type: ignore[method-assign]
+            DELAY[0], real_write, ack
+        )
+        try:
+            super().dataReceived(data)
+        finally:
+            transport.write = real_write  # type: ignore[method-assign]
+
+
+DELAY = [0.0]
+
+
 class HTTPSink(Resource):
-    """200 and an empty body for every POST."""
+    """200 and an empty body for every POST (after DELAY seconds)."""
 
     isLeaf = True
 
-    def render_POST(self, request: Request) -> bytes:
+    def render_POST(self, request: Request) -> bytes | int:
         assert request.content is not None
         request.content.read()
         COUNTER.seen(request.getHeader(b"x-mllp-message-id") or b"")
+        if DELAY[0] > 0:
+            reactor.callLater(DELAY[0], request.finish)  # type: ignore[attr-defined]
+            return NOT_DONE_YET
         return b""
 
 
@@ -88,10 +112,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kind", choices=("mllp", "http"), required=True)
     p.add_argument("--port", type=int, default=0, help="TCP port, 0 = pick one")
     p.add_argument("--report-every", type=float, default=0.05, help="seconds between count lines")
+    p.add_argument("--delay", type=float, default=0.0, help="milliseconds before each answer")
     args = p.parse_args(argv)
+    DELAY[0] = args.delay / 1000.0
     factory: protocol.Factory
     if args.kind == "mllp":
-        factory = protocol.Factory.forProtocol(CountingResponder)
+        factory = protocol.Factory.forProtocol(
+            DelayedResponder if DELAY[0] > 0 else CountingResponder
+        )
     else:
         factory = QuietSite(HTTPSink())
     ep = endpoints.TCP4ServerEndpoint(reactor, args.port, backlog=128, interface="127.0.0.1")

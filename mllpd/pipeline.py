@@ -3,8 +3,8 @@
 Everything is checked at startup. A problem raises :class:`ConfigError` whose
 text is one line starting ``MLLP_CONFIG: `` and naming the place, e.g.
 ``MLLP_CONFIG: rules[0] (patient-id-required).expr: ...``. Connector options
-beyond name, type and filter are passed on unchecked: each connector module
-checks its own.
+beyond name, type, filter, lanes and order_by are passed on unchecked: each
+connector module checks its own.
 """
 
 from __future__ import annotations
@@ -33,7 +33,12 @@ VARIABLE = "MLLP_CONFIG"
 CONNECTOR_TYPES: tuple[str, ...] = ("mllp", "http", "postgres")
 _TOP_KEYS = ("rules", "connectors", "retry")
 _RULE_KEYS = ("name", "expr", "message", "ack")
+# Connector keys every type has; the rest go to the type's own checks.
+_GENERIC_KEYS = ("name", "type", "filter", "lanes", "order_by")
 _RETRY_KEYS = ("initial", "max", "multiplier", "jitter", "max_attempts")
+# Deliveries in flight per connector: connections (mllp), pooled requests
+# (http) or rows per transaction (postgres).
+MAX_LANES = 256
 # Names end up as outbox queue names, ERR text and mllp-cli arguments.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 
@@ -148,7 +153,10 @@ def parse_pipeline_config(doc: object) -> PipelineConfig:
     specs = _connectors(doc.get("connectors"))
     retry = _retry(doc.get("retry"))
     try:
-        ruleset = RuleSet(rules, [(s.name, s.filter) for s in specs])
+        ruleset = RuleSet(
+            rules, [(s.name, s.filter) for s in specs],
+            order_by={s.name: s.order_by for s in specs},
+        )
     except ValueError as e:  # already compiled one by one above; kept as a guard
         raise _fail(str(e)) from None
     return PipelineConfig(ruleset, specs, retry)
@@ -257,11 +265,27 @@ def _connectors(value: object) -> tuple[ConnectorSpec, ...]:
                 compile_expression(flt)
             except ValueError as e:
                 raise _fail(f"{place}.filter: {e}") from None
+        lanes = item.get("lanes", 1)
+        if isinstance(lanes, bool) or not isinstance(lanes, int) or not 1 <= lanes <= MAX_LANES:
+            raise _fail(
+                f"{place}.lanes: {str(lanes)[:20]!r} is out of range; expected a whole "
+                f"number from 1 to {MAX_LANES}"
+            )
+        order_by = item.get("order_by")
+        if order_by is not None:
+            if not isinstance(order_by, str):
+                raise _fail(
+                    f"{place}.order_by: expected a CEL expression as text, found {_kind(order_by)}"
+                )
+            try:
+                compile_expression(order_by)
+            except ValueError as e:
+                raise _fail(f"{place}.order_by: {e}") from None
         for key in item:
             if not isinstance(key, str):
                 raise _fail(f"{place}: option names must be text, found {_kind(key)}")
-        options = {k: v for k, v in item.items() if k not in ("name", "type", "filter")}
-        out.append(ConnectorSpec(name, ctype, flt, options))
+        options = {k: v for k, v in item.items() if k not in _GENERIC_KEYS}
+        out.append(ConnectorSpec(name, ctype, flt, options, lanes, order_by))
     return tuple(out)
 
 

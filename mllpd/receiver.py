@@ -270,6 +270,7 @@ class Receiver:
             error = AckError("207", "outbox is full (MLLP_MAX_OUTBOX); resend later")
             return self._reply(header, message.codec, REJECT, error, payload)
         routes: tuple[str, ...] = ()
+        lanes: tuple[int, ...] = ()
         if self.rules is not None:
             try:
                 model = self.rules.model(message)
@@ -287,6 +288,8 @@ class Receiver:
             except RuleError as e:
                 error = AckError("207", f"routing failed: {e}")
                 return self._reply(header, message.codec, REJECT, error, payload)
+            if routes:
+                lanes = self.rules.lanes(model, message, routes)
         return Envelope(
             message_id=self._message_id(),
             received_at=self.clock.seconds(),
@@ -304,6 +307,7 @@ class Receiver:
             routes=routes,
             batch_control_id=batch_control_id,
             batch_position=batch_position,
+            lanes=lanes,
         )
 
     def _stored(self, stored: StoreResult, message: Message) -> Reply:

@@ -1,10 +1,18 @@
-"""Delivery workers: one per connector, strictly in queue order.
+"""Delivery workers: one per connector, in order per order key (lane).
 
-A worker reads the head of its connector's queue, hands one message at a
-time to the connector and records the outcome: delivered, retried later with
-exponential backoff and jitter (the same message stays at the head, so order
-holds), or moved to the dead-letter queue once upstream refuses it for good
-or the attempts run out.
+A worker reads the heads of its connector's queue, hands messages to the
+connector and records each outcome: delivered, retried later with
+exponential backoff and jitter (the same message stays at the head of its
+lane, so order holds), or moved to the dead-letter queue once upstream
+refuses it for good or the attempts run out.
+
+With ``lanes: 1`` the whole queue is one FIFO: one message in flight. With
+``lanes: N`` rows carry their message's order key; rows of one key go one
+at a time in queue order, rows of different keys up to N at once, and a key
+in backoff holds back only its own later rows.
+
+A connector that forwards HL7 batches whole (``batch: forward``) gets the
+rows of one batch at the head of a lane together, in one delivery.
 
 State changes go into the outbox's group commit without the worker waiting
 for them: a crash before they are durable only means the message is
@@ -14,6 +22,7 @@ delivered again, with the same message id as its idempotency key.
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -38,19 +47,25 @@ __all__ = ["Relay", "Worker"]
 
 log = Logger(namespace="mllpd.relay")
 
-# Rows read from a queue at a time, and how often an idle worker looks
-# again on its own (new stores wake it at once; this catches replays that
-# mllp-cli writes from another process).
+# Rows read from a queue at a time (at least two per lane), and how often
+# an idle worker looks again on its own (new stores wake it at once; this
+# catches replays that mllp-cli writes from another process).
 FETCH_LIMIT = 32
+POLL_INTERVAL = 1.0
 # Rows read at once to gather an HL7 batch a connector forwards whole; the
 # batch itself was bounded by MLLP_MAX_BATCH_MESSAGES and the frame size.
 BATCH_FETCH_LIMIT = 10_000
-POLL_INTERVAL = 1.0
+# Order keys that may wait out a backoff at once. Past it no new key is
+# started until one is retried: when upstream refuses everything, each key
+# would otherwise get one attempt and a timer, however many keys are queued.
+MAX_WAITING = 1000
 # Seconds a stopping worker waits for the delivery in progress, then for its
 # connector to close: together well inside the 2 s that the shutdown bound
 # (PRE_SHUTDOWN_DELAY + SHUTDOWN_TIMEOUT + 2 s) leaves after the drain.
 STOP_TIMEOUT = 1.0
 CLOSE_TIMEOUT = 0.5
+# Past every seq.
+_END = 2**63 - 1
 
 
 def _within(d: Deferred[Any], seconds: float, clock: IReactorTime) -> Deferred[None]:
@@ -95,7 +110,21 @@ def _loggable(reason: str) -> str:
 
 
 class Worker:
-    """Delivers one connector's queue."""
+    """Delivers one connector's queue, up to ``lanes`` messages at a time.
+
+    What the worker knows of its queue, per order key ("lane"): the row in
+    flight (``_busy``), the row waiting out a backoff (``_waiting``) and the
+    next rows read but not yet started (``_runs``, in order). A lane with any
+    of these is *tracked*. ``_scan_after`` is the seq up to which every
+    untracked lane has no row left to deliver: a read starts after it and
+    leaves tracked lanes out, so the first row it finds of a lane is that
+    lane's head, and a lane whose head is stuck costs the read nothing but
+    index steps. When a lane stops being tracked (its last known row is
+    done, or its backoff ended and the row must be read again) the scan
+    goes back to that row. A backend that reads by state (PostgreSQL,
+    where seqs become visible out of order) ignores the scan position; the
+    rows this worker finished (``skip_seqs``) keep such a read correct.
+    """
 
     def __init__(
         self,
@@ -104,41 +133,59 @@ class Worker:
         retry: RetryPolicy,
         clock: IReactorTime,
         *,
+        lanes: int = 1,
         wall_clock: Callable[[], float] | None = None,
         rand: Callable[[], float] = random.random,
         metrics: DeliveryMetrics | None = None,
+        max_waiting: int = MAX_WAITING,
     ) -> None:
         self.connector = connector
         self.name: str = connector.name
         self.queue = queue
         self.retry = retry
         self.clock = clock
+        self.lanes = lanes
         self._now = wall_clock or clock.seconds
         self.rand = rand
         self.metrics = metrics
+        self.max_waiting = max_waiting
         self.forward_batches = bool(
             IBatchConnector.providedBy(connector) and connector.forward_batches
         )
-        self.cursor = 0
-        # Rows this worker finished, as a queue read by state (PostgreSQL)
-        # may still show them pending: seq -> None until the state change
-        # committed, then how many reads had started by then. A read that
-        # started later sees the change, and ends the entry.
-        self._finishing: dict[int, int | None] = {}
+        # Rows held in runs at most: enough to refill every lane twice.
+        self.buffer_limit = max(FETCH_LIMIT, 2 * lanes)
+        self._scan_after = 0
+        # The lowest seq a lane untracked during a read asked to scan from.
+        self._rescan_from = 0
+        self._runs: dict[int, deque[QueuedDelivery]] = {}
+        self._buffered = 0
+        self._busy: dict[int, QueuedDelivery] = {}
+        self._waiting: dict[int, QueuedDelivery] = {}
+        # Rows whose backoff ended, read again before the retry (mllp-cli
+        # may have deleted them meanwhile), by seq.
+        self._recheck: dict[int, QueuedDelivery] = {}
+        # Rows finished whose state change may not be visible to a read yet:
+        # seq -> None until committed, then the count of reads started by then.
+        self._finished: dict[int, int | None] = {}
         self._reads = 0
-        # False while another replica holds this connector's lease.
-        self.active = True
-        self._reads_ok = True
-        self._buffer: list[QueuedDelivery] = []
-        self._stale = False
+        self._more = True  # the queue may hold rows not read yet
+        self._last_read = float("-inf")
+        self._attempts: set[Deferred[None]] = set()
         self._running = False
-        self._notified = False
         self._wake: Deferred[None] | None = None
         self._timer: IDelayedCall | None = None
         self._done: Deferred[None] | None = None
+        # False while another replica holds this connector's lease.
+        self.active = True
+        self._reads_ok = True
         self.delivered = 0
         self.retried = 0
         self.dead = 0
+
+    @property
+    def in_flight(self) -> int:
+        """Deliveries in progress (one per lane)."""
+        return len(self._busy)
 
     def start(self) -> None:
         self._running = True
@@ -149,34 +196,46 @@ class Worker:
     def notify(self) -> None:
         """New rows were committed to this queue."""
         # Remembered, so a notice that arrives during a read is not lost.
-        self._notified = True
+        self._more = True
         self._fire_wake()
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> Deferred[None]:
-        """Start no other delivery; let the one in progress finish for up to
+        """Start no other delivery; let those in progress finish for up to
         ``timeout`` seconds, then close the connector, waiting for that at
         most CLOSE_TIMEOUT more. An unfinished delivery's row stays in its
         queue and is delivered again later (same message id)."""
         self._running = False
         self._fire_wake()
-        finished = self._done if self._done is not None else succeed(None)
+        loop = self._done if self._done is not None else succeed(None)
+        finished = DeferredList([loop, *self._attempts], consumeErrors=True)
         d = _within(finished, timeout, self.clock)
         return d.addCallback(
             lambda _: _within(maybeDeferred(self.connector.stop), CLOSE_TIMEOUT, self.clock)
         )
 
     def pause(self) -> None:
-        """Start no other delivery (the lease is lost) until resume(); the
-        one in progress, if any, finishes."""
+        """Start no other delivery (the lease is lost) until resume(); those
+        in progress finish."""
         self.active = False
-        self._buffer = []
+        self._forget()
         self._fire_wake()
 
     def resume(self) -> None:
         """Deliver again (the lease is ours), from the queue as it is now."""
         self.active = True
-        self._buffer = []
+        self._forget()
         self._fire_wake()
+
+    def _forget(self) -> None:
+        """Drop what this worker knows of its queue but the deliveries in
+        progress: another replica may have delivered or retried since."""
+        self._runs.clear()
+        self._buffered = 0
+        self._waiting.clear()
+        self._recheck.clear()
+        self._scan_after = 0
+        self._rescan_from = 0
+        self._more = True
 
     def _fire_wake(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -186,86 +245,206 @@ class Worker:
         if wake is not None:
             wake.callback(None)
 
-    def _sleep(self, seconds: float) -> Deferred[None]:
-        """Wait ``seconds`` or until notified, whichever is first."""
+    def _sleep(self, seconds: float | None) -> Deferred[None]:
+        """Wait ``seconds`` (None: no limit) or until woken, whichever is first."""
         wake: Deferred[None] = Deferred()
         self._wake = wake
-        self._timer = self.clock.callLater(max(seconds, 0.0), self._fire_wake)
+        if seconds is not None:
+            self._timer = self.clock.callLater(max(seconds, 0.0), self._fire_wake)
         return wake
+
+    def _lane(self, row: QueuedDelivery) -> int:
+        # One lane: the whole queue is one FIFO, whatever keys rows carry.
+        return row.lane if self.lanes > 1 else 0
+
+    def _tracked(self, lane: int) -> bool:
+        return lane in self._busy or lane in self._waiting or lane in self._runs
+
+    def _untrack(self, lane: int, seq: int) -> None:
+        """``lane`` is no longer tracked; its rows after ``seq`` may be
+        behind the scan: look there again."""
+        if not self._tracked(lane):
+            self._scan_after = min(self._scan_after, seq)
+            self._rescan_from = min(self._rescan_from, seq)
+            self._more = True
+
+    def _can_read(self) -> bool:
+        """Whether a read could find a row to start."""
+        if len(self._waiting) >= self.max_waiting:
+            return False
+        if self.lanes == 1:
+            # A FIFO reads only once its head is done: while it is in
+            # flight or in backoff, nothing behind it may start.
+            return not self._tracked(0)
+        return len(self._busy) < self.lanes
+
+    def _ready(self) -> list[int]:
+        """Lanes whose next row can start now, oldest head first."""
+        ready = [
+            lane for lane in self._runs
+            if lane not in self._busy and lane not in self._waiting
+        ]
+        ready.sort(key=lambda lane: self._runs[lane][0].seq)
+        return ready
 
     async def _run(self) -> None:
         while self._running:
             if not self.active:
                 await self._sleep(POLL_INTERVAL)
                 continue
-            if not self._buffer or self._stale:
-                self._notified = False
-                self._stale = False
-                self._reads += 1
-                read = self._reads
-                try:
-                    fetched = await self.queue.fetch(self.name, self.cursor, FETCH_LIMIT)
-                except Exception as e:  # noqa: BLE001 - storage trouble: try again later
-                    if self._reads_ok:  # once per outage, not once per poll
-                        log.error(
-                            "reading queue of {connector} failed: {reason}",
-                            event="queue_read_failed", connector=self.name, reason=str(e),
-                        )
-                    self._reads_ok = False
-                else:
-                    if not self._reads_ok:
-                        log.info("reading queue of {connector} works again",
-                                 event="queue_read_recovered", connector=self.name)
-                    self._reads_ok = True
-                    self._buffer = self._merge(fetched)
-                    finishing = self._finishing
-                    for seq in [s for s, at in finishing.items() if at is not None and at < read]:
-                        del finishing[seq]
-                if not self._buffer:
-                    if self._running and not self._notified:
-                        await self._sleep(POLL_INTERVAL)
-                    continue
-            if not self.active or not self._buffer:
-                continue  # paused during the read
-            head = self._buffer[0]
-            wait = head.next_attempt - self._now()
-            if wait > 0:
-                await self._sleep(wait)
-                if self._now() >= head.next_attempt:
-                    # During the backoff mllp-cli may have deleted or purged
-                    # the rows in hand: read the queue again rather than
-                    # retry a removed message forever (and deliver it once
-                    # upstream is back). Once per retry, not on every wake.
-                    self._stale = True
+            self._end_backoffs()
+            if self._clock_now() - self._last_read >= POLL_INTERVAL:
+                self._more = True
+            free = self.lanes - len(self._busy)
+            ready = self._ready()
+            room = len(self._waiting) < self.max_waiting
+            if free > len(ready) and self._more and self._can_read():
+                await self._read()
                 continue
-            if self.forward_batches and head.batch_control_id is not None:
-                group = await self._batch_group()
-                if len(group) > 1:
-                    await self._attempt_batch(group)
-                    continue
-            await self._attempt(head)
+            if free > 0 and ready and room:
+                for lane in ready[:free]:
+                    if len(self._waiting) >= self.max_waiting:
+                        break
+                    self._start(lane)
+                continue
+            await self._sleep(self._idle_time())
 
-    def _merge(self, fetched: list[QueuedDelivery]) -> list[QueuedDelivery]:
-        """A new head of the queue. Rows already in hand keep their attempts
-        and backoff as this worker knows them (its own marks may not be
-        committed yet); rows it finished stay out."""
-        known = {row.seq: row for row in self._buffer}
-        finishing = self._finishing
-        return [known.get(row.seq, row) for row in fetched if row.seq not in finishing]
+    def _clock_now(self) -> float:
+        return self.clock.seconds()
 
-    async def _batch_group(self) -> list[QueuedDelivery]:
-        """The rows at the head of the buffer that came in the head's batch:
-        the same batch control id, positions rising, all due."""
-        group = _leading_batch(self._buffer, self._now())
-        if len(group) == len(self._buffer) and len(self._buffer) < BATCH_FETCH_LIMIT:
-            # The batch may go on past the rows in hand.
-            try:
-                fetched = await self.queue.fetch(self.name, self.cursor, BATCH_FETCH_LIMIT)
-            except Exception:  # noqa: BLE001 - deliver what is in hand
-                return group
-            self._buffer = self._merge(fetched)
-            group = _leading_batch(self._buffer, self._now())
-        return group
+    def _idle_time(self) -> float | None:
+        """Seconds until the next thing this worker must do unprompted;
+        None when only a delivery ending (which wakes it) can change that."""
+        if self._can_read():
+            # A lane is free: look for rows nobody announced (replays).
+            wait = POLL_INTERVAL - (self._clock_now() - self._last_read)
+        elif not self._waiting:
+            return None
+        else:
+            wait = POLL_INTERVAL
+        if self._waiting:
+            soonest = min(row.next_attempt for row in self._waiting.values())
+            wait = min(wait, soonest - self._now())
+        return wait
+
+    def _end_backoffs(self) -> None:
+        """Lanes whose backoff is over: read their head again, then retry."""
+        if not self._waiting:
+            return
+        now = self._now()
+        for lane, row in list(self._waiting.items()):
+            if row.next_attempt <= now:
+                del self._waiting[lane]
+                # During the backoff mllp-cli may have deleted or purged the
+                # row: read the queue again rather than retry a removed
+                # message forever. Once per retry, not on every wake.
+                self._recheck[row.seq] = row
+                self._untrack(lane, row.seq - 1)
+
+    async def _read(self) -> None:
+        self._reads += 1
+        read = self._reads
+        self._more = False
+        self._last_read = self._clock_now()
+        limit = self.buffer_limit - self._buffered
+        if limit < self.lanes:
+            # A few lanes' runs fill the buffer while lanes are free: keep
+            # only each run's first row (the rest is read again once its
+            # lane has no row in hand) so that other keys can be read.
+            for run in self._runs.values():
+                while len(run) > 1:
+                    run.pop()
+                    self._buffered -= 1
+            limit = self.buffer_limit - self._buffered
+        after = self._scan_after
+        skip_lanes: list[int] = []
+        if self.lanes > 1:
+            skip_lanes = [*self._busy, *self._waiting, *self._runs]
+        # All of them, not only those past the scan: a backend that reads by
+        # state would return the earlier ones too.
+        skip_seqs = list(self._finished)
+        self._rescan_from = _END
+        try:
+            rows = await self.queue.fetch(self.name, after, limit, skip_lanes, skip_seqs)
+        except Exception as e:  # noqa: BLE001 - storage trouble: try again later
+            if self._reads_ok:  # once per outage, not once per poll
+                log.error(
+                    "reading queue of {connector} failed: {reason}",
+                    event="queue_read_failed", connector=self.name, reason=str(e),
+                )
+            self._reads_ok = False
+            return
+        if not self._reads_ok:
+            log.info("reading queue of {connector} works again",
+                     event="queue_read_recovered", connector=self.name)
+        self._reads_ok = True
+        if not self.active:
+            return  # paused during the read: what it found may be stale
+        for seq, committed in list(self._finished.items()):
+            if committed is not None and committed < read:
+                del self._finished[seq]
+        full = len(rows) >= limit
+        if full:
+            self._more = True
+        # Read up to here (all of it, unless the read was full) for every
+        # lane untracked when it started; a lane untracked during the read
+        # was left out of it, so the scan goes back to that lane's row.
+        covered = rows[-1].seq if full else None
+        if rows:
+            self._scan_after = min(rows[-1].seq, self._rescan_from)
+        for row in rows:
+            if row.seq in self._finished:
+                continue  # finished meanwhile
+            known = self._recheck.pop(row.seq, None)
+            if known is not None:
+                # Its attempts and backoff as this worker knows them: its own
+                # marks may not be committed yet.
+                row = known
+            lane = self._lane(row)
+            if lane in self._busy or lane in self._waiting:
+                continue  # tracked lanes are left out of reads: never here
+            self._runs.setdefault(lane, deque()).append(row)
+            self._buffered += 1
+        for seq in list(self._recheck):
+            if covered is None or seq <= covered:
+                del self._recheck[seq]  # deleted while it waited
+
+    def _drop_run(self, lane: int) -> None:
+        run = self._runs.pop(lane, None)
+        if run is not None:
+            self._buffered -= len(run)
+
+    def _start(self, lane: int) -> None:
+        run = self._runs[lane]
+        row = run.popleft()
+        self._buffered -= 1
+        if not run:
+            del self._runs[lane]
+        self._busy[lane] = row
+        if self.forward_batches and row.batch_control_id is not None:
+            group = _leading_batch([row, *run], self._now())
+            # One lane holds the whole queue: the batch may go on past the
+            # rows in hand, and is read on before it is sent.
+            more = self.lanes == 1 and len(group) == 1 + len(run)
+            if len(group) > 1 or more:
+                for _ in group[1:]:
+                    run.popleft()
+                    self._buffered -= 1
+                if not run:
+                    self._runs.pop(lane, None)
+                d = Deferred.fromCoroutine(self._attempt_batch(lane, group, more))
+                self._attempts.add(d)
+                d.addErrback(self._crashed)
+                d.addBoth(self._attempted, d)
+                return
+        d = Deferred.fromCoroutine(self._attempt(lane, row))
+        self._attempts.add(d)
+        d.addErrback(self._crashed)
+        d.addBoth(self._attempted, d)
+
+    def _attempted(self, _: object, d: Deferred[None]) -> None:
+        self._attempts.discard(d)
+        self._fire_wake()
 
     def _delivery(self, row: QueuedDelivery, attempt: int) -> Delivery:
         return Delivery(
@@ -280,10 +459,30 @@ class Worker:
             received_at=row.received_at,
         )
 
-    async def _attempt_batch(self, rows: list[QueuedDelivery]) -> None:
+    async def _attempt(self, lane: int, row: QueuedDelivery) -> None:
+        attempt = row.attempts + 1
+        self._record(self.queue.mark_in_flight(row.seq, self._now()))
+        delivery = self._delivery(row, attempt)
+        try:
+            outcome: Outcome = await maybeDeferred(self.connector.deliver, delivery)
+        except Exception as e:  # noqa: BLE001 - a connector bug must not stop the queue
+            log.failure(
+                "connector {connector} raised", Failure(), event="connector_error",
+                connector=self.name, control_id=row.control_id,
+            )
+            outcome = Retry(f"internal error: {type(e).__name__}")
+        self._settle(lane, row, attempt, outcome)
+        self._done_with(lane, row.seq)
+
+    async def _attempt_batch(self, lane: int, rows: list[QueuedDelivery], more: bool) -> None:
         """Forward a batch whole. Outcomes are taken in order: once one
         message must be retried, it and every later one are retried
-        together, so the queue's order holds (at least once, as ever)."""
+        together, so the lane's order holds (at least once, as ever)."""
+        if more and len(rows) < BATCH_FETCH_LIMIT:
+            rows = await self._read_on(rows)
+        if len(rows) == 1:
+            await self._attempt(lane, rows[0])
+            return
         now = self._now()
         for row in rows:
             self._record(self.queue.mark_in_flight(row.seq, now))
@@ -300,59 +499,59 @@ class Worker:
             )
             outcomes = [Retry(f"internal error: {type(e).__name__}")] * len(rows)
         retry: Retry | None = None
-        position = 0  # the row's index in the buffer: finished rows leave it
         retry_at: float | None = None
         for row, outcome in zip(rows, outcomes, strict=True):
             if retry is None and isinstance(outcome, Retry):
                 retry = outcome
-            kept = self._settle(row, row.attempts + 1, retry or outcome, position, retry_at)
-            if kept is not None:
-                position += 1
-                retry_at = kept
+            retry_at = self._settle(lane, row, row.attempts + 1, retry or outcome, retry_at)
+        self._done_with(lane, rows[-1].seq)
 
-    async def _attempt(self, row: QueuedDelivery) -> None:
-        attempt = row.attempts + 1
-        now = self._now()
-        self._record(self.queue.mark_in_flight(row.seq, now))
-        delivery = self._delivery(row, attempt)
+    def _done_with(self, lane: int, seq: int) -> None:
+        """The lane's delivery up to ``seq`` ended (its rows finished, or
+        the lane waits out a backoff)."""
+        del self._busy[lane]
+        self._untrack(lane, seq)
+
+    async def _read_on(self, rows: list[QueuedDelivery]) -> list[QueuedDelivery]:
+        """The batch at the head of a one-lane queue, read on past ``rows``."""
+        last = rows[-1].seq
         try:
-            outcome: Outcome = await maybeDeferred(self.connector.deliver, delivery)
-        except Exception as e:  # noqa: BLE001 - a connector bug must not stop the queue
-            log.failure(
-                "connector {connector} raised", Failure(), event="connector_error",
-                connector=self.name, control_id=row.control_id,
+            fetched = await self.queue.fetch(
+                self.name, last, BATCH_FETCH_LIMIT, (), list(self._finished)
             )
-            outcome = Retry(f"internal error: {type(e).__name__}")
-        self._settle(row, attempt, outcome)
+        except Exception:  # noqa: BLE001 - deliver what is in hand
+            return rows
+        later = [r for r in fetched if r.seq > last and r.seq not in self._finished]
+        return _leading_batch([*rows, *later], self._now())
 
     def _settle(
         self,
+        lane: int,
         row: QueuedDelivery,
         attempt: int,
         outcome: Outcome,
-        position: int = 0,
         retry_at: float | None = None,
     ) -> float | None:
-        """Record an outcome for the row at ``position`` in the buffer;
-        returns its next attempt's time when it stays queued. A row behind
-        another that stays queued is never dead-lettered past it, and is
-        retried at ``retry_at`` with it."""
+        """Record an outcome; returns the row's next attempt's time when it
+        stays queued. Once a row of the lane stays queued (``retry_at`` is
+        set), a later one (given its Retry) is never dead-lettered past it:
+        it is retried with it, at ``retry_at``."""
         now = self._now()
         fields: dict[str, Any] = dict(
             connector=self.name, message_id=row.message_id, control_id=row.control_id,
             msg_type=row.msg_type, attempt=attempt,
         )
         if isinstance(outcome, Delivered):
-            self._finish(row, self.queue.mark_delivered(row.seq, now))
+            self._finish(lane, row, self.queue.mark_delivered(row.seq, now))
             self.delivered += 1
             self._count("delivered")
             log.debug("delivered to {connector}", event="delivered", **fields)
             return None
-        if isinstance(outcome, Dead) or (attempt >= self.retry.max_attempts and position == 0):
+        if isinstance(outcome, Dead) or (attempt >= self.retry.max_attempts and retry_at is None):
             reason = outcome.reason
             if not isinstance(outcome, Dead):
                 reason = f"gave up after {attempt} attempts: {reason}"
-            self._finish(row, self.queue.mark_dead(row.seq, attempt, reason, now))
+            self._finish(lane, row, self.queue.mark_dead(row.seq, attempt, reason, now))
             self.dead += 1
             self._count("dead")
             if self.metrics is not None:
@@ -362,6 +561,7 @@ class Worker:
                 reason=_loggable(reason), **fields,
             )
             return None
+        reason = outcome.reason
         if retry_at is not None:
             next_attempt = retry_at
         elif outcome.after is not None:
@@ -370,34 +570,35 @@ class Worker:
         else:
             next_attempt = now + self.retry.delay(attempt, self.rand)
         delay = next_attempt - now
-        if position < len(self._buffer) and self._buffer[position].seq == row.seq:
-            # (Not after a pause: the buffer was dropped.)
-            self._buffer[position] = row._replace(attempts=attempt, next_attempt=next_attempt)
-        self._record(self.queue.mark_retry(row.seq, attempt, outcome.reason, next_attempt, now))
+        if retry_at is None and self.active:
+            # The lane's head waits; its later rows wait with it (they are
+            # read again after the backoff) and other lanes take their places.
+            self._waiting[lane] = row._replace(attempts=attempt, next_attempt=next_attempt)
+            self._drop_run(lane)
+        self._record(self.queue.mark_retry(row.seq, attempt, reason, next_attempt, now))
         self.retried += 1
         self._count("retry")
         log.info(
             "delivery to {connector} failed, retry in {delay:.1f}s: {reason}",
-            event="delivery_retry", delay=delay, reason=_loggable(outcome.reason),
-            **fields,
+            event="delivery_retry", delay=delay, reason=_loggable(reason), **fields,
         )
         return next_attempt
 
-    def _finish(self, row: QueuedDelivery, marked: Deferred[None]) -> None:
-        if self._buffer and self._buffer[0].seq == row.seq:
-            self._buffer.pop(0)
-        self.cursor = max(self.cursor, row.seq)
-        self._finishing[row.seq] = None
+    def _finish(self, lane: int, row: QueuedDelivery, marked: Deferred[None]) -> None:
+        seq = row.seq
+        self._finished[seq] = None
 
-        def settled(result: object) -> object:
-            if isinstance(result, Failure):
-                # Not recorded: the row stays pending and is delivered again.
-                self._finishing.pop(row.seq, None)
-            elif row.seq in self._finishing:
-                self._finishing[row.seq] = self._reads
-            return result
+        def committed(_: object) -> None:
+            if seq in self._finished:
+                self._finished[seq] = self._reads
 
-        self._record(marked.addBoth(settled))
+        def failed(failure: Failure) -> Failure:
+            # Not durable: the row is still queued, and will be read again.
+            self._finished.pop(seq, None)
+            return failure
+
+        marked.addCallbacks(committed, failed)
+        self._record(marked)
 
     def _count(self, result: str) -> None:
         if self.metrics is not None:
@@ -408,7 +609,7 @@ class Worker:
 
     def _record_failed(self, failure: Failure) -> None:
         # Not fatal: the row keeps its last durable state and is delivered
-        # again after a restart (at least once).
+        # again (at least once).
         log.warn(
             "recording delivery state for {connector} failed: {reason}",
             event="queue_write_failed", connector=self.name,

@@ -16,6 +16,7 @@ empty.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ __all__ = [
     "RuleSet",
     "Violation",
     "compile_expression",
+    "default_lane",
+    "lane_key",
 ]
 
 MODEL_NAMES: tuple[str, ...] = ("msh", "pid", "pv1", "obx", "obx_list")
@@ -435,14 +438,32 @@ def _key_needs(expr: str) -> KeyNeeds:
     return needs
 
 
+def lane_key(text: str) -> int:
+    """A message's order key as stored with its queue rows: 8 bytes of a
+    hash, signed (SQLite's integer), never 0 (the key of rows stored
+    without one, e.g. delivered before the outbox knew lanes)."""
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True) or 1
+
+
+def _key_text(value: Any) -> str:
+    """An ``order_by`` result as text: strings as they are, anything else
+    tagged with its CEL type so that 1 and "1" stay different keys."""
+    if isinstance(value, str):
+        return value
+    return f"\x00{_cel_type(value)}:{value!r}"
+
+
 class RuleSet:
-    """The compiled rules and connector filters of one configuration."""
+    """The compiled rules, connector filters and order keys of one configuration."""
 
     def __init__(
         self,
         rules: Iterable[Rule] = (),
         filters: Mapping[str, str | Program | None]
         | Iterable[tuple[str, str | Program | None]] = (),
+        *,
+        order_by: Mapping[str, str | Program | None] | None = None,
     ) -> None:
         """Compile everything; ValueError naming the rule or connector."""
         self.rules: tuple[Rule, ...] = tuple(rules)
@@ -473,6 +494,18 @@ class RuleSet:
             routed.append((name, flt._program))
         self._filters = tuple(routed)
         self.connectors: tuple[str, ...] = tuple(name for name, _ in routed)
+        # Connector -> its order_by; connectors without one use the default key.
+        self._order_by: dict[str, cel.Program] = {}
+        for name, expr in (order_by or {}).items():
+            if expr is None:
+                continue
+            if isinstance(expr, str):
+                try:
+                    expr = compile_expression(expr)
+                except ValueError as e:
+                    raise ValueError(f"connector {name}: order_by: {e}") from None
+            programs.append(expr)
+            self._order_by[name] = expr._program
         self.names: frozenset[str] = frozenset().union(*(p.names for p in programs))
         # Per segment, the (key, extractor) pairs some expression can observe.
         keys: dict[str, set[str] | None] = {}
@@ -608,6 +641,47 @@ class RuleSet:
                     f"connector {name}: filter result is {_cel_type(result)}, not bool"
                 )
         return tuple(out)
+
+
+    def lanes(
+        self, model: cel.Context, message: Message, routes: Sequence[str]
+    ) -> tuple[int, ...]:
+        """The order key of the message for each route, in the same order.
+
+        The default key is the sending application (MSH-3) and, when the
+        message has a PID with an id (PID-3), the patient id; without one, the
+        sender's own lane. An ``order_by`` that cannot be evaluated, or gives
+        null, also sends the message down the sender's lane.
+        """
+        h = message.header
+        app = h.field(3)
+        default: int | None = None
+        keys: list[int] = []
+        for name in routes:
+            program = self._order_by.get(name)
+            if program is None:
+                if default is None:
+                    default = lane_key(_default_key_text(app, message))
+                keys.append(default)
+                continue
+            try:
+                value = program.execute(model)
+            except Exception:  # noqa: BLE001 - any failure: the sender's lane
+                value = None
+            keys.append(lane_key(app if value is None else _key_text(value)))
+        return tuple(keys)
+
+
+def default_lane(message: Message) -> int:
+    """The default order key of a message (no ``order_by``)."""
+    return lane_key(_default_key_text(message.header.field(3), message))
+
+
+def _default_key_text(app: str, message: Message) -> str:
+    h = message.header
+    pid = _first_segment(message.text, "PID", h.field_sep)
+    patient = _simple(pid[3], h) if pid is not None and len(pid) > 3 else ""
+    return f"{app}\x1f{patient}" if patient else app
 
 
 def _cel_type(value: object) -> str:

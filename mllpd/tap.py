@@ -233,8 +233,8 @@ def _relay(pipeline: Any, outbox: Any, reactor: Any, metrics: Any) -> Any:
 
     config, connectors = pipeline
     workers = [
-        Worker(connector, outbox, config.retry, reactor, metrics=metrics)
-        for connector in connectors
+        Worker(connector, outbox, config.retry, reactor, lanes=spec.lanes, metrics=metrics)
+        for spec, connector in zip(config.connectors, connectors, strict=True)
     ]
     leases = None
     url = getattr(outbox, "url", None)

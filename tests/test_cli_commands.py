@@ -97,9 +97,10 @@ class CommandTests(SynchronousTestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         lines = result.stdout.splitlines()
         self.assertEqual(lines[0].split(),
-                         ["connector", "pending", "in_flight", "delivered", "dead", "oldest"])
+                         ["connector", "pending", "in_flight", "delivered", "dead", "oldest",
+                          "retrying"])
         self.assertEqual(lines[1].split()[:5], ["ehr", "1", "0", "1", "2"])
-        self.assertEqual(lines[2].split(), ["lake", "0", "0", "1", "0", "-"])
+        self.assertEqual(lines[2].split(), ["lake", "0", "0", "1", "0", "-", "0"])
 
     def test_list_dead_letters(self) -> None:
         """``list`` filters by connector and state and shows attempts, error and preview."""

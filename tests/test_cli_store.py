@@ -80,13 +80,15 @@ class Fixture(SynchronousTestCase):
 class StatsTests(Fixture):
     def test_counts_per_connector(self) -> None:
         """Each connector shows its pending, in-flight, delivered and dead
-        counts and how long its oldest queued message has waited."""
+        counts, how long its oldest queued message has waited, and how many
+        lanes wait out a retry."""
         self.assertEqual(
             self.store.stats(NOW),
             [
-                # Oldest queued on ehr: C1 (C0 is dead), received NOW - 990.
+                # Oldest queued on ehr: C1 (C0 is dead), received NOW - 990;
+                # C1 failed twice and waits for its retry.
                 ConnectorStats("ehr", pending=2, in_flight=1, delivered=1, dead=2,
-                               oldest_pending_age=990.0),
+                               oldest_pending_age=990.0, retrying=1),
                 ConnectorStats("lake", pending=0, in_flight=0, delivered=1, dead=1,
                                oldest_pending_age=None),
             ],

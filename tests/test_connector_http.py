@@ -240,6 +240,18 @@ class HTTPConnectorTests(UpstreamCase):
         # One persistent connection carried them all.
         self.assertEqual(site.accepted, 1)
 
+    async def test_lanes_share_a_kept_alive_pool(self) -> None:
+        """With lanes: 3, three requests at once open three connections, which the next three reuse."""
+        upstream, site, url = self.serve()
+        connector = build(spec(url=url)._replace(lanes=3), reactor, {}, clock=self.clock)
+        connector.start()
+        self.addCleanup(connector.stop)
+        for _ in range(2):
+            outcomes = await gatherResults([connector.deliver(delivery()) for _ in range(3)])
+            self.assertTrue(all(isinstance(o, Delivered) for o in outcomes), outcomes)
+        self.assertEqual(len(upstream.received), 6)
+        self.assertEqual(site.accepted, 3)
+
     async def test_retry_after_http_date(self) -> None:
         """429 with an HTTP-date Retry-After waits until that date."""
         when = self.clock.seconds() + 90

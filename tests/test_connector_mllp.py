@@ -755,6 +755,25 @@ class BuiltConnectorTests(UpstreamBase):
         self.assertEqual(upstream.received, [hl7("C1")])
 
 
+    async def test_lanes_are_connections(self) -> None:
+        """With lanes: 3, three deliveries at once travel over three connections, one message each."""
+        upstream = Upstream()
+        port = self.listen(upstream)
+        spec = ConnectorSpec("ehr", "mllp", None, {"address": f"127.0.0.1:{port}"}, lanes=3)
+        connector = build(spec, reactor, {})
+        connector.start()
+        self.addCleanup(self.stop, connector)
+        outcomes = [connector.deliver(delivery(f"L{i}")) for i in range(3)]
+        for d in outcomes:
+            self.assertEqual(await self.settle(d), Delivered("AA"))
+        self.assertEqual(sorted(upstream.received), [hl7(f"L{i}") for i in range(3)])
+        self.assertEqual(len(upstream.connections), 3)
+        self.assertEqual(
+            sorted(conn.raw.count(b"\x0b") for conn in upstream.connections),
+            [1, 1, 1],
+        )
+
+
 class TLSUpstreamTests(UpstreamTests):
     """The same upstream behind TLS that requires a client certificate."""
 

@@ -19,7 +19,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from twisted.internet import reactor as _reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.threads import deferToThread
 from twisted.logger import capturedLogs, formatEvent, globalLogPublisher
 from twisted.protocols import portforward
@@ -253,6 +253,48 @@ class PostgresConnectorTests(TestCase):
         ok = delivery()
         self.assertEqual(await connector.deliver(ok), Delivered("inserted"))
         self.assertEqual([r[0] for r in self.rows()], [ok.message_id])
+
+    async def test_lanes_share_one_transaction(self) -> None:
+        """Deliveries started together go in one transaction; a resend among them is already stored."""
+        connector = build(
+            spec(dsn_env="ARCHIVE_DSN", table=self.table)._replace(lanes=4), reactor,
+            {"ARCHIVE_DSN": DSN},
+        )
+        connector.start()
+        self.addCleanup(connector.stop)
+        first = delivery()
+        self.assertEqual(await connector.deliver(first), Delivered("inserted"))
+        batch = [delivery() for _ in range(3)]
+        outcomes = await gatherResults(
+            [connector.deliver(d) for d in batch] + [connector.deliver(first._replace(attempt=2))]
+        )
+        self.assertEqual(outcomes, [Delivered("inserted")] * 3 + [Delivered("already stored")])
+        xmins = query(
+            sql.SQL("SELECT message_id, xmin::text FROM {}").format(sql.Identifier(self.table))
+        )
+        by_id = dict(xmins)
+        self.assertEqual(len({by_id[d.message_id] for d in batch}), 1)
+        self.assertNotEqual(by_id[first.message_id], by_id[batch[0].message_id])
+
+    async def test_a_refused_value_in_a_batch_is_dead_alone(self) -> None:
+        """When one message of a batch is refused by the table, it alone is Dead; the others are stored."""
+        connector = build(
+            spec(dsn_env="ARCHIVE_DSN", table=self.table)._replace(lanes=3), reactor,
+            {"ARCHIVE_DSN": DSN},
+        )
+        connector.start()
+        self.addCleanup(connector.stop)
+        await connector.deliver(delivery())  # the table exists
+        good = [delivery(), delivery()]
+        outcomes = await gatherResults([
+            connector.deliver(good[0]), connector.deliver(delivery(control_id="C\x00")),
+            connector.deliver(good[1]),
+        ])
+        self.assertEqual(outcomes[0], Delivered("inserted"))
+        self.assertIsInstance(outcomes[1], Dead)
+        self.assertEqual(outcomes[2], Delivered("inserted"))
+        stored = {r[0] for r in self.rows()}
+        self.assertTrue({d.message_id for d in good} <= stored)
 
     async def test_table_without_unique_id_is_retried(self) -> None:
         """An existing table with no unique message_id cannot take an idempotent insert: Retry, not Dead."""

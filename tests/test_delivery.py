@@ -606,6 +606,68 @@ class CrashTests(TestCase):
         self.assertEqual({cid for cid, k in keys.items() if len(k) != 1 or None in k}, set())
 
 
+    async def test_kill_with_lanes_in_flight_keeps_each_key_in_order(self) -> None:
+        """kill -9 with lanes in flight: after a restart every AA'd message arrives, each patient's in queue order, and a key resumes at or before where it stopped."""
+        ehr, lake = MLLPUpstream(self), HTTPUpstream(self)
+        ehr.listen()
+        lake.listen()
+        lanes = "    lanes: 4\n"
+        config = (
+            "connectors:\n" + mllp_connector("ehr", ehr.port, lanes)
+            + http_connector("lake", lake.port, lanes) + FAST_RETRY + "\n"
+        )
+        workdir = make_workdir(self)
+        server = await run_server(self, config, workdir=workdir)
+        assert server.port is not None
+        patient = {}
+        batches = []
+        for c in range(4):
+            batch = []
+            for n in range(400):
+                cid = f"L{c}-{n:04d}"
+                patient[cid] = str(n % 16)
+                batch.append(hl7_message(cid, pid=f"PID|1||{n % 16}^^^HOSP^MR||DOE^J"))
+            batches.append(batch)
+        results = await deferToThread(
+            lambda: [r.result() for r in _parallel(server.port, batches)]  # type: ignore[arg-type]
+        )
+        self.assertEqual({a.code for batch in results for a in batch}, {"AA"})
+        await until(
+            lambda: len(ehr.received) >= 200 and len(lake.posts) >= 200, timeout=30,
+            what=lambda: f"ehr {len(ehr.received)} lake {len(lake.posts)}",
+        )
+        server.process.kill()
+        await deferToThread(server.wait)
+        at_kill = {"ehr": len(ehr.received), "lake": len(lake.posts)}
+        self.assertLess(max(at_kill.values()), 1600, "the kill came after a queue had drained")
+
+        restarted = spawn_server(
+            self, env={"MLLP_CONFIG": os.path.join(workdir, "mllp.yaml")}, workdir=workdir
+        )
+        await deferToThread(restarted.wait_listening)
+        await until(
+            lambda: all_delivered(restarted, "ehr", 1600) and all_delivered(restarted, "lake", 1600),
+            timeout=90, what=lambda: f"ehr {len(ehr.received)} lake {len(lake.posts)}",
+        )
+        arrivals = {
+            "ehr": ehr.control_ids(),
+            "lake": [control_id(post.body) for post in lake.posts],
+        }
+        for name, seen in arrivals.items():
+            queued = [cid for cid, *_ in states(restarted, name)]
+            self.assertEqual(sorted(set(seen)), sorted(queued), name)
+            for key in set(patient.values()):
+                order = [cid for cid in queued if patient[cid] == key]
+                before = [cid for cid in seen[: at_kill[name]] if patient[cid] == key]
+                after = [cid for cid in seen[at_kill[name] :] if patient[cid] == key]
+                # Each key in queue order before the kill, and after it from
+                # a message at or before the first one it had not received.
+                self.assertEqual(before, order[: len(before)], f"{name} key {key}")
+                resumed = order.index(after[0]) if after else len(order)
+                self.assertLessEqual(resumed, len(before), f"{name} key {key}")
+                self.assertEqual(after, order[resumed:], f"{name} key {key}")
+
+
 def _parallel(port: int, batches: list[list[bytes]]) -> list[Any]:
     """Send each batch on its own connection at the same time."""
     from concurrent.futures import ThreadPoolExecutor

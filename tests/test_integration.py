@@ -517,6 +517,14 @@ class StartupTests(SynchronousTestCase):
         self.assert_startup_error(server, "MLLP_CONFIG")
         self.assertIn("lake", server.stderr_lines[0])
 
+    def test_bad_lanes_names_the_setting(self) -> None:
+        """lanes: 0 on a connector stops startup with one line naming the connector's lanes."""
+        server = self.start_with_config(
+            "connectors:\n  - name: lake\n    type: http\n    url: http://x/\n    lanes: 0\n"
+        )
+        self.assert_startup_error(server, "MLLP_CONFIG")
+        self.assertIn("connectors[0] (lake).lanes", server.stderr_lines[0])
+
     def test_busy_port_names_variable(self) -> None:
         """A port already in use stops startup with one line naming MLLP_ADDR."""
         busy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -15,8 +15,16 @@ from twisted.internet import defer
 from twisted.internet import reactor as _reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from mllpd.hl7 import parse_message
 from mllpd.outbox import AuditRecord, Backlog, Envelope, OutboxError
-from mllpd.outbox.sqlite import SQLiteOutbox, open_database, prune_interval, schema_files
+from mllpd.outbox.sqlite import (
+    SQLiteOutbox,
+    _statements,
+    open_database,
+    prune_interval,
+    schema_files,
+)
+from mllpd.rules import default_lane, lane_key
 from tests.upstreams import until
 
 reactor: Any = _reactor
@@ -206,6 +214,39 @@ class SchemaTests(SynchronousTestCase):
         versions = [r[0] for r in conn.execute("SELECT version FROM schema_version")]
         conn.close()
         self.assertEqual(versions, [v for v, _ in schema_files("sqlite")])
+
+    def test_lanes_migration_keys_queued_rows(self) -> None:
+        """Rows still queued when an outbox is upgraded to lanes get their message's default order key."""
+        path = temp_db(self)
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.create_function("mllp_dedup_key", 1, lambda *a: 1)
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        # Up to batches (4), on the slim rows of 3: lanes is 5.
+        for version, script in schema_files("sqlite"):
+            if version <= 4:
+                for statement in _statements(script):
+                    conn.execute(statement)
+                conn.execute("INSERT INTO schema_version VALUES (?)", (version,))
+        payload = b"MSH|^~\\&|LAB|B|C|D|||ADT^A01|C1|P|2.5\rPID|1||MRN7\r"
+        conn.execute(
+            "INSERT INTO messages (message_id, received_at, peer, control_id, msg_type,"
+            " sending_app, sending_fac, version, size, sha256, ack_code, dedup_key, payload)"
+            " VALUES ('m1', 1, 'p', 'C1', 'ADT^A01', 'LAB', 'B', '2.5', 1, 's', 'AA', 1, ?)",
+            (payload,),
+        )
+        for connector, state in (("a", "pending"), ("b", "delivered"), ("c", "dead")):
+            conn.execute(
+                "INSERT INTO deliveries (message_id, connector, state, updated_at)"
+                " VALUES ('m1', ?, ?, 0)", (connector, state),
+            )
+        conn.close()
+        open_database(path).close()
+        conn = sqlite3.connect(path)
+        lanes = conn.execute("SELECT connector, lane FROM deliveries ORDER BY connector").fetchall()
+        conn.close()
+        key = default_lane(parse_message(payload))
+        self.assertEqual(key, lane_key("LAB\x1fMRN7"))
+        self.assertEqual(lanes, [("a", key), ("b", 0), ("c", key)])
 
     def test_wal_and_full_sync(self) -> None:
         """The outbox runs in WAL mode with synchronous=FULL."""

@@ -20,7 +20,7 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from mllpd.connectors import Delivered, Delivery
+from mllpd.connectors import Delivered, Delivery, Retry
 from mllpd.outbox import AuditRecord, Envelope, OutboxError
 from mllpd.outbox.common import schema_files
 from mllpd.outbox.leases import LEASE_INTERVAL, Leases
@@ -255,6 +255,91 @@ class QueueTests(_PG):
         self.assertEqual(await a.prune(), 1)
         self.assertEqual(await b.prune(), 0)  # already done for the cluster
         self.assertEqual([c for (c,) in select(self.url, "SELECT control_id FROM messages")], ["P2"])
+
+
+class LaneQueueTests(_PG):
+    """Ordered lanes on the PostgreSQL outbox: each queue row carries its key."""
+
+    async def store_keyed(self, outbox: PostgresOutbox, *control_ids: str) -> None:
+        """Store messages whose order key is the control id's letter: A1, A2 share a lane."""
+        for c in control_ids:
+            await outbox.store(envelope(c)._replace(lanes=(ord(c[0]),)))
+
+    async def test_read_leaves_out_busy_lanes_and_finished_rows_without_skipping(self) -> None:
+        """A queue read returns each row's key, leaves out busy keys and finished rows, and still returns a row of a free key that became visible after later ones."""
+        outbox = self.open()
+        # Another replica's transaction takes a seq for key A and stays open...
+        slow = psycopg.connect(self.url)
+        self.addCleanup(slow.close)
+        early = envelope("A0")
+        slow.execute(
+            "INSERT INTO messages (message_id, received_at, peer, control_id, msg_type,"
+            " sending_app, sending_fac, version, size, sha256, ack_code, connectors, payload)"
+            " VALUES (%s, 1000, 'p', 'A0', 'ADT^A01', 'A', 'B', '2.5', %s, %s, 'AA', 'ehr', %s)",
+            (early.message_id, early.size, early.sha256, early.payload),
+        )
+        slow.execute(
+            "INSERT INTO deliveries (message_id, connector, updated_at, lane)"
+            " VALUES (%s, 'ehr', 1000, %s)", (early.message_id, ord("A")),
+        )
+        # ... while later rows of keys A and B commit.
+        await self.store_keyed(outbox, "A1", "B1", "A2", "B2")
+        rows = await outbox.fetch("ehr", 0, 10)
+        self.assertEqual([(r.control_id, r.lane) for r in rows],
+                         [("A1", 65), ("B1", 66), ("A2", 65), ("B2", 66)])
+        b1 = rows[1].seq
+        rows = await outbox.fetch("ehr", 0, 10, [ord("B")], [rows[0].seq])
+        self.assertEqual([r.control_id for r in rows], ["A2"])
+        slow.commit()
+        # Read by state, not after the last seq seen: A0 is not skipped.
+        rows = await outbox.fetch("ehr", b1, 10, [ord("B")])
+        self.assertEqual([r.control_id for r in rows], ["A0", "A1", "A2"])
+
+    async def test_key_in_backoff_holds_back_only_its_own_messages(self) -> None:
+        """With lanes: 2 on PostgreSQL, key B is delivered while key A waits out a backoff, and A's messages then go in order."""
+        outbox = self.open()
+        clock = Clock()
+        seen: list[tuple[str, int]] = []
+
+        class Flaky:
+            name = "ehr"
+
+            def start(self) -> None:
+                pass
+
+            def stop(self) -> None:
+                pass
+
+            def deliver(self, d: Delivery) -> Delivered | Retry:
+                seen.append((d.control_id, d.attempt))
+                if d.control_id == "A1" and d.attempt == 1:
+                    return Retry("503 Service Unavailable")
+                return Delivered()
+
+        await self.store_keyed(outbox, "A1", "A2", "B1", "A3", "B2")
+        worker = Worker(Flaky(), outbox, _NoRetry(), clock, lanes=2)  # type: ignore[arg-type]
+        outbox.add_listener(lambda names: worker.notify())
+        worker.start()
+        self.addCleanup(worker.stop)
+        await until(lambda: [c for c, _ in seen], lambda ids: ids == ["A1", "B1", "B2"],
+                    timeout=10, what=lambda: str(seen))
+        await until(
+            lambda: select(self.url, "SELECT count(*) FROM deliveries WHERE state = 'delivered'"),
+            lambda rows: rows == [(2,)], timeout=10, what="B's marks",
+        )
+        # Still in backoff: no read and no poll delivers A2 past A1.
+        reads = worker._reads
+        worker.notify()
+        await until(lambda: worker._reads > reads and worker._wake is not None,
+                    timeout=10, what="a read, then the worker idle")
+        self.assertEqual([c for c, _ in seen], ["A1", "B1", "B2"])
+        clock.advance(_NoRetry().delay(1, None) + 0.01)
+        await until(lambda: len(seen), lambda n: n == 6, timeout=10, what=lambda: str(seen))
+        self.assertEqual(seen, [("A1", 1), ("B1", 1), ("B2", 1), ("A1", 2), ("A2", 1), ("A3", 1)])
+        await until(
+            lambda: select(self.url, "SELECT count(*) FROM deliveries WHERE state = 'delivered'"),
+            lambda rows: rows == [(5,)], timeout=10, what="every mark",
+        )
 
 
 class _NoRetry:

@@ -242,6 +242,33 @@ class ErrorTests(FileTestCase):
             "found a number",
         )
 
+    def test_connector_lanes(self) -> None:
+        """lanes and order_by are read for every type and checked with a line naming them."""
+        doc = parse_pipeline_config({"connectors": [
+            {"name": "ehr", "type": "mllp", "address": "x:1", "lanes": 8,
+             "order_by": "pid.id"},
+            {"name": "lake", "type": "http", "url": "http://x/"},
+        ]})
+        self.assertEqual(doc.connectors[0].lanes, 8)
+        self.assertEqual(doc.connectors[0].order_by, "pid.id")
+        self.assertEqual(doc.connectors[0].options, {"address": "x:1"})
+        self.assertEqual((doc.connectors[1].lanes, doc.connectors[1].order_by), (1, None))
+        for value, shown in (("0", "0"), ("257", "257"), ("'8'", "8"), ("true", "True")):
+            self.assertFails(
+                f"connectors: [{{name: ehr, type: mllp, lanes: {value}}}]\n",
+                f"MLLP_CONFIG: connectors[0] (ehr).lanes: {shown!r} is out of range; "
+                "expected a whole number from 1 to 256",
+            )
+        self.assertFails(
+            "connectors: [{name: ehr, type: mllp, order_by: 'pid.nope()'}]\n",
+            "MLLP_CONFIG: connectors[0] (ehr).order_by: unknown function 'nope'",
+        )
+        self.assertFails(
+            "connectors: [{name: ehr, type: mllp, order_by: [1]}]\n",
+            "MLLP_CONFIG: connectors[0] (ehr).order_by: expected a CEL expression as text, "
+            "found a list",
+        )
+
     def test_retry(self) -> None:
         """Retry values are checked for type and range."""
         cases = [

@@ -168,6 +168,18 @@ class RulesAndRoutingTests(SynchronousTestCase):
         self.assertEqual([e.routes for e in self.outbox.stored], [("ehr", "lake"), ("lake",)])
         self.assertEqual(self.outbox.stored[0].client_subject, "CN=lab")
 
+    def test_each_route_carries_the_order_key(self) -> None:
+        """Stored envelopes carry one order key per route: same patient same key, another patient another."""
+        first = (msh("K1") + "PID|1||123\r").encode()
+        again = (msh("K2") + "PID|1||123\r").encode()
+        other = (msh("K3") + "PID|1||456\r").encode()
+        for payload in (first, again, other):
+            self.assertEqual(self.receive(payload).code, "AA")
+        keys = [e.lanes for e in self.outbox.stored]
+        self.assertEqual([len(k) for k in keys], [2, 2, 2])
+        self.assertEqual(keys[0], keys[1])
+        self.assertNotEqual(keys[0], keys[2])
+
     def test_failed_rule_gives_ae_naming_rule(self) -> None:
         """A message breaking a rule gets AE whose ERR names the rule, is not stored, and is audited."""
         payload = (msh("R1") + "PID|1||||DOE^JOHN\r").encode()

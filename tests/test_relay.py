@@ -15,12 +15,22 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
-from mllpd.connectors import Dead, Delivered, Delivery, IConnector, Outcome, Retry
+from mllpd.cli.store import Store
+from mllpd.connectors import (
+    Dead,
+    Delivered,
+    Delivery,
+    IBatchConnector,
+    IConnector,
+    Outcome,
+    Retry,
+)
 from mllpd.outbox import QueuedDelivery
 from mllpd.outbox.sqlite import SQLiteOutbox
 from mllpd.pipeline import RetryPolicy
 from mllpd.relay import Relay, Worker
 from tests.test_outbox import envelope, temp_db
+from tests.upstreams import until
 
 reactor: Any = _reactor
 
@@ -89,8 +99,11 @@ def queue_rows(path: str, connector: str) -> list[tuple[str, str, int, str | Non
         conn.close()
 
 
-class RelayTests(TestCase):
+class RelayCase(TestCase):
+    """A real outbox file and a worker on a Clock."""
+
     timeout = 15
+
     def setUp(self) -> None:
         self.path = temp_db(self)
         self.clock = Clock()
@@ -113,14 +126,26 @@ class RelayTests(TestCase):
         self.addCleanup(worker.stop)
         return worker
 
-    async def store(self, outbox: SQLiteOutbox, *control_ids: str, routes: tuple[str, ...] = ("up",)) -> None:
+    async def store(
+        self, outbox: SQLiteOutbox, *control_ids: str, routes: tuple[str, ...] = ("up",),
+        lane: int = 0,
+    ) -> None:
         for c in control_ids:
-            await outbox.store(envelope(c, received_at=self.clock.seconds())._replace(routes=routes))
+            await outbox.store(envelope(c, received_at=self.clock.seconds())._replace(
+                routes=routes, lanes=(lane,) * len(routes)))
+
+    async def store_keyed(self, outbox: SQLiteOutbox, *control_ids: str) -> None:
+        """Store messages whose order key is the control id's letter: A1, A2 share a lane."""
+        for c in control_ids:
+            await self.store(outbox, c, lane=ord(c[0]))
 
     async def settle(self, outbox: SQLiteOutbox) -> None:
         """Wait until every state change queued so far is committed."""
         await outbox.mark_in_flight(-1, 0)
 
+
+
+class RelayTests(RelayCase):
     async def test_delivers_in_order_exact_bytes(self) -> None:
         """Every routed message reaches the connector once, in arrival order, byte for byte."""
         outbox = self.open()
@@ -172,6 +197,29 @@ class RelayTests(TestCase):
             [(c, s, n) for c, s, n, _ in queue_rows(self.path, "up")],
             [("FIRST", "delivered", 3), ("SECOND", "delivered", 1)],
         )
+
+    async def test_a_fifo_in_backoff_does_not_read_its_queue(self) -> None:
+        """While the head waits out its backoff, new messages and polls cost no queue reads."""
+        outbox = self.open()
+        reads: list[object] = []
+        fetch = outbox.fetch
+
+        def counted(*args: Any) -> Deferred[Any]:
+            reads.append(args)
+            return fetch(*args)
+
+        outbox.fetch = counted  # type: ignore[method-assign]
+        up = ScriptedConnector("up", [Retry("503")])
+        self.worker(outbox, up)
+        await self.store(outbox, "HEAD")
+        await up.wait_for(1)
+        before = len(reads)
+        await self.store(outbox, "N1", "N2", "N3")
+        self.clock.advance(5)
+        self.assertEqual(len(reads), before)
+        self.clock.advance(5.1)
+        await up.wait_for(5)
+        self.assertEqual([d.control_id for d in up.seen], ["HEAD", "HEAD", "N1", "N2", "N3"])
 
     async def test_retry_after_overrides_backoff(self) -> None:
         """An upstream's Retry-After replaces the computed backoff, capped at the policy's max."""
@@ -333,6 +381,247 @@ class RelayTests(TestCase):
         self.assertEqual(queue_rows(self.path, "up"), [("NEXT", "delivered", 1, None)])
 
 
+def by_key(seen: list[Delivery]) -> dict[str, list[str]]:
+    """Control ids as the connector saw them, per order key (the first letter)."""
+    out: dict[str, list[str]] = {}
+    for d in seen:
+        out.setdefault(d.control_id[0], []).append(d.control_id)
+    return out
+
+
+class LaneTests(RelayCase):
+    """``lanes: N``: different keys in parallel, each key in order."""
+
+    async def test_different_keys_in_parallel_same_key_in_order(self) -> None:
+        """Up to N deliveries are in flight at once, one per key; a key's next message waits for its previous one."""
+        outbox = self.open()
+        up = ScriptedConnector("up", ["hold"] * 12)
+        # Queued before the worker starts: its first read sees every key.
+        await self.store_keyed(outbox, "A1", "A2", "B1", "A3", "B2", "C1", "D1", "C2", "D2")
+        worker = self.worker(outbox, up, lanes=3)
+        await up.wait_for(3)
+        self.assertEqual([d.control_id for d in up.seen], ["A1", "B1", "C1"])
+        self.assertEqual(worker.in_flight, 3)
+        await self.settle(outbox)
+        self.assertEqual(
+            [r[:2] for r in queue_rows(self.path, "up") if r[1] == "in_flight"],
+            [("A1", "in_flight"), ("B1", "in_flight"), ("C1", "in_flight")],
+        )
+        # B1 done: B2 goes next; C1 done: D1, the oldest head of a free key.
+        up.held[1].callback(Delivered())
+        await up.wait_for(4)
+        self.assertEqual(up.seen[3].control_id, "B2")
+        up.held[2].callback(Delivered())
+        await up.wait_for(5)
+        self.assertEqual(up.seen[4].control_id, "D1")
+        while len(up.seen) < 9:
+            for held in up.held:
+                if not held.called:
+                    held.callback(Delivered())
+            await up.wait_for(min(len(up.seen) + 1, 9))
+        for held in up.held:
+            if not held.called:
+                held.callback(Delivered())
+        await self.settle(outbox)
+        self.assertEqual(
+            by_key(up.seen),
+            {"A": ["A1", "A2", "A3"], "B": ["B1", "B2"], "C": ["C1", "C2"], "D": ["D1", "D2"]},
+        )
+        self.assertEqual({r[1] for r in queue_rows(self.path, "up")}, {"delivered"})
+
+    async def test_backoff_holds_back_only_its_own_key(self) -> None:
+        """While one key waits out a backoff, other keys are delivered; its own later messages wait."""
+        outbox = self.open()
+        up = ScriptedConnector("up", [Retry("503 Service Unavailable")])
+        self.worker(outbox, up, lanes=2)
+        await self.store_keyed(outbox, "A1", "A2", "B1", "B2", "C1", "A3", "C2")
+        await up.wait_for(5)
+        await self.settle(outbox)
+        self.assertEqual(
+            [d.control_id for d in up.seen], ["A1", "B1", "B2", "C1", "C2"],
+        )
+        self.clock.advance(10.1)
+        await up.wait_for(8)
+        self.assertEqual(by_key(up.seen)["A"], ["A1", "A1", "A2", "A3"])
+        self.assertEqual([d.attempt for d in up.seen if d.control_id == "A1"], [1, 2])
+
+    async def test_a_blocked_key_with_a_long_queue_does_not_starve_others(self) -> None:
+        """A key in backoff with far more rows queued than one read holds does not stop the keys queued behind it."""
+        outbox = self.open()
+        up = ScriptedConnector("up", [Retry("refused")])
+        worker = self.worker(outbox, up, lanes=2)
+        long = [f"A{i}" for i in range(5 * worker.buffer_limit)]
+        await self.store_keyed(outbox, *long, "B1", "B2", "C1")
+        await up.wait_for(4)
+        self.assertEqual([d.control_id for d in up.seen], ["A0", "B1", "B2", "C1"])
+        # Nothing but A is left, and A waits: no read returns anything else.
+        self.clock.advance(5)
+        self.assertEqual(len(up.seen), 4)
+        self.clock.advance(5.1)
+        await up.wait_for(4 + 2 * worker.buffer_limit)
+        # Rows held in memory stay bounded however long the key's queue is.
+        self.assertLessEqual(worker._buffered, worker.buffer_limit)
+        await up.wait_for(4 + len(long))
+        await self.settle(outbox)
+        self.assertEqual(by_key(up.seen)["A"], ["A0", *long])
+
+    async def test_dead_letter_then_the_same_keys_next_message(self) -> None:
+        """A dead-lettered message lets its key's next message go, in order, while other keys carry on."""
+        outbox = self.open()
+        up = ScriptedConnector("up", [Dead("AE: unknown patient")])
+        self.worker(outbox, up, lanes=2)
+        await self.store_keyed(outbox, "A1", "A2", "B1", "A3")
+        await up.wait_for(4)
+        await self.settle(outbox)
+        self.assertEqual(by_key(up.seen), {"A": ["A1", "A2", "A3"], "B": ["B1"]})
+        self.assertEqual(queue_rows(self.path, "up")[0], ("A1", "dead", 1, "AE: unknown patient"))
+
+    async def test_replay_keeps_the_key(self) -> None:
+        """A replayed dead letter goes back into its own key's lane, after that key's queued messages."""
+        outbox = self.open()
+        up = ScriptedConnector("up", [Dead("AE"), "hold"])
+        self.worker(outbox, up, lanes=2)
+        await self.store_keyed(outbox, "A1", "A2", "A3")
+        await up.wait_for(2)  # A1 dead, A2 held in flight
+        await self.settle(outbox)
+        with Store(self.path) as store:
+            replayed = store.replay("up", None, self.clock.seconds())
+        self.assertEqual(replayed, [up.seen[0].message_id])
+        lanes = sqlite3.connect(self.path).execute(
+            "SELECT DISTINCT lane FROM deliveries").fetchall()
+        self.assertEqual(lanes, [(ord("A"),)])
+        self.clock.advance(1.0)  # the poll that finds the replayed row
+        self.assertEqual(len(up.seen), 2, "a replay must not overtake its key's message in flight")
+        up.held[0].callback(Delivered())
+        await up.wait_for(4)
+        self.assertEqual([d.control_id for d in up.seen], ["A1", "A2", "A3", "A1"])
+
+    async def test_restart_with_lanes_in_flight(self) -> None:
+        """Rows left in flight on several lanes by a crash are delivered again first, each key in order."""
+        outbox = self.open()
+        await self.store_keyed(outbox, "A1", "B1", "A2", "B2", "C1")
+        await outbox.close()
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        conn.execute("UPDATE deliveries SET state = 'in_flight' WHERE seq IN (1, 2)")
+        conn.close()
+        again = self.open()
+        up = ScriptedConnector("up")
+        self.worker(again, up, lanes=4)
+        await up.wait_for(5)
+        self.assertEqual(
+            by_key(up.seen), {"A": ["A1", "A2"], "B": ["B1", "B2"], "C": ["C1"]},
+        )
+
+    async def test_a_key_freed_during_a_read_is_read_again(self) -> None:
+        """A key whose message finishes while a queue read is under way still gets its next message delivered."""
+        outbox = self.open()
+        gate: list[Deferred[None]] = []
+        fetch = outbox.fetch
+
+        def gated(*args: Any) -> Deferred[Any]:
+            if not gate:
+                return fetch(*args)
+            return gate.pop().addCallback(lambda _: fetch(*args))
+
+        outbox.fetch = gated  # type: ignore[method-assign]
+        up = ScriptedConnector("up", ["hold"] * 5)
+        self.worker(outbox, up, lanes=5)
+        await self.store_keyed(outbox, "A1", "B1")
+        await up.wait_for(2)
+        await self.store_keyed(outbox, "C1")
+        await up.wait_for(3)
+        await self.store_keyed(outbox, "C2", "D1")  # C2 waits behind C1
+        await up.wait_for(4)
+        # A1 done: the read it starts waits at the gate while C1 finishes
+        # and E1 arrives; the read finds E1 and must not pass over C2.
+        opened: Deferred[None] = Deferred()
+        gate.append(opened)
+        up.held[0].callback(Delivered())
+        up.held[2].callback(Delivered())
+        await self.store_keyed(outbox, "E1")
+        opened.callback(None)
+        await up.wait_for(6)
+        self.assertEqual(sorted(d.control_id for d in up.seen[4:]), ["C2", "E1"])
+        for held in up.held:
+            if not held.called:
+                held.callback(Delivered())
+
+    async def test_keys_waiting_out_a_backoff_are_bounded(self) -> None:
+        """When upstream refuses everything, no more than max_waiting keys hold a backoff at once."""
+        outbox = self.open()
+        up = ScriptedConnector("up", [Retry("down")] * 1000)
+        worker = self.worker(outbox, up, lanes=2, max_waiting=3)
+        await self.store_keyed(outbox, *[f"{chr(ord('A') + i)}1" for i in range(10)])
+        await up.wait_for(3)
+        self.clock.advance(5)
+        self.assertEqual(len(up.seen), 3)
+        self.assertEqual(len(worker._waiting), 3)
+        self.clock.advance(5.1)
+        await up.wait_for(6)
+        self.assertLessEqual(len(worker._waiting), 3)
+
+    async def test_one_lane_is_one_fifo_whatever_the_keys(self) -> None:
+        """With lanes: 1 a retried message holds back every later one, whatever its key."""
+        outbox = self.open()
+        up = ScriptedConnector("up", [Retry("503")])
+        self.worker(outbox, up)
+        await self.store_keyed(outbox, "A1", "B1", "C1")
+        await up.wait_for(1)
+        self.clock.advance(5)
+        self.assertEqual([d.control_id for d in up.seen], ["A1"])
+        self.clock.advance(5.1)
+        await up.wait_for(4)
+        self.assertEqual([d.control_id for d in up.seen], ["A1", "A1", "B1", "C1"])
+
+@implementer(IBatchConnector)
+class BatchRecorder:
+    """Forwards batches whole; each batch's outcomes are scripted in turn."""
+
+    forward_batches = True
+
+    def __init__(self, scripts: list[list[Outcome]]) -> None:
+        self.name = "up"
+        self.scripts = scripts
+        self.batches: list[list[str]] = []
+        self.singles: list[str] = []
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> Deferred[None]:
+        return succeed(None)
+
+    def deliver(self, delivery: Delivery) -> Deferred[Outcome]:
+        self.singles.append(delivery.control_id)
+        return succeed(Delivered())
+
+    def deliver_batch(self, deliveries: Any, batch_control_id: str) -> Deferred[list[Outcome]]:
+        self.batches.append([d.control_id for d in deliveries])
+        script = self.scripts.pop(0) if self.scripts else []
+        return succeed(script or [Delivered()] * len(deliveries))
+
+
+class LaneBatchTests(RelayCase):
+    async def test_batch_forwarded_per_key_and_retried_together(self) -> None:
+        """With lanes: 2 a batch's messages of one key go upstream together; once one is retried, the later ones wait with it, and the other key's message goes alone."""
+        outbox = self.open()
+        for position, c in enumerate(["A1", "A2", "B3", "A4"], 1):
+            await outbox.store(envelope(c, received_at=self.clock.seconds())._replace(
+                routes=("up",), lanes=(ord(c[0]),), batch_control_id="BAT",
+                batch_position=position))
+        up = BatchRecorder([[Delivered(), Retry("503"), Delivered()]])
+        self.worker(outbox, up, lanes=2)  # type: ignore[arg-type]
+        await until(lambda: (up.batches, up.singles), lambda seen: seen[1] == ["B3"]
+                    and len(seen[0]) == 1, timeout=10, what=lambda: str((up.batches, up.singles)))
+        self.assertEqual(up.batches, [["A1", "A2", "A4"]])
+        self.clock.advance(10.1)
+        await until(lambda: len(up.batches), lambda n: n == 2, timeout=10,
+                    what=lambda: str(up.batches))
+        self.assertEqual(up.batches, [["A1", "A2", "A4"], ["A2", "A4"]])
+        await self.settle(outbox)
+        self.assertEqual({r[1] for r in queue_rows(self.path, "up")}, {"delivered"})
+
+
 class _ByStateQueue:
     """A queue read by state, as PostgreSQL's is: every read and every
     delivered mark waits until the test fires it."""
@@ -341,7 +630,10 @@ class _ByStateQueue:
         self.reads: list[Deferred[list[QueuedDelivery]]] = []
         self.marks: list[Deferred[None]] = []
 
-    def fetch(self, connector: str, after: int, limit: int) -> Deferred[list[QueuedDelivery]]:
+    def fetch(
+        self, connector: str, after: int, limit: int,
+        skip_lanes: Any = (), skip_seqs: Any = (),
+    ) -> Deferred[list[QueuedDelivery]]:
         d: Deferred[list[QueuedDelivery]] = Deferred()
         self.reads.append(d)
         return d
@@ -375,4 +667,4 @@ class ReadByStateTests(SynchronousTestCase):
         clock.advance(1.0)
         queue.reads[2].callback([])
         self.assertEqual([d.control_id for d in connector.seen], ["C7"])
-        self.assertEqual(worker._finishing, {})
+        self.assertEqual(worker._finished, {})

@@ -17,6 +17,7 @@ from mllpd.rules import (
     RuleSet,
     Violation,
     compile_expression,
+    lane_key,
 )
 
 MSH = "MSH|^~\\&|LAB^1.2.3^ISO|HOSP|GW|DEST|20240305140709||ORU^R01^ORU_R01|CTRL123|P|2.5.1"
@@ -381,6 +382,55 @@ class RouteTests(SynchronousTestCase):
         model = rs.model(ORU)
         self.assertIsNone(rs.check(model))
         self.assertEqual(rs.route(model), ("ehr",))
+
+
+class LaneKeyTests(SynchronousTestCase):
+    """lanes() gives each route the message's order key."""
+
+    def keys(self, rs: RuleSet, msg: Message) -> tuple[int, ...]:
+        model = rs.model(msg)
+        return rs.lanes(model, msg, rs.route(model))
+
+    def test_default_is_sender_and_patient(self) -> None:
+        """Without order_by, the key is MSH-3 and PID-3: same patient same key, other patient or sender another."""
+        rs = RuleSet((), {"ehr": None, "lake": None})
+        same = self.keys(rs, message(MSH.replace("CTRL123", "X"), PID))
+        self.assertEqual(self.keys(rs, ORU), same)
+        self.assertEqual(same[0], same[1])
+        other_patient = self.keys(rs, message(MSH, PID.replace("MRN123", "MRN999")))
+        other_sender = self.keys(rs, message(MSH.replace("LAB^", "RAD^"), PID))
+        self.assertEqual(len({same, other_patient, other_sender}), 3)
+
+    def test_no_patient_is_the_senders_lane(self) -> None:
+        """A message without PID, or with an empty PID-3, goes down its sender's lane."""
+        rs = RuleSet((), {"ehr": None})
+        sender = (lane_key("LAB^1.2.3^ISO"),)
+        self.assertEqual(self.keys(rs, BARE), sender)
+        self.assertEqual(self.keys(rs, message(MSH, "PID|1||")), sender)
+        self.assertNotEqual(self.keys(rs, ORU), sender)
+
+    def test_order_by(self) -> None:
+        """order_by decides the key per connector; equal values share a key, 1 and "1" do not."""
+        rs = RuleSet((), {"ehr": None, "lake": None}, order_by={"ehr": "pv1.patient_class"})
+        ehr, lake = self.keys(rs, ORU)
+        self.assertEqual(ehr, lane_key("I"))
+        self.assertNotEqual(ehr, lake)
+        numeric = RuleSet((), {"ehr": None}, order_by={"ehr": "1"})
+        text = RuleSet((), {"ehr": None}, order_by={"ehr": '"1"'})
+        self.assertNotEqual(self.keys(numeric, ORU), self.keys(text, ORU))
+
+    def test_order_by_error_is_the_senders_lane(self) -> None:
+        """An order_by that cannot be evaluated (or gives null) sends the message down its sender's lane."""
+        rs = RuleSet((), {"ehr": None}, order_by={"ehr": "pid.id"})
+        self.assertEqual(self.keys(rs, BARE), (lane_key("LAB^1.2.3^ISO"),))
+        nothing = RuleSet((), {"ehr": None}, order_by={"ehr": "null"})
+        self.assertEqual(self.keys(nothing, ORU), (lane_key("LAB^1.2.3^ISO"),))
+
+    def test_bad_order_by_refused(self) -> None:
+        """A bad order_by is refused when the RuleSet is built, naming the connector."""
+        with self.assertRaises(ValueError) as e:
+            RuleSet((), {"ehr": None}, order_by={"ehr": "msh.nope("})
+        self.assertTrue(str(e.exception).startswith("connector ehr: order_by: "))
 
 
 class CompileTests(SynchronousTestCase):

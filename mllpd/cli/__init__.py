@@ -128,10 +128,10 @@ def _cmd_stats(store: Store, args: argparse.Namespace, now: float) -> int:
         print("no queued, delivered or dead messages")
         return EXIT_OK
     _table(
-        ["connector", "pending", "in_flight", "delivered", "dead", "oldest"],
+        ["connector", "pending", "in_flight", "delivered", "dead", "oldest", "retrying"],
         [
             [s.connector, s.pending, s.in_flight, s.delivered, s.dead,
-             format_age(s.oldest_pending_age)]
+             format_age(s.oldest_pending_age), s.retrying]
             for s in stats
         ],
         sys.stdout,

@@ -184,7 +184,10 @@ class OutboxApp(App[None]):
     def on_mount(self) -> None:
         self.sub_title = self.store.path
         connectors = self.query_one("#connectors", DataTable)
-        connectors.add_columns("connector", "pending", "in flight", "delivered", "dead", "oldest")
+        connectors.add_columns(
+            "connector", "pending", "lanes in flight", "delivered", "dead", "oldest",
+            "lanes retrying",
+        )
         messages = self.query_one("#messages", DataTable)
         messages.add_columns(
             "message id", "connector", "state", "type", "control id", "size", "age",
@@ -230,7 +233,7 @@ class OutboxApp(App[None]):
     def _fill_connectors(self, stats: list[ConnectorStats]) -> None:
         _fill(self.query_one("#connectors", DataTable), [
             (s.connector, (s.connector, s.pending, s.in_flight, s.delivered, s.dead,
-                           format_age(s.oldest_pending_age)))
+                           format_age(s.oldest_pending_age), s.retrying))
             for s in stats
         ])
         names = [s.connector for s in stats]

@@ -90,6 +90,9 @@ class ConnectorStats:
     # Seconds since the oldest message still queued (pending or in flight)
     # was received; None when the queue is empty.
     oldest_pending_age: float | None = None
+    # Order keys (lanes) whose next message waits out a retry backoff; each
+    # in-flight row is one lane in flight.
+    retrying: int = 0
 
 
 @dataclass(frozen=True)
@@ -360,6 +363,10 @@ class Store:
                 " WHERE d.state IN ('pending', 'in_flight') GROUP BY d.connector"
             ):
                 oldest[connector] = received_at
+            retrying = dict(conn.execute(
+                "SELECT connector, COUNT(DISTINCT lane) FROM deliveries"
+                " WHERE state = 'pending' AND attempts > 0 GROUP BY connector"
+            ).fetchall())
         return [
             ConnectorStats(
                 connector,
@@ -370,6 +377,7 @@ class Store:
                 oldest_pending_age=(
                     max(0.0, now - oldest[connector]) if connector in oldest else None
                 ),
+                retrying=retrying.get(connector, 0),
             )
             for connector, c in sorted(counts.items())
         ]
@@ -523,7 +531,7 @@ class Store:
         with self._read() as conn:
             if message_ids is None:
                 rows = conn.execute(
-                    "SELECT seq, message_id FROM deliveries"
+                    "SELECT seq, message_id, lane FROM deliveries"
                     " WHERE connector = ? AND state = 'dead' ORDER BY seq",
                     (connector,),
                 ).fetchall()
@@ -531,7 +539,7 @@ class Store:
                 rows = []
                 for mid in dict.fromkeys(message_ids):
                     rows.extend(conn.execute(
-                        "SELECT seq, message_id FROM deliveries"
+                        "SELECT seq, message_id, lane FROM deliveries"
                         " WHERE connector = ? AND state = 'dead' AND message_id = ?",
                         (connector, mid),
                     ))
@@ -546,16 +554,18 @@ class Store:
             started = self._monotonic()
             with self._write() as conn:
                 moved: list[str] = []
-                for seq, mid in rows[i : i + REPLAY_BATCH]:
+                for seq, mid, lane in rows[i : i + REPLAY_BATCH]:
                     gone = conn.execute(
                         "DELETE FROM deliveries WHERE seq = ? AND state = 'dead'", (seq,)
                     )
                     if gone.rowcount:
+                        # Same lane: a replayed message stays in order with
+                        # the rest of its order key.
                         conn.execute(
                             "INSERT INTO deliveries (message_id, connector, state, attempts,"
-                            " last_error, next_attempt, updated_at)"
-                            " VALUES (?, ?, 'pending', 0, NULL, 0, ?)",
-                            (mid, connector, now),
+                            " last_error, next_attempt, updated_at, lane)"
+                            " VALUES (?, ?, 'pending', 0, NULL, 0, ?, ?)",
+                            (mid, connector, now, lane),
                         )
                         moved.append(mid)
             done.extend(moved)

@@ -36,14 +36,19 @@ __all__ = [
 class ConnectorSpec(NamedTuple):
     """One entry of MLLP_CONFIG's ``connectors`` list, after generic checks.
 
-    ``options`` holds the type-specific keys (everything except name, type
-    and filter) exactly as read from YAML.
+    ``options`` holds the type-specific keys (everything except name, type,
+    filter, lanes and order_by) exactly as read from YAML. ``lanes`` is how
+    many deliveries may be in flight at once (on different order keys);
+    ``order_by`` the CEL expression giving a message's order key (None: the
+    sending application and patient id).
     """
 
     name: str
     type: str
     filter: str | None
     options: dict[str, Any]
+    lanes: int = 1
+    order_by: str | None = None
 
 
 class Delivery(NamedTuple):

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Collection, Mapping
+from collections import deque
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from mllpd.config import ConfigError, parse_duration
 
-from . import ConnectorSpec
+from . import ConnectorSpec, Delivery, IBatchConnector, IConnector, Outcome, Retry
 
 __all__ = [
+    "ConnectorPool",
     "CurrentDelivery",
     "bool_option",
     "check_keys",
@@ -166,21 +169,72 @@ async def settled(d: Deferred[Any]) -> None:
 
 
 class CurrentDelivery:
-    """The delivery in progress, so that ``stop`` can let it finish first."""
+    """The deliveries in progress (one per lane), so that ``stop`` can let
+    them finish first."""
 
     def __init__(self) -> None:
-        self._d: Deferred[Any] | None = None
+        self._ds: set[Deferred[Any]] = set()
 
     def track(self, d: Deferred[Any]) -> Deferred[Any]:
-        self._d = d
+        self._ds.add(d)
 
         def done(outcome: object) -> object:
-            if self._d is d:
-                self._d = None
+            self._ds.discard(d)
             return outcome
 
         return d.addCallback(done)
 
     async def finished(self) -> None:
-        if self._d is not None:
-            await settled(self._d)
+        for d in list(self._ds):
+            await settled(d)
+
+
+@implementer(IBatchConnector)
+class ConnectorPool:
+    """``lanes`` connectors of one kind that carry one delivery each (the
+    mllp connector's one connection): each delivery goes to an idle one, so
+    the relay's lanes travel over as many connections at once."""
+
+    def __init__(self, members: Sequence[IConnector]) -> None:
+        self.members = tuple(members)
+        self.name = self.members[0].name
+        self._idle: deque[IConnector] = deque(self.members)
+        # Members that forward HL7 batches whole do so in the pool too.
+        self.forward_batches = bool(
+            IBatchConnector.providedBy(self.members[0])
+            and getattr(self.members[0], "forward_batches", False)
+        )
+
+    def start(self) -> None:
+        for member in self.members:
+            member.start()
+
+    def deliver(self, delivery: Delivery) -> Deferred[Outcome]:
+        if not self._idle:
+            # The relay never has more deliveries in flight than members.
+            return succeed(Retry("every connection is busy"))
+        member = self._idle.popleft()
+
+        def release(outcome: Outcome) -> Outcome:
+            self._idle.append(member)
+            return outcome
+
+        return member.deliver(delivery).addBoth(release)
+
+    def deliver_batch(
+        self, deliveries: Sequence[Delivery], batch_control_id: str
+    ) -> Deferred[list[Outcome]]:
+        if not self._idle:
+            return succeed([Retry("every connection is busy")] * len(deliveries))
+        member: Any = self._idle.popleft()
+
+        def release(outcomes: list[Outcome]) -> list[Outcome]:
+            self._idle.append(member)
+            return outcomes
+
+        d: Deferred[list[Outcome]] = member.deliver_batch(deliveries, batch_control_id)
+        return d.addBoth(release)
+
+    def stop(self) -> Deferred[None]:
+        d = DeferredList([member.stop() for member in self.members], consumeErrors=True)
+        return d.addCallback(lambda _: None)

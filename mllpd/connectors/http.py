@@ -18,8 +18,8 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import urlsplit
 
+from hyperlink import URL
 from OpenSSL import crypto
-from treq.client import HTTPClient
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import (
@@ -42,7 +42,7 @@ from twisted.web.client import (
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IPolicyForHTTPS, IResponse
+from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 from . import ConnectorSpec, Dead, Delivered, Delivery, IConnector, Outcome, Retry
@@ -136,6 +136,28 @@ def describe_error(failure: Failure | BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+@implementer(IBodyProducer)
+class _Body:
+    """The payload, written in one piece (no cooperator, no file object)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        consumer.write(self._data)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
 @implementer(IPolicyForHTTPS)
 class _TLSPolicy:
     """Verify the server against our CA file (or the platform's roots) and
@@ -190,7 +212,7 @@ def _closed_before_response(error: BaseException) -> bool:
 
 @implementer(IConnector)
 class HTTPConnector:
-    """POSTs each delivery over one persistent connection pool."""
+    """POSTs each delivery over a pool of kept-alive connections, one per lane."""
 
     log = Logger()
 
@@ -204,6 +226,7 @@ class HTTPConnector:
         *,
         tls: IPolicyForHTTPS | None = None,
         clock: IReactorTime | None = None,
+        lanes: int = 1,
     ) -> None:
         self.name = name
         self.url = url
@@ -212,13 +235,17 @@ class HTTPConnector:
         self._reactor = reactor
         self._clock: IReactorTime = clock if clock is not None else reactor
         self._pool = HTTPConnectionPool(reactor, persistent=True)
-        # One delivery at a time: one cached connection is all that is used.
-        self._pool.maxPersistentPerHost = 1
+        # One delivery per lane at a time: a kept-alive connection for each.
+        self._pool.maxPersistentPerHost = lanes
         agent = (
             Agent(reactor, contextFactory=tls, pool=self._pool)
             if tls is not None else Agent(reactor, pool=self._pool)
         )
-        self._client = HTTPClient(agent)
+        # Twisted's Agent directly: treq's layers (its URL handling, which
+        # IDNA-encodes the host again per request, and response wrapping)
+        # cost about a third of the CPU of each POST. The URL is encoded once.
+        self._agent = agent
+        self._uri = URL.from_text(url).to_uri().to_text().encode("ascii")
         self._current = CurrentDelivery()
         self._stopping = False
 
@@ -262,12 +289,9 @@ class HTTPConnector:
         started = self._clock.seconds()
         for fresh in (False, True):
             try:
-                request = self._client.post(
-                    self.url,
-                    data=delivery.payload,
-                    headers=self._request_headers(delivery),
-                    allow_redirects=False,
-                    unbuffered=True,
+                request = self._agent.request(
+                    b"POST", self._uri, self._request_headers(delivery),
+                    _Body(delivery.payload),
                 )
             except Exception as e:  # noqa: BLE001 - deliver() answers with an outcome, never fails
                 return Retry(f"request not sent: {describe_error(e)}")
@@ -372,7 +396,9 @@ def build(
     headers = _headers(spec, environ)
     timeout = duration_option(spec, "timeout", "30s")
     tls = _tls_policy(spec, https)
-    return HTTPConnector(spec.name, url, headers, timeout, reactor, tls=tls, clock=clock)
+    return HTTPConnector(
+        spec.name, url, headers, timeout, reactor, tls=tls, clock=clock, lanes=spec.lanes
+    )
 
 
 def _check_url(spec: ConnectorSpec, url: str) -> bool:

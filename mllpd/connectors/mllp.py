@@ -1,7 +1,8 @@
 """The ``mllp`` connector: forward stored messages to an upstream MLLP server.
 
-One persistent connection, kept by :class:`ClientService` with backoff; one
-message in flight; the upstream's ACK decides the outcome. An ACK whose MSA-2
+One persistent connection per lane (:class:`ConnectorPool` over ``lanes``
+connectors), each kept by :class:`ClientService` with backoff; one message
+in flight on each; the upstream's ACK decides the outcome. An ACK whose MSA-2
 is not the message's MSH-10 means the stream no longer lines up with our
 messages, so the connection is dropped and the message retried. An ACK
 timeout drops the connection too: otherwise the late ACK would arrive while
@@ -47,7 +48,13 @@ from mllpd.connectors import (
     Outcome,
     Retry,
 )
-from mllpd.connectors._common import bool_option, is_loopback, warn_plaintext, warn_unverified
+from mllpd.connectors._common import (
+    ConnectorPool,
+    bool_option,
+    is_loopback,
+    warn_plaintext,
+    warn_unverified,
+)
 from mllpd.framing import Frame, Framer, Junk, frame
 from mllpd.hl7 import DecodeError, Message, NotHL7Error, parse_message
 
@@ -692,15 +699,20 @@ def build(spec: ConnectorSpec, reactor: Any, environ: Mapping[str, str]) -> ICon
     batch = options.get("batch", "per-message")
     if batch not in _BATCH_MODES:
         raise problem("batch", f"{_clean(str(batch), 40)!r}; expected per-message or forward")
-    return MLLPConnector(
-        spec.name,
-        endpoint,
-        clock=reactor,
-        ack_timeout=ack_timeout,
-        connect_timeout=connect_timeout,
-        address=address.strip(),
-        forward_batches=batch == "forward",
-    )
+    members = [
+        MLLPConnector(
+            spec.name,
+            endpoint,
+            clock=reactor,
+            ack_timeout=ack_timeout,
+            connect_timeout=connect_timeout,
+            address=address.strip(),
+            forward_batches=batch == "forward",
+        )
+        for _ in range(spec.lanes)
+    ]
+    # One connection per lane: MLLP carries one message at a time on each.
+    return members[0] if len(members) == 1 else ConnectorPool(members)
 
 
 def endpoint_description(address: str, connect_timeout: float) -> str:

@@ -1,7 +1,9 @@
 """The ``postgres`` connector: insert each message into a table.
 
 psycopg 3 runs on a thread pool of one thread, which owns the connection;
-the reactor never blocks. The table is created if absent. The insert is
+the reactor never blocks. With ``lanes: N`` the deliveries that arrive while
+a transaction runs go together in the next one (one round trip and one
+commit for up to N messages). The table is created if absent. The insert is
 idempotent on the message id (``ON CONFLICT (message_id) DO NOTHING``), so a
 redelivery after a crash leaves one row.
 
@@ -102,7 +104,7 @@ class _Result(NamedTuple):
 
 @implementer(IConnector)
 class PostgresConnector:
-    """Inserts deliveries into one table over one connection."""
+    """Inserts deliveries into one table over one connection, batched."""
 
     log = Logger()
 
@@ -130,10 +132,16 @@ class PostgresConnector:
         identifier = sql.Identifier(*table)
         self._create = sql.SQL(_CREATE).format(table=identifier)
         self._insert = sql.SQL(_INSERT).format(table=identifier)
+        self._insert_returning = sql.SQL(_INSERT + "\nRETURNING message_id").format(
+            table=identifier
+        )
         self._reactor = reactor
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name=f"mllpd-postgres-{name}")
         self._conn: psycopg.Connection[Any] | None = None  # used on the pool thread only
         self._current = CurrentDelivery()
+        # Deliveries waiting for the transaction in progress to end.
+        self._waiting: list[tuple[Delivery, Deferred[Outcome]]] = []
+        self._writing = False
         self._stopping = False
         self._up: bool | None = None
         self._shutdown_trigger: Any = None
@@ -155,10 +163,35 @@ class PostgresConnector:
     def deliver(self, delivery: Delivery) -> Deferred[Outcome]:
         if self._stopping:
             return succeed(Retry("connector is stopping"))
-        d: Deferred[Outcome] = deferToThreadPool(
-            self._reactor, self._pool, self._store, delivery
-        ).addCallbacks(self._note, self._unexpected)
+        d: Deferred[Outcome] = Deferred()
+        self._waiting.append((delivery, d))
+        if not self._writing:
+            # At the end of this reactor turn: every lane the relay starts
+            # in the same turn shares the transaction.
+            self._writing = True
+            self._reactor.callLater(0, self._write_next)
         return self._current.track(d)
+
+    def _write_next(self) -> None:
+        batch, self._waiting = self._waiting, []
+        if not batch:
+            self._writing = False
+            return
+        d = deferToThreadPool(
+            self._reactor, self._pool, self._store_batch, [item for item, _ in batch]
+        )
+        d.addBoth(self._written, batch)
+
+    def _written(
+        self, results: list[_Result] | Failure, batch: list[tuple[Delivery, Deferred[Outcome]]]
+    ) -> None:
+        # The next batch (deliveries that came meanwhile) goes first.
+        self._write_next()
+        for i, (_, d) in enumerate(batch):
+            if isinstance(results, Failure):
+                d.callback(self._unexpected(results))
+            else:
+                d.callback(self._note(results[i]))
 
     def stop(self) -> Deferred[None]:
         self._stopping = True
@@ -241,14 +274,7 @@ class PostgresConnector:
         connected = False
         try:
             conn, connected = self._connection()
-            received = (
-                datetime.fromtimestamp(delivery.received_at, UTC)
-                if delivery.received_at is not None else None
-            )
-            cursor = conn.execute(self._insert, (
-                delivery.message_id, received, delivery.control_id, delivery.msg_type,
-                delivery.charset, delivery.codec, len(delivery.payload), delivery.payload,
-            ))
+            cursor = conn.execute(self._insert, _row(delivery))
         except psycopg.Error as e:
             if _is_dead(e) and self._conn is not None and not self._conn.broken:
                 return _Result(Dead(describe_error(e)), connected)
@@ -257,6 +283,33 @@ class PostgresConnector:
         detail = "inserted" if cursor.rowcount == 1 else "already stored"
         return _Result(Delivered(detail), connected)
 
+    def _store_batch(self, deliveries: list[Delivery]) -> list[_Result]:
+        """Several lanes' messages in one transaction; when it fails, each
+        on its own, so that only a message the table refuses is Dead."""
+        if len(deliveries) == 1:
+            return [self._store(deliveries[0])]
+        connected = False
+        try:
+            conn, connected = self._connection()
+            with conn.transaction(), conn.cursor() as cursor:
+                cursor.executemany(
+                    self._insert_returning, [_row(d) for d in deliveries], returning=True
+                )
+                inserted = []
+                while True:
+                    inserted.append(cursor.fetchone() is not None)
+                    if not cursor.nextset():
+                        break
+        except psycopg.Error:
+            results = [self._store(d) for d in deliveries]
+            if connected:
+                results[0] = results[0]._replace(connected=True)
+            return results
+        return [
+            _Result(Delivered("inserted" if new else "already stored"), connected and i == 0)
+            for i, new in enumerate(inserted)
+        ]
+
     def _close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
@@ -264,6 +317,17 @@ class PostgresConnector:
                 conn.close()
             except psycopg.Error:
                 pass
+
+
+def _row(delivery: Delivery) -> tuple[object, ...]:
+    received = (
+        datetime.fromtimestamp(delivery.received_at, UTC)
+        if delivery.received_at is not None else None
+    )
+    return (
+        delivery.message_id, received, delivery.control_id, delivery.msg_type,
+        delivery.charset, delivery.codec, len(delivery.payload), delivery.payload,
+    )
 
 
 def _connect_args(conninfo: str, name: str, timeout: float) -> dict[str, Any]:

@@ -8,7 +8,7 @@ stored and the sender must get AR.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import NamedTuple
 
 from twisted.internet.defer import Deferred
@@ -74,6 +74,8 @@ class Envelope(NamedTuple):
     # Set when the message came in an HL7 batch: its BHS-11 and 1-based position.
     batch_control_id: str | None = None
     batch_position: int | None = None
+    # The message's order key for each route (same order; empty: all 0).
+    lanes: tuple[int, ...] = ()
 
     @property
     def size(self) -> int:
@@ -131,6 +133,8 @@ class QueuedDelivery(NamedTuple):
     # BHS-11 and position when the message came in an HL7 batch.
     batch_control_id: str | None = None
     batch_position: int | None = None
+    # The order key: rows with the same one are delivered strictly in order.
+    lane: int = 0
 
 
 class Backlog(NamedTuple):
@@ -184,11 +188,20 @@ class IOutbox(Interface):
 class IDeliveryQueue(Interface):
     """The per-connector FIFO queues the relay works from."""
 
-    def fetch(connector: str, after: int, limit: int) -> Deferred[list[QueuedDelivery]]:
-        """The next pending or in-flight rows of a queue, in order. A backend
-        whose seq order is its commit order (SQLite) may skip rows with
-        seq <= after; one where concurrent commits make seqs visible out of
-        order (PostgreSQL) reads by state alone."""
+    def fetch(
+        connector: str,
+        after: int,
+        limit: int,
+        skip_lanes: Collection[int] = (),
+        skip_seqs: Collection[int] = (),
+    ) -> Deferred[list[QueuedDelivery]]:
+        """The next pending or in-flight rows of a queue, in order, leaving
+        out rows of ``skip_lanes`` and the rows ``skip_seqs`` (the relay's
+        lanes already busy, and rows it finished whose state change may not
+        be committed yet). A backend whose seq order is its commit order
+        (SQLite) may skip rows with seq <= after; one where concurrent
+        commits make seqs visible out of order (PostgreSQL) reads by state
+        alone."""
 
     def mark_in_flight(seq: int, now: float) -> Deferred[None]:
         """A delivery attempt starts."""

@@ -10,7 +10,7 @@ thread) and ``_shut`` (release connections once the last commit is done).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from importlib import resources
 from typing import ClassVar, NamedTuple
 
@@ -194,8 +194,12 @@ class GroupCommitOutbox:
         """The backlog and queue depths (reader thread)."""
         raise NotImplementedError
 
-    def _fetch(self, connector: str, after: int, limit: int) -> list[QueuedDelivery]:
-        """The head of a queue (reader thread)."""
+    def _fetch(
+        self, connector: str, after: int, limit: int,
+        skip_lanes: Collection[int], skip_seqs: Collection[int],
+    ) -> list[QueuedDelivery]:
+        """The head of a queue without the rows of ``skip_lanes`` and the
+        rows ``skip_seqs`` (reader thread)."""
         raise NotImplementedError
 
     def _prune(self) -> int:
@@ -271,9 +275,18 @@ class GroupCommitOutbox:
 
     # -- queues ------------------------------------------------------------
 
-    def fetch(self, connector: str, after: int, limit: int) -> Deferred[list[QueuedDelivery]]:
+    def fetch(
+        self,
+        connector: str,
+        after: int,
+        limit: int,
+        skip_lanes: Collection[int] = (),
+        skip_seqs: Collection[int] = (),
+    ) -> Deferred[list[QueuedDelivery]]:
+        # Copied here: the relay changes its sets while the read runs.
         return deferToThreadPool(
-            self._reactor, self._reader_pool, self._fetch, connector, after, limit
+            self._reactor, self._reader_pool, self._fetch, connector, after, limit,
+            tuple(skip_lanes), tuple(skip_seqs),
         )
 
     def _op(self, sql: str, params: tuple[object, ...]) -> Deferred[None]:

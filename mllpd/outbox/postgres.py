@@ -21,7 +21,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -191,18 +191,21 @@ _AUDIT_COLUMNS = (
     " size, sha256, ack_code, rule, connectors, batch_control_id"
 )
 _AUDIT_MARKS = "(" + ", ".join(["%s"] * 13) + ")"
-_QUEUE_COLUMNS = "message_id, connector, state, attempts, next_attempt, updated_at"
-_QUEUE_MARKS = "(%s, %s, 'pending', 0, %s, %s)"
+_QUEUE_COLUMNS = "message_id, connector, state, attempts, next_attempt, updated_at, lane"
+_QUEUE_MARKS = "(%s, %s, 'pending', 0, %s, %s, %s)"
 
 # The head of a queue by state, in seq order. Not "seq > the last row
 # seen": a row whose transaction commits after a higher-numbered one was
-# already read would be skipped for ever.
+# already read would be skipped for ever. Rows of the relay's busy lanes
+# and the rows it finished (whose state change may not be committed yet)
+# are left out, so the limit counts only rows it can use.
 _FETCH = (
     "SELECT d.seq, d.message_id, d.connector, d.attempts, d.next_attempt,"
     " m.received_at, m.control_id, m.msg_type, m.charset, m.payload,"
-    " m.batch_control_id, m.batch_position"
+    " m.batch_control_id, m.batch_position, d.lane"
     " FROM deliveries d JOIN messages m ON m.message_id = d.message_id"
     " WHERE d.connector = %(connector)s AND d.state IN ('pending', 'in_flight')"
+    " AND d.lane <> ALL(%(lanes)s::bigint[]) AND d.seq <> ALL(%(seqs)s::bigint[])"
     " ORDER BY d.seq LIMIT %(limit)s"
 )
 _BACKLOG = (
@@ -475,8 +478,11 @@ class PostgresOutbox(GroupCommitOutbox):
                         e.batch_control_id,
                     ))
                 else:
-                    for connector in e.routes:
-                        queued.append((e.message_id, connector, e.received_at, e.received_at))
+                    lanes = e.lanes or (0,) * len(e.routes)
+                    for connector, lane in zip(e.routes, lanes, strict=True):
+                        queued.append(
+                            (e.message_id, connector, e.received_at, e.received_at, lane)
+                        )
             for a in audits:
                 trail.append((
                     a.received_at, a.peer, a.client_subject, pod, None, a.control_id,
@@ -600,9 +606,16 @@ class PostgresOutbox(GroupCommitOutbox):
 
     # -- reader thread -----------------------------------------------------
 
-    def _fetch(self, connector: str, after: int, limit: int) -> list[QueuedDelivery]:
+    def _fetch(
+        self, connector: str, after: int, limit: int,
+        skip_lanes: Collection[int], skip_seqs: Collection[int],
+    ) -> list[QueuedDelivery]:
+        params = {
+            "connector": connector, "limit": limit,
+            "lanes": list(skip_lanes), "seqs": list(skip_seqs),
+        }
         with self._reader.use() as conn:
-            rows = conn.execute(_FETCH, {"connector": connector, "limit": limit}).fetchall()
+            rows = conn.execute(_FETCH, params).fetchall()
         return [QueuedDelivery(*row) for row in rows]
 
     def _read_counts(self) -> tuple[Backlog, dict[str, QueueDepth]]:
