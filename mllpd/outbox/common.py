@@ -125,7 +125,23 @@ class GroupCommitOutbox:
 
     # Backend SQL for the delivery-state changes, parameters in the order
     # the mark_* methods pass them.
-    OP_SQL: ClassVar[dict[str, str]] = {}
+    # The delivery-state changes, with qmark parameters; a backend whose
+    # driver wants another style converts them (see PostgresOutbox).
+    OP_SQL: ClassVar[dict[str, str]] = {
+        "in_flight": "UPDATE deliveries SET state = 'in_flight', updated_at = ? WHERE seq = ?",
+        "delivered": (
+            "UPDATE deliveries SET state = 'delivered', attempts = attempts + 1,"
+            " last_error = NULL, updated_at = ? WHERE seq = ?"
+        ),
+        "retry": (
+            "UPDATE deliveries SET state = 'pending', attempts = ?, last_error = ?,"
+            " next_attempt = ?, updated_at = ? WHERE seq = ?"
+        ),
+        "dead": (
+            "UPDATE deliveries SET state = 'dead', attempts = ?, last_error = ?,"
+            " updated_at = ? WHERE seq = ?"
+        ),
+    }
 
     def __init__(
         self,

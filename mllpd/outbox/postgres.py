@@ -361,20 +361,9 @@ class _Notices:
 class PostgresOutbox(GroupCommitOutbox):
     """The outbox in a PostgreSQL database shared by every replica."""
 
+    # psycopg's parameters are %s.
     OP_SQL = {
-        "in_flight": "UPDATE deliveries SET state = 'in_flight', updated_at = %s WHERE seq = %s",
-        "delivered": (
-            "UPDATE deliveries SET state = 'delivered', attempts = attempts + 1,"
-            " last_error = NULL, updated_at = %s WHERE seq = %s"
-        ),
-        "retry": (
-            "UPDATE deliveries SET state = 'pending', attempts = %s, last_error = %s,"
-            " next_attempt = %s, updated_at = %s WHERE seq = %s"
-        ),
-        "dead": (
-            "UPDATE deliveries SET state = 'dead', attempts = %s, last_error = %s,"
-            " updated_at = %s WHERE seq = %s"
-        ),
+        name: sql.replace("?", "%s") for name, sql in GroupCommitOutbox.OP_SQL.items()
     }
 
     def __init__(

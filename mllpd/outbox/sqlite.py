@@ -306,22 +306,6 @@ class SQLiteOutbox(GroupCommitOutbox):
     WAL with synchronous=FULL, so the WAL is fsync'd before COMMIT returns.
     """
 
-    OP_SQL = {
-        "in_flight": "UPDATE deliveries SET state = 'in_flight', updated_at = ? WHERE seq = ?",
-        "delivered": (
-            "UPDATE deliveries SET state = 'delivered', attempts = attempts + 1,"
-            " last_error = NULL, updated_at = ? WHERE seq = ?"
-        ),
-        "retry": (
-            "UPDATE deliveries SET state = 'pending', attempts = ?, last_error = ?,"
-            " next_attempt = ?, updated_at = ? WHERE seq = ?"
-        ),
-        "dead": (
-            "UPDATE deliveries SET state = 'dead', attempts = ?, last_error = ?,"
-            " updated_at = ? WHERE seq = ?"
-        ),
-    }
-
     def __init__(
         self,
         path: str,
