@@ -13,6 +13,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet import reactor as _reactor
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mllpd.hl7 import parse_message
@@ -130,12 +131,19 @@ class OutboxTests(TestCase):
         # SQLite's own limit makes it answer SQLITE_FULL exactly as on a full disk.
         outbox._conn.execute(f"PRAGMA max_page_count = {pages}")
         big = b"MSH|^~\\&|A|B|C|D|||ADT^A01|F1|P|2.5\r" + b"x" * 200_000
-        with self.assertRaises(OutboxError):
-            await outbox.store(envelope("F1", big))
-        self.assertEqual([r[0] for r in rows(path)], ["F0"])
-        outbox._conn.execute("PRAGMA max_page_count = 1073741823")
-        stored = await outbox.store(envelope("F2"))
-        self.assertFalse(stored.duplicate)
+        with capturedLogs() as events:
+            for n in range(5):
+                with self.assertRaises(OutboxError):
+                    await outbox.store(envelope(f"F1-{n}", big + str(n).encode()))
+            self.assertEqual([r[0] for r in rows(path)], ["F0"])
+            outbox._conn.execute("PRAGMA max_page_count = 1073741823")
+            stored = await outbox.store(envelope("F2"))
+            self.assertFalse(stored.duplicate)
+        # One line when commits start failing and one when they recover, not
+        # one per refused message.
+        commits = [e for e in events if e.get("event", "").startswith("commit_")]
+        self.assertEqual([e["event"] for e in commits], ["commit_failed", "commit_recovered"])
+        self.assertEqual(commits[1]["failed"], 5)
 
     async def test_fetch_returns_queue_head_in_order(self) -> None:
         """A queue read gives the connector's first rows after the cursor, pending and in-flight

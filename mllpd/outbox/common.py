@@ -193,6 +193,9 @@ class GroupCommitOutbox:
         self._shutting = False
         self._close_waiters: list[Deferred[None]] = []
         self.commits = 0
+        # The reason commits are failing, while they are, and how many did.
+        self._failing: str | None = None
+        self._failed_commits = 0
         self.committed_messages = 0
         # Told (batch size, seconds) after each successful commit: metrics.
         self.commit_observer: Callable[[int, float], None] | None = None
@@ -227,13 +230,25 @@ class GroupCommitOutbox:
         raise NotImplementedError
 
     def _commit_failed(self, count: int, reason: str) -> None:
-        log.error(
-            "outbox commit of {count} messages failed: {reason}",
-            event="commit_failed", count=count, reason=reason,
-        )
+        # One line when commits start failing (or fail for another reason),
+        # not one per commit: a full disk would otherwise log with every AR.
+        self._failed_commits += 1
+        if reason != self._failing:
+            self._failing = reason
+            log.error(
+                "outbox commits fail, new messages get AR: {reason}",
+                event="commit_failed", count=count, reason=reason,
+            )
 
     def _commit_succeeded(self) -> None:
-        """A commit returned (backends that track health override this)."""
+        """A commit returned: say so once after a run of failures."""
+        if self._failing is not None:
+            log.info(
+                "outbox commits succeed again after {failed} failed",
+                event="commit_recovered", failed=self._failed_commits,
+            )
+            self._failing = None
+            self._failed_commits = 0
 
     # -- lifecycle ---------------------------------------------------------
 
