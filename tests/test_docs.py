@@ -15,7 +15,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.serverproc import _TWISTD, REPO
+from tests.serverproc import _TWISTD, REPO, query, start_server
 
 README = REPO / "README.md"
 DOCS = REPO / "docs"
@@ -155,6 +155,27 @@ class QuickStartTests(SynchronousTestCase):
                 self.assertEqual(done.returncode, 0, f"{path.name}: {block!r}: {done.stderr}")
                 checked += 1
         self.assertGreaterEqual(checked, len(self.commands()))
+
+    def test_send_by_hand_gets_the_documented_ack(self) -> None:
+        """The quick start's one-line sender, run against the real server, prints an AA as shown."""
+        quick = section(text(README), "Quick start")
+        [sender] = [b for b in shell_blocks(quick) if b.startswith("python3 -c")]
+        [shown] = [b for b in code_blocks(quick) if b.startswith("MSH|")]
+        server = start_server(self)
+        port = server.port
+        self.assertIn("2575", sender)
+        done = subprocess.run(
+            ["bash", "-c", sender.replace("2575", str(port))],
+            capture_output=True, text=True, timeout=HELP_TIMEOUT,
+        )
+        self.assertEqual(done.returncode, 0, done.stderr)
+        got, want = done.stdout.strip().split("\n"), shown.split("\n")
+        # The ACK's time (MSH-7) and control id (MSH-10) are new each time.
+        self.assertEqual(
+            [[f for i, f in enumerate(line.split("|")) if i not in (6, 9)] for line in got],
+            [[f for i, f in enumerate(line.split("|")) if i not in (6, 9)] for line in want],
+        )
+        self.assertEqual(query(server.db_path, "SELECT control_id FROM messages"), [("MSG0001",)])
 
     def test_pip_extras_exist(self) -> None:
         """Every `pip install '.[extra]'` in the docs names an extra of setup.cfg."""
