@@ -124,7 +124,7 @@ def cli_help() -> str:
 def settings_table() -> list[tuple[str, str]]:
     """(variables, options) of each row of docs/configuration.md's settings table."""
     rows = []
-    for line in section(text(CONFIGURATION), "Configuration").split("\n"):
+    for line in section(text(CONFIGURATION), "Settings").split("\n"):
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if line.startswith("|") and len(cells) >= 4 and cells[0] not in ("variable", "---"):
             rows.append((cells[0], cells[1]))
