@@ -1,7 +1,7 @@
 """Rules and connector filters: CEL expressions over a small HL7 field model.
 
 Expressions are compiled once, at startup, with ``common-expression-language``
-(Python bindings of the Rust ``cel`` crate; see README "Rules and connectors"
+(Python bindings of the Rust ``cel`` crate; see docs/rules-and-connectors.md
 for why it was chosen over cel-python). Per message, :meth:`RuleSet.model`
 builds one CEL context holding only the segments and keys that the compiled
 expressions can observe, and every rule and filter runs against that

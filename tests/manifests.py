@@ -40,7 +40,7 @@ OVERLAYS = ("dev", "staging", "prod", "persistent")
 RENDER_TIMEOUT = 60.0
 
 # Objects the manifests refer to but do not create: the TLS Secret and the
-# PostgreSQL URL's Secret are made by the operator (README, "Deploying").
+# PostgreSQL URL's Secret are made by the operator (docs/deploying.md).
 EXTERNAL_SECRETS = frozenset({"mllp-tls", "mllp-db"})
 NAMESPACED = frozenset(
     {"ConfigMap", "Service", "Deployment", "PodDisruptionBudget", "NetworkPolicy",
