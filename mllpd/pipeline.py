@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import yaml
 
 from mllpd.config import ConfigError, parse_duration
 from mllpd.connectors import ConnectorSpec
+from mllpd.relay import RetryPolicy
 from mllpd.rules import Rule, RuleSet, compile_expression
 
 __all__ = [
@@ -41,44 +41,6 @@ _RETRY_KEYS = ("initial", "max", "multiplier", "jitter", "max_attempts")
 MAX_LANES = 256
 # Names end up as outbox queue names, ERR text and mllp-cli arguments.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff with jitter; after max_attempts, the dead letters."""
-
-    initial: float = 1.0
-    max: float = 300.0
-    multiplier: float = 2.0
-    jitter: float = 0.2
-    max_attempts: int = 20
-
-    def __post_init__(self) -> None:
-        if not (self.initial > 0 and math.isfinite(self.initial)):
-            raise ValueError("initial must be more than 0")
-        if not (self.max >= self.initial and math.isfinite(self.max)):
-            raise ValueError("max must be at least initial")
-        if not (self.multiplier >= 1 and math.isfinite(self.multiplier)):
-            raise ValueError("multiplier must be at least 1")
-        if not 0 <= self.jitter < 1:
-            raise ValueError("jitter must be at least 0 and less than 1")
-        if self.max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1")
-
-    def delay(self, attempt: int, rand: Callable[[], float]) -> float:
-        """Seconds to wait before retry number ``attempt`` (1 = first retry).
-
-        ``initial * multiplier**(attempt-1)``, capped at ``max``, then moved
-        by up to ±jitter of itself (``rand()`` in [0, 1), 0.5 = no change),
-        and capped at ``max`` again.
-        """
-        if attempt < 1:
-            raise ValueError("attempt must be at least 1")
-        try:
-            base = min(self.max, self.initial * self.multiplier ** (attempt - 1))
-        except OverflowError:
-            base = self.max
-        return min(self.max, base * (1.0 + self.jitter * (2.0 * rand() - 1.0)))
 
 
 class PipelineConfig(NamedTuple):

@@ -21,9 +21,11 @@ delivered again, with the same message id as its idempotency key.
 
 from __future__ import annotations
 
+import math
 import random
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
@@ -43,7 +45,7 @@ from mllpd.connectors import (
 from mllpd.hl7 import codec_for_charset
 from mllpd.outbox import IDeliveryQueue, QueuedDelivery
 
-__all__ = ["Relay", "Worker"]
+__all__ = ["Relay", "RetryPolicy", "Worker"]
 
 log = Logger(namespace="mllpd.relay")
 
@@ -84,11 +86,42 @@ def _within(d: Deferred[Any], seconds: float, clock: IReactorTime) -> Deferred[N
     return done
 
 
-class RetryPolicy(Protocol):
-    max_attempts: int
-    max: float
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter; after max_attempts, the dead letters."""
 
-    def delay(self, attempt: int, rand: Callable[[], float]) -> float: ...
+    initial: float = 1.0
+    max: float = 300.0
+    multiplier: float = 2.0
+    jitter: float = 0.2
+    max_attempts: int = 20
+
+    def __post_init__(self) -> None:
+        if not (self.initial > 0 and math.isfinite(self.initial)):
+            raise ValueError("initial must be more than 0")
+        if not (self.max >= self.initial and math.isfinite(self.max)):
+            raise ValueError("max must be at least initial")
+        if not (self.multiplier >= 1 and math.isfinite(self.multiplier)):
+            raise ValueError("multiplier must be at least 1")
+        if not 0 <= self.jitter < 1:
+            raise ValueError("jitter must be at least 0 and less than 1")
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+
+    def delay(self, attempt: int, rand: Callable[[], float]) -> float:
+        """Seconds to wait before retry number ``attempt`` (1 = first retry).
+
+        ``initial * multiplier**(attempt-1)``, capped at ``max``, then moved
+        by up to ±jitter of itself (``rand()`` in [0, 1), 0.5 = no change),
+        and capped at ``max`` again.
+        """
+        if attempt < 1:
+            raise ValueError("attempt must be at least 1")
+        try:
+            base = min(self.max, self.initial * self.multiplier ** (attempt - 1))
+        except OverflowError:
+            base = self.max
+        return min(self.max, base * (1.0 + self.jitter * (2.0 * rand() - 1.0)))
 
 
 class Leases(Protocol):
