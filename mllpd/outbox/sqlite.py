@@ -265,6 +265,9 @@ _FETCH = (
     " JOIN messages m ON m.message_id = d.message_id"
     " ORDER BY d.seq LIMIT :limit"
 )
+# In flight when the process stopped (or stops): back to the queue, in the
+# same place (seq unchanged), for whoever opens the outbox next.
+_BACK_TO_QUEUE = "UPDATE deliveries SET state = 'pending' WHERE state = 'in_flight'"
 _BACKLOG = (
     "SELECT COUNT(*), TOTAL(size) FROM messages WHERE message_id IN"
     " (SELECT message_id FROM deliveries WHERE state IN ('pending', 'in_flight'))"
@@ -331,9 +334,7 @@ class SQLiteOutbox(GroupCommitOutbox):
         try:
             # Deliveries that were in flight when the last process stopped go
             # back to their queue; their position (seq) is unchanged.
-            self._conn.execute(
-                "UPDATE deliveries SET state = 'pending' WHERE state = 'in_flight'"
-            )
+            self._conn.execute(_BACK_TO_QUEUE)
             counted = self._conn.execute(_BACKLOG).fetchone()
         except sqlite3.Error as e:
             self._conn.close()
@@ -487,9 +488,7 @@ class SQLiteOutbox(GroupCommitOutbox):
         # Deliveries interrupted by the shutdown wait in their queue, not
         # in flight, for whoever opens the outbox next (and for mllp-cli).
         try:
-            self._conn.execute(
-                "UPDATE deliveries SET state = 'pending' WHERE state = 'in_flight'"
-            )
+            self._conn.execute(_BACK_TO_QUEUE)
         finally:
             self._conn.close()
 
