@@ -251,8 +251,8 @@ class HTTPConnector:
 
     def start(self) -> None:
         self.log.info(
-            "connector {connector} (http) ready, timeout {timeout}s", connector=self.name,
-            timeout=self.timeout,
+            "connector {connector} (http) ready, timeout {timeout}s",
+            event="connector_starting", connector=self.name, timeout=self.timeout,
         )
 
     def deliver(self, delivery: Delivery) -> Deferred[Outcome]:
@@ -262,7 +262,10 @@ class HTTPConnector:
         return self._current.track(d)
 
     def _unexpected(self, failure: Failure) -> Outcome:
-        self.log.failure("connector {connector} (http): unexpected error", failure, connector=self.name)
+        self.log.failure(
+            "connector {connector} (http): unexpected error", failure,
+            event="delivery_error", connector=self.name,
+        )
         return Retry(describe_error(failure))
 
     def stop(self) -> Deferred[None]:
@@ -320,7 +323,8 @@ class HTTPConnector:
                 )
                 self.log.info(
                     "connector {connector}: {control_id} not delivered: {reason}",
-                    connector=self.name, control_id=delivery.control_id, reason=reason,
+                    event="delivery_retry", connector=self.name,
+                    control_id=delivery.control_id, reason=reason,
                     attempt=delivery.attempt,
                 )
                 return Retry(reason)
@@ -352,7 +356,7 @@ class HTTPConnector:
         except Exception as e:  # noqa: BLE001 - the status already decided
             self.log.debug(
                 "connector {connector}: response body not read: {reason}",
-                connector=self.name, reason=describe_error(e),
+                event="response_unread", connector=self.name, reason=describe_error(e),
             )
         finally:
             if timer.active():

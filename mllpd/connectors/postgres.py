@@ -219,26 +219,29 @@ class PostgresConnector:
             self._up = True
             self.log.info(
                 "connector {connector} (postgres) connected to {server}, table {table}",
-                connector=self.name, server=self.server, table=self.table,
+                event="upstream_connected", connector=self.name, server=self.server,
+                table=self.table,
             )
         if isinstance(outcome, Retry):
             if self._up is not False:
                 # Once per outage, not once per retry.
                 self.log.warn(
                     "connector {connector} (postgres): {server} unavailable: {reason}",
-                    connector=self.name, server=self.server, reason=outcome.reason,
+                    event="upstream_unreachable", connector=self.name, server=self.server,
+                    reason=outcome.reason,
                 )
             self._up = False
         elif isinstance(outcome, Dead):
             self.log.warn(
                 "connector {connector} (postgres): message refused by the table: {reason}",
-                connector=self.name, reason=outcome.reason,
+                event="delivery_dead", connector=self.name, reason=outcome.reason,
             )
         return outcome
 
     def _unexpected(self, failure: Failure) -> Outcome:
         self.log.failure(
-            "connector {connector} (postgres): unexpected error", failure, connector=self.name
+            "connector {connector} (postgres): unexpected error", failure,
+            event="delivery_error", connector=self.name,
         )
         return Retry(describe_error(failure.value))
 
