@@ -76,3 +76,13 @@ def json_observer(
 
     predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])
     return FilteringLogObserver(write, [predicate])
+
+
+def format_peer(address: Any) -> str:
+    """How a peer is named in logs and audit records: ``host:port``,
+    ``[v6 host]:port``, or the address as text when it has no host."""
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is None:
+        return str(address)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -31,6 +31,7 @@ from mllpd.ack import REJECT, AckError, build_ack, encode_ack, should_send
 from mllpd.batch import is_batch
 from mllpd.framing import Frame, Framer, Junk, Oversized, frame
 from mllpd.hl7 import DecodeError, NotHL7Error, parse_message
+from mllpd.logging import format_peer
 from mllpd.receiver import Receiver, Reply, new_ack_id
 
 if TYPE_CHECKING:
@@ -56,14 +57,6 @@ def type_bucket(msg_type: str) -> str:
     is not three capitals or digits, so senders cannot mint labels."""
     code = msg_type.split("^", 1)[0]
     return code if _TYPE.fullmatch(code) else "other"
-
-
-def format_peer(address: Any) -> str:
-    host = getattr(address, "host", None)
-    port = getattr(address, "port", None)
-    if host is None:
-        return str(address)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class _Pending:

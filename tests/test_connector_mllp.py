@@ -423,7 +423,7 @@ class BuildTests(SynchronousTestCase):
             f.write("not a certificate\n")
         ok = "tcp:127.0.0.1:2575"
         cases: list[tuple[dict[str, Any], str]] = [
-            ({"address": ok, "retries": 3}, "connectors.ehr.retries: unknown option"),
+            ({"address": ok, "retries": 3}, "connectors.ehr.retries: unknown option for a mllp connector"),
             ({}, "connectors.ehr.address: required"),
             ({"address": 2575}, "connectors.ehr.address: must be a non-empty string"),
             ({"address": "ehr.hospital"}, "connectors.ehr.address: Unknown endpoint type"),
@@ -434,10 +434,10 @@ class BuildTests(SynchronousTestCase):
             ({"address": f"tls:h:1:trustRoots={not_pem}"}, "trustRoots must be a readable directory"),
             ({"address": f"tls:h:1:certificate={self.dir}/none.pem"}, "cannot read"),
             ({"address": f"tls:h:1:certificate={not_pem}"}, "not a valid PEM"),
-            ({"address": ok, "ack_timeout": "soon"}, "connectors.ehr.ack_timeout: 'soon' is not a duration"),
-            ({"address": ok, "ack_timeout": 30}, "connectors.ehr.ack_timeout: 30 is not a duration"),
-            ({"address": ok, "ack_timeout": "0s"}, "connectors.ehr.ack_timeout: must be greater than zero"),
-            ({"address": ok, "connect_timeout": "5 s"}, "connectors.ehr.connect_timeout: '5 s' is not"),
+            ({"address": ok, "ack_timeout": "soon"}, "connectors.ehr.ack_timeout: invalid duration 'soon'"),
+            ({"address": ok, "ack_timeout": 30}, "connectors.ehr.ack_timeout: expected a duration such as 30s"),
+            ({"address": ok, "ack_timeout": "0s"}, "connectors.ehr.ack_timeout: must be greater than 0"),
+            ({"address": ok, "connect_timeout": "5 s"}, "connectors.ehr.connect_timeout: invalid duration '5 s'"),
         ]
         for options, expected in cases:
             message = self.error(**options)

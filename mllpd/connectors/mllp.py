@@ -15,6 +15,7 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from OpenSSL import SSL, crypto
@@ -37,7 +38,7 @@ from twisted.python.filepath import FilePath, UnlistableError
 from zope.interface import implementer
 
 from mllpd.batch import BatchError, forward_payload, is_batch, parse_batch
-from mllpd.config import ConfigError, parse_duration
+from mllpd.config import ConfigError
 from mllpd.connectors import (
     ConnectorSpec,
     Dead,
@@ -51,12 +52,16 @@ from mllpd.connectors import (
 from mllpd.connectors._common import (
     ConnectorPool,
     bool_option,
+    check_keys,
+    duration_option,
     is_loopback,
+    option_error,
     warn_plaintext,
     warn_unverified,
 )
 from mllpd.framing import Frame, Framer, Junk, frame
 from mllpd.hl7 import DecodeError, Message, NotHL7Error, parse_message
+from mllpd.logging import format_peer
 
 __all__ = [
     "CLOSE_TIMEOUT",
@@ -123,14 +128,6 @@ class _Broken:
 _Reply = _Ack | _Broken
 
 
-def _format_peer(address: Any) -> str:
-    host = getattr(address, "host", None)
-    port = getattr(address, "port", None)
-    if host is None:
-        return str(address)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _describe(failure: Failure) -> str:
     text = _CONTROL.sub(" ", failure.getErrorMessage()).strip()
     name = failure.type.__name__ if failure.type is not None else "error"
@@ -156,7 +153,7 @@ class MLLPClientProtocol(Protocol):
         self._waiter: Deferred[_Reply] | None = None
 
     def connectionMade(self) -> None:
-        self.peer = _format_peer(self.transport.getPeer())
+        self.peer = format_peer(self.transport.getPeer())
         self.usable = True
         for option, value in (("setTcpNoDelay", True), ("setTcpKeepAlive", True)):
             # A TLS wrapper may not pass these through; the connection works without.
@@ -662,17 +659,10 @@ def build(spec: ConnectorSpec, reactor: Any, environ: Mapping[str, str]) -> ICon
     Raises :class:`ConfigError` naming ``connectors.<name>.<option>``.
     """
     options = spec.options
-
-    def problem(option: str, message: str) -> ConfigError:
-        return ConfigError("MLLP_CONFIG", f"connectors.{spec.name}.{option}: {message}")
-
-    unknown = sorted(set(options) - set(_OPTIONS))
-    if unknown:
-        raise problem(unknown[0], f"unknown option; expected one of {', '.join(_OPTIONS)}")
-    ack_timeout = _duration_option(options, "ack_timeout", DEFAULT_ACK_TIMEOUT, problem)
-    connect_timeout = _duration_option(
-        options, "connect_timeout", DEFAULT_CONNECT_TIMEOUT, problem
-    )
+    problem = partial(option_error, spec)
+    check_keys(spec, _OPTIONS)
+    ack_timeout = duration_option(spec, "ack_timeout", f"{DEFAULT_ACK_TIMEOUT:g}s")
+    connect_timeout = duration_option(spec, "connect_timeout", f"{DEFAULT_CONNECT_TIMEOUT:g}s")
     address = options.get("address")
     if address is None:
         raise problem("address", f"required; {_ADDRESS_HELP}")
@@ -786,23 +776,3 @@ def _endpoint_type_error(error: TypeError) -> str:
     if "missing" in text:
         return "host and port are required"
     return _clean(text, 120)
-
-
-def _duration_option(
-    options: Mapping[str, Any],
-    option: str,
-    default: float,
-    problem: Callable[[str, str], ConfigError],
-) -> float:
-    value = options.get(option)
-    if value is None:
-        return default
-    if not isinstance(value, str):
-        raise problem(option, f"{value!r} is not a duration; expected e.g. 30s or 500ms")
-    try:
-        seconds = parse_duration(value)
-    except ValueError:
-        raise problem(option, f"{_clean(value, 40)!r} is not a duration; expected e.g. 30s or 500ms") from None
-    if seconds <= 0:
-        raise problem(option, "must be greater than zero; expected e.g. 30s")
-    return seconds
