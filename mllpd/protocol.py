@@ -27,12 +27,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mllpd.ack import REJECT, AckError, build_ack, encode_ack, should_send
+from mllpd.ack import REJECT, AckError
 from mllpd.batch import is_batch
 from mllpd.framing import Frame, Framer, Junk, Oversized, frame
 from mllpd.hl7 import DecodeError, NotHL7Error, parse_message
 from mllpd.logging import format_peer
-from mllpd.receiver import Receiver, Reply, new_ack_id
+from mllpd.receiver import Receiver, Reply
 
 if TYPE_CHECKING:
     from mllpd.metrics import Metrics
@@ -293,11 +293,9 @@ class MLLPServerProtocol(Protocol):
     def _receive_failed(self, failure: Failure, pending: _Pending, size: int) -> None:
         # The receiver turns every expected failure into a NAK; this is a bug.
         log.failure("receiving a message failed", failure, event="receive_error", peer=self.peer)
-        nak = build_ack(
-            None, REJECT, now=self.factory.now(), ack_id=new_ack_id(),
-            error=AckError("207", "internal error; resend later"),
+        pending.reply = self.factory.receiver.refusal(
+            None, "ascii", AckError("207", "internal error; resend later"), size
         )
-        pending.reply = Reply(REJECT, "AR", encode_ack(nak, "ascii"), "", "", size)
         self._unhold(pending)
         self._flush()
 
@@ -483,19 +481,14 @@ class MLLPServerProtocol(Protocol):
         self._frame_timer = None
         pending = _Pending(self.factory.clock.seconds())
         pending.close_after = True
-        data = None
-        if header is not None and should_send(REJECT, header):
-            nak = build_ack(
-                header, REJECT, now=self.factory.now(), ack_id=new_ack_id(),
-                error=AckError("207", text),
-            )
-            data = encode_ack(nak, codec)
-        elif header is None and head and is_batch(head):
-            # An HL7 batch: a batch-level AR from its BHS (and FHS).
-            data = self.factory.receiver.frame_reject(head, text)
-        pending.reply = Reply(REJECT, "AR", data, header.bounded(10) if header else "",
-                              header.type_label if header else "", len(head),
-                              AckError("207", text))
+        error = AckError("207", text)
+        if header is not None:
+            pending.reply = self.factory.receiver.refusal(header, codec, error, len(head))
+        else:
+            # No MSH to answer; an HL7 batch gets a batch-level AR from its
+            # BHS (and FHS).
+            data = self.factory.receiver.frame_reject(head, text) if head and is_batch(head) else None
+            pending.reply = Reply(REJECT, "AR", data, "", "", len(head), error)
         self._queue.append(pending)
         self._flush()
 

@@ -453,6 +453,12 @@ class Receiver:
             self._second_dt = datetime.fromtimestamp(second, UTC)
         return self._second_dt
 
+    def refusal(self, header: Header | None, codec: str, error: AckError, size: int) -> Reply:
+        """The AR (CR in enhanced mode) for a frame the protocol will not
+        pass on, or cannot: built here, as every reply is, with this
+        receiver's clock and ACK ids."""
+        return self._reply(header, codec, REJECT, error, b"")._replace(size=size)
+
     def _reply(
         self,
         header: Header | None,

@@ -177,6 +177,16 @@ class LimitTests(SynchronousTestCase):
         h.clock.advance(LINGER)
         self.assertTrue(t.disconnecting)
 
+    def test_refusals_come_from_the_receiver(self) -> None:
+        """The AR for an oversized frame is built by the receiver, with its clock and ACK ids."""
+        h = Harness(max_frame_size=1000)
+        h.receiver = Receiver(h.outbox, h.clock, ack_id=lambda: "RECEIVER-ID-1")
+        h.factory.receiver = h.receiver
+        proto, t = h.connect()
+        proto.dataReceived(b"\x0b" + adt("BIG2") + b"OBX|" + b"x" * 2000)
+        msh = acks(t)[0].split("\r", 1)[0].split("|")
+        self.assertEqual(msh[9], "RECEIVER-ID-1")
+
     def test_oversized_waits_for_earlier_acks(self) -> None:
         """The NAK for an oversized frame follows the ACKs of the frames before it."""
         h = Harness(hold=True, max_frame_size=1000)
