@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from run import (  # noqa: E402
+from common import (  # noqa: E402
     BenchError,
     Server,
     count_rows,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import Server, twistd_command  # noqa: E402
+from common import Server, twistd_command  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 

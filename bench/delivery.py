@@ -48,14 +48,14 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from run import (  # noqa: E402
+from common import (  # noqa: E402
     BenchError,
     Server,
-    _cpu_list,
-    _tail,
     count_rows,
+    cpu_list,
     run_loadgen,
     server_env,
+    tail,
     twistd_command,
     write_report,
 )
@@ -168,7 +168,7 @@ def one_run(args: argparse.Namespace, conns: int, rate: float, rep: int,
                 "--port", "tcp:0:interface=127.0.0.1"]
         srv_dir = workdir / "mllpd"
         srv_dir.mkdir()
-        cpus = _cpu_list(args.server_cpus) if args.pin != "none" else None
+        cpus = cpu_list(args.server_cpus) if args.pin != "none" else None
         server = Server("mllpd", argv, srv_dir, env, cpus)
         port = server.start(args.startup_timeout)
         assert server.proc is not None
@@ -238,7 +238,7 @@ def one_run(args: argparse.Namespace, conns: int, rate: float, rep: int,
             rec["exit_code"] = server.stop(args.stop_timeout)
             rec["killed"] = server.killed
             if server.killed or rec["exit_code"] not in (0, -15):
-                rec["server_log_tail"] = _tail(server.stdout_path) + "\n" + _tail(server.stderr_path)
+                rec["server_log_tail"] = tail(server.stdout_path) + "\n" + tail(server.stderr_path)
         for sink in sinks.values():
             sink.stop(5.0)
     load = rec.get("load")

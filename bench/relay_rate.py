@@ -41,7 +41,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import loadgen  # noqa: E402
-from run import Server  # noqa: E402
+from common import Server  # noqa: E402
 from twisted.internet import task  # noqa: E402
 from twisted.internet.defer import Deferred, succeed  # noqa: E402
 from zope.interface import implementer  # noqa: E402

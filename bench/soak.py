@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import LOADGEN, Server, twistd_command  # noqa: E402
+from common import LOADGEN, Server, twistd_command  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MiB = 1024 * 1024
