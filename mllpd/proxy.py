@@ -15,10 +15,8 @@ import re
 from typing import Any
 from typing import Protocol as Interface
 
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IDelayedCall,
-    IListeningPort,
     IProtocolFactory,
     IReactorTime,
     IStreamServerEndpoint,
@@ -29,7 +27,9 @@ from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
 from twisted.python.failure import Failure
-from zope.interface import directlyProvides, implementer, providedBy
+from zope.interface import directlyProvides, providedBy
+
+from mllpd.endpoints import WrappingEndpoint
 
 __all__ = ["HEADER_TIMEOUT", "proxy_endpoint"]
 
@@ -202,22 +202,9 @@ class _HeaderFirstFactory(HAProxyWrappingFactory):
         self.gate = gate
 
 
-@implementer(IStreamServerEndpoint)
-class _ProxyEndpoint:
-    def __init__(
-        self, endpoint: IStreamServerEndpoint, clock: IReactorTime, gate: ConnectionGate | None
-    ) -> None:
-        self.endpoint = endpoint
-        self.clock = clock
-        self.gate = gate
-
-    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
-        return self.endpoint.listen(_HeaderFirstFactory(protocolFactory, self.clock, self.gate))
-
-
 def proxy_endpoint(
     endpoint: IStreamServerEndpoint, clock: IReactorTime, gate: ConnectionGate | None = None
 ) -> IStreamServerEndpoint:
     """``endpoint`` expecting a PROXY v1/v2 header on every connection;
     connections still waiting for theirs count against ``gate``."""
-    return _ProxyEndpoint(endpoint, clock, gate)
+    return WrappingEndpoint(endpoint, lambda factory: _HeaderFirstFactory(factory, clock, gate))

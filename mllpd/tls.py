@@ -24,11 +24,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from OpenSSL import SSL, crypto
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
-    IListeningPort,
     IOpenSSLServerConnectionCreator,
-    IProtocolFactory,
     IReactorTime,
     IStreamServerEndpoint,
 )
@@ -43,6 +40,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
+
+from mllpd.endpoints import WrappingEndpoint
 
 if TYPE_CHECKING:
     from mllpd.identities import ClientIdentities
@@ -344,19 +343,9 @@ class ServerTLS:
         self._loop = None
 
 
-@implementer(IStreamServerEndpoint)
-class _TLSServerEndpoint:
-    def __init__(self, endpoint: IStreamServerEndpoint, tls: ServerTLS) -> None:
-        self.endpoint = endpoint
-        self.tls = tls
-
-    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
-        return self.endpoint.listen(TLSMemoryBIOFactory(self.tls, False, protocolFactory))
-
-
 def tls_endpoint(endpoint: IStreamServerEndpoint, tls: ServerTLS) -> IStreamServerEndpoint:
     """``endpoint`` with every accepted connection wrapped in TLS."""
-    return _TLSServerEndpoint(endpoint, tls)
+    return WrappingEndpoint(endpoint, lambda factory: TLSMemoryBIOFactory(tls, False, factory))
 
 
 def peer_identity(cert: Any) -> tuple[str, frozenset[str]]:
