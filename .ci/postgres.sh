@@ -37,6 +37,14 @@ owner() {
     fi
 }
 
+# The cluster directory a stop or restart is given: only one that start made.
+cluster_dir() {
+    case "$2" in
+    */mllpd-pg.*) echo "$2" ;;
+    *) echo "postgres.sh $1: expected a directory made by '$0 start', got '$2'" >&2; exit 2 ;;
+    esac
+}
+
 free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
 }
@@ -84,11 +92,7 @@ start)
     exit 1
     ;;
 stop)
-    dir=${2:-${MLLPD_TEST_POSTGRES_DIR:-}}
-    case "$dir" in
-    */mllpd-pg.*) ;;
-    *) echo "postgres.sh stop: expected a directory made by '$0 start', got '$dir'" >&2; exit 2 ;;
-    esac
+    dir=$(cluster_dir stop "${2:-${MLLPD_TEST_POSTGRES_DIR:-}}")
     BIN=$(bindir)
     OWNER=$(stat -c %U "$dir")
     if [ -f "$dir/data/postmaster.pid" ]; then
@@ -99,11 +103,7 @@ stop)
 restart)
     # An immediate (crash-like) stop and a start on the same port and data,
     # for the tests of a database that goes away under load.
-    dir=${2:-${MLLPD_TEST_POSTGRES_DIR:-}}
-    case "$dir" in
-    */mllpd-pg.*) ;;
-    *) echo "postgres.sh restart: expected a directory made by '$0 start', got '$dir'" >&2; exit 2 ;;
-    esac
+    dir=$(cluster_dir restart "${2:-${MLLPD_TEST_POSTGRES_DIR:-}}")
     BIN=$(bindir)
     OWNER=$(stat -c %U "$dir")
     as_owner "$BIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -m immediate -w -t 30 restart >/dev/null
