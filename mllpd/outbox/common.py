@@ -42,6 +42,8 @@ __all__ = [
     "PRUNE_INTERVAL",
     "QueueDepth",
     "STATE_HOLD",
+    "QUEUE_DEPTHS",
+    "check_schema_version",
     "prune_interval",
     "schema_files",
 ]
@@ -76,6 +78,24 @@ def schema_files(dialect: str) -> list[tuple[int, str]]:
         if name.endswith(".sql"):
             scripts.append((int(name.split("_", 1)[0]), entry.read_text("utf-8")))
     return sorted(scripts)
+
+
+def check_schema_version(current: int, newest: int) -> None:
+    """Refuse an outbox a newer mllpd has migrated past what this one knows."""
+    if current > newest:
+        raise OutboxError(
+            f"outbox schema version {current} is newer than this mllpd "
+            f"knows ({newest}); upgrade mllpd"
+        )
+
+
+# Queue depth, dead letters and oldest arrival per connector and state: the
+# same SQL on either backend (read by depths_from).
+QUEUE_DEPTHS = (
+    "SELECT d.connector, d.state, COUNT(*), MIN(m.received_at)"
+    " FROM deliveries d JOIN messages m ON m.message_id = d.message_id"
+    " WHERE d.state IN ('pending', 'in_flight', 'dead') GROUP BY d.connector, d.state"
+)
 
 
 class QueueDepth(NamedTuple):

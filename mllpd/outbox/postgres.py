@@ -50,9 +50,11 @@ from mllpd.outbox import (
 from mllpd.outbox.common import (
     BACKLOG_INTERVAL,
     PRUNE_BATCH,
+    QUEUE_DEPTHS,
     GroupCommitOutbox,
     Op,
     QueueDepth,
+    check_schema_version,
     depths_from,
     prune_interval,
     schema_files,
@@ -168,11 +170,7 @@ def migrate(conn: psycopg.Connection[Any]) -> int:
         )
         row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
         current = (row[0] if row else None) or 0
-        if current > newest:
-            raise OutboxError(
-                f"outbox schema version {current} is newer than this mllpd "
-                f"knows ({newest}); upgrade mllpd"
-            )
+        check_schema_version(current, newest)
         for version, script in scripts:
             if version > current:
                 conn.execute(script.encode("utf-8"))
@@ -211,11 +209,6 @@ _FETCH = (
 _BACKLOG = (
     "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages WHERE message_id IN"
     " (SELECT message_id FROM deliveries WHERE state IN ('pending', 'in_flight'))"
-)
-_DEPTHS = (
-    "SELECT d.connector, d.state, COUNT(*), MIN(m.received_at)"
-    " FROM deliveries d JOIN messages m ON m.message_id = d.message_id"
-    " WHERE d.state IN ('pending', 'in_flight', 'dead') GROUP BY d.connector, d.state"
 )
 _PRUNE_MESSAGES = (
     "DELETE FROM messages WHERE message_id IN (SELECT m.message_id FROM messages m"
@@ -628,7 +621,7 @@ class PostgresOutbox(GroupCommitOutbox):
                 counted = conn.execute(_BACKLOG).fetchone()
                 assert counted is not None
                 messages, size = int(counted[0]), int(counted[1])
-                depths = [list(r) for r in conn.execute(_DEPTHS).fetchall()]
+                depths = [list(r) for r in conn.execute(QUEUE_DEPTHS).fetchall()]
                 conn.execute(
                     "UPDATE cluster_state SET messages = %s, size = %s, depths = %s,"
                     " counted_at = %s WHERE id = 1",

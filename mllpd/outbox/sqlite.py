@@ -30,10 +30,12 @@ from mllpd.outbox import (
 )
 from mllpd.outbox.common import (
     PRUNE_BATCH,
+    QUEUE_DEPTHS,
     STATE_HOLD,
     GroupCommitOutbox,
     Op,
     QueueDepth,
+    check_schema_version,
     depths_from,
     prune_interval,
     schema_files,
@@ -136,11 +138,7 @@ def _migrate(conn: sqlite3.Connection) -> None:
         current = row[0] or 0
         scripts = schema_files("sqlite")
         newest = scripts[-1][0] if scripts else 0
-        if current > newest:
-            raise OutboxError(
-                f"outbox schema version {current} is newer than this mllpd "
-                f"knows ({newest}); upgrade mllpd"
-            )
+        check_schema_version(current, newest)
         for version, script in scripts:
             if version > current:
                 for statement in _statements(script):
@@ -272,11 +270,6 @@ _BACKLOG = (
     "SELECT COUNT(*), TOTAL(size) FROM messages WHERE message_id IN"
     " (SELECT message_id FROM deliveries WHERE state IN ('pending', 'in_flight'))"
 )
-_DEPTHS = (
-    "SELECT d.connector, d.state, COUNT(*), MIN(m.received_at)"
-    " FROM deliveries d JOIN messages m ON m.message_id = d.message_id"
-    " WHERE d.state IN ('pending', 'in_flight', 'dead') GROUP BY d.connector, d.state"
-)
 # A message goes once every queue row of it was delivered before the cutoff
 # (or it was routed nowhere) and it arrived before the cutoff.
 #
@@ -365,7 +358,7 @@ class SQLiteOutbox(GroupCommitOutbox):
     def _read_counts(self) -> tuple[Backlog, dict[str, QueueDepth]]:
         conn = self._reader
         count, size = conn.execute(_BACKLOG).fetchone()
-        return Backlog(count, int(size)), depths_from(conn.execute(_DEPTHS).fetchall())
+        return Backlog(count, int(size)), depths_from(conn.execute(QUEUE_DEPTHS).fetchall())
 
     def _fetch(
         self, connector: str, after: int, limit: int,
