@@ -22,7 +22,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, DataTable, Footer, Header, Label, Static
 
-from mllpd.cli import format_age, plain, render_message
+from mllpd.cli.render import format_age, plain, render_message
 from mllpd.cli.store import ConnectorStats, MessageDetail, MessageRow, Store, StoreError
 
 __all__ = ["ConfirmScreen", "MessageScreen", "OutboxApp"]
