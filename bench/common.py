@@ -1,7 +1,8 @@
 """What the benchmarks share: starting a server and learning its port,
-running the load generator, counting what an outbox stored, and writing a
-report (`run.py`, `delivery.py`, `cluster.py`, `connect_storm.py`,
-`soak.py`). One launcher for every server a benchmark starts.
+running the load generator or one blocking MLLP sender, counting what an
+outbox stored, and writing a report (`run.py`, `delivery.py`, `cluster.py`,
+`connect_storm.py`, `soak.py`, `cli_purge.py`). One launcher for every
+server a benchmark starts.
 """
 
 from __future__ import annotations
@@ -156,6 +157,51 @@ def listening_port(line: bytes) -> int:
     if obj.get("event") == "listening" and isinstance(port, int) and 0 < port < 65536:
         return port
     return 0
+
+
+def hl7_message(control_id: str) -> bytes:
+    """A small ADT^A01 (about 170 bytes) with ``control_id`` as MSH-10."""
+    segments = [
+        f"MSH|^~\\&|BENCH|BENCHFAC|MLLPD|HOSP|20240101120000||ADT^A01|{control_id}|P|2.5",
+        "EVN|A01|20240101120000",
+        "PID|1||4711^^^HOSP^MR||DOE^JANE||19800101|F",
+        "PV1|1|I|W^101^1",
+    ]
+    return ("\r".join(segments) + "\r").encode("ascii")
+
+
+class MLLPClient:
+    """One blocking MLLP connection to 127.0.0.1: a message, then its ACK."""
+
+    # An ACK without its end block after this many bytes is an error.
+    MAX_ACK = 1 << 20
+
+    def __init__(self, port: int, timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self._buf = bytearray()
+
+    def __enter__(self) -> MLLPClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    def request(self, payload: bytes) -> str:
+        """Send one framed message; its ACK's MSA-1 code (``""`` if none)."""
+        self.sock.sendall(b"\x0b" + payload + b"\x1c\r")
+        while (end := self._buf.find(b"\x1c\r")) < 0:
+            if len(self._buf) > self.MAX_ACK:
+                raise BenchError(f"no end block in the first {self.MAX_ACK} bytes of an ACK")
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise BenchError("the server closed the connection before its ACK")
+            self._buf += chunk
+        ack = bytes(self._buf[:end]).lstrip(b"\x0b")
+        del self._buf[: end + 2]
+        for segment in ack.split(b"\r"):
+            if segment.startswith(b"MSA|"):
+                return segment.split(b"|")[1].decode("ascii", "replace")
+        return ""
 
 
 def count_rows(db: Path) -> int | str:
