@@ -13,11 +13,13 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet import reactor as _reactor
+from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mllpd.hl7 import parse_message
 from mllpd.outbox import AuditRecord, Backlog, Envelope, OutboxError
+from mllpd.outbox.common import BACKLOG_INTERVAL
 from mllpd.outbox.sqlite import (
     SQLiteOutbox,
     _statements,
@@ -26,7 +28,6 @@ from mllpd.outbox.sqlite import (
     schema_files,
 )
 from mllpd.rules import default_lane, lane_key
-from tests.upstreams import until
 
 reactor: Any = _reactor
 
@@ -432,22 +433,59 @@ class AuditTests(_Opening):
         self.assertEqual(select(path, "SELECT ack_code FROM audit"), [("AA",)])
 
 
+class Recounts:
+    """The backlog seen after each recount of an outbox whose recount timer
+    is a task.Clock: a test advances it rather than wait out the interval."""
+
+    def __init__(self) -> None:
+        self.clock = Clock()
+        self.seen: list[Backlog] = []
+        self._waiting: list[defer.Deferred[None]] = []
+
+    def counted(self, backlog: Backlog) -> None:
+        self.seen.append(backlog)
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            # A reactor turn later: the recount's timer is set again by then.
+            reactor.callLater(0, d.callback, None)
+
+    def _next(self) -> defer.Deferred[None]:
+        d: defer.Deferred[None] = defer.Deferred()
+        self._waiting.append(d)
+        # The count itself runs on the reader thread: a liveness bound.
+        return d.addTimeout(10, reactor)
+
+    async def first(self) -> None:
+        """Until the recount that start() begins at once is counted."""
+        if not self.seen:
+            await self._next()
+
+    async def next(self) -> None:
+        """One recount interval passes; until that recount is counted."""
+        await self.first()
+        assert self.clock.getDelayedCalls(), "no recount is due"
+        counted = self._next()
+        self.clock.advance(BACKLOG_INTERVAL)
+        await counted
+
+
 class QueueTests(_Opening):
     """The backlog behind MLLP_MAX_OUTBOX, and the queues across a crash."""
 
-    def counted(self, path: str, **kw: object) -> tuple[SQLiteOutbox, list[Backlog]]:
-        """An open outbox and the backlog seen after each of its recounts."""
-        outbox = SQLiteOutbox(path, reactor, **kw)  # type: ignore[arg-type]
-        seen: list[Backlog] = []
-        outbox.count_observer = lambda depths: seen.append(outbox.backlog())
+    def counted(self, path: str, **kw: object) -> tuple[SQLiteOutbox, Recounts]:
+        """An open outbox whose recounts run on a task.Clock, and the
+        backlog seen after each of them."""
+        recounts = Recounts()
+        outbox = SQLiteOutbox(path, reactor, count_clock=recounts.clock, **kw)  # type: ignore[arg-type]
+        outbox.count_observer = lambda depths: recounts.counted(outbox.backlog())
         outbox.start()
         self.addCleanup(outbox.close)
-        return outbox, seen
+        return outbox, recounts
 
     async def test_backlog_counts_undelivered_messages(self) -> None:
         """backlog() counts routed undelivered messages on store and drops delivered ones at the recount; max_count makes it full."""
-        outbox, seen = self.counted(temp_db(self), max_count=3)
-        await until(lambda: seen, timeout=5, what="a recount")
+        outbox, recounts = self.counted(temp_db(self), max_count=3)
+        await recounts.first()
         size = len(routed("B1").payload)
         await outbox.store(routed("B1", "ehr", "lake"))
         await outbox.store(routed("B2", "ehr"))
@@ -462,19 +500,21 @@ class QueueTests(_Opening):
         # B1 still waits for lake: only B2 leaves the backlog.
         await outbox.mark_delivered(ehr[0].seq, 1001.0)
         await outbox.mark_delivered(ehr[1].seq, 1001.0)
-        await until(lambda: outbox.backlog() == Backlog(2, 2 * size), timeout=5, what=outbox.backlog)
+        await recounts.next()
+        self.assertEqual(outbox.backlog(), Backlog(2, 2 * size))
         self.assertFalse(outbox.full)
 
     async def test_recount_during_commits_never_undercounts(self) -> None:
         """A recount that races commits never drops stored messages from the backlog; a quiet recount is exact."""
-        outbox, seen = self.counted(temp_db(self), max_count=20)
+        outbox, recounts = self.counted(temp_db(self), max_count=20)
         # start() recounted at once, on another thread, while these commit.
         stored = await defer.gatherResults(
             [outbox.store(routed(f"R{n}", "ehr")) for n in range(20)]
         )
         self.assertEqual(len(stored), 20)
         self.assertTrue(outbox.full)
-        await until(lambda: len(seen) >= 2, timeout=5, what=lambda: str(seen))
+        await recounts.next()
+        seen = recounts.seen
         self.assertEqual([b.messages >= 20 for b in seen], [True] * len(seen), str(seen))
         self.assertEqual(outbox.backlog().messages, 20)
         self.assertTrue(outbox.full)

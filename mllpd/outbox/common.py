@@ -175,6 +175,7 @@ class GroupCommitOutbox:
         pod: str | None,
         hold_clock: IReactorTime | None,
         thread_name: str,
+        count_clock: IReactorTime | None = None,
     ) -> None:
         self.dedup_window = dedup_window
         self.retention = retention
@@ -196,7 +197,8 @@ class GroupCommitOutbox:
         # replaces it with a pool of its own.
         self._reader_pool = self._pool
         self._counting = LoopingCall(self._count)
-        self._counting.clock = reactor  # type: ignore[assignment]
+        # The recount's timer: the reactor, or a task.Clock in unit tests.
+        self._counting.clock = count_clock or reactor  # type: ignore[assignment]
         self._pruning = LoopingCall(self.prune)
         self._pruning.clock = reactor  # type: ignore[assignment]
         self._ops: list[Op] = []

@@ -316,11 +316,12 @@ class SQLiteOutbox(GroupCommitOutbox):
         hold_clock: IReactorTime | None = None,
         wal_limit: int = DEFAULT_WAL_LIMIT,
         checkpoint_interval: float = CHECKPOINT_INTERVAL,
+        count_clock: IReactorTime | None = None,
     ) -> None:
         super().__init__(
             reactor, dedup_window=dedup_window, wall_clock=wall_clock,
             retention=retention, max_count=max_count, max_bytes=max_bytes, pod=pod,
-            hold_clock=hold_clock, thread_name="mllpd-outbox",
+            hold_clock=hold_clock, thread_name="mllpd-outbox", count_clock=count_clock,
         )
         self.path = path
         self._conn = open_database(path, wal_limit=wal_limit)
