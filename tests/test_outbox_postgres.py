@@ -22,7 +22,7 @@ from twisted.trial.unittest import TestCase
 
 from mllpd.connectors import Delivered, Delivery, Retry
 from mllpd.outbox import AuditRecord, Envelope, OutboxError
-from mllpd.outbox.common import schema_files
+from mllpd.outbox.common import BACKLOG_INTERVAL, schema_files
 from mllpd.outbox.leases import LEASE_INTERVAL, Leases
 from mllpd.outbox.postgres import PostgresOutbox, migrate
 from mllpd.relay import Worker
@@ -230,15 +230,23 @@ class QueueTests(_PG):
     async def test_backlog_counted_once_for_the_cluster(self) -> None:
         """One replica counts the backlog per interval; the other reads its count."""
         now = [1000.0]
-        a = self.open(wall_clock=lambda: now[0])
-        b = self.open(wall_clock=lambda: now[0])
+        clock = Clock()
+        a = self.open(wall_clock=lambda: now[0], count_clock=clock)
+        b = self.open(wall_clock=lambda: now[0], count_clock=clock)
         await defer.gatherResults([a.store(envelope(f"B{i}")) for i in range(3)])
-        now[0] = 2000.0  # a count is due; the replicas recount every second
-        # (A recount that overlapped the commits may count them twice, erring
-        # towards AR, until the next one.)
-        await until(lambda: b.depths.get("ehr") is not None and b.depths["ehr"].pending == 3
-            and a.depths.get("ehr") is not None and a.depths["ehr"].pending == 3
-            and (a.backlog().messages, b.backlog().messages) == (3, 3), timeout=10, what=lambda: f"{a.depths} {b.depths} {a.backlog()} {b.backlog()}")
+        now[0] = 2000.0  # a count is due
+
+        def recounted() -> bool:
+            # One more recount round on both replicas per poll: a replica
+            # that read the shared count before the other wrote it reads it
+            # again. (A recount that overlapped the commits may count them
+            # twice, erring towards AR, until the next one.)
+            clock.advance(BACKLOG_INTERVAL)
+            return (b.depths.get("ehr") is not None and b.depths["ehr"].pending == 3
+                and a.depths.get("ehr") is not None and a.depths["ehr"].pending == 3
+                and (a.backlog().messages, b.backlog().messages) == (3, 3))
+
+        await until(recounted, timeout=10, what=lambda: f"{a.depths} {b.depths} {a.backlog()} {b.backlog()}")
         # Counted once at 2000 by one of them; the other read that count.
         self.assertEqual(select(self.url, "SELECT counted_at FROM cluster_state"), [(2000.0,)])
 

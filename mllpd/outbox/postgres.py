@@ -371,11 +371,12 @@ class PostgresOutbox(GroupCommitOutbox):
         max_bytes: int | None = None,
         pod: str | None = None,
         hold_clock: IReactorTime | None = None,
+        count_clock: IReactorTime | None = None,
     ) -> None:
         super().__init__(
             reactor, dedup_window=dedup_window, wall_clock=wall_clock,
             retention=retention, max_count=max_count, max_bytes=max_bytes, pod=pod,
-            hold_clock=hold_clock, thread_name="mllpd-outbox",
+            hold_clock=hold_clock, thread_name="mllpd-outbox", count_clock=count_clock,
         )
         self.url = url
         self.server = server_name(url)
