@@ -7,6 +7,10 @@ observed per event, into :class:`Buckets` (a list increment). Labels are the
 connector, the ACK code, the message type (MSH-9 first component only) and
 the pod: never anything from a message's content.
 
+Every metric is one row of :data:`METRICS` (name, kind, help, labels,
+buckets); the Prometheus collector and the OTLP instruments are both built
+from that table, so the two show the same metrics with the same help text.
+
 The delivery relay feeds its metrics through :meth:`Metrics.delivery`,
 :meth:`Metrics.dead_letter` and :meth:`Metrics.set_depth`.
 """
@@ -18,8 +22,9 @@ import threading
 import time
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -36,10 +41,13 @@ from twisted.web.server import Request, Site
 __all__ = [
     "BATCH_BUCKETS",
     "LATENCY_BUCKETS",
+    "METRICS",
     "Buckets",
+    "MetricDef",
     "Metrics",
     "metrics_site",
     "otlp_enabled",
+    "otlp_instruments",
     "start_otlp",
 ]
 
@@ -134,9 +142,9 @@ class Metrics:
             self.const_labels["pod"] = pod
         if namespace:
             self.const_labels["namespace"] = namespace
-        self.ack_latency = Buckets(LATENCY_BUCKETS)
-        self.commit_latency = Buckets(LATENCY_BUCKETS)
-        self.commit_batch = Buckets(BATCH_BUCKETS)
+        self.ack_latency = _buckets("mllp_ack_latency_seconds")
+        self.commit_latency = _buckets("mllp_commit_latency_seconds")
+        self.commit_batch = _buckets("mllp_commit_batch_size")
         self.deliveries: Counter[tuple[str, str]] = Counter()
         self.dead_letters: Counter[str] = Counter()
         self.depth: dict[str, tuple[int, float]] = {}
@@ -144,7 +152,9 @@ class Metrics:
         self._connections: _Source | None = None
         self._tls_reloads: Mapping[str, int] | None = None
         self._wal: _Wal | None = None
-        self.checkpoint_latency = {mode: Buckets(LATENCY_BUCKETS) for mode in CHECKPOINT_MODES}
+        self.checkpoint_latency = {
+            mode: _buckets("mllp_outbox_checkpoint_seconds") for mode in CHECKPOINT_MODES
+        }
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))  # type: ignore[arg-type]
 
@@ -232,131 +242,178 @@ _FRAME_RESULTS = (
     ("restarted", "frame_restarts"),
 )
 
+Samples = dict[str, Any]  # what Metrics.samples() returns
+Points = Iterable[tuple[tuple[str, ...], float]]  # (label values, value)
+Series = Iterable[tuple[tuple[str, ...], Buckets]]  # (label values, histogram)
+
+
+@dataclass(frozen=True)
+class MetricDef:
+    """One metric, as both exporters show it.
+
+    ``kind``: ``counter``, ``gauge``, ``updown`` (a gauge that OTLP sends
+    as an up-down counter) or ``histogram``. Counters and gauges are read
+    from :meth:`Metrics.samples` by ``read``; histograms are the
+    :class:`Buckets` that ``series`` lists. ``when``: the metric is left out
+    of a scrape (and of an export) while it says False.
+    """
+
+    name: str  # Prometheus family name (counters get _total on the page)
+    otlp: str  # OpenTelemetry instrument name
+    kind: Literal["counter", "gauge", "updown", "histogram"]
+    help: str
+    labels: tuple[str, ...] = ()
+    unit: str = ""  # OTLP unit (UCUM); Prometheus names carry theirs
+    buckets: tuple[float, ...] = ()
+    read: Callable[[Samples], Points] | None = None
+    series: Callable[[Metrics], Series] | None = None
+    when: Callable[[Samples], bool] | None = None
+
+
+def _stat(key: str) -> Callable[[Samples], Points]:
+    return lambda s: [((), s["stats"].get(key, 0))]
+
+
+def _wal(key: str) -> Callable[[Samples], Points]:
+    return lambda s: [((), s["wal"][key])]
+
+
+def _has_wal(s: Samples) -> bool:
+    return s["wal"] is not None
+
+
+METRICS: tuple[MetricDef, ...] = (
+    MetricDef(
+        "mllp_connections_open", "mllp.connections.open", "updown",
+        "MLLP connections open now.", read=lambda s: [((), s["open"])]),
+    MetricDef(
+        "mllp_connections_accepted", "mllp.connections.accepted", "counter",
+        "MLLP connections accepted.", read=_stat("connections_accepted")),
+    MetricDef(
+        "mllp_connections_refused", "mllp.connections.refused", "counter",
+        "MLLP connections closed at once by MLLP_MAX_CONNECTIONS.",
+        read=_stat("connections_refused")),
+    MetricDef(
+        "mllp_frames", "mllp.frames", "counter", "MLLP frames by result.", ("result",),
+        read=lambda s: [((r,), s["stats"].get(k, 0)) for r, k in _FRAME_RESULTS]),
+    MetricDef(
+        "mllp_junk_bytes", "mllp.junk_bytes", "counter", "Bytes discarded outside any frame.",
+        unit="By", read=_stat("junk_bytes")),
+    MetricDef(
+        "mllp_buffer_full", "mllp.buffer_full", "counter",
+        "Times MLLP_MAX_BUFFER was reached and reading paused on all connections.",
+        read=_stat("buffer_full")),
+    MetricDef(
+        "mllp_connection_timeouts", "mllp.connection.timeouts", "counter",
+        "Connections closed by a timeout, by kind.", ("kind",),
+        read=lambda s: [((k,), s["stats"].get(f"{k}_timeouts", 0)) for k in ("idle", "write")]),
+    MetricDef(
+        "mllp_messages", "mllp.messages", "counter",
+        "Messages answered, by message type (MSH-9.1) and ACK code.", ("msg_type", "code"),
+        read=lambda s: [((t, c), n) for (t, c), n in sorted(s["messages"].items())]),
+    MetricDef(
+        "mllp_ack_latency_seconds", "mllp.ack.latency", "histogram",
+        "Seconds from a frame's arrival to its ACK being written.",
+        unit="s", buckets=LATENCY_BUCKETS, series=lambda m: [((), m.ack_latency)]),
+    MetricDef(
+        "mllp_commit_latency_seconds", "mllp.commit.latency", "histogram",
+        "Seconds per outbox commit.",
+        unit="s", buckets=LATENCY_BUCKETS, series=lambda m: [((), m.commit_latency)]),
+    MetricDef(
+        "mllp_commit_batch_size", "mllp.commit.batch_size", "histogram",
+        "Messages per outbox commit.", buckets=BATCH_BUCKETS,
+        series=lambda m: [((), m.commit_batch)]),
+    MetricDef(
+        "mllp_tls_handshake_failures", "mllp.tls.handshake_failures", "counter",
+        "TLS handshakes that failed or timed out.", read=_stat("tls_handshake_failures")),
+    MetricDef(
+        "mllp_tls_reloads", "mllp.tls.reloads", "counter",
+        "TLS certificate reloads by result.", ("result",),
+        read=lambda s: [((r,), s["tls_reloads"].get(r, 0)) for r in ("ok", "failed")]),
+    MetricDef(
+        "mllp_outbox_depth", "mllp.outbox.depth", "gauge",
+        "Messages waiting for delivery, per connector.", ("connector",),
+        read=lambda s: [((c,), n) for c, (n, _) in sorted(s["depth"].items())]),
+    MetricDef(
+        "mllp_outbox_oldest_age_seconds", "mllp.outbox.oldest_age", "gauge",
+        "Age of the oldest message waiting, per connector.", ("connector",), unit="s",
+        read=lambda s: [((c,), age) for c, (_, age) in sorted(s["depth"].items())]),
+    MetricDef(
+        "mllp_connector_lease", "mllp.connector.lease", "gauge",
+        "1 while this replica delivers for the connector (PostgreSQL outbox).", ("connector",),
+        read=lambda s: [((c,), held) for c, held in sorted(s["leases"].items())],
+        when=lambda s: bool(s["leases"])),
+    MetricDef(
+        "mllp_deliveries", "mllp.deliveries", "counter",
+        "Delivery attempts by connector and result.", ("connector", "result"),
+        read=lambda s: [((c, r), n) for (c, r), n in sorted(s["deliveries"].items())]),
+    MetricDef(
+        "mllp_dead_letters", "mllp.dead_letters", "counter",
+        "Messages dead-lettered, per connector.", ("connector",),
+        read=lambda s: [((c,), n) for c, n in sorted(s["dead_letters"].items())]),
+    MetricDef(
+        "mllp_outbox_wal_bytes", "mllp.outbox.wal.bytes", "gauge",
+        "Bytes in the outbox's SQLite WAL at the last checkpoint.", unit="By",
+        read=_wal("bytes"), when=_has_wal),
+    MetricDef(
+        "mllp_outbox_wal_file_bytes", "mllp.outbox.wal.file_bytes", "gauge",
+        "Size of the outbox's SQLite WAL file.", unit="By",
+        read=_wal("file_bytes"), when=_has_wal),
+    MetricDef(
+        "mllp_outbox_wal_written_bytes", "mllp.outbox.wal.written", "counter",
+        "Bytes written to the outbox's SQLite WAL.", unit="By",
+        read=_wal("written_bytes"), when=_has_wal),
+    MetricDef(
+        "mllp_outbox_checkpoints", "mllp.outbox.checkpoints", "counter",
+        "WAL checkpoints by mode and result.", ("mode", "result"),
+        read=lambda s: [
+            ((mode, result), s["wal"]["checkpoints"].get((mode, result), 0))
+            for mode in CHECKPOINT_MODES for result in ("ok", "busy", "failed")
+        ],
+        when=_has_wal),
+    MetricDef(
+        "mllp_outbox_checkpoint_seconds", "mllp.outbox.checkpoint.duration", "histogram",
+        "Seconds per WAL checkpoint; a restart holds the writer (and ACKs) that long.",
+        ("mode",), unit="s", buckets=LATENCY_BUCKETS,
+        series=lambda m: [((mode,), b) for mode, b in m.checkpoint_latency.items()],
+        when=_has_wal),
+)
+
+
+def _buckets(name: str) -> Buckets:
+    """An empty histogram with the bounds METRICS gives ``name``."""
+    (bounds,) = (d.buckets for d in METRICS if d.name == name)
+    return Buckets(bounds)
+
 
 class _Collector:
+    """The Prometheus side: one family per row of METRICS."""
+
     def __init__(self, metrics: Metrics) -> None:
         self.m = metrics
 
     def collect(self) -> Iterator[Metric]:
         m = self.m
         s = m.samples()
-        stats = s["stats"]
         base = list(m.const_labels)
         base_values = list(m.const_labels.values())
-
-        def gauge(name: str, doc: str, value: float) -> Metric:
-            g = GaugeMetricFamily(name, doc, labels=base)
-            g.add_metric(base_values, value)
-            return g
-
-        def counter(name: str, doc: str, value: float) -> Metric:
-            c = CounterMetricFamily(name, doc, labels=base)
-            c.add_metric(base_values, value)
-            return c
-
-        yield gauge("mllp_connections_open", "MLLP connections open now.", s["open"])
-        yield counter("mllp_connections_accepted", "MLLP connections accepted.",
-                      stats.get("connections_accepted", 0))
-        yield counter("mllp_connections_refused",
-                      "MLLP connections closed at once by MLLP_MAX_CONNECTIONS.",
-                      stats.get("connections_refused", 0))
-        frames = CounterMetricFamily("mllp_frames", "MLLP frames by result.",
-                                     labels=[*base, "result"])
-        for result, key in _FRAME_RESULTS:
-            frames.add_metric([*base_values, result], stats.get(key, 0))
-        yield frames
-        yield counter("mllp_junk_bytes", "Bytes discarded outside any frame.",
-                      stats.get("junk_bytes", 0))
-        yield counter("mllp_buffer_full",
-                      "Times MLLP_MAX_BUFFER was reached and reading paused on all connections.",
-                      stats.get("buffer_full", 0))
-        closes = CounterMetricFamily("mllp_connection_timeouts",
-                                     "Connections closed by a timeout, by kind.",
-                                     labels=[*base, "kind"])
-        for kind in ("idle", "write"):
-            closes.add_metric([*base_values, kind], stats.get(f"{kind}_timeouts", 0))
-        yield closes
-        messages = CounterMetricFamily(
-            "mllp_messages", "Messages answered, by message type (MSH-9.1) and ACK code.",
-            labels=[*base, "msg_type", "code"],
-        )
-        for (msg_type, code), n in sorted(s["messages"].items()):
-            messages.add_metric([*base_values, msg_type, code], n)
-        yield messages
-        yield _histogram("mllp_ack_latency_seconds",
-                         "Seconds from a frame's arrival to its ACK being written.",
-                         m.ack_latency, base, base_values)
-        yield _histogram("mllp_commit_latency_seconds", "Seconds per outbox commit.",
-                         m.commit_latency, base, base_values)
-        yield _histogram("mllp_commit_batch_size", "Messages per outbox commit.",
-                         m.commit_batch, base, base_values)
-        yield counter("mllp_tls_handshake_failures", "TLS handshakes that failed or timed out.",
-                      stats.get("tls_handshake_failures", 0))
-        reloads = CounterMetricFamily("mllp_tls_reloads", "TLS certificate reloads by result.",
-                                      labels=[*base, "result"])
-        for result in ("ok", "failed"):
-            reloads.add_metric([*base_values, result], s["tls_reloads"].get(result, 0))
-        yield reloads
-        depth = GaugeMetricFamily("mllp_outbox_depth", "Messages waiting for delivery, per connector.",
-                                  labels=[*base, "connector"])
-        age = GaugeMetricFamily("mllp_outbox_oldest_age_seconds",
-                                "Age of the oldest message waiting, per connector.",
-                                labels=[*base, "connector"])
-        for connector, (n, oldest) in sorted(s["depth"].items()):
-            depth.add_metric([*base_values, connector], n)
-            age.add_metric([*base_values, connector], oldest)
-        yield depth
-        yield age
-        if s["leases"]:
-            lease = GaugeMetricFamily(
-                "mllp_connector_lease",
-                "1 while this replica delivers for the connector (PostgreSQL outbox).",
-                labels=[*base, "connector"],
+        for d in METRICS:
+            if d.when is not None and not d.when(s):
+                continue
+            labels = [*base, *d.labels]
+            if d.series is not None:
+                h = HistogramMetricFamily(d.name, d.help, labels=labels)
+                for values, buckets in d.series(m):
+                    h.add_metric([*base_values, *values], buckets.cumulative(), buckets.sum)
+                yield h
+                continue
+            assert d.read is not None
+            family = (CounterMetricFamily if d.kind == "counter" else GaugeMetricFamily)(
+                d.name, d.help, labels=labels
             )
-            for connector, held in sorted(s["leases"].items()):
-                lease.add_metric([*base_values, connector], held)
-            yield lease
-        deliveries = CounterMetricFamily("mllp_deliveries", "Delivery attempts by connector and result.",
-                                         labels=[*base, "connector", "result"])
-        for (connector, result), n in sorted(s["deliveries"].items()):
-            deliveries.add_metric([*base_values, connector, result], n)
-        yield deliveries
-        dead = CounterMetricFamily("mllp_dead_letters", "Messages dead-lettered, per connector.",
-                                   labels=[*base, "connector"])
-        for connector, n in sorted(s["dead_letters"].items()):
-            dead.add_metric([*base_values, connector], n)
-        yield dead
-        wal = s["wal"]
-        if wal is not None:
-            yield gauge("mllp_outbox_wal_bytes",
-                        "Bytes in the outbox's SQLite WAL at the last checkpoint.", wal["bytes"])
-            yield gauge("mllp_outbox_wal_file_bytes",
-                        "Size of the outbox's SQLite WAL file.", wal["file_bytes"])
-            yield counter("mllp_outbox_wal_written_bytes",
-                          "Bytes written to the outbox's SQLite WAL.", wal["written_bytes"])
-            checkpoints = CounterMetricFamily(
-                "mllp_outbox_checkpoints", "WAL checkpoints by mode and result.",
-                labels=[*base, "mode", "result"])
-            for mode in CHECKPOINT_MODES:
-                for result in ("ok", "busy", "failed"):
-                    checkpoints.add_metric([*base_values, mode, result],
-                                           wal["checkpoints"].get((mode, result), 0))
-            yield checkpoints
-            seconds = HistogramMetricFamily(
-                "mllp_outbox_checkpoint_seconds",
-                "Seconds per WAL checkpoint; a restart holds the writer (and ACKs) that long.",
-                labels=[*base, "mode"])
-            for mode, buckets in m.checkpoint_latency.items():
-                seconds.add_metric([*base_values, mode], buckets.cumulative(), buckets.sum)
-            yield seconds
-
-
-def _histogram(
-    name: str, doc: str, buckets: Buckets, labels: list[str], values: list[str]
-) -> Metric:
-    h = HistogramMetricFamily(name, doc, labels=labels)
-    h.add_metric(values, buckets.cumulative(), buckets.sum)
-    return h
+            for values, value in d.read(s):
+                family.add_metric([*base_values, *values], value)
+            yield family
 
 
 # -- Prometheus over twisted.web -------------------------------------------------
@@ -421,13 +478,8 @@ class OTLPExport:
 def start_otlp(metrics: Metrics) -> OTLPExport:
     """Export every metric with the OpenTelemetry SDK, configured by the
     standard OTEL_* variables (endpoint, headers, interval, resource).
-
-    Counters and gauges are observable instruments reading the same values as
-    a scrape. The histograms are recorded as they happen (from here on), an
-    extra cost per message paid only while OTLP export is on.
     """
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-    from opentelemetry.metrics import CallbackOptions, Observation
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
     from opentelemetry.sdk.resources import Resource as OTelResource
@@ -441,11 +493,24 @@ def start_otlp(metrics: Metrics) -> OTLPExport:
     resource = OTelResource.create(attrs)
     reader = PeriodicExportingMetricReader(OTLPMetricExporter())
     provider = MeterProvider(resource=resource, metric_readers=[reader])
-    meter = provider.get_meter("mllpd")
+    otlp_instruments(metrics, provider.get_meter("mllpd"))
+    log.info("exporting metrics over OTLP", event="otlp_export_started")
+    return OTLPExport(provider)
+
+
+def otlp_instruments(metrics: Metrics, meter: Any) -> None:
+    """One OpenTelemetry instrument per row of METRICS on ``meter``.
+
+    Counters and gauges are observable instruments reading the same values as
+    a scrape. The histograms are recorded as they happen (from here on), an
+    extra cost per message paid only while OTLP export is on.
+    """
+    from opentelemetry.metrics import CallbackOptions, Observation
+
     lock = threading.Lock()
     cache: dict[str, Any] = {"at": -1.0}
 
-    def snapshot() -> dict[str, Any]:
+    def snapshot() -> Samples:
         # About one copy per export, shared by that export's callbacks.
         with lock:
             now = time.monotonic()
@@ -453,84 +518,36 @@ def start_otlp(metrics: Metrics) -> OTLPExport:
                 cache["at"], cache["s"] = now, metrics.samples()
             return cache["s"]
 
-    def observe(read: Callable[[dict[str, Any]], list[tuple[float, dict[str, str]]]]) -> Any:
+    def observe(d: MetricDef) -> Callable[[CallbackOptions], list[Observation]]:
+        assert d.read is not None
+        read = d.read
+
         def callback(options: CallbackOptions) -> list[Observation]:
-            return [Observation(v, a) for v, a in read(snapshot())]
+            s = snapshot()
+            if d.when is not None and not d.when(s):
+                return []
+            return [Observation(v, dict(zip(d.labels, values, strict=True))) for values, v in read(s)]
+
         return callback
 
-    def stat(key: str) -> Callable[[dict[str, Any]], list[tuple[float, dict[str, str]]]]:
-        return lambda s: [(s["stats"].get(key, 0), {})]
-
-    meter.create_observable_up_down_counter(
-        "mllp.connections.open", callbacks=[observe(lambda s: [(s["open"], {})])],
-        description="MLLP connections open now.")
-    meter.create_observable_counter(
-        "mllp.connections.accepted", callbacks=[observe(stat("connections_accepted"))],
-        description="MLLP connections accepted.")
-    meter.create_observable_counter(
-        "mllp.connections.refused", callbacks=[observe(stat("connections_refused"))],
-        description="MLLP connections closed at once by MLLP_MAX_CONNECTIONS.")
-    meter.create_observable_counter(
-        "mllp.frames", callbacks=[observe(
-            lambda s: [(s["stats"].get(k, 0), {"result": r}) for r, k in _FRAME_RESULTS])],
-        description="MLLP frames by result.")
-    meter.create_observable_counter(
-        "mllp.messages", callbacks=[observe(
-            lambda s: [(n, {"msg_type": t, "code": c}) for (t, c), n in s["messages"].items()])],
-        description="Messages answered, by message type and ACK code.")
-    meter.create_observable_counter(
-        "mllp.tls.handshake_failures", callbacks=[observe(stat("tls_handshake_failures"))],
-        description="TLS handshakes that failed or timed out.")
-    meter.create_observable_gauge(
-        "mllp.outbox.depth", callbacks=[observe(
-            lambda s: [(d, {"connector": c}) for c, (d, _) in s["depth"].items()])],
-        description="Messages waiting for delivery, per connector.")
-    meter.create_observable_gauge(
-        "mllp.outbox.oldest_age", unit="s", callbacks=[observe(
-            lambda s: [(a, {"connector": c}) for c, (_, a) in s["depth"].items()])],
-        description="Age of the oldest message waiting, per connector.")
-    meter.create_observable_gauge(
-        "mllp.connector.lease", callbacks=[observe(
-            lambda s: [(h, {"connector": c}) for c, h in s["leases"].items()])],
-        description="1 while this replica delivers for the connector.")
-    meter.create_observable_counter(
-        "mllp.deliveries", callbacks=[observe(
-            lambda s: [(n, {"connector": c, "result": r}) for (c, r), n in s["deliveries"].items()])],
-        description="Delivery attempts by connector and result.")
-    meter.create_observable_counter(
-        "mllp.dead_letters", callbacks=[observe(
-            lambda s: [(n, {"connector": c}) for c, n in s["dead_letters"].items()])],
-        description="Messages dead-lettered, per connector.")
-    def wal(key: str) -> Callable[[dict[str, Any]], list[tuple[float, dict[str, str]]]]:
-        return lambda s: [] if s["wal"] is None else [(s["wal"][key], {})]
-
-    meter.create_observable_gauge(
-        "mllp.outbox.wal.bytes", unit="By", callbacks=[observe(wal("bytes"))],
-        description="Bytes in the outbox's SQLite WAL at the last checkpoint.")
-    meter.create_observable_gauge(
-        "mllp.outbox.wal.file_bytes", unit="By", callbacks=[observe(wal("file_bytes"))],
-        description="Size of the outbox's SQLite WAL file.")
-    meter.create_observable_counter(
-        "mllp.outbox.wal.written", unit="By", callbacks=[observe(wal("written_bytes"))],
-        description="Bytes written to the outbox's SQLite WAL.")
-    meter.create_observable_counter(
-        "mllp.outbox.checkpoints", callbacks=[observe(
-            lambda s: [] if s["wal"] is None else [
-                (n, {"mode": mode, "result": result})
-                for (mode, result), n in s["wal"]["checkpoints"].items()])],
-        description="WAL checkpoints by mode and result.")
-    _mirror(metrics.ack_latency, meter.create_histogram(
-        "mllp.ack.latency", unit="s", description="Seconds from a frame's arrival to its ACK.",
-        explicit_bucket_boundaries_advisory=list(LATENCY_BUCKETS)))
-    _mirror(metrics.commit_latency, meter.create_histogram(
-        "mllp.commit.latency", unit="s", description="Seconds per outbox commit.",
-        explicit_bucket_boundaries_advisory=list(LATENCY_BUCKETS)))
-    _mirror(metrics.commit_batch, meter.create_histogram(
-        "mllp.commit.batch_size", description="Messages per outbox commit.",
-        explicit_bucket_boundaries_advisory=[float(b) for b in BATCH_BUCKETS]))
-    log.info("exporting metrics over OTLP", event="otlp_export_started")
-    return OTLPExport(provider)
+    create = {
+        "counter": meter.create_observable_counter,
+        "gauge": meter.create_observable_gauge,
+        "updown": meter.create_observable_up_down_counter,
+    }
+    for d in METRICS:
+        if d.series is None:
+            create[d.kind](d.otlp, callbacks=[observe(d)], unit=d.unit, description=d.help)
+            continue
+        histogram = meter.create_histogram(
+            d.otlp, unit=d.unit, description=d.help,
+            explicit_bucket_boundaries_advisory=[float(b) for b in d.buckets],
+        )
+        for values, buckets in d.series(metrics):
+            buckets.mirror = _recorder(histogram, dict(zip(d.labels, values, strict=True)))
 
 
-def _mirror(buckets: Buckets, histogram: Any) -> None:
-    buckets.mirror = histogram.record
+def _recorder(histogram: Any, attributes: dict[str, str]) -> Callable[[float], None]:
+    if not attributes:
+        return histogram.record
+    return lambda value: histogram.record(value, attributes)

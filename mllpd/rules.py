@@ -7,11 +7,12 @@ builds one CEL context holding only the segments and keys that the compiled
 expressions can observe, and every rule and filter runs against that
 context, so the Python-to-CEL conversion is paid once per message.
 
-The model: ``msh``, ``pid``, ``pv1``, ``obx`` (first OBX) are maps of
-strings, ``obx_list`` is a list of OBX maps. A segment that is not in the
-message is an empty map (``has(pid.id)`` is false, ``pid.id`` is an
-evaluation error); a present segment has every key, ``""`` when the field is
-empty.
+The model (:mod:`mllpd.hl7model`): ``msh``, ``pid``, ``pv1``, ``obx`` (first
+OBX) are maps of strings, ``obx_list`` is a list of OBX maps. A segment that
+is not in the message is an empty map (``has(pid.id)`` is false, ``pid.id``
+is an evaluation error); a present segment has every key, ``""`` when the
+field is empty. Which keys an expression can observe is read from its
+source by :mod:`mllpd.celscan`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,19 @@ from typing import Any, Literal, NamedTuple
 import cel
 from cel.stdlib import STDLIB_FUNCTIONS
 
-from mllpd.hl7 import Header, Message, unescape
+from mllpd.celscan import key_needs, macro_bindings
+from mllpd.hl7 import Message, first_segment, pick
+from mllpd.hl7model import (
+    LIST_NAMES,
+    MAP_NAMES,
+    MAX_MODEL_COMPONENTS,
+    MAX_MODEL_SEGMENTS,
+    MODEL_KEYS,
+    MODEL_NAMES,
+    SEGMENT_OF,
+    FieldModel,
+    ModelTooLarge,
+)
 
 __all__ = [
     "MAX_MODEL_COMPONENTS",
@@ -41,17 +54,6 @@ __all__ = [
     "default_lane",
     "lane_key",
 ]
-
-MODEL_NAMES: tuple[str, ...] = ("msh", "pid", "pv1", "obx", "obx_list")
-
-# Rules run on the reactor, so what they model is bounded: at most this many
-# OBX segments in ``obx_list``, and this many components and subcomponents
-# in a composite value (``pv1.assigned_location``, ``obx.value``...). Only the
-# first repetition of any field is modelled. A message past a cap that a
-# rule or filter would read gets AE (ModelLimitError): resent unchanged it
-# would fail again.
-MAX_MODEL_SEGMENTS = 1000
-MAX_MODEL_COMPONENTS = 100
 
 # The Rust engine's own functions and macros (CEL's standard definitions).
 # The library parses unknown function names without complaint and fails
@@ -96,7 +98,6 @@ _EXTRA_FUNCTIONS: dict[str, Callable[..., Any]] = {
     for name, fn in STDLIB_FUNCTIONS.items()
     if "." not in name and name not in _NATIVE_FUNCTIONS
 }
-_MACROS = "all|exists|exists_one|map|filter"
 # Type names are identifiers too: type(x) == string.
 _TYPE_NAMES = frozenset({
     "int", "uint", "double", "string", "bytes", "bool", "list", "map", "null_type", "type",
@@ -108,20 +109,22 @@ class RuleError(Exception):
 
 
 class ModelLimitError(RuleError):
-    """The message is larger than what rules model (MAX_MODEL_*)."""
+    """The message is larger than what rules model (MAX_MODEL_*): AE."""
 
 
 class Program:
     """A compiled CEL expression and the model names it needs."""
 
-    __slots__ = ("source", "names", "functions", "keys", "_program")
+    __slots__ = ("source", "compiled", "names", "functions", "keys")
 
     def __init__(
-        self, source: str, program: cel.Program, names: frozenset[str],
+        self, source: str, compiled: cel.Program, names: frozenset[str],
         functions: frozenset[str], keys: Mapping[str, frozenset[str] | None],
     ) -> None:
         self.source = source
-        self._program = program
+        # The library's program: RuleSet calls its execute() directly, one
+        # Python call less per rule and message than evaluate().
+        self.compiled = compiled
         self.names = names  # subset of MODEL_NAMES
         self.functions = functions  # extension functions to put in the context
         self.keys = keys  # segment id -> model keys it can observe (None: all)
@@ -131,7 +134,7 @@ class Program:
 
     def evaluate(self, model: cel.Context) -> Any:
         """Run the expression; library exceptions propagate."""
-        return self._program.execute(model)
+        return self.compiled.execute(model)
 
 
 def _one_line(text: str, limit: int = 200) -> str:
@@ -154,12 +157,13 @@ def compile_expression(expr: str) -> Program:
         raise ValueError(_one_line(first)) from None
     refs = program.references()
     names: set[str] = set()
+    bound = macro_bindings(expr)
     for var in refs["variables"]:
         if var in MODEL_NAMES:
             names.add(var)
         elif var in _TYPE_NAMES:
             continue
-        elif not re.search(rf"\.\s*(?:{_MACROS})\s*\(\s*{re.escape(var)}\s*,", expr):
+        elif var not in bound:
             raise ValueError(
                 f"unknown name {var!r}; expected {', '.join(MODEL_NAMES)}"
             )
@@ -171,10 +175,19 @@ def compile_expression(expr: str) -> Program:
             extras.add(fn)
         elif fn not in _NATIVE_FUNCTIONS:
             raise ValueError(f"unknown function {fn!r}")
-    segments = {_SEGMENT_OF[n] for n in names}
-    needs = _key_needs(expr)
-    keys = {seg: needs.get(seg, frozenset()) for seg in segments}
+    needs = key_needs(expr, MAP_NAMES, LIST_NAMES)
+    # obx and obx_list both read OBX: a segment needs what either observes.
+    keys: dict[str, frozenset[str] | None] = {}
+    for name in names:
+        keys[SEGMENT_OF[name]] = _union(
+            keys.get(SEGMENT_OF[name], frozenset()), needs.get(name, frozenset())
+        )
     return Program(expr, program, frozenset(names), frozenset(extras), keys)
+
+
+def _union(a: frozenset[str] | None, b: frozenset[str] | None) -> frozenset[str] | None:
+    """Keys observed by either (None: the whole map)."""
+    return None if a is None or b is None else a | b
 
 
 @dataclass(frozen=True)
@@ -202,7 +215,7 @@ def _reason(e: Exception) -> str:
     if isinstance(e, KeyError):
         key = e.args[0] if e.args else None
         # A key computed from message content (pid[pid.id]) must not be shown.
-        return f"no such key: {key!r}" if key in _MODEL_KEYS else "no such key"
+        return f"no such key: {key!r}" if key in MODEL_KEYS else "no such key"
     text = str(e) or type(e).__name__
     # The library appends advice ("Check function arguments ...") after
     # the first sentence; the first line is the reason.
@@ -211,231 +224,6 @@ def _reason(e: Exception) -> str:
     text = m.group(1) + _redact(m.group(2)) if m else _redact(text)
     # ASCII, so the text fits an ACK in any character set.
     return _one_line(text.replace("\u2014", "-")).encode("ascii", "replace").decode("ascii")
-
-
-# ---------------------------------------------------------------------------
-# The field model
-# ---------------------------------------------------------------------------
-
-_STANDARD_SEPS = ("^", "&")
-
-
-def _simple(value: str, h: Header, c: int = 1, s: int = 0) -> str:
-    """Component c (and subcomponent s) of the first repetition, unescaped."""
-    if h.repetition_sep in value:
-        value = value.split(h.repetition_sep, 1)[0]
-    if h.component_sep in value:
-        parts = value.split(h.component_sep)
-        value = parts[c - 1] if c <= len(parts) else ""
-    elif c > 1:
-        return ""
-    if s and h.subcomponent_sep in value:
-        subs = value.split(h.subcomponent_sep)
-        value = subs[s - 1] if s <= len(subs) else ""
-    return unescape(value, h) if h.escape_char in value else value
-
-
-def _composite(value: str, h: Header) -> str:
-    """The first repetition with components joined by ^ and subcomponents
-    by &, each unescaped, trailing empty components dropped."""
-    if h.repetition_sep in value:
-        value = value.split(h.repetition_sep, 1)[0]
-    if value.count(h.component_sep) + value.count(h.subcomponent_sep) >= MAX_MODEL_COMPONENTS:
-        raise ModelLimitError(
-            f"a field has more than {MAX_MODEL_COMPONENTS} components for rules to read"
-        )
-    if (h.component_sep, h.subcomponent_sep) == _STANDARD_SEPS and h.escape_char not in value:
-        return value.rstrip("^")
-    comps = [
-        "&".join(unescape(s, h) for s in comp.split(h.subcomponent_sep))
-        for comp in value.split(h.component_sep)
-    ]
-    while comps and not comps[-1]:
-        comps.pop()
-    return "^".join(comps)
-
-
-def _field(seg: Sequence[str], n: int) -> str:
-    return seg[n] if n < len(seg) else ""
-
-
-_Extractor = Callable[[Sequence[str], Header], str]
-
-
-def _simple_at(n: int, c: int = 1) -> _Extractor:
-    return lambda seg, h: _simple(seg[n], h, c) if n < len(seg) else ""
-
-
-def _composite_at(n: int) -> _Extractor:
-    return lambda seg, h: _composite(seg[n], h) if n < len(seg) else ""
-
-
-def _whole_at(n: int) -> _Extractor:
-    return lambda seg, h: unescape(seg[n], h) if n < len(seg) else ""
-
-
-def _person_name(seg: Sequence[str], h: Header) -> str:
-    name = _field(seg, 5)
-    family = _simple(name, h, 1, 1)  # XPN.1 is FN: its first part is the surname
-    given = _simple(name, h, 2)
-    return f"{family}^{given}" if given else family
-
-
-# Segment id -> model key -> how to read it. MSH is read from Header.fields,
-# where fields[n] is MSH-n, like any other segment's fields[n].
-_FIELDS: dict[str, dict[str, _Extractor]] = {
-    "MSH": {
-        "msg_type": _simple_at(9, 1),
-        "trigger": _simple_at(9, 2),
-        "sending_app": _simple_at(3),
-        "sending_fac": _simple_at(4),
-        "receiving_app": _simple_at(5),
-        "receiving_fac": _simple_at(6),
-        "control_id": _whole_at(10),
-        "version": _simple_at(12),
-    },
-    "PID": {
-        "id": _simple_at(3),
-        "name": _person_name,
-        "dob": _simple_at(7),
-        "sex": _simple_at(8),
-        "ssn": _simple_at(19),
-        "country": _simple_at(11, 6),
-    },
-    "PV1": {
-        "patient_class": _simple_at(2),
-        "assigned_location": _composite_at(3),
-        "attending_doctor": _composite_at(7),
-        "admit_datetime": _simple_at(44),
-    },
-    "OBX": {
-        "value_type": _simple_at(2),
-        "identifier": _simple_at(3),
-        "value": _composite_at(5),
-        "unit": _simple_at(6),
-        "status": _simple_at(11),
-    },
-}
-_MODEL_KEYS = frozenset(key for keys in _FIELDS.values() for key in keys)
-_SEGMENT_OF = {"msh": "MSH", "pid": "PID", "pv1": "PV1", "obx": "OBX", "obx_list": "OBX"}
-_LINES = re.compile(r"\r\n|\r|\n")
-
-
-def _lines(text: str) -> list[str]:
-    # Splitting on CR alone is the common case and three times faster than
-    # the regular expression; str.splitlines would also split on FF, NEL...
-    return text.split("\r") if "\n" not in text else _LINES.split(text)
-
-
-def _first_segment(text: str, sid: str, fs: str) -> list[str] | None:
-    """The first segment with this id, split into fields, or None.
-
-    Found with str.find, so the cost does not grow with the message: a rule
-    on PID reads a 100 KB ORU as fast as a 1 KB ADT. The text starts with
-    MSH, so every other segment follows a CR or an LF.
-    """
-    start = -1
-    for sep in ("\r", "\n"):
-        # Search only before a match already found: no scan of the whole text
-        # for an LF that a CR-separated message does not have.
-        limit = start if start >= 0 else len(text)
-        i = text.find(sep + sid, 0, limit)
-        while i >= 0:
-            after = text[i + 4 : i + 5]
-            if after == fs or after in ("\r", "\n", ""):
-                start = i
-                break
-            i = text.find(sep + sid, i + 4, limit)
-    if start < 0:
-        return None
-    start += 1
-    end = len(text)
-    for sep in ("\r", "\n"):
-        j = text.find(sep, start, end)
-        if j >= 0:
-            end = j
-    return text[start:end].split(fs)
-
-
-# ---------------------------------------------------------------------------
-# Which keys an expression can observe
-# ---------------------------------------------------------------------------
-#
-# Converting a Python string into the CEL context costs about 1.5 us, so a
-# full PID map (6 keys) costs ~10 us before any rule runs. An expression that
-# only ever selects fields (pid.id, has(pid.ssn), o.value of a bound OBX) can
-# not tell a map holding just those keys from the full one; any other use of
-# a map (size(pid), pid["id"], pid == {...}, passing it on, a call on it)
-# makes the whole map needed. The scan below is conservative: text inside
-# string literals can only add keys or make a map whole, never drop one.
-
-_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_SELECT = re.compile(r"\s*\.\s*([A-Za-z_][A-Za-z0-9_]*)\s*(\()?")
-_LIST_MACRO = re.compile(r"\s*\.\s*(?:all|exists|exists_one|map)\s*\(")
-_LIST_SIZE = re.compile(r"\s*\.\s*size\s*\(\s*\)")
-_SIZE_OPEN = re.compile(r"size\s*\(\s*$")
-_CLOSE = re.compile(r"\s*\)")
-_BINDING = re.compile(rf"\.\s*(?:{_MACROS})\s*\(\s*([A-Za-z_][A-Za-z0-9_]*)\s*,")
-_BINDING_BEFORE = re.compile(rf"\.\s*(?:{_MACROS})\s*\(\s*$")
-
-KeyNeeds = dict[str, "frozenset[str] | None"]  # segment id -> keys, None = all
-
-
-def _matching_bracket(text: str, pos: int) -> int:
-    """Index just past the ']' that closes the '[' at pos, or -1."""
-    depth = 0
-    for i in range(pos, len(text)):
-        ch = text[i]
-        if ch == "[":
-            depth += 1
-        elif ch == "]":
-            depth -= 1
-            if depth == 0:
-                return i + 1
-    return -1
-
-
-def _key_needs(expr: str) -> KeyNeeds:
-    """For each segment the expression can reach, the keys it can observe."""
-    bound = set(_BINDING.findall(expr))
-    keys: dict[str, set[str]] = {}
-    whole: set[str] = set()
-
-    def select(seg: str, rest: str) -> None:
-        m = _SELECT.match(rest)
-        if m is None or m.group(2):
-            whole.add(seg)
-        else:
-            keys.setdefault(seg, set()).add(m.group(1))
-
-    for m in _IDENT.finditer(expr):
-        name, start, end = m.group(), m.start(), m.end()
-        before = expr[:start].rstrip()
-        if before.endswith("."):
-            continue  # a field or function name, not a variable
-        rest = expr[end:]
-        if name in bound:
-            if _BINDING_BEFORE.search(expr[:start]):
-                continue  # where the macro binds it
-            select("OBX", rest)
-        if name in ("msh", "pid", "pv1", "obx"):
-            select(_SEGMENT_OF[name], rest)
-        elif name == "obx_list":
-            if _LIST_MACRO.match(rest) or _LIST_SIZE.match(rest):
-                continue  # elements reach the body only through the bound name
-            if _SIZE_OPEN.search(before) and _CLOSE.match(rest):
-                continue
-            stripped = rest.lstrip()
-            if stripped.startswith("["):
-                close = _matching_bracket(stripped, 0)
-                if close > 0:
-                    select("OBX", stripped[close:])
-                    continue
-            whole.add("OBX")
-    needs: KeyNeeds = {seg: frozenset(k) for seg, k in keys.items()}
-    for seg in whole:
-        needs[seg] = None
-    return needs
 
 
 def lane_key(text: str) -> int:
@@ -477,7 +265,7 @@ class RuleSet:
             except ValueError as e:
                 raise ValueError(f"rule {rule.name}: {e}") from None
             programs.append(program)
-            compiled.append((rule, program._program))
+            compiled.append((rule, program.compiled))
         self._rules = tuple(compiled)
         items = filters.items() if isinstance(filters, Mapping) else filters
         routed: list[tuple[str, cel.Program | None]] = []
@@ -491,7 +279,7 @@ class RuleSet:
                 except ValueError as e:
                     raise ValueError(f"connector {name}: filter: {e}") from None
             programs.append(flt)
-            routed.append((name, flt._program))
+            routed.append((name, flt.compiled))
         self._filters = tuple(routed)
         self.connectors: tuple[str, ...] = tuple(name for name, _ in routed)
         # Connector -> its order_by; connectors without one use the default key.
@@ -505,31 +293,14 @@ class RuleSet:
                 except ValueError as e:
                     raise ValueError(f"connector {name}: order_by: {e}") from None
             programs.append(expr)
-            self._order_by[name] = expr._program
+            self._order_by[name] = expr.compiled
         self.names: frozenset[str] = frozenset().union(*(p.names for p in programs))
-        # Per segment, the (key, extractor) pairs some expression can observe.
-        keys: dict[str, set[str] | None] = {}
+        # Per segment, the keys some expression can observe.
+        keys: dict[str, frozenset[str] | None] = {}
         for program in programs:
             for seg, need in program.keys.items():
-                have = keys.setdefault(seg, set())
-                if need is None or have is None:
-                    keys[seg] = None
-                else:
-                    have.update(need)
-        self._extract: dict[str, tuple[tuple[str, _Extractor], ...]] = {
-            seg: tuple(
-                (key, fn) for key, fn in _FIELDS[seg].items() if want is None or key in want
-            )
-            for seg, want in keys.items()
-        }
-        self._msh = self._extract.get("MSH") if "msh" in self.names else None
-        self._pid = self._extract.get("PID") if "pid" in self.names else None
-        self._pv1 = self._extract.get("PV1") if "pv1" in self.names else None
-        self._obx = self._extract.get("OBX") if "obx" in self.names else None
-        self._obx_list = self._extract.get("OBX") if "obx_list" in self.names else None
-        self._segment_ids = frozenset(
-            _SEGMENT_OF[n] for n in self.names if n != "msh"
-        )
+                keys[seg] = _union(keys.get(seg, frozenset()), need)
+        self._fields = FieldModel(self.names, keys)
         fns = frozenset().union(*(p.functions for p in programs))
         self._functions = {f: _EXTRA_FUNCTIONS[f] for f in sorted(fns)} or None
 
@@ -539,59 +310,10 @@ class RuleSet:
         Raises :class:`ModelLimitError` past MAX_MODEL_SEGMENTS or
         MAX_MODEL_COMPONENTS.
         """
-        h = message.header
-        variables: dict[str, Any] = {}
-        if self._msh is not None:
-            fields = h.fields
-            variables["msh"] = {key: fn(fields, h) for key, fn in self._msh}
-        if self._segment_ids:
-            fs = h.field_sep
-            text = message.text
-            pid = pv1 = None
-            obx: list[list[str]] = []
-            if self._obx_list is not None:
-                # Every OBX is needed: one pass over all segments.
-                wanted = self._segment_ids
-                for line in _lines(text):
-                    sid = line[:3]
-                    if sid not in wanted or line[3:4] not in (fs, ""):
-                        continue
-                    if sid == "OBX":
-                        if len(obx) == MAX_MODEL_SEGMENTS:
-                            raise ModelLimitError(
-                                f"more than {MAX_MODEL_SEGMENTS} OBX segments for rules to read"
-                            )
-                        obx.append(line.split(fs))
-                    elif sid == "PID":
-                        if pid is None:
-                            pid = line.split(fs)
-                    elif pv1 is None:
-                        pv1 = line.split(fs)
-            else:
-                if self._pid is not None:
-                    pid = _first_segment(text, "PID", fs)
-                if self._pv1 is not None:
-                    pv1 = _first_segment(text, "PV1", fs)
-                if self._obx is not None and (first := _first_segment(text, "OBX", fs)):
-                    obx.append(first)
-            if self._pid is not None:
-                variables["pid"] = (
-                    {key: fn(pid, h) for key, fn in self._pid} if pid is not None else {}
-                )
-            if self._pv1 is not None:
-                variables["pv1"] = (
-                    {key: fn(pv1, h) for key, fn in self._pv1} if pv1 is not None else {}
-                )
-            if self._obx_list is not None:
-                extract = self._obx_list
-                obx_list = [{key: fn(seg, h) for key, fn in extract} for seg in obx]
-                variables["obx_list"] = obx_list
-                if self._obx is not None:
-                    variables["obx"] = obx_list[0] if obx_list else {}
-            elif self._obx is not None:
-                variables["obx"] = (
-                    {key: fn(obx[0], h) for key, fn in self._obx} if obx else {}
-                )
+        try:
+            variables = self._fields.read(message)
+        except ModelTooLarge as e:
+            raise ModelLimitError(str(e)) from None
         return cel.Context(variables=variables, functions=self._functions)
 
     def check(self, model: cel.Context) -> Violation | None:
@@ -679,8 +401,8 @@ def default_lane(message: Message) -> int:
 
 def _default_key_text(app: str, message: Message) -> str:
     h = message.header
-    pid = _first_segment(message.text, "PID", h.field_sep)
-    patient = _simple(pid[3], h) if pid is not None and len(pid) > 3 else ""
+    pid = first_segment(message.text, "PID", h.field_sep)
+    patient = pick(pid[3], h, 1) if pid is not None and len(pid) > 3 else ""
     return f"{app}\x1f{patient}" if patient else app
 
 

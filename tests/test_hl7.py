@@ -17,7 +17,9 @@ from mllpd.hl7 import (
     WideCharsetError,
     codec_for_charset,
     escape,
+    first_segment,
     parse_message,
+    pick,
     unescape,
 )
 
@@ -203,6 +205,42 @@ class SegmentSeparatorTests(SynchronousTestCase):
         m = parse_text(MSH.format(charset="8859/1"))
         self.assertEqual(m.header.field(18), "8859/1")
         self.assertEqual(m.segment_ids, ["MSH"])
+
+
+class FieldAccessTests(SynchronousTestCase):
+    """The shortcuts rules read with agree with splitting the whole message."""
+
+    @settings(deadline=None, max_examples=300)
+    @given(
+        lines=st.lists(
+            st.sampled_from(["PID|1|A", "PID", "PIDX|2", "PV1|I", "ZPI|PID|x", "OBX|1", ""]),
+            max_size=6,
+        ),
+        sep=st.sampled_from(["\r", "\n", "\r\n"]),
+    )
+    def test_first_segment(self, lines: list[str], sep: str) -> None:
+        """first_segment finds the segment a walk over every segment finds first."""
+        m = parse_text(sep.join([MSH.format(charset=""), *lines]))
+        for sid in ("PID", "PV1", "OBX", "ZPI"):
+            self.assertEqual(first_segment(m.text, sid, "|"), m.segment(sid))
+
+    @settings(deadline=None, max_examples=500)
+    @given(
+        value=st.text(alphabet="ab^~&\\XFS0", max_size=16),
+        c=st.integers(0, 3), s=st.integers(0, 3), rep=st.integers(1, 3),
+    )
+    def test_pick(self, value: str, c: int, s: int, rep: int) -> None:
+        """pick gives the repetition, component and subcomponent that splitting on every delimiter gives."""
+        h = parse_text(message_text()).header
+        reps = value.split("~")
+        want = reps[rep - 1] if rep <= len(reps) else ""
+        if c:
+            parts = want.split("^")
+            want = parts[c - 1] if c <= len(parts) else ""
+            if s:
+                subs = want.split("&")
+                want = subs[s - 1] if s <= len(subs) else ""
+        self.assertEqual(pick(value, h, c, s, rep), unescape(want, h))
 
 
 # (MSH-18, a name in that character set) for every supported set.

@@ -20,7 +20,15 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from mllpd.metrics import MAX_MSG_TYPES, Buckets, Metrics, otlp_enabled
+from mllpd.metrics import (
+    CHECKPOINT_MODES,
+    MAX_MSG_TYPES,
+    METRICS,
+    Buckets,
+    Metrics,
+    otlp_enabled,
+    otlp_instruments,
+)
 from tests.serverproc import (
     LOOPBACK,
     MLLPClient,
@@ -49,6 +57,21 @@ class FakeFactory:
         self.stats: Counter[str] = Counter()
         self.acks: Counter[tuple[str, str]] = Counter()
         self.open_connections = 0
+
+
+class FakeWal:
+    def __init__(self) -> None:
+        self.wal_bytes = 10
+        self.file_bytes = 20
+        self.written_bytes = 30
+        self.checkpoints = {("passive", "ok"): 1}
+        self.observer: Any = None
+
+
+class Checkpoint:
+    def __init__(self, mode: str, seconds: float) -> None:
+        self.mode = mode
+        self.seconds = seconds
 
 
 class CollectorTests(SynchronousTestCase):
@@ -121,6 +144,44 @@ class CollectorTests(SynchronousTestCase):
             b.observe(value)
         self.assertEqual(b.cumulative(), [("1.0", 2), ("2.0", 3), ("+Inf", 4)])
         self.assertEqual(b.sum, 6.0)
+
+    def test_otlp_and_prometheus_show_the_same_metrics(self) -> None:
+        """OTLP export and /metrics show every metric, each with the same description."""
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+        m = Metrics(pod="mllpd-0")
+        reader = InMemoryMetricReader()
+        provider = MeterProvider(metric_readers=[reader])
+        self.addCleanup(provider.shutdown)
+        otlp_instruments(m, provider.get_meter("test"))
+        source = FakeFactory()
+        source.acks[("ADT", "AA")] += 1
+        m.watch_connections(source)
+        m.watch_tls_reloads({"ok": 1})
+        wal = FakeWal()
+        m.watch_wal(wal)
+        for mode in CHECKPOINT_MODES:
+            wal.observer(Checkpoint(mode, 0.01))
+        m.ack_latency.observe(0.002)
+        m.commit_done(3, 0.004)
+        m.delivery("ehr", "delivered")
+        m.dead_letter("ehr")
+        m.set_depth("ehr", 1, 2.0)
+        m.set_lease("ehr", True)
+        scraped = {
+            f.name: f.documentation
+            for f in text_string_to_metric_families(generate_latest(m.registry).decode())
+        }
+        exported = {
+            metric.name: metric.description
+            for rm in reader.get_metrics_data().resource_metrics
+            for sm in rm.scope_metrics
+            for metric in sm.metrics
+        }
+        otlp_name = {d.name: d.otlp for d in METRICS}
+        self.assertEqual(len(scraped), len(METRICS))
+        self.assertEqual({otlp_name[name]: doc for name, doc in scraped.items()}, exported)
 
     def test_otlp_enabled_by_standard_variables(self) -> None:
         """OTLP export follows the OTEL_* variables."""
