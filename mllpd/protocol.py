@@ -8,7 +8,6 @@ the commits interleave.
 from __future__ import annotations
 
 import re
-import socket
 from collections import Counter, deque
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -20,7 +19,6 @@ from twisted.internet.interfaces import (
     IHandshakeListener,
     IPushProducer,
     IReactorTime,
-    ITCPTransport,
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -123,7 +121,6 @@ class MLLPServerProtocol(Protocol):
         f.open_connections += 1
         f.connections.add(self)
         self._framer = Framer(f.max_frame_size)
-        self._set_keepalive()
         self.transport.registerProducer(self, True)
         if f.buffer_full:
             self._pause("buffer")
@@ -170,26 +167,6 @@ class MLLPServerProtocol(Protocol):
             seconds=self.factory.tls_handshake_timeout,
         )
         self.abort()
-
-    def _set_keepalive(self) -> None:
-        period = self.factory.keepalive_period
-        transport: Any = self.transport
-        if not ITCPTransport.providedBy(transport):
-            return
-        try:
-            # An ACK is one small write the sender is waiting for: never let
-            # Nagle hold it back for the sender's delayed ACK.
-            transport.setTcpNoDelay(True)
-            transport.setTcpKeepAlive(bool(period))
-            if period:
-                sock = transport.getHandle()  # type: ignore[attr-defined]
-                seconds = max(1, int(period))
-                if hasattr(socket, "TCP_KEEPIDLE"):
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, seconds)
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, seconds)
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
-        except (OSError, AttributeError):
-            pass
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.lost = True
@@ -570,7 +547,6 @@ class MLLPServerFactory(Factory):
         idle_timeout: float = 30.0,
         frame_timeout: float = 60.0,
         write_timeout: float = 5.0,
-        keepalive_period: float = 60.0,
         debug: bool = False,
         tls: bool = False,
         tls_handshake_timeout: float = 10.0,
@@ -584,7 +560,6 @@ class MLLPServerFactory(Factory):
         self.idle_timeout = idle_timeout
         self.frame_timeout = frame_timeout
         self.write_timeout = write_timeout
-        self.keepalive_period = keepalive_period
         self.debug = debug
         self.tls = tls
         self.tls_handshake_timeout = tls_handshake_timeout
