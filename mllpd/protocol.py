@@ -94,9 +94,7 @@ class MLLPServerProtocol(Protocol):
         self._closing = False
         self._draining = False
         self._counted = False
-        self._handshake_timer: IDelayedCall | None = None
         self.handshake_done = False
-        self._handshake_expired = False
         self.client_subject: str | None = None
         self.client_names: frozenset[str] = frozenset()
         self.lost = False
@@ -128,10 +126,6 @@ class MLLPServerProtocol(Protocol):
             "connection opened from {peer}", event="connection_opened",
             peer=self.peer, open=f.open_connections,
         )
-        if f.tls and f.tls_handshake_timeout:
-            self._handshake_timer = f.clock.callLater(
-                f.tls_handshake_timeout, self._handshake_timed_out
-            )
         if f.draining:
             self.drain()
         else:
@@ -142,9 +136,6 @@ class MLLPServerProtocol(Protocol):
         from mllpd.tls import peer_identity
 
         self.handshake_done = True
-        if self._handshake_timer is not None and self._handshake_timer.active():
-            self._handshake_timer.cancel()
-        self._handshake_timer = None
         cert = self.transport.getPeerCertificate()
         if cert is not None:
             self.client_subject, self.client_names = peer_identity(cert)
@@ -155,46 +146,18 @@ class MLLPServerProtocol(Protocol):
             cipher=connection.get_cipher_name(),
         )
 
-    def _handshake_timed_out(self) -> None:
-        self._handshake_timer = None
-        if self.lost or self.handshake_done:
-            return
-        self._handshake_expired = True
-        self.factory.stats["tls_handshake_timeouts"] += 1
-        log.warn(
-            "closing connection from {peer}: TLS handshake not done in {seconds}s",
-            event="tls_handshake_timeout", peer=self.peer,
-            seconds=self.factory.tls_handshake_timeout,
-        )
-        self.abort()
-
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.lost = True
-        for timer in (
-            self._frame_timer, self._idle_timer, self._write_timer, self._linger_timer,
-            self._handshake_timer,
-        ):
+        for timer in (self._frame_timer, self._idle_timer, self._write_timer, self._linger_timer):
             if timer is not None and timer.active():
                 timer.cancel()
         self._frame_timer = self._idle_timer = self._write_timer = self._linger_timer = None
-        self._handshake_timer = None
         self._release_framer()
         if not self._counted:
             return
         f = self.factory
         if f.tls and not self.handshake_done:
-            if reason is not None and (reason.check(SSL.Error) or self._handshake_expired):
-                # Refused versions and ciphers, plaintext, missing or
-                # untrusted client certificates, timeouts.
-                f.stats["tls_handshake_failures"] += 1
-                log.warn(
-                    "TLS handshake with {peer} failed: {reason}", event="tls_handshake_failed",
-                    peer=self.peer, reason=_tls_reason(reason),
-                )
-            else:
-                # A TCP probe (load balancer, kubelet) connects and closes.
-                log.debug("closed before TLS handshake by {peer}", event="tls_not_started",
-                          peer=self.peer)
+            self._handshake_failed(reason)
         f.open_connections -= 1
         f.connections.discard(self)
         unanswered = sum(1 for p in self._queue if p.reply is None or p.reply.ack)
@@ -203,6 +166,26 @@ class MLLPServerProtocol(Protocol):
             peer=self.peer, unanswered=unanswered, open=f.open_connections,
         )
         f.connection_closed(self)
+
+    def _handshake_failed(self, reason: Failure | None) -> None:
+        from mllpd.tls import HandshakeTimeout
+
+        f = self.factory
+        if reason is not None and reason.check(HandshakeTimeout):
+            # tls_endpoint's watch aborted it (and logged tls_handshake_timeout).
+            f.stats["tls_handshake_timeouts"] += 1
+        if reason is not None and reason.check(SSL.Error, HandshakeTimeout):
+            # Refused versions and ciphers, plaintext, missing or untrusted
+            # client certificates, timeouts.
+            f.stats["tls_handshake_failures"] += 1
+            log.warn(
+                "TLS handshake with {peer} failed: {reason}", event="tls_handshake_failed",
+                peer=self.peer, reason=_tls_reason(reason),
+            )
+        else:
+            # A TCP probe (load balancer, kubelet) connects and closes.
+            log.debug("closed before TLS handshake by {peer}", event="tls_not_started",
+                      peer=self.peer)
 
     # -- input ----------------------------------------------------------------
 
@@ -549,7 +532,6 @@ class MLLPServerFactory(Factory):
         write_timeout: float = 5.0,
         debug: bool = False,
         tls: bool = False,
-        tls_handshake_timeout: float = 10.0,
         metrics: Metrics | None = None,
         max_buffer: int = 64 * 1024 * 1024,
     ) -> None:
@@ -562,7 +544,6 @@ class MLLPServerFactory(Factory):
         self.write_timeout = write_timeout
         self.debug = debug
         self.tls = tls
-        self.tls_handshake_timeout = tls_handshake_timeout
         self.metrics = metrics
         self.max_buffer = max_buffer
         # Bytes of frames in progress and of messages awaiting their commit,

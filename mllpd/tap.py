@@ -123,7 +123,6 @@ def makeService(options: Any) -> IService:
         write_timeout=settings.write_timeout,
         debug=settings.log_level in ("debug", "trace"),
         tls=tls is not None,
-        tls_handshake_timeout=settings.tls_handshake_timeout,
         metrics=metrics,
     )
     if settings.proxy_protocol:
@@ -135,7 +134,7 @@ def makeService(options: Any) -> IService:
     if tls is not None:
         from mllpd.tls import tls_endpoint
 
-        endpoint = tls_endpoint(endpoint, tls)
+        endpoint = tls_endpoint(endpoint, tls, handshake_timeout=settings.tls_handshake_timeout)
     mllp = MLLPService(
         endpoint, factory, outbox, reactor,
         address=settings.port, shutdown_timeout=settings.shutdown_timeout,

@@ -107,7 +107,7 @@ class TCPOptionsTests(TestCase):
         certs = CertDir(make_workdir(self))
         cert, key, _ = certs.server_pair()
         tls = ServerTLS(TLSFiles(cert, key), Clock())
-        endpoint = tls_endpoint(self.listening(45.0), tls)
+        endpoint = tls_endpoint(self.listening(45.0), tls, handshake_timeout=0)
         proto, sock = await self.accept(endpoint)
         self.assertEqual((_options(sock)["keepalive"], _options(sock)["idle"]), (1, 45))
         proto.transport.abortConnection()  # type: ignore[union-attr]
