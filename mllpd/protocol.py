@@ -8,20 +8,14 @@ the commits interleave.
 from __future__ import annotations
 
 import re
-import socket
 from collections import Counter, deque
 from datetime import UTC, datetime
+from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import (
-    IDelayedCall,
-    IHandshakeListener,
-    IPushProducer,
-    IReactorTime,
-    ITCPTransport,
-)
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -33,11 +27,12 @@ from mllpd.framing import Frame, Framer, Junk, Oversized, frame
 from mllpd.hl7 import DecodeError, NotHL7Error, parse_message
 from mllpd.logging import format_peer
 from mllpd.receiver import Receiver, Reply
+from mllpd.timer import Timer
 
 if TYPE_CHECKING:
     from mllpd.metrics import Metrics
 
-__all__ = ["MLLPServerFactory", "MLLPServerProtocol"]
+__all__ = ["MLLPServerFactory", "MLLPServerProtocol", "State"]
 
 log = Logger(namespace="mllpd.protocol")
 
@@ -57,6 +52,22 @@ def type_bucket(msg_type: str) -> str:
     is not three capitals or digits, so senders cannot mint labels."""
     code = msg_type.split("^", 1)[0]
     return code if _TYPE.fullmatch(code) else "other"
+
+
+class State(Enum):
+    """Where a connection is in its life, in the one order it moves through
+    them: HANDSHAKING only under TLS, DRAINING only when the server stops,
+    and any state may skip ahead to CLOSING or CLOSED."""
+
+    HANDSHAKING = "handshaking"  # TLS: accepted, handshake not yet done
+    OPEN = "open"  # reading frames, answering each
+    DRAINING = "draining"  # shutting down: the frame in progress and the replies owed, then close
+    CLOSING = "closing"  # reading nothing more; the transport is closing (or refused)
+    CLOSED = "closed"  # connectionLost
+
+
+# Reading nothing more.
+_ENDED = (State.CLOSING, State.CLOSED)
 
 
 class _Pending:
@@ -81,32 +92,32 @@ class MLLPServerProtocol(Protocol):
 
     def __init__(self) -> None:
         self.peer = "?"
+        self.state = State.OPEN  # until connectionMade decides
         self._framer: Framer | None = None
         self._held = 0  # the framer's bytes, as counted against MLLP_MAX_BUFFER
         self._queue: deque[_Pending] = deque()
         self._pause_reasons: set[str] = set()
-        self._frame_timer: IDelayedCall | None = None
-        self._idle_timer: IDelayedCall | None = None
         self._idle_since: float | None = None
         self._timed_frame = 0  # frames_started value the frame timer is for
-        self._write_timer: IDelayedCall | None = None
-        self._linger_timer: IDelayedCall | None = None
         self._junk_logged = False
         self._restarts = 0
-        self._closing = False
-        self._draining = False
-        self._counted = False
-        self._handshake_timer: IDelayedCall | None = None
-        self.handshake_done = False
-        self._handshake_expired = False
         self.client_subject: str | None = None
         self.client_names: frozenset[str] = frozenset()
-        self.lost = False
+
+    @property
+    def lost(self) -> bool:
+        """The connection is gone (connectionLost has run)."""
+        return self.state is State.CLOSED
 
     # -- connection lifecycle -------------------------------------------------
 
     def connectionMade(self) -> None:
         f = self.factory
+        clock = f.clock
+        self._idle_timer = Timer(clock, self._idle_check, f.idle_timeout)
+        self._frame_timer = Timer(clock, self._frame_timed_out, f.frame_timeout)
+        self._write_timer = Timer(clock, self._write_timed_out, f.write_timeout)
+        self._linger_timer = Timer(clock, self.abort, LINGER)
         self.peer = format_peer(self.transport.getPeer())
         f.stats["connections_accepted"] += 1
         if f.max_connections and f.open_connections >= f.max_connections:
@@ -116,14 +127,13 @@ class MLLPServerProtocol(Protocol):
                 event="connection_refused", peer=self.peer,
                 open=f.open_connections, max=f.max_connections,
             )
-            self._closing = True
+            self.state = State.CLOSING  # never counted: not in f.connections
             self.transport.loseConnection()
             return
-        self._counted = True
+        self.state = State.HANDSHAKING if f.tls else State.OPEN
         f.open_connections += 1
         f.connections.add(self)
         self._framer = Framer(f.max_frame_size)
-        self._set_keepalive()
         self.transport.registerProducer(self, True)
         if f.buffer_full:
             self._pause("buffer")
@@ -131,10 +141,6 @@ class MLLPServerProtocol(Protocol):
             "connection opened from {peer}", event="connection_opened",
             peer=self.peer, open=f.open_connections,
         )
-        if f.tls and f.tls_handshake_timeout:
-            self._handshake_timer = f.clock.callLater(
-                f.tls_handshake_timeout, self._handshake_timed_out
-            )
         if f.draining:
             self.drain()
         else:
@@ -144,10 +150,8 @@ class MLLPServerProtocol(Protocol):
         """TLS is up (client certificate verified, under mutual TLS)."""
         from mllpd.tls import peer_identity
 
-        self.handshake_done = True
-        if self._handshake_timer is not None and self._handshake_timer.active():
-            self._handshake_timer.cancel()
-        self._handshake_timer = None
+        if self.state is State.HANDSHAKING:
+            self.state = State.OPEN
         cert = self.transport.getPeerCertificate()
         if cert is not None:
             self.client_subject, self.client_names = peer_identity(cert)
@@ -158,66 +162,16 @@ class MLLPServerProtocol(Protocol):
             cipher=connection.get_cipher_name(),
         )
 
-    def _handshake_timed_out(self) -> None:
-        self._handshake_timer = None
-        if self.lost or self.handshake_done:
-            return
-        self._handshake_expired = True
-        self.factory.stats["tls_handshake_timeouts"] += 1
-        log.warn(
-            "closing connection from {peer}: TLS handshake not done in {seconds}s",
-            event="tls_handshake_timeout", peer=self.peer,
-            seconds=self.factory.tls_handshake_timeout,
-        )
-        self.abort()
-
-    def _set_keepalive(self) -> None:
-        period = self.factory.keepalive_period
-        transport: Any = self.transport
-        if not ITCPTransport.providedBy(transport):
-            return
-        try:
-            # An ACK is one small write the sender is waiting for: never let
-            # Nagle hold it back for the sender's delayed ACK.
-            transport.setTcpNoDelay(True)
-            transport.setTcpKeepAlive(bool(period))
-            if period:
-                sock = transport.getHandle()  # type: ignore[attr-defined]
-                seconds = max(1, int(period))
-                if hasattr(socket, "TCP_KEEPIDLE"):
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, seconds)
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, seconds)
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
-        except (OSError, AttributeError):
-            pass
-
     def connectionLost(self, reason: Failure | None = None) -> None:
-        self.lost = True
-        for timer in (
-            self._frame_timer, self._idle_timer, self._write_timer, self._linger_timer,
-            self._handshake_timer,
-        ):
-            if timer is not None and timer.active():
-                timer.cancel()
-        self._frame_timer = self._idle_timer = self._write_timer = self._linger_timer = None
-        self._handshake_timer = None
+        previous, self.state = self.state, State.CLOSED
+        for timer in (self._frame_timer, self._idle_timer, self._write_timer, self._linger_timer):
+            timer.cancel()
         self._release_framer()
-        if not self._counted:
-            return
         f = self.factory
-        if f.tls and not self.handshake_done:
-            if reason is not None and (reason.check(SSL.Error) or self._handshake_expired):
-                # Refused versions and ciphers, plaintext, missing or
-                # untrusted client certificates, timeouts.
-                f.stats["tls_handshake_failures"] += 1
-                log.warn(
-                    "TLS handshake with {peer} failed: {reason}", event="tls_handshake_failed",
-                    peer=self.peer, reason=_tls_reason(reason),
-                )
-            else:
-                # A TCP probe (load balancer, kubelet) connects and closes.
-                log.debug("closed before TLS handshake by {peer}", event="tls_not_started",
-                          peer=self.peer)
+        if self not in f.connections:
+            return  # refused at connectionMade
+        if previous is State.HANDSHAKING:
+            self._handshake_failed(reason)
         f.open_connections -= 1
         f.connections.discard(self)
         unanswered = sum(1 for p in self._queue if p.reply is None or p.reply.ack)
@@ -227,10 +181,30 @@ class MLLPServerProtocol(Protocol):
         )
         f.connection_closed(self)
 
+    def _handshake_failed(self, reason: Failure | None) -> None:
+        from mllpd.tls import HandshakeTimeout
+
+        f = self.factory
+        if reason is not None and reason.check(HandshakeTimeout):
+            # tls_endpoint's watch aborted it (and logged tls_handshake_timeout).
+            f.stats["tls_handshake_timeouts"] += 1
+        if reason is not None and reason.check(SSL.Error, HandshakeTimeout):
+            # Refused versions and ciphers, plaintext, missing or untrusted
+            # client certificates, timeouts.
+            f.stats["tls_handshake_failures"] += 1
+            log.warn(
+                "TLS handshake with {peer} failed: {reason}", event="tls_handshake_failed",
+                peer=self.peer, reason=_tls_reason(reason),
+            )
+        else:
+            # A TCP probe (load balancer, kubelet) connects and closes.
+            log.debug("closed before TLS handshake by {peer}", event="tls_not_started",
+                      peer=self.peer)
+
     # -- input ----------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        if self._framer is None or self._closing:
+        if self._framer is None or self.state is State.CLOSING:
             return
         framer = self._framer
         events = framer.feed(data)
@@ -344,14 +318,10 @@ class MLLPServerProtocol(Protocol):
 
     def pauseProducing(self) -> None:
         self._pause("write")
-        timeout = self.factory.write_timeout
-        if timeout and self._write_timer is None:
-            self._write_timer = self.factory.clock.callLater(timeout, self._write_timed_out)
+        self._write_timer.start()
 
     def resumeProducing(self) -> None:
-        if self._write_timer is not None and self._write_timer.active():
-            self._write_timer.cancel()
-        self._write_timer = None
+        self._write_timer.cancel()
         self._unpause("write")
 
     def stopProducing(self) -> None:
@@ -372,7 +342,7 @@ class MLLPServerProtocol(Protocol):
     def _unpause(self, reason: str) -> None:
         if reason in self._pause_reasons:
             self._pause_reasons.discard(reason)
-            if not self._pause_reasons and not self.lost and not self._closing:
+            if not self._pause_reasons and self.state not in _ENDED:
                 self.transport.resumeProducing()
 
     # -- timers -----------------------------------------------------------------
@@ -381,12 +351,12 @@ class MLLPServerProtocol(Protocol):
         return bool(self._queue) or (self._framer is not None and self._framer.in_frame)
 
     def _update_idle(self) -> None:
-        if self.lost or self._closing:
+        if self.state in _ENDED:
             return
         if self._busy():
             self._idle_since = None
             return
-        if self._draining:
+        if self.state is State.DRAINING:
             # Half-close and read on: a frame the sender wrote before it saw
             # our FIN then meets a read, not a reset that could destroy the
             # ACKs just written. It gets no ACK and is resent elsewhere.
@@ -394,9 +364,7 @@ class MLLPServerProtocol(Protocol):
             return
         if self._idle_since is None:
             self._idle_since = self.factory.clock.seconds()
-            timeout = self.factory.idle_timeout
-            if timeout and self._idle_timer is None:
-                self._idle_timer = self.factory.clock.callLater(timeout, self._idle_check)
+            self._idle_timer.start()
 
     def _cancel_idle(self) -> None:
         # Only frames are activity: junk trickling in does not keep a
@@ -406,29 +374,20 @@ class MLLPServerProtocol(Protocol):
 
     def _update_frame_timer(self) -> None:
         framer = self._framer
-        timer = self._frame_timer
-        if framer is None or not framer.in_frame or self._closing:
-            if timer is not None and timer.active():
-                timer.cancel()
-            self._frame_timer = None
+        if framer is None or not framer.in_frame or self.state is State.CLOSING:
+            self._frame_timer.cancel()
             return
-        if timer is not None and self._timed_frame == framer.frames_started:
+        if self._frame_timer.running and self._timed_frame == framer.frames_started:
             return
-        if timer is not None and timer.active():
-            timer.cancel()
-        timeout = self.factory.frame_timeout
         self._timed_frame = framer.frames_started
-        self._frame_timer = (
-            self.factory.clock.callLater(timeout, self._frame_timed_out) if timeout else None
-        )
+        self._frame_timer.reset()
 
     def _idle_check(self) -> None:
-        self._idle_timer = None
-        if self._idle_since is None or self.lost or self._closing:
+        if self._idle_since is None or self.state in _ENDED:
             return  # busy now; becoming idle again schedules a new check
         remaining = self._idle_since + self.factory.idle_timeout - self.factory.clock.seconds()
         if remaining > 1e-6:
-            self._idle_timer = self.factory.clock.callLater(remaining, self._idle_check)
+            self._idle_timer.start(remaining)
             return
         self.factory.stats["idle_timeouts"] += 1
         log.info(
@@ -438,21 +397,19 @@ class MLLPServerProtocol(Protocol):
         self._close_gracefully()
 
     def _frame_timed_out(self) -> None:
-        self._frame_timer = None
         assert self._framer is not None
         self.factory.stats["frames_timed_out"] += 1
         head = self._framer.partial_head()
         self._fail_frame(head, "frame_timeout", f"frame not complete within {self.factory.frame_timeout:g}s")
 
     def _write_timed_out(self) -> None:
-        self._write_timer = None
         self.factory.stats["write_timeouts"] += 1
         log.warn(
             "closing connection from {peer}: ACKs not read for {seconds}s",
             event="write_timeout", peer=self.peer, seconds=self.factory.write_timeout,
             unwritten=len(self._queue),
         )
-        self._closing = True
+        self.state = State.CLOSING
         self.transport.abortConnection()
 
     # -- closing ----------------------------------------------------------------
@@ -476,9 +433,7 @@ class MLLPServerProtocol(Protocol):
         )
         self._release_framer()
         self._pause("closing")
-        if self._frame_timer is not None and self._frame_timer.active():
-            self._frame_timer.cancel()
-        self._frame_timer = None
+        self._frame_timer.cancel()
         pending = _Pending(self.factory.clock.seconds())
         pending.close_after = True
         error = AckError("207", text)
@@ -493,14 +448,12 @@ class MLLPServerProtocol(Protocol):
         self._flush()
 
     def _stop_input(self) -> bool:
-        if self._closing or self.lost:
+        if self.state in _ENDED:
             return False
-        self._closing = True
+        self.state = State.CLOSING
         self._release_framer()
-        for timer in (self._idle_timer, self._frame_timer):
-            if timer is not None and timer.active():
-                timer.cancel()
-        self._idle_timer = self._frame_timer = None
+        self._idle_timer.cancel()
+        self._frame_timer.cancel()
         return True
 
     def _close_gracefully(self) -> None:
@@ -524,20 +477,20 @@ class MLLPServerProtocol(Protocol):
         lose_write()
         self._pause_reasons.clear()
         self.transport.resumeProducing()
-        self._linger_timer = self.factory.clock.callLater(LINGER, self.abort)
+        self._linger_timer.start()
 
     def drain(self) -> None:
         """Finish the frame in progress and the ACKs owed, then close."""
-        self._draining = True
-        if self.factory.tls and not self.handshake_done:
+        if self.state is State.HANDSHAKING:
             self.abort()  # nothing received yet, so nothing owed
-            return
-        self._update_idle()
+        elif self.state is State.OPEN:
+            self.state = State.DRAINING
+            self._update_idle()
 
     def abort(self) -> None:
         """Close now, without ACKs for what is unanswered."""
-        if not self.lost:
-            self._closing = True
+        if self.state is not State.CLOSED:
+            self.state = State.CLOSING
             self.transport.abortConnection()
 
 
@@ -570,10 +523,8 @@ class MLLPServerFactory(Factory):
         idle_timeout: float = 30.0,
         frame_timeout: float = 60.0,
         write_timeout: float = 5.0,
-        keepalive_period: float = 60.0,
         debug: bool = False,
         tls: bool = False,
-        tls_handshake_timeout: float = 10.0,
         metrics: Metrics | None = None,
         max_buffer: int = 64 * 1024 * 1024,
     ) -> None:
@@ -584,10 +535,8 @@ class MLLPServerFactory(Factory):
         self.idle_timeout = idle_timeout
         self.frame_timeout = frame_timeout
         self.write_timeout = write_timeout
-        self.keepalive_period = keepalive_period
         self.debug = debug
         self.tls = tls
-        self.tls_handshake_timeout = tls_handshake_timeout
         self.metrics = metrics
         self.max_buffer = max_buffer
         # Bytes of frames in progress and of messages awaiting their commit,

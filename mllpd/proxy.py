@@ -16,7 +16,6 @@ from typing import Any
 from typing import Protocol as Interface
 
 from twisted.internet.interfaces import (
-    IDelayedCall,
     IProtocolFactory,
     IReactorTime,
     IStreamServerEndpoint,
@@ -30,6 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
 
 from mllpd.endpoints import WrappingEndpoint
+from mllpd.timer import Timer
 
 __all__ = ["HEADER_TIMEOUT", "proxy_endpoint"]
 
@@ -84,14 +84,15 @@ class _HeaderFirst(HAProxyProtocolWrapper):
         self.factory.registerProtocol(self)
         self._inner_connected = False
         self._sniffed = b""
-        self._timer: IDelayedCall | None = None
+        # Runs while the header is awaited; once stopped, no header bytes are read.
+        self._timer = Timer(self.factory.clock, self._no_header, HEADER_TIMEOUT)
         gate = self.factory.gate
         self._gated = gate is not None
         if gate is not None and not gate.admit(str(transport.getPeer())):
             self._gated = False
             self.transport.loseConnection()
             return
-        self._timer = self.factory.clock.callLater(HEADER_TIMEOUT, self._no_header)
+        self._timer.start()
 
     def _header_done(self) -> None:
         if self._gated:
@@ -101,15 +102,12 @@ class _HeaderFirst(HAProxyProtocolWrapper):
             gate.header_done()
 
     def _invalid(self, why: str) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None  # reads nothing more
+        self._timer.cancel()  # reads nothing more
         log.warn("invalid PROXY header from {address}: {why}", event="proxy_header_invalid",
                  address=str(self.transport.getPeer()), why=why)
         self.transport.abortConnection()
 
     def _no_header(self) -> None:
-        self._timer = None
         log.warn(
             "no PROXY header within {seconds}s from {address}", event="proxy_header_timeout",
             seconds=HEADER_TIMEOUT, address=str(self.transport.getPeer()),
@@ -120,7 +118,7 @@ class _HeaderFirst(HAProxyProtocolWrapper):
         if self._inner_connected:
             self.wrappedProtocol.dataReceived(data)
             return
-        if self.disconnecting or self._timer is None:
+        if self.disconnecting or not self._timer.running:
             return  # refused or already found invalid: read nothing more
         if self._parser is None:
             # Twisted's wrapper decides v1 or v2 from the first read: wait
@@ -160,9 +158,7 @@ class _HeaderFirst(HAProxyProtocolWrapper):
             if self.disconnecting:
                 self._invalid("not a PROXY header")
             return
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._timer.cancel()
         self._inner_connected = True
         self._header_done()
         inner.makeConnection(self)  # type: ignore[arg-type]
@@ -172,9 +168,7 @@ class _HeaderFirst(HAProxyProtocolWrapper):
             inner.dataReceived(chunk)
 
     def connectionLost(self, reason: Failure | None = None) -> None:  # type: ignore[override]
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._timer.cancel()
         self._header_done()
         self.factory.unregisterProtocol(self)
         if self._inner_connected:

@@ -67,6 +67,7 @@ def makeService(options: Any) -> IService:
     from twisted.internet import reactor
     from twisted.internet.endpoints import serverFromString
 
+    from mllpd.endpoints import tcp_options_endpoint
     from mllpd.metrics import Metrics, metrics_site, otlp_enabled, start_otlp
     from mllpd.protocol import MLLPServerFactory
     from mllpd.receiver import Receiver
@@ -82,6 +83,7 @@ def makeService(options: Any) -> IService:
         endpoint = serverFromString(reactor, with_backlog(settings.port, backlog))
     except (ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"mllpd: MLLP_ADDR: invalid endpoint {settings.port!r}: {e}") from None
+    endpoint = tcp_options_endpoint(endpoint, settings.keepalive_period)
     tls = _server_tls(settings, reactor)
     # MLLP_CLIENT_IDENTITIES needs TLS_CLIENT_CA: loaded and reloaded with the TLS files.
     identities = tls.identities if tls is not None else None
@@ -119,10 +121,8 @@ def makeService(options: Any) -> IService:
         idle_timeout=settings.idle_timeout,
         frame_timeout=settings.frame_timeout,
         write_timeout=settings.write_timeout,
-        keepalive_period=settings.keepalive_period,
         debug=settings.log_level in ("debug", "trace"),
         tls=tls is not None,
-        tls_handshake_timeout=settings.tls_handshake_timeout,
         metrics=metrics,
     )
     if settings.proxy_protocol:
@@ -134,7 +134,7 @@ def makeService(options: Any) -> IService:
     if tls is not None:
         from mllpd.tls import tls_endpoint
 
-        endpoint = tls_endpoint(endpoint, tls)
+        endpoint = tls_endpoint(endpoint, tls, handshake_timeout=settings.tls_handshake_timeout)
     mllp = MLLPService(
         endpoint, factory, outbox, reactor,
         address=settings.port, shutdown_timeout=settings.shutdown_timeout,

@@ -6,7 +6,9 @@ TLS wraps whatever endpoint the user configured (as tahoe-lafs does): the
 listener's factory is wrapped in a ``TLSMemoryBIOFactory`` whose connection
 creator is a :class:`ServerTLS`. Each new connection takes the context that
 is current when it is accepted, so a reload changes what new handshakes see
-and leaves open connections alone.
+and leaves open connections alone. The same wrapper watches the handshake:
+a connection that has not finished it within TLS_HANDSHAKE_TIMEOUT is
+aborted, and its protocol learns why from :class:`HandshakeTimeout`.
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import (
     IOpenSSLServerConnectionCreator,
+    IProtocolFactory,
     IReactorTime,
     IStreamServerEndpoint,
+    ITransport,
 )
+from twisted.internet.protocol import connectionDone
 from twisted.internet.ssl import (
     AcceptableCiphers,
     Certificate,
@@ -38,10 +43,13 @@ from twisted.internet.ssl import (
 )
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mllpd.endpoints import WrappingEndpoint
+from mllpd.logging import format_peer
+from mllpd.timer import Timer
 
 if TYPE_CHECKING:
     from mllpd.identities import ClientIdentities
@@ -49,6 +57,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AEAD_CIPHERS",
     "RELOAD_POLL_INTERVAL",
+    "HandshakeTimeout",
     "ServerTLS",
     "TLSConfigError",
     "TLSFiles",
@@ -343,9 +352,70 @@ class ServerTLS:
         self._loop = None
 
 
-def tls_endpoint(endpoint: IStreamServerEndpoint, tls: ServerTLS) -> IStreamServerEndpoint:
-    """``endpoint`` with every accepted connection wrapped in TLS."""
-    return WrappingEndpoint(endpoint, lambda factory: TLSMemoryBIOFactory(tls, False, factory))
+class HandshakeTimeout(Exception):
+    """The TLS handshake was not done within TLS_HANDSHAKE_TIMEOUT: the
+    reason the wrapped protocol's ``connectionLost`` is given."""
+
+
+class _WatchedTLS(BufferingTLSTransport):
+    """Server-side TLS that aborts a connection whose handshake is not done
+    within the factory's ``handshake_timeout`` seconds of accepting it."""
+
+    factory: _WatchedTLSFactory
+
+    def makeConnection(self, transport: ITransport) -> None:
+        factory = self.factory
+        self._watch = Timer(factory.clock, self._handshake_timed_out, factory.handshake_timeout)
+        self._watch.start()
+        super().makeConnection(transport)
+
+    # _handshakeDone and _reason are TLSMemoryBIOProtocol's documented
+    # ivars; it has no public equivalent, and noticing handshakeCompleted
+    # instead would take a protocol layer of its own on every connection.
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        if self._handshakeDone:
+            self._watch.cancel()
+
+    def _handshake_timed_out(self) -> None:
+        if self._handshakeDone:
+            return
+        seconds = self.factory.handshake_timeout
+        log.warn(
+            "closing connection from {peer}: TLS handshake not done in {seconds}s",
+            event="tls_handshake_timeout", peer=format_peer(self.getPeer()), seconds=seconds,
+        )
+        # What the wrapped protocol's connectionLost is given, rather than
+        # the EOF that the abort leaves in the half-done handshake.
+        self._reason = Failure(HandshakeTimeout(f"not done in {seconds:g}s"))  # type: ignore[assignment]
+        self.abortConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._watch.cancel()
+        super().connectionLost(reason)
+
+
+class _WatchedTLSFactory(TLSMemoryBIOFactory):
+    protocol = _WatchedTLS
+
+    def __init__(
+        self, tls: ServerTLS, wrapped: IProtocolFactory, handshake_timeout: float
+    ) -> None:
+        super().__init__(tls, False, wrapped, clock=tls.clock)
+        self.clock = tls.clock
+        self.handshake_timeout = handshake_timeout
+
+
+def tls_endpoint(
+    endpoint: IStreamServerEndpoint, tls: ServerTLS, *, handshake_timeout: float
+) -> IStreamServerEndpoint:
+    """``endpoint`` with every accepted connection wrapped in TLS, and
+    aborted when its handshake is not done ``handshake_timeout`` seconds
+    after it was accepted (0: never)."""
+    return WrappingEndpoint(
+        endpoint, lambda factory: _WatchedTLSFactory(tls, factory, handshake_timeout)
+    )
 
 
 def peer_identity(cert: Any) -> tuple[str, frozenset[str]]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+
+from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -186,6 +189,33 @@ class LimitTests(SynchronousTestCase):
         proto.dataReceived(b"\x0b" + adt("BIG2") + b"OBX|" + b"x" * 2000)
         msh = acks(t)[0].split("\r", 1)[0].split("|")
         self.assertEqual(msh[9], "RECEIVER-ID-1")
+
+    def test_every_reply_the_protocol_makes_comes_from_the_receiver(self) -> None:
+        """The ARs the protocol answers on its own (a timed-out frame, an oversized batch, a failed receive) carry the receiver's ACK ids."""
+        ids = (f"RECEIVER-ID-{n}" for n in itertools.count())
+        h = Harness(max_frame_size=1000, frame_timeout=5.0)
+        h.receiver = Receiver(h.outbox, h.clock, ack_id=lambda: next(ids))
+        h.factory.receiver = h.receiver
+        slow, t_slow = h.connect(1)
+        slow.dataReceived(b"\x0b" + adt("SLOW"))
+        h.clock.advance(5)
+        big, t_big = h.connect(2)
+        big.dataReceived(
+            b"\x0bBHS|^~\\&|LAB|HOSP|EHR|HOSP|20260101120000||||B7\r" + adt("IN-BATCH") + b"x" * 2000
+        )
+        failing, t_failing = h.connect(3)
+        h.receiver.receive = lambda *args: defer.fail(RuntimeError("a bug"))  # type: ignore[method-assign]
+        failing.dataReceived(frame(adt("C3")))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        for t, header in ((t_slow, "MSH"), (t_big, "BHS"), (t_failing, "MSH")):
+            [ack] = acks(t)
+            self.assertEqual(msa(ack)[1], "AR")
+            self.assertTrue(ack.startswith(header + "|"), ack)
+            ids_used = [
+                seg.split("|")[9 if seg.startswith("MSH") else 10]
+                for seg in ack.split("\r") if seg[:3] in ("MSH", "BHS")
+            ]
+            self.assertTrue(ids_used and all(i.startswith("RECEIVER-ID-") for i in ids_used), ack)
 
     def test_oversized_waits_for_earlier_acks(self) -> None:
         """The NAK for an oversized frame follows the ACKs of the frames before it."""

@@ -13,6 +13,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 
+from mllpd.endpoints import tcp_options_endpoint
 from mllpd.framing import frame
 from mllpd.outbox.sqlite import SQLiteOutbox
 from mllpd.protocol import MLLPServerFactory, MLLPServerProtocol
@@ -49,8 +50,9 @@ class ServiceTests(TestCase):
         folder = make_workdir(self)
         path = os.path.join(folder, "outbox.db")
         outbox = SQLiteOutbox(path, reactor)
+        keepalive = cast(float, limits.pop("keepalive_period", 60.0))
         factory = MLLPServerFactory(Receiver(outbox, reactor), reactor, **limits)  # type: ignore[arg-type]
-        endpoint = serverFromString(reactor, "tcp:0:interface=127.0.0.1")
+        endpoint = tcp_options_endpoint(serverFromString(reactor, "tcp:0:interface=127.0.0.1"), keepalive)
         service = MLLPService(endpoint, factory, outbox, reactor, address="tcp:0", shutdown_timeout=5)
         service.privilegedStartService()
         service.startService()

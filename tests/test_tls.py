@@ -11,6 +11,7 @@ import socket
 import ssl
 from typing import Any
 
+from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import SynchronousTestCase
 
 from mllpd.tls import TLSConfigError, TLSFiles, load_context
@@ -426,7 +427,7 @@ class ProtocolSubjectTests(SynchronousTestCase):
 
         clock = Clock()
         outbox = MemoryOutbox()
-        factory = MLLPServerFactory(Receiver(outbox, clock), clock, tls=True, tls_handshake_timeout=5)
+        factory = MLLPServerFactory(Receiver(outbox, clock), clock, tls=True)
         proto = factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 4000))
         assert proto is not None
         proto.makeConnection(TLSTransport())
@@ -602,6 +603,144 @@ class ServerTLSTests(SynchronousTestCase):
         self.assertIs(tls.identities, seen[0])  # the broken file is not
         self.assertEqual(len(seen), 1)
         self.assertEqual(tls.reloads, {"ok": 1, "failed": 1})
+
+
+class _Client(Protocol):
+    """Collects what the server sends."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.lost = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.lost = True
+
+
+class HandshakeWatchTests(SynchronousTestCase):
+    """tls_endpoint's handshake timeout: real TLS in memory (iosim), timed by a Clock."""
+
+    def setUp(self) -> None:
+        from twisted.internet.task import Clock
+
+        from mllpd.protocol import MLLPServerFactory
+        from mllpd.receiver import Receiver
+        from mllpd.testing import MemoryOutbox
+        from mllpd.tls import ServerTLS
+
+        self.certs = CertDir(make_workdir(self))
+        cert, key, _ = self.certs.server_pair()
+        self.clock = Clock()
+        self.tls = ServerTLS(TLSFiles(cert, key), self.clock)
+        self.mllp = MLLPServerFactory(
+            Receiver(MemoryOutbox(), self.clock), self.clock, tls=True, idle_timeout=0
+        )
+        self.events: list[dict[str, Any]] = []
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.addObserver(self.events.append)  # type: ignore[arg-type]
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)  # type: ignore[arg-type]
+
+    def connect(self, timeout: float, *, tls_client: bool) -> tuple[Any, Any, _Client]:
+        """Accept one connection through tls_endpoint; the client speaks TLS or stays silent."""
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.defer import succeed
+        from twisted.internet.protocol import Factory
+        from twisted.internet.ssl import Certificate, optionsForClientTLS
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+        from twisted.test.iosim import FakeTransport, connect
+
+        from mllpd.tls import tls_endpoint
+        from tests.certs import SERVER_NAME
+
+        listening: list[Any] = []
+
+        class Accepting:
+            def listen(self, factory: Any) -> Any:
+                listening.append(factory)
+                return succeed(None)
+
+        tls_endpoint(Accepting(), self.tls, handshake_timeout=timeout).listen(self.mllp)  # type: ignore[arg-type]
+        peer = IPv4Address("TCP", "10.0.0.9", 4000)
+        server = listening[0].buildProtocol(peer)
+        server_io = FakeTransport(server, True, peerAddress=peer)
+        client = _Client()
+        client_side: Any = client
+        if tls_client:
+            trust = Certificate.loadPEM(self.certs.ca.cert_pem.bytes())
+            wrapper = TLSMemoryBIOFactory(
+                optionsForClientTLS(SERVER_NAME, trustRoot=trust), True,
+                Factory.forProtocol(lambda: client), clock=self.clock,
+            )
+            client_side = wrapper.buildProtocol(None)
+        pump = connect(server, server_io, client_side, FakeTransport(client_side, False),
+                       greet=False, clock=self.clock)
+        return pump, server_io, client
+
+    def named(self, event: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("event") == event]
+
+    def test_silent_client_aborted_at_the_timeout(self) -> None:
+        """A client that never starts its handshake is aborted at the timeout, logged and counted as a failed handshake."""
+        from mllpd.tls import HandshakeTimeout
+
+        pump, server_io, client = self.connect(10.0, tls_client=False)
+        pump.flush()
+        self.clock.advance(9.9)
+        pump.flush()
+        self.assertFalse(server_io.disconnecting)
+        self.clock.advance(0.1)
+        pump.flush()
+        self.assertTrue(client.lost)
+        self.assertEqual(self.mllp.open_connections, 0)
+        self.assertEqual(
+            (self.mllp.stats["tls_handshake_timeouts"], self.mllp.stats["tls_handshake_failures"]),
+            (1, 1),
+        )
+        [timeout] = self.named("tls_handshake_timeout")
+        self.assertEqual((timeout["peer"], timeout["seconds"]), ("10.0.0.9:4000", 10.0))
+        [failed] = self.named("tls_handshake_failed")
+        self.assertEqual(failed["reason"], HandshakeTimeout.__name__)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_handshake_done_in_time_keeps_the_connection(self) -> None:
+        """A handshake finished just before the timeout keeps its connection past it, and messages get AA."""
+        from mllpd.framing import frame
+
+        pump, server_io, client = self.connect(10.0, tls_client=True)
+        self.clock.advance(9.9)
+        pump.flush()
+        self.assertEqual(len(self.named("tls_established")), 1)
+        self.clock.advance(60)
+        pump.flush()
+        self.assertFalse(server_io.disconnecting or client.lost)
+        assert client.transport is not None
+        client.transport.write(frame(hl7_message("IN-TIME")))
+        pump.flush()
+        self.assertIn(b"MSA|AA|IN-TIME", client.received)
+        self.assertEqual(self.mllp.stats["tls_handshake_failures"], 0)
+        self.assertEqual(self.named("tls_handshake_timeout"), [])
+
+    def test_zero_turns_the_timeout_off(self) -> None:
+        """With a handshake timeout of 0 a silent client is never closed by the watch."""
+        pump, server_io, client = self.connect(0, tls_client=False)
+        self.clock.advance(3600)
+        pump.flush()
+        self.assertFalse(server_io.disconnecting or client.lost)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_closed_by_client_before_the_timeout(self) -> None:
+        """A client that closes before the timeout is a TCP probe: no timeout, no failure, no timer left."""
+        pump, server_io, client = self.connect(10.0, tls_client=False)
+        assert client.transport is not None
+        client.transport.loseConnection()
+        pump.flush()
+        self.assertEqual(self.mllp.open_connections, 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(10)
+        self.assertEqual(self.named("tls_handshake_timeout") + self.named("tls_handshake_failed"), [])
 
 
 class ProxyHeaderUnitTests(SynchronousTestCase):
