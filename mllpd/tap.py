@@ -1,8 +1,8 @@
 """``twistd mllp``: the options, ``makeService`` and ``build``.
 
-``makeService`` is the only place that reads os.environ and picks the global
-reactor; ``build`` takes settings, a reactor and an environment and wires
-the services, so tests can call it with their own.
+The options and ``makeService`` are the only code that reads os.environ and
+picks the global reactor; ``build`` takes settings, a reactor and an
+environment and wires the services, so tests can call it with their own.
 """
 
 from __future__ import annotations
@@ -358,8 +358,10 @@ def _lease_changed(
     workers: Mapping[str, Worker], metrics: Metrics | None, name: str, held: bool
 ) -> None:
     """A worker delivers while this replica holds its connector's lease."""
-    worker = workers[name]
-    worker.resume() if held else worker.pause()
+    if held:
+        workers[name].resume()
+    else:
+        workers[name].pause()
     if metrics is not None:
         metrics.set_lease(name, held)
 
