@@ -10,14 +10,18 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = [
     "SETTINGS",
+    "SERVER_ENDPOINT_TYPES",
     "ConfigError",
+    "HostPort",
     "Setting",
     "Settings",
     "load_settings",
     "parse_duration",
+    "parse_host_port",
     "parse_listen_address",
     "parse_size",
     "with_backlog",
@@ -90,10 +94,48 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
 
 
-_ENDPOINT_TYPES = frozenset(
+# Endpoint types serverFromString knows: ``tcp:2575`` is an endpoint string,
+# not a host named "tcp".
+SERVER_ENDPOINT_TYPES = frozenset(
     {"tcp", "tcp6", "ssl", "tls", "unix", "systemd", "haproxy", "le", "lets"}
 )
-_HOST_PORT = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]*)):(?P<port>\d{1,5})")
+_HOST_PORT = re.compile(
+    r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9_.\-]*)):(?P<port>\d{1,5})"
+)
+
+
+class HostPort(NamedTuple):
+    """An address written ``host:port``, ``[v6 host]:port``, ``:port`` or ``port``."""
+
+    host: str  # "" when none was written
+    port: int
+    v6: bool = False
+
+    def endpoint_host(self) -> str:
+        """The host as a Twisted endpoint string argument (colons escaped)."""
+        return self.host.replace(":", "\\:")
+
+
+def parse_host_port(
+    text: str, endpoint_types: frozenset[str], *, lowest_port: int = 0
+) -> HostPort | None:
+    """``text`` read as a host and port, or None when it is written some
+    other way (such as an endpoint string starting with one of
+    ``endpoint_types``).
+
+    The one reading of addresses for the listen settings and the connectors.
+    Raises ValueError ("port 99999 out of range 0-65535") for a port outside
+    ``lowest_port``-65535.
+    """
+    s = text.strip()
+    if s.isdigit():
+        return HostPort("", _port(s, lowest_port))
+    m = _HOST_PORT.fullmatch(s)
+    if m is None or (m.group("host") or "").lower() in endpoint_types:
+        return None
+    v6 = m.group("v6")
+    port = _port(m.group("port"), lowest_port)
+    return HostPort(v6, port, True) if v6 is not None else HostPort(m.group("host"), port)
 
 
 def parse_listen_address(text: str) -> str:
@@ -103,18 +145,14 @@ def parse_listen_address(text: str) -> str:
     s = text.strip()
     if not s:
         raise ValueError("empty address")
-    if s.isdigit():
-        return f"tcp:{_port(s)}"
-    m = _HOST_PORT.fullmatch(s)
-    if m is not None and (m.group("host") or "").lower() not in _ENDPOINT_TYPES:
-        port = _port(m.group("port"))
-        host = m.group("v6") or m.group("host")
-        if not host:
-            return f"tcp:{port}"
-        kind = "tcp6" if m.group("v6") else "tcp"
-        return f"{kind}:{port}:interface={host.replace(':', chr(92) + ':')}"
+    address = parse_host_port(s, SERVER_ENDPOINT_TYPES)
+    if address is not None:
+        if not address.host:
+            return f"tcp:{address.port}"
+        kind = "tcp6" if address.v6 else "tcp"
+        return f"{kind}:{address.port}:interface={address.endpoint_host()}"
     kind = s.split(":", 1)[0].lower()
-    if kind not in _ENDPOINT_TYPES:
+    if kind not in SERVER_ENDPOINT_TYPES:
         raise ValueError(
             f"invalid address {text!r} (use host:port, :port, a port number "
             "or a Twisted endpoint such as tcp:2575:interface=127.0.0.1)"
@@ -134,10 +172,10 @@ def with_backlog(endpoint: str, backlog: int) -> str:
     return f"{endpoint}:backlog={backlog}"
 
 
-def _port(text: str) -> int:
+def _port(text: str, lowest: int) -> int:
     port = int(text)
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port {port} out of range 0-65535")
+    if not lowest <= port <= 65535:
+        raise ValueError(f"port {port} out of range {lowest}-65535")
     return port
 
 

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import yaml
 
 from mllpd.config import ConfigError, parse_duration
-from mllpd.connectors import ConnectorSpec
+from mllpd.connectors import CONNECTOR_TYPES, ConnectorSpec
 from mllpd.relay import RetryPolicy
 from mllpd.rules import Rule, RuleSet, compile_expression
 
@@ -30,7 +30,6 @@ __all__ = [
 ]
 
 VARIABLE = "MLLP_CONFIG"
-CONNECTOR_TYPES: tuple[str, ...] = ("mllp", "http", "postgres")
 _TOP_KEYS = ("rules", "connectors", "retry")
 _RULE_KEYS = ("name", "expr", "message", "ack")
 # Connector keys every type has; the rest go to the type's own checks.

@@ -2,29 +2,49 @@
 
 from __future__ import annotations
 
+import signal
+import sys
+from types import FrameType
 from typing import TYPE_CHECKING, Any, Protocol
 
-from twisted.application.service import Service
+from twisted.application.service import IServiceCollection, MultiService, Service
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import (
     IDelayedCall,
     IListeningPort,
     IProtocolFactory,
+    IReactorCore,
+    IReactorThreads,
     IReactorTime,
     IStreamServerEndpoint,
+    _ISupportsExitSignalCapturing,
 )
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
-from mllpd.outbox import IOutbox
-from mllpd.protocol import MLLPServerFactory
-
 if TYPE_CHECKING:
+    from mllpd.outbox import IOutbox
+    from mllpd.protocol import MLLPServerFactory
     from mllpd.tls import ServerTLS
 
-__all__ = ["ListenError", "MLLPService", "MetricsService", "Relay"]
+__all__ = [
+    "IServiceReactor",
+    "ListenError",
+    "MLLPService",
+    "MetricsService",
+    "Relay",
+    "TopService",
+]
 
 log = Logger(namespace="mllpd.service")
+
+
+class IServiceReactor(IReactorCore, IReactorTime, IReactorThreads):
+    """What mllpd's services use of the reactor. Like Twisted's own
+    ``_IReactorCommon``, a make-believe interface for type checks: every
+    reactor mllpd runs on provides each of its parts."""
 
 
 class Relay(Protocol):
@@ -267,3 +287,114 @@ class MetricsService(Service):
 
             # The SDK's final export blocks on HTTP: not on the reactor thread.
             await deferToThread(self.otlp.shutdown)
+
+
+class TopService(MultiService):
+    """The root of the service tree: the process's signals and exit status.
+
+    Exit status for twistd: 1 with one stderr line when a bind fails, 0 after
+    a completed shutdown. SIGTERM (or SIGINT) once starts the staged
+    shutdown, again hurries it; SIGHUP reloads the TLS files, CRLs and client
+    identities. ``log_observer``, when given, becomes the log observer of the
+    twistd application this service is added to.
+    """
+
+    def __init__(
+        self,
+        reactor: IServiceReactor,
+        mllp: MLLPService | None = None,
+        *,
+        log_observer: ILogObserver | None = None,
+    ) -> None:
+        super().__init__()
+        self._reactor = reactor
+        self._mllp = mllp
+        self._log_observer = log_observer
+        self._terms = 0
+
+    def setServiceParent(self, parent: IServiceCollection) -> None:
+        MultiService.setServiceParent(self, parent)
+        # twistd takes the application's ILogObserver component as its log
+        # observer (when no --logger is given), after makeService returns:
+        # the place an application chooses where its log goes.
+        if self._log_observer is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self._log_observer)
+
+    def privilegedStartService(self) -> None:
+        try:
+            MultiService.privilegedStartService(self)
+        except ListenError as e:
+            # twistd has already pointed sys.stderr at the log by now.
+            stderr = sys.__stderr__ or sys.stderr
+            stderr.write(f"mllpd: {e.variable}: {e}\n")
+            stderr.flush()
+            raise SystemExit(1) from None
+
+    def startService(self) -> None:
+        def on_hup(signum: int, frame: FrameType | None) -> None:
+            self._reactor.callFromThread(self._reload)
+
+        # Before the children log "listening": the default actions of SIGHUP
+        # and SIGTERM would kill us before the reactor installs its own.
+        signal.signal(signal.SIGHUP, on_hup)
+        self._install_sigterm()
+        MultiService.startService(self)
+        # The reactor replaces SIGTERM's and SIGINT's handlers during startup
+        # (a signal then still starts the same shutdown, via reactor.stop());
+        # ours go back on top once it runs.
+        self._reactor.callWhenRunning(self._install_sigterm)
+
+    def _install_sigterm(self) -> None:
+        def on_term(signum: int, frame: FrameType | None) -> None:
+            self._reactor.callFromThread(self._terminate, signal.Signals(signum).name)
+
+        signal.signal(signal.SIGTERM, on_term)
+        # Ctrl-C in a terminal: the same stages (a second one hurries them).
+        signal.signal(signal.SIGINT, on_term)
+
+    def _terminate(self, name: str = "SIGTERM") -> None:
+        self._terms += 1
+        if self._terms == 1:
+            log.info("{signal}: shutting down", event="sigterm", signal=name, count=1)
+            try:
+                self._reactor.stop()
+            except ReactorNotRunning:
+                pass  # already stopping for another reason
+            return
+        log.warn("{signal} again: skipping to the abort", event="sigterm", signal=name,
+                 count=self._terms)
+        if self._mllp is not None:
+            self._mllp.hurry()
+
+    def _reload(self) -> None:
+        tls = self._mllp.tls if self._mllp is not None else None
+        if tls is None:
+            log.info("SIGHUP ignored: TLS is off", event="sighup_ignored")
+            return
+        tls.reload("sighup")
+
+    def stopService(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop_in_order())
+
+    async def _stop_in_order(self) -> None:
+        # The MLLP service first, alone: metrics stay scrapeable (and OTLP
+        # exports its last values) through the whole staged shutdown.
+        if self._mllp is not None:
+            await self._mllp.stopService()
+        await MultiService.stopService(self)
+        _orderly_exit(self._reactor)
+
+
+def _orderly_exit(reactor: object) -> None:
+    """Have twistd (and twist) exit 0 after this completed shutdown, even
+    when the signal that started it reached the reactor's own handler.
+
+    During the reactor's startup, until ours go back on top, its SIGTERM and
+    SIGINT handlers are the ones in place; they record the signal, and once
+    the reactor stops twistd and twist re-raise it (exit 143 or 130).
+    Twisted has no public way to mark a stop as orderly, so this clears the
+    attribute those runners read, through the (private) interface they read
+    it by.
+    """
+    if _ISupportsExitSignalCapturing.providedBy(reactor):
+        reactor._exitSignal = None

@@ -1,24 +1,38 @@
-"""``twistd mllp``: options and makeService.
+"""``twistd mllp``: the options, ``makeService`` and ``build``.
 
-The only module that reads os.environ and picks the global reactor.
+The options and ``makeService`` are the only code that reads os.environ and
+picks the global reactor; ``build`` takes settings, a reactor and an
+environment and wires the services, so tests can call it with their own.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-from typing import Any
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, NamedTuple, cast
 
-from twisted.application.service import IService, MultiService
-from twisted.internet.defer import Deferred
+from twisted.application.service import IService
+from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
 from mllpd.config import SETTINGS, ConfigError, Settings, load_settings, with_backlog
+from mllpd.service import IServiceReactor, MetricsService, MLLPService, TopService
 
-__all__ = ["Options", "log_observer", "makeService"]
+if TYPE_CHECKING:
+    from mllpd.connectors import IConnector
+    from mllpd.metrics import Metrics
+    from mllpd.outbox.common import QueueDepth
+    from mllpd.outbox.postgres import PostgresOutbox
+    from mllpd.outbox.sqlite import SQLiteOutbox
+    from mllpd.pipeline import PipelineConfig
+    from mllpd.protocol import MLLPServerFactory
+    from mllpd.receiver import Receiver
+    from mllpd.relay import Relay, Worker
+    from mllpd.tls import ServerTLS
 
-_settings: Settings | None = None
+__all__ = ["Options", "build", "makeService"]
 
 log = Logger(namespace="mllpd.tap")
 
@@ -40,153 +54,127 @@ class Options(usage.Options):
         for s in SETTINGS
     ]
 
+    # Set by postOptions.
+    settings: Settings | None = None
+    json_logs = False
+
     def postOptions(self) -> None:
-        global _settings
         given = {s.attr: self[s.option] for s in SETTINGS}
         try:
-            _settings = self.settings = load_settings(os.environ, given)
+            self.settings = load_settings(os.environ, given)
         except ConfigError as e:
             raise SystemExit(f"mllpd: {e}") from None
         parent = getattr(self, "parent", None)
         # Under twistd with no logger chosen, log JSON lines to stdout (the
         # container's log stream) instead of twistd's text format.
-        if parent is not None and parent.get("nodaemon") and not parent.get("logger") \
-                and not parent.get("logfile"):
-            parent["logger"] = "mllpd.tap.log_observer"
+        self.json_logs = bool(
+            parent is not None and parent.get("nodaemon") and not parent.get("logger")
+            and not parent.get("logfile")
+        )
 
 
-def log_observer() -> ILogObserver:
-    """twistd's --logger factory: JSON lines with the configured level."""
-    from mllpd.logging import json_observer
+def makeService(options: Options, reactor: IServiceReactor | None = None) -> IService:
+    """twistd's entry point: :func:`build` with the options' settings, the
+    process environment and (unless one is given) the global reactor."""
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
 
-    s = _settings or load_settings(os.environ, {})
-    return json_observer(level=s.log_level, pod=s.pod_name, namespace=s.pod_namespace)
+        reactor = cast(IServiceReactor, global_reactor)
+    settings = options.settings or load_settings(os.environ, {})
+    observer = None
+    if options.json_logs:
+        from mllpd.logging import json_observer
 
-
-def makeService(options: Any) -> IService:
-    from twisted.internet import reactor
-    from twisted.internet.endpoints import serverFromString
-
-    from mllpd.endpoints import tcp_options_endpoint
-    from mllpd.metrics import Metrics, metrics_site, otlp_enabled, start_otlp
-    from mllpd.protocol import MLLPServerFactory
-    from mllpd.receiver import Receiver
-    from mllpd.service import MetricsService, MLLPService
-    from mllpd.validation import structure_validator
-
-    settings: Settings = getattr(options, "settings", None) or load_settings(os.environ, {})
+        observer = json_observer(
+            level=settings.log_level, pod=settings.pod_name, namespace=settings.pod_namespace
+        )
     # What mllpd writes (the outbox holds PHI) is for mllpd alone; twistd's
     # --umask, applied after makeService, still wins when given.
     os.umask(0o077)
-    backlog = _listen_backlog(settings.listen_backlog)
+    return build(settings, reactor, os.environ, log_observer=observer)
+
+
+def build(
+    settings: Settings,
+    reactor: IServiceReactor,
+    environ: Mapping[str, str],
+    *,
+    log_observer: ILogObserver | None = None,
+) -> TopService:
+    """The services ``settings`` ask for, on ``reactor``, under one
+    :class:`TopService`. ``environ`` is read for MLLP_CONFIG's ``${VAR}``
+    references and the OTEL_* settings.
+
+    A setting that cannot be used stops startup: SystemExit with one line
+    naming it (``mllpd: MLLP_DB_PATH: ...``).
+    """
+    from mllpd.metrics import otlp_enabled
+
+    listening = _listen_endpoint(settings, reactor)
+    tls = _server_tls(settings, reactor)
+    pipeline = _pipeline(settings, reactor, environ)
+    outbox = _outbox(settings, reactor)
+    otlp = otlp_enabled(environ)
+    metrics = _metrics(settings, outbox, tls) if settings.metrics_addr or otlp else None
+    receiver = _receiver(settings, reactor, outbox, tls, pipeline)
+    relay = _relay(pipeline, outbox, reactor, metrics) if pipeline is not None else None
+    factory = _factory(settings, reactor, receiver, tls, metrics)
+    mllp = MLLPService(
+        _server_endpoint(listening, settings, reactor, factory, tls), factory, outbox, reactor,
+        address=settings.port, shutdown_timeout=settings.shutdown_timeout,
+        pre_shutdown_delay=settings.pre_shutdown_delay, tls=tls, relay=relay,
+    )
+    top = TopService(reactor, mllp, log_observer=log_observer)
+    if metrics is not None:
+        metrics.watch_connections(factory)
+        _metrics_service(settings, reactor, metrics, otlp).setServiceParent(top)
+    mllp.setServiceParent(top)
+    return top
+
+
+class _Pipeline(NamedTuple):
+    """MLLP_CONFIG read, and a connector built for each of its entries."""
+
+    config: PipelineConfig
+    connectors: Sequence[IConnector]
+
+
+def _listen_endpoint(settings: Settings, reactor: IServiceReactor) -> IStreamServerEndpoint:
+    """MLLP_ADDR as an endpoint, with MLLP_LISTEN_BACKLOG."""
+    from twisted.internet.endpoints import serverFromString
+
+    description = with_backlog(settings.port, _listen_backlog(settings.listen_backlog))
     try:
-        endpoint = serverFromString(reactor, with_backlog(settings.port, backlog))
+        endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
     except (ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"mllpd: MLLP_ADDR: invalid endpoint {settings.port!r}: {e}") from None
+    return endpoint
+
+
+def _server_endpoint(
+    endpoint: IStreamServerEndpoint,
+    settings: Settings,
+    reactor: IServiceReactor,
+    factory: MLLPServerFactory,
+    tls: ServerTLS | None,
+) -> IStreamServerEndpoint:
+    """The listening endpoint wrapped in the transport concerns the
+    settings ask for, innermost first."""
+    from mllpd.endpoints import tcp_options_endpoint
+
+    # Innermost of all: the options are for the TCP socket itself.
     endpoint = tcp_options_endpoint(endpoint, settings.keepalive_period)
-    tls = _server_tls(settings, reactor)
-    # MLLP_CLIENT_IDENTITIES needs TLS_CLIENT_CA: loaded and reloaded with the TLS files.
-    identities = tls.identities if tls is not None else None
-    pipeline = _pipeline(settings, reactor)
-    outbox = _outbox(settings, reactor)
-    otlp_on = otlp_enabled(os.environ)
-    metrics = None
-    if settings.metrics_addr or otlp_on:
-        metrics = Metrics(pod=settings.pod_name, namespace=settings.pod_namespace)
-        outbox.commit_observer = metrics.commit_done
-        wal = getattr(outbox, "wal", None)  # SQLite's
-        if wal is not None:
-            metrics.watch_wal(wal)
-        if tls is not None:
-            metrics.watch_tls_reloads(tls.reloads)
-    receiver = Receiver(
-        outbox,
-        reactor,
-        default_charset=settings.default_charset,
-        validator=structure_validator(reactor) if settings.validate == "structure" else None,
-        identities=identities,
-        rules=pipeline[0].rules if pipeline is not None else None,
-        max_outbox=settings.max_outbox,
-        max_batch_messages=settings.max_batch_messages,
-    )
-    if tls is not None:
-        tls.identity_listeners.append(lambda new: setattr(receiver, "identities", new))
-    relay = _relay(pipeline, outbox, reactor, metrics) if pipeline is not None else None
-    factory = MLLPServerFactory(
-        receiver,
-        reactor,
-        max_connections=settings.max_connections,
-        max_frame_size=settings.max_frame_size,
-        max_buffer=settings.max_buffer,
-        idle_timeout=settings.idle_timeout,
-        frame_timeout=settings.frame_timeout,
-        write_timeout=settings.write_timeout,
-        debug=settings.log_level in ("debug", "trace"),
-        tls=tls is not None,
-        metrics=metrics,
-    )
     if settings.proxy_protocol:
         from mllpd.proxy import proxy_endpoint
 
-        # Innermost: the PROXY header comes before any TLS bytes. Connections
+        # Inside TLS: the PROXY header comes before any TLS bytes. Connections
         # waiting for it count against MLLP_MAX_CONNECTIONS.
         endpoint = proxy_endpoint(endpoint, reactor, factory)
     if tls is not None:
         from mllpd.tls import tls_endpoint
 
         endpoint = tls_endpoint(endpoint, tls, handshake_timeout=settings.tls_handshake_timeout)
-    mllp = MLLPService(
-        endpoint, factory, outbox, reactor,
-        address=settings.port, shutdown_timeout=settings.shutdown_timeout,
-        pre_shutdown_delay=settings.pre_shutdown_delay, tls=tls, relay=relay,
-    )
-    top = _Top(reactor, mllp)
-    if metrics is not None:
-        metrics.watch_connections(factory)
-        metrics_endpoint = None
-        if settings.metrics_addr:
-            try:
-                metrics_endpoint = serverFromString(reactor, settings.metrics_addr)
-            except (ValueError, KeyError, TypeError) as e:
-                raise SystemExit(
-                    f"mllpd: MLLP_METRICS_ADDR: invalid endpoint {settings.metrics_addr!r}: {e}"
-                ) from None
-        MetricsService(
-            metrics_endpoint,
-            metrics_site(metrics) if metrics_endpoint is not None else None,
-            address=settings.metrics_addr,
-            otlp=start_otlp(metrics) if otlp_on else None,
-        ).setServiceParent(top)
-    mllp.setServiceParent(top)
-    return top
-
-
-def _outbox(settings: Settings, reactor: Any) -> Any:
-    """The PostgreSQL outbox when MLLP_DB_URL is set, else SQLite's."""
-    from mllpd.outbox import OutboxError
-
-    options: dict[str, Any] = dict(
-        dedup_window=settings.dedup_window, retention=settings.retention,
-        pod=settings.pod_name,
-    )
-    if settings.db_url:
-        from mllpd.outbox.postgres import PostgresOutbox, server_name
-
-        log.info(
-            "outbox in PostgreSQL at {server}; MLLP_DB_PATH ({path}) is not used",
-            event="outbox_postgres", server=server_name(settings.db_url),
-            path=settings.db_path,
-        )
-        try:
-            return PostgresOutbox(settings.db_url, reactor, **options)
-        except OutboxError as e:
-            raise SystemExit(f"mllpd: MLLP_DB_URL: {e}") from None
-    from mllpd.outbox.sqlite import SQLiteOutbox
-
-    try:
-        return SQLiteOutbox(settings.db_path, reactor, wal_limit=settings.wal_limit, **options)
-    except OutboxError as e:
-        raise SystemExit(f"mllpd: MLLP_DB_PATH: {e}") from None
+    return endpoint
 
 
 def _listen_backlog(requested: int, somaxconn: str = "/proc/sys/net/core/somaxconn") -> int:
@@ -205,72 +193,8 @@ def _listen_backlog(requested: int, somaxconn: str = "/proc/sys/net/core/somaxco
     return requested
 
 
-def _pipeline(settings: Settings, reactor: Any) -> Any:
-    """MLLP_CONFIG: rules compiled and every connector built, or one line."""
-    if not settings.config:
-        return None
-    from mllpd.pipeline import load_pipeline_config
-
-    try:
-        pipeline = load_pipeline_config(settings.config, os.environ)
-        connectors = [_connector(spec, reactor) for spec in pipeline.connectors]
-    except ConfigError as e:
-        raise SystemExit(f"mllpd: {e}") from None
-    return pipeline, connectors
-
-
-def _connector(spec: Any, reactor: Any) -> Any:
-    from mllpd.connectors import http, mllp, postgres
-
-    builders: dict[str, Any] = {
-        "mllp": mllp.build, "http": http.build, "postgres": postgres.build,
-    }
-    return builders[spec.type](spec, reactor, os.environ)
-
-
-def _relay(pipeline: Any, outbox: Any, reactor: Any, metrics: Any) -> Any:
-    from mllpd.relay import Relay, Worker
-
-    config, connectors = pipeline
-    workers = [
-        Worker(connector, outbox, config.retry, reactor, lanes=spec.lanes, metrics=metrics)
-        for spec, connector in zip(config.connectors, connectors, strict=True)
-    ]
-    leases = None
-    url = getattr(outbox, "url", None)
-    if url is not None:
-        # A cluster: each connector is delivered by whichever replica holds
-        # its lease; workers wait until then.
-        from mllpd.outbox.leases import Leases
-
-        by_name = {w.name: w for w in workers}
-
-        def on_lease(name: str, held: bool) -> None:
-            worker = by_name[name]
-            worker.resume() if held else worker.pause()
-            if metrics is not None:
-                metrics.set_lease(name, held)
-
-        leases = Leases(url, reactor, by_name, on_lease, pod=outbox.pod)
-    relay = Relay(workers, leases=leases)
-    outbox.add_listener(relay.notify)
-    if metrics is not None:
-        names = [c.name for c in connectors]
-
-        def depths(counted: dict[str, Any]) -> None:
-            now = reactor.seconds()
-            for name in names:
-                depth = counted.get(name)
-                if depth is None or depth.oldest is None:
-                    metrics.set_depth(name, 0, 0.0)
-                else:
-                    metrics.set_depth(name, depth.pending, max(0.0, now - depth.oldest))
-
-        outbox.count_observer = depths
-    return relay
-
-
-def _server_tls(settings: Settings, reactor: Any) -> Any:
+def _server_tls(settings: Settings, reactor: IServiceReactor) -> ServerTLS | None:
+    """TLS_CERT_FILE and friends loaded, or None when TLS is off."""
     if not (settings.tls_cert_file and settings.tls_key_file):
         return None
     from mllpd.tls import ServerTLS, TLSConfigError, TLSFiles
@@ -286,90 +210,199 @@ def _server_tls(settings: Settings, reactor: Any) -> Any:
         raise SystemExit(f"mllpd: {e}") from None
 
 
-class _Top(MultiService):
-    """Exit status for twistd (1 with one stderr line when a bind fails, 0
-    after a completed shutdown) and the signals: SIGTERM once starts the
-    staged shutdown, SIGTERM again hurries it; SIGHUP reloads the TLS files,
-    CRLs and client identities.
-    """
+def _pipeline(
+    settings: Settings, reactor: IServiceReactor, environ: Mapping[str, str]
+) -> _Pipeline | None:
+    """MLLP_CONFIG: rules compiled and every connector built, or one line."""
+    if not settings.config:
+        return None
+    from mllpd.connectors import build_connector
+    from mllpd.pipeline import load_pipeline_config
 
-    def __init__(self, reactor: Any, mllp: Any = None) -> None:
-        super().__init__()
-        self._reactor = reactor
-        self._mllp = mllp
-        self._terms = 0
+    try:
+        config = load_pipeline_config(settings.config, environ)
+        connectors = [build_connector(spec, reactor, environ) for spec in config.connectors]
+    except ConfigError as e:
+        raise SystemExit(f"mllpd: {e}") from None
+    return _Pipeline(config, connectors)
 
-    def privilegedStartService(self) -> None:
-        from mllpd.service import ListenError
 
+def _outbox(settings: Settings, reactor: IServiceReactor) -> SQLiteOutbox | PostgresOutbox:
+    """The PostgreSQL outbox when MLLP_DB_URL is set, else SQLite's."""
+    from mllpd.outbox import OutboxError
+
+    if settings.db_url:
+        from mllpd.outbox.postgres import PostgresOutbox, server_name
+
+        log.info(
+            "outbox in PostgreSQL at {server}; MLLP_DB_PATH ({path}) is not used",
+            event="outbox_postgres", server=server_name(settings.db_url),
+            path=settings.db_path,
+        )
         try:
-            MultiService.privilegedStartService(self)
-        except ListenError as e:
-            # twistd has already pointed sys.stderr at the log by now.
-            stderr = sys.__stderr__ or sys.stderr
-            stderr.write(f"mllpd: {e.variable}: {e}\n")
-            stderr.flush()
-            raise SystemExit(1) from None
+            return PostgresOutbox(
+                settings.db_url, reactor, dedup_window=settings.dedup_window,
+                retention=settings.retention, pod=settings.pod_name,
+            )
+        except OutboxError as e:
+            raise SystemExit(f"mllpd: MLLP_DB_URL: {e}") from None
+    from mllpd.outbox.sqlite import SQLiteOutbox
 
-    def startService(self) -> None:
-        import signal
+    try:
+        return SQLiteOutbox(
+            settings.db_path, reactor, dedup_window=settings.dedup_window,
+            retention=settings.retention, pod=settings.pod_name, wal_limit=settings.wal_limit,
+        )
+    except OutboxError as e:
+        raise SystemExit(f"mllpd: MLLP_DB_PATH: {e}") from None
 
-        def on_hup(signum: int, frame: object) -> None:
-            self._reactor.callFromThread(self._reload)
 
-        # Before the children log "listening": the default actions of SIGHUP
-        # and SIGTERM would kill us before the reactor installs its own.
-        signal.signal(signal.SIGHUP, on_hup)
-        self._install_sigterm()
-        MultiService.startService(self)
-        # The reactor replaces SIGTERM's and SIGINT's handlers during startup
-        # (a signal then still starts the same shutdown, via reactor.stop());
-        # ours go back on top once it runs.
-        self._reactor.callWhenRunning(self._install_sigterm)
+def _metrics(
+    settings: Settings, outbox: SQLiteOutbox | PostgresOutbox, tls: ServerTLS | None
+) -> Metrics:
+    """The metrics, watching the outbox and the TLS reloads."""
+    from mllpd.metrics import Metrics
 
-    def _install_sigterm(self) -> None:
-        import signal
+    metrics = Metrics(pod=settings.pod_name, namespace=settings.pod_namespace)
+    outbox.commit_observer = metrics.commit_done
+    wal = getattr(outbox, "wal", None)  # SQLite's
+    if wal is not None:
+        metrics.watch_wal(wal)
+    if tls is not None:
+        metrics.watch_tls_reloads(tls.reloads)
+    return metrics
 
-        def on_term(signum: int, frame: object) -> None:
-            self._reactor.callFromThread(self._terminate, signal.Signals(signum).name)
 
-        signal.signal(signal.SIGTERM, on_term)
-        # Ctrl-C in a terminal: the same stages (a second one hurries them).
-        signal.signal(signal.SIGINT, on_term)
+def _receiver(
+    settings: Settings,
+    reactor: IServiceReactor,
+    outbox: SQLiteOutbox | PostgresOutbox,
+    tls: ServerTLS | None,
+    pipeline: _Pipeline | None,
+) -> Receiver:
+    from mllpd.receiver import Receiver
+    from mllpd.validation import structure_validator
 
-    def _terminate(self, name: str = "SIGTERM") -> None:
-        from twisted.internet.error import ReactorNotRunning
+    receiver = Receiver(
+        outbox,
+        reactor,
+        default_charset=settings.default_charset,
+        validator=structure_validator(reactor) if settings.validate == "structure" else None,
+        # MLLP_CLIENT_IDENTITIES needs TLS_CLIENT_CA: loaded and reloaded with the TLS files.
+        identities=tls.identities if tls is not None else None,
+        rules=pipeline.config.rules if pipeline is not None else None,
+        max_outbox=settings.max_outbox,
+        max_batch_messages=settings.max_batch_messages,
+    )
+    if tls is not None:
+        tls.identity_listeners.append(partial(setattr, receiver, "identities"))
+    return receiver
 
-        self._terms += 1
-        if self._terms == 1:
-            log.info("{signal}: shutting down", event="sigterm", signal=name, count=1)
-            try:
-                self._reactor.stop()
-            except ReactorNotRunning:
-                pass  # already stopping for another reason
-            return
-        log.warn("{signal} again: skipping to the abort", event="sigterm", signal=name,
-                 count=self._terms)
-        if self._mllp is not None:
-            self._mllp.hurry()
 
-    def _reload(self) -> None:
-        tls = getattr(self._mllp, "tls", None)
-        if tls is None:
-            log.info("SIGHUP ignored: TLS is off", event="sighup_ignored")
-            return
-        tls.reload("sighup")
+def _factory(
+    settings: Settings,
+    reactor: IServiceReactor,
+    receiver: Receiver,
+    tls: ServerTLS | None,
+    metrics: Metrics | None,
+) -> MLLPServerFactory:
+    from mllpd.protocol import MLLPServerFactory
 
-    def stopService(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._stop_in_order())
+    return MLLPServerFactory(
+        receiver,
+        reactor,
+        max_connections=settings.max_connections,
+        max_frame_size=settings.max_frame_size,
+        max_buffer=settings.max_buffer,
+        idle_timeout=settings.idle_timeout,
+        frame_timeout=settings.frame_timeout,
+        write_timeout=settings.write_timeout,
+        debug=settings.log_level in ("debug", "trace"),
+        tls=tls is not None,
+        metrics=metrics,
+    )
 
-    async def _stop_in_order(self) -> None:
-        # The MLLP service first, alone: metrics stay scrapeable (and OTLP
-        # exports its last values) through the whole staged shutdown.
-        if self._mllp is not None:
-            await self._mllp.stopService()
-        await MultiService.stopService(self)
-        # twistd re-raises a SIGINT (or a SIGTERM that came before our
-        # handler) once the reactor stops; an orderly stop is a success: 0.
-        if hasattr(self._reactor, "_exitSignal"):
-            self._reactor._exitSignal = None
+
+def _relay(
+    pipeline: _Pipeline,
+    outbox: SQLiteOutbox | PostgresOutbox,
+    reactor: IServiceReactor,
+    metrics: Metrics | None,
+) -> Relay:
+    """A delivery worker per connector; in a cluster (the PostgreSQL outbox)
+    each delivers only while this replica holds its connector's lease."""
+    from mllpd.outbox.sqlite import SQLiteOutbox
+    from mllpd.relay import Relay, Worker
+
+    config = pipeline.config
+    workers = [
+        Worker(connector, outbox, config.retry, reactor, lanes=spec.lanes, metrics=metrics)
+        for spec, connector in zip(config.connectors, pipeline.connectors, strict=True)
+    ]
+    leases = None
+    if not isinstance(outbox, SQLiteOutbox):
+        from mllpd.outbox.leases import Leases
+
+        by_name = {w.name: w for w in workers}
+        leases = Leases(
+            outbox.url, reactor, by_name, partial(_lease_changed, by_name, metrics),
+            pod=outbox.pod,
+        )
+    relay = Relay(workers, leases=leases)
+    outbox.add_listener(relay.notify)
+    if metrics is not None:
+        names = [c.name for c in pipeline.connectors]
+        outbox.count_observer = partial(_report_depths, metrics, names, reactor)
+    return relay
+
+
+def _lease_changed(
+    workers: Mapping[str, Worker], metrics: Metrics | None, name: str, held: bool
+) -> None:
+    """A worker delivers while this replica holds its connector's lease."""
+    if held:
+        workers[name].resume()
+    else:
+        workers[name].pause()
+    if metrics is not None:
+        metrics.set_lease(name, held)
+
+
+def _report_depths(
+    metrics: Metrics,
+    names: Sequence[str],
+    clock: IReactorTime,
+    counted: Mapping[str, QueueDepth],
+) -> None:
+    """The outbox's latest count, as each connector's queue depth and age."""
+    now = clock.seconds()
+    for name in names:
+        depth = counted.get(name)
+        if depth is None or depth.oldest is None:
+            metrics.set_depth(name, 0, 0.0)
+        else:
+            metrics.set_depth(name, depth.pending, max(0.0, now - depth.oldest))
+
+
+def _metrics_service(
+    settings: Settings, reactor: IServiceReactor, metrics: Metrics, otlp: bool
+) -> MetricsService:
+    """The scrape endpoint on MLLP_METRICS_ADDR, and the OTLP export."""
+    from twisted.internet.endpoints import serverFromString
+
+    from mllpd.metrics import metrics_site, start_otlp
+
+    endpoint = None
+    if settings.metrics_addr:
+        try:
+            endpoint = serverFromString(reactor, settings.metrics_addr)
+        except (ValueError, KeyError, TypeError) as e:
+            raise SystemExit(
+                f"mllpd: MLLP_METRICS_ADDR: invalid endpoint {settings.metrics_addr!r}: {e}"
+            ) from None
+    return MetricsService(
+        endpoint,
+        metrics_site(metrics) if endpoint is not None else None,
+        address=settings.metrics_addr,
+        otlp=start_otlp(metrics) if otlp else None,
+    )

@@ -7,8 +7,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from mllpd.config import (
     SETTINGS,
     ConfigError,
+    HostPort,
     load_settings,
     parse_duration,
+    parse_host_port,
     parse_listen_address,
     parse_size,
 )
@@ -61,6 +63,29 @@ class AddressTests(SynchronousTestCase):
         for text in ("99999", "host:99999", "bogus:thing:here", ""):
             with self.assertRaises(ValueError, msg=text):
                 parse_listen_address(text)
+
+
+class HostPortTests(SynchronousTestCase):
+    def test_one_reading(self) -> None:
+        """host:port, [v6]:port, :port and a bare port are read one way; endpoint strings are left alone."""
+        types = frozenset({"tcp", "unix"})
+        self.assertEqual(parse_host_port(" ehr.hospital:2575 ", types), HostPort("ehr.hospital", 2575))
+        self.assertEqual(parse_host_port("[::1]:2575", types), HostPort("::1", 2575, True))
+        self.assertEqual(parse_host_port(":2575", types), HostPort("", 2575))
+        self.assertEqual(parse_host_port("2575", types), HostPort("", 2575))
+        for text in ("tcp:2575", "unix:/run/mllp.sock", "tcp:ehr:2575", "a b:2575", "ehr"):
+            self.assertIsNone(parse_host_port(text, types), text)
+
+    def test_port_range_wording(self) -> None:
+        """A port out of range is refused in the same words, with the caller's lowest port."""
+        for text, lowest, message in (
+            ("h:99999", 0, "port 99999 out of range 0-65535"),
+            ("99999", 0, "port 99999 out of range 0-65535"),
+            ("h:0", 1, "port 0 out of range 1-65535"),
+        ):
+            with self.assertRaises(ValueError) as caught:
+                parse_host_port(text, frozenset(), lowest_port=lowest)
+            self.assertEqual(str(caught.exception), message)
 
 
 class LoadTests(SynchronousTestCase):

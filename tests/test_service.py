@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sqlite3
 from typing import Any, cast
@@ -10,15 +11,18 @@ from typing import Any, cast
 from twisted.internet import defer
 from twisted.internet import reactor as _reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
+from twisted.internet.interfaces import _ISupportsExitSignalCapturing
 from twisted.internet.protocol import Factory, Protocol
-from twisted.trial.unittest import TestCase
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 
 from mllpd.endpoints import tcp_options_endpoint
 from mllpd.framing import frame
 from mllpd.outbox.sqlite import SQLiteOutbox
 from mllpd.protocol import MLLPServerFactory, MLLPServerProtocol
 from mllpd.receiver import Receiver
-from mllpd.service import ListenError, MLLPService
+from mllpd.service import IServiceReactor, ListenError, MLLPService, TopService
 from tests.serverproc import make_workdir
 
 reactor: Any = _reactor
@@ -144,3 +148,20 @@ class ServiceTests(TestCase):
         with self.assertRaises(ListenError) as ctx:
             service.privilegedStartService()
         self.assertIn(f"127.0.0.1:{port}", str(ctx.exception))
+
+
+@implementer(_ISupportsExitSignalCapturing)
+class _SignalledReactor(MemoryReactorClock):
+    """A reactor whose own SIGTERM handler caught the signal, as twistd's
+    reactor does when SIGTERM comes during its startup."""
+
+    _exitSignal: int | None = signal.SIGTERM
+
+
+class TopServiceTests(SynchronousTestCase):
+    def test_orderly_stop_exits_zero(self) -> None:
+        """After a completed shutdown twistd sees no signal to re-raise, so the process exits 0, not 143."""
+        reactor = _SignalledReactor()
+        top = TopService(cast(IServiceReactor, reactor))
+        self.successResultOf(top.stopService())
+        self.assertIsNone(reactor._exitSignal)

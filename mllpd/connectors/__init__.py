@@ -10,18 +10,21 @@ unexpected exception as a Retry.
 Each connector type lives in a module of this package with a
 ``build(spec, reactor, environ) -> IConnector`` function that checks the
 type's options and raises :class:`mllpd.config.ConfigError` with a one-line
-reason naming ``connectors.<name>.<option>``.
+reason naming ``connectors.<name>.<option>``. :data:`CONNECTOR_TYPES` lists
+them and :func:`build_connector` builds one of any type.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+import importlib
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple, Protocol, cast
 
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
 __all__ = [
+    "CONNECTOR_TYPES",
     "ConnectorSpec",
     "Dead",
     "Delivered",
@@ -30,6 +33,7 @@ __all__ = [
     "IConnector",
     "Outcome",
     "Retry",
+    "build_connector",
 ]
 
 
@@ -111,3 +115,32 @@ class IBatchConnector(IConnector):
     ) -> Deferred[list[Outcome]]:
         """Send the messages as one batch; fires with one outcome each, in
         order, never fails."""
+
+
+class ConnectorBuilder(Protocol):
+    """A connector module's ``build``: check the options, make the connector."""
+
+    def __call__(
+        self, spec: ConnectorSpec, reactor: Any, environ: Mapping[str, str]
+    ) -> IConnector: ...
+
+
+# Each type's module, imported when a connector of that type is built: those
+# modules import this one, and a gateway without a postgres connector need not
+# load psycopg.
+_MODULES = {
+    "mllp": "mllpd.connectors.mllp",
+    "http": "mllpd.connectors.http",
+    "postgres": "mllpd.connectors.postgres",
+}
+CONNECTOR_TYPES: tuple[str, ...] = tuple(_MODULES)
+
+
+def build_connector(spec: ConnectorSpec, reactor: Any, environ: Mapping[str, str]) -> IConnector:
+    """The connector ``spec`` describes, built by its type's module.
+
+    ``reactor`` is whatever that module needs of it (each module says);
+    raises :class:`mllpd.config.ConfigError` naming the bad option.
+    """
+    build = cast(ConnectorBuilder, importlib.import_module(_MODULES[spec.type]).build)
+    return build(spec, reactor, environ)

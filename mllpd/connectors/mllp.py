@@ -38,7 +38,7 @@ from twisted.python.filepath import FilePath, UnlistableError
 from zope.interface import implementer
 
 from mllpd.batch import BatchError, forward_payload, is_batch, parse_batch
-from mllpd.config import ConfigError
+from mllpd.config import ConfigError, parse_host_port
 from mllpd.connectors import (
     ConnectorSpec,
     Dead,
@@ -94,8 +94,9 @@ _ADDRESS_HELP = (
     "expected tcp:host:port, tls:host:port[:trustRoots=CA_DIR]"
     "[:certificate=CERT_PEM:privateKey=KEY_PEM] or host:port"
 )
+# Endpoint types clientFromString knows (``tcp:2575`` is not a host named
+# "tcp"); each takes a ``timeout=``.
 _ENDPOINT_TYPES = frozenset({"tcp", "tls", "ssl", "unix"})
-_HOST_PORT = re.compile(r"(?P<host>[A-Za-z0-9_.\-]+):(?P<port>\d{1,5})")
 _TIMEOUT_KWARG = re.compile(r"(?<!\\):timeout=")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
@@ -712,12 +713,11 @@ def endpoint_description(address: str, connect_timeout: float) -> str:
     connect attempt is limited to the connector's connect timeout.
     """
     text = address.strip()
-    m = _HOST_PORT.fullmatch(text)
-    if m is not None and m.group("host").lower() not in _ENDPOINT_TYPES:
-        port = int(m.group("port"))
-        if not 0 < port <= 65535:
-            raise ValueError(f"port {port} out of range 1-65535")
-        text = f"tcp:{m.group('host')}:{port}"
+    host_port = parse_host_port(text, _ENDPOINT_TYPES, lowest_port=1)
+    if host_port is not None:
+        if not host_port.host:
+            raise ValueError("host and port are required")
+        text = f"tcp:{host_port.endpoint_host()}:{host_port.port}"
     kind = text.split(":", 1)[0].lower()
     if kind == "tls":
         _check_trust_roots(text)
