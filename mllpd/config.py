@@ -413,6 +413,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MLLP_PROXY_PROTOCOL", "proxy_protocol", "false", _boolean,
             "true or false",
             "expect a PROXY protocol v1/v2 header on every connection"),
+    Setting("MLLP_CONNECTOR_PROCESS", "connector_process", "false", _boolean,
+            "true or false",
+            "run the connectors' upstream I/O in a child process (a second core for delivery)"),
     Setting("MLLP_METRICS_ADDR", "metrics_addr", "", _optional_address,
             "host:port, :port, a port number or a Twisted endpoint string",
             "serve Prometheus metrics at /metrics on this address"),
@@ -454,6 +457,7 @@ class Settings:
     tls_crl_file: str | None = None
     proxy_protocol: bool = False
     metrics_addr: str | None = None
+    connector_process: bool = False
     pod_name: str | None = None
     pod_namespace: str | None = None
 

@@ -224,6 +224,12 @@ def _pipeline(
         connectors = [build_connector(spec, reactor, environ) for spec in config.connectors]
     except ConfigError as e:
         raise SystemExit(f"mllpd: {e}") from None
+    if settings.connector_process and connectors:
+        from mllpd.connectors.remote import in_child
+
+        # Built here as well: a bad option still fails startup with its one
+        # line, and the relay learns which connectors forward batches whole.
+        connectors = in_child(connectors, reactor, environ, settings)
     return _Pipeline(config, connectors)
 
 

@@ -162,6 +162,7 @@ class LoadTests(SynchronousTestCase):
             "TLS_MIN_VERSION": "1.1",
             "TLS_HANDSHAKE_TIMEOUT": "10",
             "MLLP_PROXY_PROTOCOL": "maybe",
+            "MLLP_CONNECTOR_PROCESS": "sometimes",
             "MLLP_METRICS_ADDR": "nowhere",
             "MLLP_RETENTION": "0",
             "MLLP_MAX_OUTBOX": "plenty",
