@@ -229,7 +229,14 @@ def _pipeline(
 
         # Built here as well: a bad option still fails startup with its one
         # line, and the relay learns which connectors forward batches whole.
-        connectors = in_child(connectors, reactor, environ, settings)
+        # The child builds them from what was read here, not the file again.
+        try:
+            connectors = in_child(
+                config.connectors, connectors, reactor,
+                {**environ, "LOG_LEVEL": settings.log_level},
+            )
+        except ValueError as e:
+            raise SystemExit(f"mllpd: MLLP_CONFIG: {e}") from None
     return _Pipeline(config, connectors)
 
 
