@@ -437,9 +437,8 @@ class LaneTests(RelayCase):
         await self.store_keyed(outbox, "A1", "A2", "B1", "B2", "C1", "A3", "C2")
         await up.wait_for(5)
         await self.settle(outbox)
-        self.assertEqual(
-            [d.control_id for d in up.seen], ["A1", "B1", "B2", "C1", "C2"],
-        )
+        # B's and C's deliveries overlap, so only each key's order is fixed.
+        self.assertEqual(by_key(up.seen), {"A": ["A1"], "B": ["B1", "B2"], "C": ["C1", "C2"]})
         self.clock.advance(10.1)
         await up.wait_for(8)
         self.assertEqual(by_key(up.seen)["A"], ["A1", "A1", "A2", "A3"])
