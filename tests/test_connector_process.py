@@ -24,6 +24,8 @@ from mllpd.connectors import ConnectorSpec, Dead, Delivered, Delivery, IConnecto
 from mllpd.connectors.remote import (
     ANSWER_FD,
     KILL_AFTER,
+    PING_DEADLINE,
+    PING_EVERY,
     RESTART_FIRST,
     RESTART_MAX,
     ConnectorProcess,
@@ -204,8 +206,10 @@ def ehr_ack(payload: bytes) -> bytes:
 class _FakeChild:
     """What spawnProcess returns: records what the server does to the child."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, proto: Any) -> None:
         self.pid = pid
+        self.proto = proto
+        self.answers_pings = True
         self.written = b""
         self.stdin_closed = False
         self.signals: list[str] = []
@@ -213,6 +217,10 @@ class _FakeChild:
 
     def writeToChild(self, fd: int, data: bytes) -> None:
         self.written += data
+        (size,) = struct.unpack("!I", data[:4])
+        header = decode(data[4:4 + size])[0]
+        if header["op"] == "ping" and self.answers_pings and not self.ended:
+            _answer(self.proto, header["id"], [])
 
     def closeStdin(self) -> None:
         self.stdin_closed = True
@@ -242,7 +250,7 @@ class _FakeReactor(Clock):
         if self.fail_spawns:
             self.fail_spawns -= 1
             raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
-        child = _FakeChild(1000 + len(self.children))
+        child = _FakeChild(1000 + len(self.children), proto)
         proto.makeConnection(child)
         self.children.append((proto, child))
         return child
@@ -343,6 +351,20 @@ class ConnectorProcessLogicTests(SynchronousTestCase):
         self.reactor.advance(RESTART_FIRST)
         self.assertEqual(len(self.reactor.children), 5)
 
+    def test_a_frozen_child_is_replaced(self) -> None:
+        """A child that answers no ping for PING_DEADLINE is killed: what it held is retried and another starts."""
+        proto, child = self.reactor.children[0]
+        got = self.outcomes(self.process.deliver("ehr", [_delivery("A")], None))
+        self.reactor.advance(PING_EVERY)  # answered: all is well
+        self.assertEqual(child.signals, [])
+        child.answers_pings = False
+        for _ in range(int(PING_DEADLINE / PING_EVERY) + 1):
+            self.reactor.advance(PING_EVERY)
+        self.assertEqual(child.signals, ["KILL"])
+        self.assertIsInstance(got[0][0], Retry)
+        self.reactor.advance(RESTART_FIRST)
+        self.assertEqual(len(self.reactor.children), 2)
+
     def test_failed_start_is_tried_again(self) -> None:
         """fork failing (EAGAIN): deliveries are retried meanwhile and the start is tried again."""
         proto, child = self.reactor.children[0]
@@ -423,6 +445,11 @@ class ChildServerTests(SynchronousTestCase):
         self.deliver(1, "A")
         self.assertEqual(self.answers(), {1: [Delivered("AA")]})
         self.assertEqual(self.delivered, [_delivery("A")])
+
+    def test_ping_is_answered_at_once(self) -> None:
+        """A ping gets its empty answer while deliveries are in progress."""
+        self.send({"op": "ping", "id": 9})
+        self.assertEqual(self.answers(), {9: []})
 
     def test_everything_wrong_is_answered_retry(self) -> None:
         """An unknown connector, an unknown request and a connector that raises are each answered Retry, never Dead."""

@@ -33,6 +33,7 @@ from twisted.internet import protocol
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
@@ -62,6 +63,10 @@ RESTART_FIRST, RESTART_MAX = 1.0, 30.0
 # finish before it exits anyway; the server kills it a little later. Both
 # stay inside the relay's CLOSE_TIMEOUT, so shutdown keeps its bound.
 CHILD_EXIT_AFTER, KILL_AFTER = 0.3, 0.45
+# The server pings the child this often; a child that has not answered a
+# ping for PING_DEADLINE (its reactor blocked, the process stopped) is
+# killed and replaced, and what it held is retried.
+PING_EVERY, PING_DEADLINE = 5.0, 15.0
 # The child's fd for answers (stdin carries requests; stdout and stderr
 # are the server's own).
 ANSWER_FD = 3
@@ -237,6 +242,9 @@ class ConnectorProcess:
         self._kill: IDelayedCall | None = None
         self._exited: Deferred[None] | None = None
         self.starts = 0
+        self._ping: tuple[int, float] | None = None  # (request id, sent at)
+        self._pinger = LoopingCall(self._check_alive)
+        self._pinger.clock = reactor
 
     # -- connectors' side -------------------------------------------------
 
@@ -299,6 +307,9 @@ class ConnectorProcess:
         self._proto = proto
         self._exited = Deferred()
         self._spawned_at = self.reactor.seconds()
+        self._ping = None
+        if not self._pinger.running:
+            self._pinger.start(PING_EVERY, now=False)
         self.starts += 1
         log.info("connector process {pid} started", event="connector_process_started",
                  pid=getattr(proto.transport, "pid", None))
@@ -380,10 +391,29 @@ class ConnectorProcess:
         if exited is not None:
             exited.callback(None)
 
+    def _check_alive(self) -> None:
+        proto = self._proto
+        if proto is None:
+            return
+        now = self.reactor.seconds()
+        if self._ping is not None:
+            rid, sent = self._ping
+            if rid in self._pending:
+                if now - sent >= PING_DEADLINE:
+                    self._broken(proto, f"no answer to a ping for {now - sent:.0f}s")
+                return
+        rid = self._next_id
+        self._next_id += 1
+        self._pending[rid] = (Deferred(), 0)
+        self._ping = (rid, now)
+        self._send({"op": "ping", "id": rid})
+
     def _finish(self) -> Deferred[None]:
         """Close the child's stdin: it stops what is left and exits, or is
         killed after KILL_AFTER."""
         self._running = False
+        if self._pinger.running:
+            self._pinger.stop()
         if self._restart is not None and self._restart.active():
             self._restart.cancel()
         proto, exited = self._proto, self._exited
@@ -468,6 +498,9 @@ class _Server(Int32StringReceiver):
             rid, op, name = header.get("id"), header.get("op"), header.get("connector")
             if op == "configure":
                 self._configure(header.get("connectors"))
+                return
+            if op == "ping":
+                self._reply(rid, [])
                 return
             if op == "deliver":
                 deliveries = unpack_deliveries(header.get("items"), data)
