@@ -35,6 +35,10 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+# One wording of database errors for the outbox and this connector: no
+# DETAIL (PHI) ever reaches a log line or a queue row.
+from mllpd.outbox.postgres import close_quietly, describe_error
+
 from . import ConnectorSpec, Dead, Delivered, Delivery, IConnector, Outcome, Retry
 from ._common import (
     CurrentDelivery,
@@ -73,22 +77,6 @@ INSERT INTO {table}
     (message_id, received_at, control_id, msg_type, charset, codec, size, payload)
 VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (message_id) DO NOTHING"""
-
-
-def describe_error(exc: BaseException) -> str:
-    """One line for a database error.
-
-    Server errors give their SQLSTATE and primary message only: the DETAIL
-    of e.g. a constraint violation quotes the row, which is PHI.
-    """
-    sqlstate = getattr(exc, "sqlstate", None)
-    if sqlstate:
-        primary = exc.diag.message_primary if isinstance(exc, psycopg.Error) else None
-        return f"{type(exc).__name__} ({sqlstate}): {primary or ''}".rstrip(": ")
-    text = " ".join(str(exc).split())
-    if len(text) > 300:
-        text = text[:297] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _is_dead(exc: psycopg.Error) -> bool:
@@ -315,11 +303,7 @@ class PostgresConnector:
 
     def _close(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except psycopg.Error:
-                pass
+        close_quietly(conn)
 
 
 def _row(delivery: Delivery) -> tuple[object, ...]:

@@ -34,6 +34,7 @@ from twisted.python.threadpool import ThreadPool
 from mllpd.outbox.postgres import (
     abort_socket,
     advisory_key,
+    close_quietly,
     connect,
     describe_error,
     server_name,
@@ -195,8 +196,4 @@ class Leases:
 
     def _close(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except psycopg.Error:
-                pass
+        close_quietly(conn)

@@ -64,6 +64,7 @@ __all__ = [
     "PostgresOutbox",
     "abort_socket",
     "advisory_key",
+    "close_quietly",
     "connect",
     "describe_error",
     "migrate",
@@ -102,11 +103,13 @@ MIGRATE_KEY = advisory_key("migrate")
 
 
 def describe_error(exc: BaseException) -> str:
-    """One line for a database error: SQLSTATE and primary message only (a
-    DETAIL may quote a row, which is PHI), or the connection failure."""
+    """One line for a database error (the outbox's, its leases' and the
+    postgres connector's): SQLSTATE and primary message only, since the
+    DETAIL of e.g. a constraint violation quotes the row, which is PHI; or
+    the connection failure."""
     sqlstate = getattr(exc, "sqlstate", None)
-    if sqlstate and isinstance(exc, psycopg.Error):
-        primary = exc.diag.message_primary
+    if sqlstate:
+        primary = exc.diag.message_primary if isinstance(exc, psycopg.Error) else None
         return f"{type(exc).__name__} ({sqlstate}): {primary or ''}".rstrip(": ")
     text = " ".join(str(exc).split())
     if len(text) > 300:
@@ -251,6 +254,15 @@ def _insert(
     return returned
 
 
+def close_quietly(conn: psycopg.Connection[Any] | None) -> None:
+    """Close a session that may already be broken; its error says nothing new."""
+    if conn is not None:
+        try:
+            conn.close()
+        except psycopg.Error:
+            pass
+
+
 def abort_socket(conn: psycopg.Connection[Any] | None) -> None:
     """Shut a session's socket down from another thread: the thread blocked
     on it (a database that stopped answering) gets an error at once."""
@@ -299,11 +311,7 @@ class _Session:
 
     def close(self) -> None:
         conn, self.conn = self.conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except psycopg.Error:
-                pass
+        close_quietly(conn)
 
 
 class _Notices:
