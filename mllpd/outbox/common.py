@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection, Sequence
 from importlib import resources
-from typing import ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple, TypedDict
 
 from twisted.internet.defer import Deferred, FirstError, gatherResults
 from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
@@ -38,6 +38,7 @@ __all__ = [
     "GroupCommitOutbox",
     "MIN_PRUNE_INTERVAL",
     "Op",
+    "OutboxOptions",
     "PRUNE_BATCH",
     "PRUNE_INTERVAL",
     "QueueDepth",
@@ -135,6 +136,20 @@ def _first_error(failure: Failure) -> Failure:
     return failure.value.subFailure  # type: ignore[no-any-return]
 
 
+class OutboxOptions(TypedDict, total=False):
+    """What every outbox backend takes besides where it stores (the
+    defaults are :class:`GroupCommitOutbox`'s)."""
+
+    dedup_window: float
+    wall_clock: Callable[[], float]
+    retention: float
+    max_count: int | None
+    max_bytes: int | None
+    pod: str | None
+    hold_clock: IReactorTime | None
+    count_clock: IReactorTime | None
+
+
 class GroupCommitOutbox:
     """Stores envelopes with group commit.
 
@@ -167,14 +182,14 @@ class GroupCommitOutbox:
         self,
         reactor: IReactorThreads,
         *,
-        dedup_window: float,
-        wall_clock: Callable[[], float],
-        retention: float,
-        max_count: int | None,
-        max_bytes: int | None,
-        pod: str | None,
-        hold_clock: IReactorTime | None,
         thread_name: str,
+        dedup_window: float = 24 * 3600.0,
+        wall_clock: Callable[[], float] = time.time,
+        retention: float = 168 * 3600.0,
+        max_count: int | None = None,
+        max_bytes: int | None = None,
+        pod: str | None = None,
+        hold_clock: IReactorTime | None = None,
         count_clock: IReactorTime | None = None,
     ) -> None:
         self.dedup_window = dedup_window

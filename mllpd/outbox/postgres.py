@@ -23,12 +23,12 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Unpack
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorThreads, IReactorTime
+from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -53,6 +53,7 @@ from mllpd.outbox.common import (
     QUEUE_DEPTHS,
     GroupCommitOutbox,
     Op,
+    OutboxOptions,
     QueueDepth,
     check_schema_version,
     depths_from,
@@ -371,24 +372,12 @@ class PostgresOutbox(GroupCommitOutbox):
         self,
         url: str,
         reactor: IReactorThreads,
-        *,
-        dedup_window: float = 24 * 3600.0,
-        wall_clock: Callable[[], float] = time.time,
-        retention: float = 168 * 3600.0,
-        max_count: int | None = None,
-        max_bytes: int | None = None,
-        pod: str | None = None,
-        hold_clock: IReactorTime | None = None,
-        count_clock: IReactorTime | None = None,
+        **options: Unpack[OutboxOptions],
     ) -> None:
-        super().__init__(
-            reactor, dedup_window=dedup_window, wall_clock=wall_clock,
-            retention=retention, max_count=max_count, max_bytes=max_bytes, pod=pod,
-            hold_clock=hold_clock, thread_name="mllpd-outbox", count_clock=count_clock,
-        )
+        super().__init__(reactor, thread_name="mllpd-outbox", **options)
         self.url = url
         self.server = server_name(url)
-        name = f"mllpd-{pod}" if pod else "mllpd"
+        name = f"mllpd-{self.pod}" if self.pod else "mllpd"
         self._writer = _Session(url, name[:63])
         self._reader = _Session(url, f"{name}-reader"[:63])
         # Migrate now, on this thread: a database that cannot be reached or

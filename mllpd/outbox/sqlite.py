@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import time
-from collections.abc import Callable, Collection
+from collections.abc import Collection
+from typing import Unpack
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorThreads, IReactorTime
+from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -34,6 +34,7 @@ from mllpd.outbox.common import (
     STATE_HOLD,
     GroupCommitOutbox,
     Op,
+    OutboxOptions,
     QueueDepth,
     check_schema_version,
     depths_from,
@@ -307,22 +308,11 @@ class SQLiteOutbox(GroupCommitOutbox):
         path: str,
         reactor: IReactorThreads,
         *,
-        dedup_window: float = 24 * 3600.0,
-        wall_clock: Callable[[], float] = time.time,
-        retention: float = 168 * 3600.0,
-        max_count: int | None = None,
-        max_bytes: int | None = None,
-        pod: str | None = None,
-        hold_clock: IReactorTime | None = None,
         wal_limit: int = DEFAULT_WAL_LIMIT,
         checkpoint_interval: float = CHECKPOINT_INTERVAL,
-        count_clock: IReactorTime | None = None,
+        **options: Unpack[OutboxOptions],
     ) -> None:
-        super().__init__(
-            reactor, dedup_window=dedup_window, wall_clock=wall_clock,
-            retention=retention, max_count=max_count, max_bytes=max_bytes, pod=pod,
-            hold_clock=hold_clock, thread_name="mllpd-outbox", count_clock=count_clock,
-        )
+        super().__init__(reactor, thread_name="mllpd-outbox", **options)
         self.path = path
         self._conn = open_database(path, wal_limit=wal_limit)
         try:
