@@ -197,6 +197,20 @@ def _rules(value: object) -> list[Rule]:
     return out
 
 
+def _expression(item: dict[str, Any], key: str, place: str) -> str | None:
+    """An optional CEL option of a connector (``filter``, ``order_by``), compiled once to check it."""
+    text = item.get(key)
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise _fail(f"{place}.{key}: expected a CEL expression as text, found {_kind(text)}")
+    try:
+        compile_expression(text)
+    except ValueError as e:
+        raise _fail(f"{place}.{key}: {e}") from None
+    return text
+
+
 def _connectors(value: object) -> tuple[ConnectorSpec, ...]:
     out: list[ConnectorSpec] = []
     seen: dict[str, int] = {}
@@ -216,32 +230,14 @@ def _connectors(value: object) -> tuple[ConnectorSpec, ...]:
             raise _fail(
                 f"{place}: unknown type {str(ctype)[:40]!r}; expected {_list(CONNECTOR_TYPES)}"
             )
-        flt = item.get("filter")
-        if flt is not None:
-            if not isinstance(flt, str):
-                raise _fail(
-                    f"{place}.filter: expected a CEL expression as text, found {_kind(flt)}"
-                )
-            try:
-                compile_expression(flt)
-            except ValueError as e:
-                raise _fail(f"{place}.filter: {e}") from None
+        flt = _expression(item, "filter", place)
         lanes = item.get("lanes", 1)
         if isinstance(lanes, bool) or not isinstance(lanes, int) or not 1 <= lanes <= MAX_LANES:
             raise _fail(
                 f"{place}.lanes: {str(lanes)[:20]!r} is out of range; expected a whole "
                 f"number from 1 to {MAX_LANES}"
             )
-        order_by = item.get("order_by")
-        if order_by is not None:
-            if not isinstance(order_by, str):
-                raise _fail(
-                    f"{place}.order_by: expected a CEL expression as text, found {_kind(order_by)}"
-                )
-            try:
-                compile_expression(order_by)
-            except ValueError as e:
-                raise _fail(f"{place}.order_by: {e}") from None
+        order_by = _expression(item, "order_by", place)
         for key in item:
             if not isinstance(key, str):
                 raise _fail(f"{place}: option names must be text, found {_kind(key)}")
