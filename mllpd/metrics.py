@@ -62,9 +62,29 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 # MSH-9 comes from the sender: only HL7-shaped codes become label values, and
 # only so many, so a sender cannot grow the label set without bound.
-_MSG_TYPE = re.compile(r"[A-Z][A-Z0-9]{2}")
+MSG_TYPE = re.compile(r"[A-Z0-9]{3}")
 MAX_MSG_TYPES = 64
 OTHER = "other"
+
+
+class MessageTypes:
+    """The message-type label of each reply count, decided where the counts
+    are kept: MSH-9.1 when it is three capitals or digits and one of the
+    first MAX_MSG_TYPES such codes seen, else ``other``. A sender cycling
+    through every code cannot grow the counts (or a scrape) past that."""
+
+    def __init__(self, limit: int = MAX_MSG_TYPES) -> None:
+        self.limit = limit
+        self.seen: set[str] = set()
+
+    def label(self, msg_type: str) -> str:
+        code = msg_type.split("^", 1)[0]
+        if code in self.seen:
+            return code
+        if len(self.seen) >= self.limit or not MSG_TYPE.fullmatch(code):
+            return OTHER
+        self.seen.add(code)
+        return code
 
 
 class Buckets:
@@ -206,20 +226,11 @@ class Metrics:
         src = self._connections
         stats: dict[str, int] = dict(src.stats) if src is not None else {}
         acks: dict[tuple[str, str], int] = dict(src.acks) if src is not None else {}
-        messages: Counter[tuple[str, str]] = Counter()
-        known: set[str] = set()
-        for (msg_type, code), n in sorted(acks.items()):
-            label = msg_type if _MSG_TYPE.fullmatch(msg_type) else OTHER
-            if label != OTHER and label not in known:
-                if len(known) >= MAX_MSG_TYPES:
-                    label = OTHER
-                else:
-                    known.add(label)
-            messages[(label, code)] += n
         return {
             "open": src.open_connections if src is not None else 0,
             "stats": stats,
-            "messages": dict(messages),
+            # Already labels (MessageTypes), at most MAX_MSG_TYPES + 1 of them.
+            "messages": acks,
             "tls_reloads": dict(self._tls_reloads or {}),
             "deliveries": dict(self.deliveries),
             "dead_letters": dict(self.dead_letters),

@@ -7,7 +7,6 @@ the commits interleave.
 
 from __future__ import annotations
 
-import re
 from collections import Counter, deque
 from datetime import UTC, datetime
 from enum import Enum
@@ -26,6 +25,7 @@ from mllpd.batch import is_batch
 from mllpd.framing import Frame, Framer, Junk, Oversized, frame
 from mllpd.hl7 import DecodeError, NotHL7Error, parse_message
 from mllpd.logging import format_peer
+from mllpd.metrics import MessageTypes
 from mllpd.receiver import Receiver, Reply
 from mllpd.timer import Timer
 
@@ -42,16 +42,6 @@ MAX_PIPELINE = 64
 
 # After a NAK for a frame we refuse to read, how long the sender has to close.
 LINGER = 5.0
-
-
-_TYPE = re.compile(r"[A-Z0-9]{3}")
-
-
-def type_bucket(msg_type: str) -> str:
-    """The metric label of a message type: its code, or ``other`` when it
-    is not three capitals or digits, so senders cannot mint labels."""
-    code = msg_type.split("^", 1)[0]
-    return code if _TYPE.fullmatch(code) else "other"
 
 
 class State(Enum):
@@ -547,7 +537,9 @@ class MLLPServerFactory(Factory):
         self.awaiting_header = 0  # accepted, PROXY header not yet read
         self.connections: set[MLLPServerProtocol] = set()
         self.stats: Counter[str] = Counter()
+        # Replies by (message type label, ACK code); MessageTypes bounds the keys.
         self.acks: Counter[tuple[str, str]] = Counter()
+        self.types = MessageTypes()
         self.draining = False
         self._all_closed: list[Deferred[None]] = []
 
@@ -616,7 +608,7 @@ class MLLPServerFactory(Factory):
                 accepted=sum(1 for p in reply.parts if p.outcome == "A"),
             )
             return
-        self.acks[(type_bucket(reply.msg_type), reply.code)] += 1
+        self.acks[(self.types.label(reply.msg_type), reply.code)] += 1
         if self.metrics is not None:
             self.metrics.ack_latency.observe(latency)
         if reply.error is not None:

@@ -20,6 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from mllpd.framing import frame
 from mllpd.metrics import (
     CHECKPOINT_MODES,
     MAX_MSG_TYPES,
@@ -78,13 +79,13 @@ class CollectorTests(SynchronousTestCase):
     """What a scrape shows, from the counters mllpd already keeps."""
 
     def test_values_and_labels(self) -> None:
-        """Counters, histograms and delivery metrics appear with pod labels and MSH-9 types only."""
+        """Counters, histograms and delivery metrics appear with pod labels and the type labels the server keeps."""
         m = Metrics(pod="mllpd-0", namespace="healthcare")
         source = FakeFactory()
         m.watch_connections(source)
         source.stats.update(connections_accepted=5, frames_ok=7, frames_junk=1, tls_handshake_failures=2)
         source.open_connections = 3
-        source.acks.update({("ADT", "AA"): 6, ("ORU", "AE"): 1, ("<script>", "AR"): 1})
+        source.acks.update({("ADT", "AA"): 6, ("ORU", "AE"): 1, ("other", "AR"): 1})
         m.ack_latency.observe(0.003)
         m.ack_latency.observe(20.0)
         m.commit_done(12, 0.002)
@@ -127,15 +128,26 @@ class CollectorTests(SynchronousTestCase):
         self.assertEqual(got[("mllp_connector_lease", (("connector", "lab"), ("pod", "mllpd-1")))], 0)
 
     def test_message_types_bounded(self) -> None:
-        """A sender inventing message types cannot grow the label set past MAX_MSG_TYPES."""
+        """A sender cycling through message types leaves at most MAX_MSG_TYPES labels plus 'other', with every reply counted."""
+        from tests.test_protocol import Harness
+
+        h = Harness()
         m = Metrics()
-        source = FakeFactory()
-        m.watch_connections(source)
-        for n in range(MAX_MSG_TYPES + 50):
-            source.acks[(f"Z{n:02d}", "AA")] += 1
-        types = {msg_type for msg_type, _ in m.samples()["messages"]}
+        m.watch_connections(h.factory)
+        proto, _ = h.connect()
+        sent = 0
+        for n in range(MAX_MSG_TYPES + 200):
+            for version in ("2.5", "9.9"):  # AA, then AR (unsupported version)
+                payload = f"MSH|^~\\&|A|B|C|D|||{n:03X}^A01|C{sent}|P|{version}\r".encode()
+                proto.dataReceived(frame(payload))
+                sent += 1
+        messages = m.samples()["messages"]
+        types = {msg_type for msg_type, _ in messages}
         self.assertEqual(len(types), MAX_MSG_TYPES + 1)
         self.assertIn("other", types)
+        self.assertEqual(len(h.factory.acks), 2 * (MAX_MSG_TYPES + 1))
+        self.assertEqual(sum(messages.values()), sent)
+        self.assertEqual(messages[("other", "AR")], 200)
 
     def test_buckets(self) -> None:
         """An observation lands in the first bucket whose bound it does not exceed."""

@@ -11,6 +11,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from mllpd.framing import frame
+from mllpd.metrics import MAX_MSG_TYPES
 from mllpd.protocol import LINGER, MAX_PIPELINE, MLLPServerFactory, MLLPServerProtocol
 from mllpd.receiver import Receiver
 from mllpd.testing import MemoryOutbox
@@ -163,6 +164,20 @@ class LimitTests(SynchronousTestCase):
         self.assertEqual(
             dict(h.factory.acks), {("ADT", "AR"): 1, ("ORU", "AR"): 1, ("other", "AR"): 4}
         )
+
+    def test_reply_counts_bounded_at_the_source(self) -> None:
+        """Thousands of distinct valid message types keep at most MAX_MSG_TYPES + 1 type keys in the reply counts, and every reply is counted."""
+        h = Harness()
+        proto, t = h.connect()
+        n = 3 * MAX_MSG_TYPES
+        for i in range(n):
+            kind = f"{i:03d}"
+            proto.dataReceived(frame(f"MSH|^~\\&|A|B|C|D|||{kind}^A01|C{i}|P|9.9\r".encode()))
+        self.assertEqual(len(acks(t)), n)
+        self.assertEqual(len(h.factory.acks), MAX_MSG_TYPES + 1)
+        self.assertEqual(sum(h.factory.acks.values()), n)
+        self.assertEqual(h.factory.acks[("other", "AR")], n - MAX_MSG_TYPES)
+        self.assertEqual(h.factory.acks[("000", "AR")], 1)
 
     def test_oversized_frame_nak_and_close(self) -> None:
         """A frame over MLLP_MAX_FRAME_SIZE gets an AR echoing its MSH-10, then a half-close."""
