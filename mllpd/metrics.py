@@ -315,6 +315,10 @@ METRICS: tuple[MetricDef, ...] = (
         "Times MLLP_MAX_BUFFER was reached and reading paused on all connections.",
         read=_stat("buffer_full")),
     MetricDef(
+        "mllp_proxy_headers_invalid", "mllp.proxy_headers.invalid", "counter",
+        "Connections closed for a malformed or oversized PROXY header.",
+        read=_stat("proxy_headers_invalid")),
+    MetricDef(
         "mllp_connection_timeouts", "mllp.connection.timeouts", "counter",
         "Connections closed by a timeout, by kind.", ("kind",),
         read=lambda s: [((k,), s["stats"].get(f"{k}_timeouts", 0)) for k in ("idle", "write")]),

@@ -567,6 +567,10 @@ class MLLPServerFactory(Factory):
         the connection closed without one."""
         self.awaiting_header -= 1
 
+    def header_invalid(self) -> None:
+        """A PROXY header was refused (malformed, too long); its connection is closed."""
+        self.stats["proxy_headers_invalid"] += 1
+
     def hold(self, delta: int) -> None:
         """Count bytes taken (or, negative, freed) against MLLP_MAX_BUFFER.
 

@@ -31,7 +31,7 @@ from zope.interface import directlyProvides, providedBy
 from mllpd.endpoints import WrappingEndpoint
 from mllpd.timer import Timer
 
-__all__ = ["HEADER_TIMEOUT", "proxy_endpoint"]
+__all__ = ["HEADER_TIMEOUT", "V1_MAX", "V2_MAX", "proxy_endpoint"]
 
 log = Logger(namespace="mllpd.proxy")
 
@@ -43,6 +43,12 @@ HEADER_TIMEOUT = 10.0
 V1_MAX = 107
 # Enough bytes to tell a v2 signature (12 bytes + version + family + length).
 _SNIFF = 16
+# The longest v2 address block (addresses and TLVs) accepted. The format
+# allows 65,535 bytes, buffered per connection until the header timeout; real
+# ones are far smaller: 12 (IPv4) or 36 (IPv6) bytes of addresses, 216 for
+# UNIX sockets, plus TLVs such as AWS NLB's VPC endpoint id (about 25 bytes),
+# GCP's PSC connection id, or HAProxy's ALPN, authority and SSL fields.
+V2_MAX = 4096
 _V1_LINE = re.compile(
     rb"PROXY (?:UNKNOWN(?: [\x21-\x7e ]*)?|(TCP[46]) ([0-9A-Fa-f.:]+) ([0-9A-Fa-f.:]+)"
     rb" (0|[1-9][0-9]{0,4}) (0|[1-9][0-9]{0,4}))"
@@ -55,6 +61,8 @@ class ConnectionGate(Interface):
     def admit(self, peer: str) -> bool: ...
 
     def header_done(self) -> None: ...
+
+    def header_invalid(self) -> None: ...
 
 
 def valid_v1(line: bytes) -> bool:
@@ -103,6 +111,8 @@ class _HeaderFirst(HAProxyProtocolWrapper):
 
     def _invalid(self, why: str) -> None:
         self._timer.cancel()  # reads nothing more
+        if self.factory.gate is not None:
+            self.factory.gate.header_invalid()
         log.warn("invalid PROXY header from {address}: {why}", event="proxy_header_invalid",
                  address=str(self.transport.getPeer()), why=why)
         self.transport.abortConnection()
@@ -130,6 +140,11 @@ class _HeaderFirst(HAProxyProtocolWrapper):
                 self._sniffed = data
                 return
             self._sniffed = b""
+            if data.startswith(V2Parser.PREFIX):
+                length = int.from_bytes(data[14:16], "big")
+                if length > V2_MAX:
+                    self._invalid(f"v2 address block of {length} bytes, over {V2_MAX}")
+                    return
         if isinstance(self._parser, V1Parser) or (
             self._parser is None and data.startswith(V1Parser.PROXYSTR)
         ):

@@ -10,11 +10,12 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
+from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.trial.unittest import SynchronousTestCase
 
 from mllpd.framing import frame
 from mllpd.protocol import MLLPServerFactory
-from mllpd.proxy import V1_MAX, _HeaderFirstFactory, valid_v1
+from mllpd.proxy import V1_MAX, V2_MAX, _HeaderFirstFactory, valid_v1
 from mllpd.receiver import Receiver
 from mllpd.testing import MemoryOutbox
 from tests.serverproc import hl7_message
@@ -81,6 +82,37 @@ class ProxyHeaderTests(SynchronousTestCase):
         proto, t = h.connect()
         proto.dataReceived(line + b"\r\n" + frame(hl7_message("OK")))
         self.assertIn(b"MSA|AA|OK", t.value())
+
+    def test_v2_address_block_capped(self) -> None:
+        """A v2 header announcing an address block over V2_MAX is refused at once, logged and counted; one with TLVs as AWS NLB sends is read."""
+        addresses = bytes([203, 0, 113, 7, 10, 0, 0, 2]) + (51234).to_bytes(2, "big") + (2575).to_bytes(2, "big")
+        vpce = b"\x01" + b"vpce-0123456789abcdef0"  # PP2_SUBTYPE_AWS_VPCE_ID
+        tlv = b"\xea" + len(vpce).to_bytes(2, "big") + vpce
+
+        def v2(block: bytes, announced: int | None = None) -> bytes:
+            n = len(block) if announced is None else announced
+            return V2Parser.PREFIX + b"\x21\x11" + n.to_bytes(2, "big") + block
+
+        h = Harness()
+        proto, t = h.connect()
+        proto.dataReceived(v2(addresses + tlv) + frame(hl7_message("NLB")))
+        self.assertIn(b"MSA|AA|NLB", t.value())
+        self.assertEqual([p.peer for p in h.inner.connections], ["203.0.113.7:51234"])
+
+        h = Harness()
+        proto, t = h.connect()
+        # Only the first bytes of a 64 KiB header: it is refused before the rest is buffered.
+        proto.dataReceived(v2(addresses, announced=V2_MAX + 1))
+        self.assertTrue(t.disconnecting)
+        self.assertEqual(h.inner.stats["proxy_headers_invalid"], 1)
+        self.assertEqual(h.inner.open_connections, 0)
+        proto.connectionLost(None)
+        self.assertEqual(h.inner.awaiting_header, 0)
+        self.assertEqual(
+            [e.get("event") for e in self.logged if e.get("log_namespace") == "mllpd.proxy"],
+            ["proxy_header_invalid"],
+        )
+        self.assert_refused(v2(addresses + b"\0" * 65_000, announced=65_000 + len(addresses)))
 
     def test_valid_headers(self) -> None:
         """Well-formed TCP4, TCP6 and UNKNOWN lines pass the check."""
