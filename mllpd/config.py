@@ -362,6 +362,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MLLP_DB_URL", "db_url", "", _db_url,
             "a libpq URL (postgresql://user@host/db) or key=value string",
             "PostgreSQL outbox shared by replicas (instead of MLLP_DB_PATH)"),
+    Setting("MLLP_DB_INSECURE", "db_insecure", "false", _boolean,
+            "true or false",
+            "allow MLLP_DB_URL's sslmode allow, prefer, require or verify-ca for a server that is not local"),
     Setting("MLLP_WAL_LIMIT", "wal_limit", "64MiB", _wal_limit,
             "a size of at least 4MiB, such as 64MiB or 1GiB",
             "bound of the SQLite outbox's WAL file: the log restarts at a quarter of it"),
@@ -439,6 +442,7 @@ class Settings:
     default_charset: str | None = None
     db_path: str = "outbox.db"
     db_url: str | None = None
+    db_insecure: bool = False
     wal_limit: int = 64 * 1024 * 1024
     dedup_window: float = 24 * 3600.0
     validate: str = "none"

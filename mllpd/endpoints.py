@@ -4,6 +4,7 @@ wrapping the factory of every connection it accepts."""
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -80,3 +81,14 @@ def tcp_options_endpoint(endpoint: IStreamServerEndpoint, keepalive: float) -> I
     connection. Wrap the user's endpoint with it first, so that the options
     reach the TCP socket beneath any PROXY or TLS layer."""
     return WrappingEndpoint(endpoint, lambda factory: _TCPOptionsFactory(factory, keepalive))
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses: traffic that never leaves the host."""
+    name = host.strip().strip("[]").lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False

@@ -245,8 +245,12 @@ def _outbox(settings: Settings, reactor: IServiceReactor) -> SQLiteOutbox | Post
     from mllpd.outbox import OutboxError
 
     if settings.db_url:
-        from mllpd.outbox.postgres import PostgresOutbox, server_name
+        from mllpd.outbox.postgres import PostgresOutbox, outbox_url, server_name
 
+        try:
+            url = outbox_url(settings.db_url, os.environ, settings.db_insecure)
+        except ValueError as e:
+            raise SystemExit(f"mllpd: MLLP_DB_URL: {e}") from None
         log.info(
             "outbox in PostgreSQL at {server}; MLLP_DB_PATH ({path}) is not used",
             event="outbox_postgres", server=server_name(settings.db_url),
@@ -254,7 +258,7 @@ def _outbox(settings: Settings, reactor: IServiceReactor) -> SQLiteOutbox | Post
         )
         try:
             return PostgresOutbox(
-                settings.db_url, reactor, dedup_window=settings.dedup_window,
+                url, reactor, dedup_window=settings.dedup_window,
                 retention=settings.retention, pod=settings.pod_name,
             )
         except OutboxError as e:

@@ -167,6 +167,7 @@ class LoadTests(SynchronousTestCase):
             "MLLP_RETENTION": "0",
             "MLLP_MAX_OUTBOX": "plenty",
             "MLLP_DB_URL": "postgresql://u:secret@[::1",
+            "MLLP_DB_INSECURE": "perhaps",
             "MLLP_WAL_LIMIT": "1MiB",
             "MLLP_MAX_BATCH_MESSAGES": "0",
             "MLLP_MAX_BUFFER": "lots",

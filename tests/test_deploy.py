@@ -118,7 +118,7 @@ class RenderedOverlayTests(SynchronousTestCase):
 
     def test_cloudnative_pg_component(self) -> None:
         """The cloudnative-pg component adds a three-instance Cluster with
-        synchronous replication and takes MLLP_DB_URL from its Secret."""
+        synchronous replication, takes MLLP_DB_URL from its Secret and verifies the server with the operator's CA."""
         with tree_copy() as root:
             r = _with_components(root, "cloudnative-pg")
         cluster = r.get("Cluster", "mllpd-db")
@@ -127,6 +127,17 @@ class RenderedOverlayTests(SynchronousTestCase):
         self.assertEqual(cluster["spec"]["postgresql"]["synchronous"]["number"], 1)
         url = {v["name"]: v.get("valueFrom") for v in r.container()["env"]}["MLLP_DB_URL"]
         self.assertEqual(url, {"secretKeyRef": {"name": "mllpd-db-app", "key": "uri"}})
+        # Its server is remote: verify-full against the operator's CA.
+        env = {v["name"]: v for v in r.container()["env"]}
+        ca = env["PGSSLROOTCERT"]["value"]
+        mounts = {m["name"]: m for m in r.container()["volumeMounts"]}
+        self.assertTrue(ca.startswith(mounts["db-ca"]["mountPath"] + "/"), ca)
+        self.assertTrue(mounts["db-ca"]["readOnly"])
+        volumes = {v["name"]: v for v in r.pod()["volumes"]}
+        self.assertEqual(volumes["db-ca"]["secret"]["secretName"], "mllpd-db-ca")
+        # The base's mounts and volumes are kept (a strategic merge, not a replace).
+        self.assertIn("config", mounts)
+        self.assertIn("data", volumes)
 
     def test_config_example(self) -> None:
         """The MLLP_CONFIG example is rules plus mllp and http connectors,

@@ -7,6 +7,7 @@ Two outbox (or lease) objects on one database stand for two replicas.
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import threading
 import time
@@ -14,19 +15,21 @@ import uuid
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from twisted.internet import defer
 from twisted.internet import reactor as _reactor
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
-from twisted.trial.unittest import TestCase
+from twisted.logger import capturedLogs, globalLogPublisher
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from mllpd.connectors import Delivered, Delivery, Retry
 from mllpd.outbox import AuditRecord, Envelope, OutboxError
 from mllpd.outbox.common import BACKLOG_INTERVAL, schema_files
 from mllpd.outbox.leases import LEASE_INTERVAL, Leases
-from mllpd.outbox.postgres import PostgresOutbox, migrate
+from mllpd.outbox.postgres import PostgresOutbox, migrate, outbox_url
 from mllpd.relay import Worker
 from tests.pgdb import fresh_database
+from tests.serverproc import spawn_server
 from tests.upstreams import until
 
 reactor: Any = _reactor
@@ -504,3 +507,58 @@ class LeaseTests(_PG):
         await until(lambda: ("b", True) in [c[:2] for c in changes], timeout=15, what=lambda: str(changes))
         self.assertEqual([c[:2] for c in changes], [("a", True), ("a", False), ("b", True)])
         self.assertLess(changes[2][2] - hung, 15.0)
+
+
+class TransportPolicyTests(SynchronousTestCase):
+    """MLLP_DB_URL gets the postgres connectors' TLS policy: verify-full off the host."""
+
+    def test_remote_outbox_verified_unless_insecure(self) -> None:
+        """A remote MLLP_DB_URL defaults to sslmode=verify-full; weaker modes are refused unless MLLP_DB_INSECURE, then warned; local ones are left alone."""
+        def sslmode(url: str, environ: dict[str, str] | None = None, insecure: bool = False) -> object:
+            return conninfo_to_dict(outbox_url(url, environ or {}, insecure)).get("sslmode")
+
+        self.assertEqual(sslmode("postgresql://mllpd:pw@db.example.org/mllpd"), "verify-full")
+        self.assertEqual(sslmode("dbname=mllpd", {"PGHOST": "10.0.0.5"}), "verify-full")
+        self.assertEqual(sslmode("host=db sslmode=verify-full"), "verify-full")
+        local = ("postgresql://u@127.0.0.1:5432/db", "host=/run/postgresql dbname=db",
+                 "postgresql://u@localhost/db", "dbname=db", "host=db hostaddr=127.0.0.1")
+        for url in local:
+            self.assertEqual(outbox_url(url, {}, False), url)
+        for mode in ("prefer", "require", "verify-ca", "allow"):
+            with self.assertRaises(ValueError) as ctx:
+                outbox_url(f"postgresql://mllpd:hunter2@db.example.org/mllpd?sslmode={mode}", {}, False)
+            self.assertEqual(
+                str(ctx.exception),
+                f"sslmode={mode} does not verify the server's certificate and name; use "
+                "sslmode=verify-full (the default for a server that is not local), "
+                "or set MLLP_DB_INSECURE=true to accept that",
+            )
+            with capturedLogs() as events:
+                self.assertEqual(sslmode(f"host=db sslmode={mode}", insecure=True), mode)
+            self.assertEqual([(e["event"], e["what"]) for e in events],
+                             [("outbox_tls_unverified", f"sslmode={mode}")])
+        with self.assertRaises(ValueError):
+            outbox_url("host=db", {"PGSSLMODE": "prefer"}, False)
+        with capturedLogs() as events:
+            self.assertEqual(sslmode("host=db sslmode=disable"), "disable")
+        self.assertEqual([(e["event"], e["host"]) for e in events], [("outbox_plaintext", "db")])
+
+    def test_test_database_used_as_given(self) -> None:
+        """The local test database's URL (loopback or a Unix socket) passes through unchanged."""
+        url = os.environ.get("MLLPD_TEST_POSTGRES_DSN")
+        if not url:
+            raise SkipTest("MLLPD_TEST_POSTGRES_DSN is not set")
+        self.assertEqual(outbox_url(url, os.environ, False), url)
+
+
+class TransportStartupTests(TestCase):
+    def test_unverified_outbox_fails_startup(self) -> None:
+        """twistd mllp with a remote MLLP_DB_URL whose sslmode is prefer stops at startup with one line naming MLLP_DB_URL, without the password."""
+        url = "postgresql://mllpd:hunter2@db.example.org:5432/mllpd?sslmode=prefer"
+        server = spawn_server(self, env={"MLLP_DB_URL": url})
+        self.assertNotEqual(server.wait(timeout=30), 0, server.output())
+        self.assertEqual(len(server.stderr_lines), 1, server.output())
+        line = server.stderr_lines[0]
+        self.assertTrue(line.startswith("mllpd: MLLP_DB_URL: sslmode=prefer does not verify"), line)
+        self.assertIn("MLLP_DB_INSECURE=true", line)
+        self.assertNotIn("hunter2", server.output())

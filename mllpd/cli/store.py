@@ -76,6 +76,15 @@ def open_store(
     if url is None and path is None:
         url = env.get("MLLP_DB_URL") or None
     if url:
+        from mllpd.outbox.postgres import outbox_url
+
+        # The server's policy for the same database: verify-full unless local
+        # or MLLP_DB_INSECURE=true accepts a weaker sslmode in the URL.
+        insecure = env.get("MLLP_DB_INSECURE", "").strip().lower() in ("1", "true", "yes", "on")
+        try:
+            url = outbox_url(url, env, insecure)
+        except ValueError as e:
+            raise StoreError(f"MLLP_DB_URL: {e}") from None
         return PostgresStore(url)
     return Store(path or default_db_path(environ))
 

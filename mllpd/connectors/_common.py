@@ -7,7 +7,6 @@ Every option error is a :class:`ConfigError` on MLLP_CONFIG whose one line names
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections import deque
 from collections.abc import Collection, Mapping, Sequence
@@ -18,6 +17,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mllpd.config import ConfigError, parse_duration
+from mllpd.endpoints import is_loopback
 
 from . import ConnectorSpec, Delivery, IBatchConnector, IConnector, Outcome, Retry
 
@@ -73,17 +73,6 @@ def bool_option(spec: ConnectorSpec, key: str) -> bool:
     if not isinstance(value, bool):
         raise option_error(spec, key, "expected true or false")
     return value
-
-
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback addresses: traffic that never leaves the host."""
-    name = host.strip().strip("[]").lower().rstrip(".")
-    if name == "localhost" or name.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(name.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False
 
 
 def warn_plaintext(spec: ConnectorSpec, host: str) -> None:

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import errors, sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import conninfo_to_dict
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -37,7 +37,7 @@ from zope.interface import implementer
 
 # One wording of database errors for the outbox and this connector: no
 # DETAIL (PHI) ever reaches a log line or a queue row.
-from mllpd.outbox.postgres import close_quietly, describe_error
+from mllpd.outbox.postgres import close_quietly, describe_error, transport
 
 from . import ConnectorSpec, Dead, Delivered, Delivery, IConnector, Outcome, Retry
 from ._common import (
@@ -46,7 +46,6 @@ from ._common import (
     check_keys,
     duration_option,
     expand_env,
-    is_loopback,
     option_error,
     string_option,
     warn_plaintext,
@@ -56,8 +55,6 @@ from ._common import (
 __all__ = ["PostgresConnector", "build", "describe_error"]
 
 _OPTIONS = ("dsn", "dsn_env", "table", "timeout", "insecure")
-# libpq modes that may send in the clear or to a server whose name is unchecked.
-_UNVERIFIED_SSLMODES = frozenset({"allow", "prefer", "require", "verify-ca"})
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 _CREATE = """\
@@ -381,36 +378,24 @@ def _conninfo(spec: ConnectorSpec, environ: Mapping[str, str]) -> str:
 def _transport(
     spec: ConnectorSpec, conninfo: str, environ: Mapping[str, str], insecure: bool
 ) -> str:
-    """The conninfo with ``sslmode=verify-full`` when the server is not local.
-
-    libpq's default, ``prefer``, falls back to plaintext and never checks the
-    server's certificate. An explicit mode that checks less is refused unless
-    the connector says ``insecure: true``; ``disable`` is plaintext, warned.
+    """The conninfo under the policy of every PostgreSQL connection
+    (:func:`mllpd.outbox.postgres.transport`): ``sslmode=verify-full`` when
+    the server is not local; a mode that checks less is refused unless the
+    connector says ``insecure: true``; ``disable`` is plaintext, warned.
     """
-    params = conninfo_to_dict(conninfo)
-    targets = str(params.get("hostaddr") or params.get("host") or environ.get("PGHOST") or "")
-    remote = [
-        h for h in targets.split(",")
-        if h.strip() and not h.strip().startswith(("/", "@")) and not is_loopback(h)
-    ]
-    if not remote:
-        return conninfo  # a Unix socket or loopback: the traffic never leaves the host
-    host = ",".join(remote)
-    sslmode = str(params.get("sslmode") or environ.get("PGSSLMODE") or "").strip().lower()
-    if not sslmode:
-        return make_conninfo(conninfo, sslmode="verify-full")
-    if sslmode == "disable":
-        warn_plaintext(spec, host)
-    elif sslmode in _UNVERIFIED_SSLMODES:
+    t = transport(conninfo, environ)
+    if t.weakness == "plaintext":
+        warn_plaintext(spec, t.remote)
+    elif t.weakness is not None:
         if not insecure:
             raise option_error(
                 spec, "dsn_env" if spec.options.get("dsn_env") is not None else "dsn",
-                f"sslmode={sslmode} does not verify the server's certificate and name; "
+                f"{t.weakness} does not verify the server's certificate and name; "
                 "use sslmode=verify-full (the default for a server that is not local), "
                 "or set insecure: true to accept that",
             )
-        warn_unverified(spec, host, f"sslmode={sslmode}")
-    return conninfo
+        warn_unverified(spec, t.remote, t.weakness)
+    return t.conninfo
 
 
 def _table(spec: ConnectorSpec) -> tuple[str, ...]:

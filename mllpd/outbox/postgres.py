@@ -21,12 +21,12 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Unpack
+from typing import Any, NamedTuple, Unpack
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.task import LoopingCall
@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from mllpd.endpoints import is_loopback
 from mllpd.outbox import (
     AuditRecord,
     Backlog,
@@ -129,6 +130,74 @@ def server_name(url: str) -> str:
         params.get("port") or "5432",
         params.get("dbname") or params.get("user") or "",
     )
+
+
+# libpq modes that may send in the clear or to a server whose name is unchecked.
+UNVERIFIED_SSLMODES = frozenset({"allow", "prefer", "require", "verify-ca"})
+
+
+class Transport(NamedTuple):
+    """How a libpq connection string reaches its server (:func:`transport`)."""
+
+    conninfo: str  # with sslmode=verify-full added when the server is remote and no mode is set
+    remote: str  # the hosts that are not local, comma-separated ("" if none)
+    weakness: str | None  # None, "plaintext" or "sslmode=<mode>" (unverified TLS)
+
+
+def transport(conninfo: str, environ: Mapping[str, str]) -> Transport:
+    """The policy for every PostgreSQL connection that carries messages.
+
+    A Unix socket or loopback server is used as given: the traffic never
+    leaves the host. For any other, libpq's default ``sslmode=prefer`` (which
+    falls back to plaintext and never checks the certificate) becomes
+    ``verify-full``; an explicit weaker mode is returned as a ``weakness``
+    for the caller to refuse, or to warn about when the user opted in.
+    """
+    params = conninfo_to_dict(conninfo)
+    targets = str(params.get("hostaddr") or params.get("host") or environ.get("PGHOST") or "")
+    remote = [
+        h for h in targets.split(",")
+        if h.strip() and not h.strip().startswith(("/", "@")) and not is_loopback(h)
+    ]
+    if not remote:
+        return Transport(conninfo, "", None)
+    host = ",".join(remote)
+    sslmode = str(params.get("sslmode") or environ.get("PGSSLMODE") or "").strip().lower()
+    if not sslmode:
+        return Transport(make_conninfo(conninfo, sslmode="verify-full"), host, None)
+    if sslmode == "disable":
+        return Transport(conninfo, host, "plaintext")
+    if sslmode in UNVERIFIED_SSLMODES:
+        return Transport(conninfo, host, f"sslmode={sslmode}")
+    return Transport(conninfo, host, None)
+
+
+def outbox_url(url: str, environ: Mapping[str, str], insecure: bool) -> str:
+    """MLLP_DB_URL under :func:`transport`'s policy: unverified TLS to a
+    remote server is refused (ValueError, never echoing the URL) unless
+    ``insecure`` (MLLP_DB_INSECURE); plaintext or, with ``insecure``,
+    unverified TLS is warned at startup."""
+    try:
+        t = transport(url, environ)
+    except psycopg.Error:
+        raise ValueError("not a PostgreSQL connection string") from None
+    if t.weakness == "plaintext":
+        log.warn(
+            "outbox messages to {host} are sent without TLS (sslmode=disable); they are readable on the network",
+            event="outbox_plaintext", host=t.remote,
+        )
+    elif t.weakness is not None:
+        if not insecure:
+            raise ValueError(
+                f"{t.weakness} does not verify the server's certificate and name; use "
+                "sslmode=verify-full (the default for a server that is not local), "
+                "or set MLLP_DB_INSECURE=true to accept that"
+            )
+        log.warn(
+            "MLLP_DB_INSECURE: {what} for {host}; a machine in the path can read every message",
+            event="outbox_tls_unverified", host=t.remote, what=t.weakness,
+        )
+    return t.conninfo
 
 
 def connect(
