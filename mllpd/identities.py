@@ -63,6 +63,10 @@ class ClientIdentities:
     def __len__(self) -> int:
         return sum(len(v) for v in self._entries.values())
 
+    def maps(self, names: frozenset[str]) -> bool:
+        """Whether any of a certificate's names has an entry (may send as anyone)."""
+        return any(name in self._entries for name in names)
+
     def check(self, names: frozenset[str], header: Header) -> tuple[str, AckError] | None:
         """None when one of the certificate's names may send as the message's
         MSH-3/MSH-4; otherwise AR with ERR 207 at MSH-3 (at MSH-2 when the

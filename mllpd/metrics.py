@@ -171,6 +171,7 @@ class Metrics:
         self.leases: dict[str, int] = {}
         self._connections: _Source | None = None
         self._tls_reloads: Mapping[str, int] | None = None
+        self._tls_closed: Mapping[str, int] | None = None
         self._wal: _Wal | None = None
         self.checkpoint_latency = {
             mode: _buckets("mllp_outbox_checkpoint_seconds") for mode in CHECKPOINT_MODES
@@ -184,8 +185,12 @@ class Metrics:
         """Read connection, frame and ACK counts from the protocol factory."""
         self._connections = source
 
-    def watch_tls_reloads(self, reloads: Mapping[str, int]) -> None:
+    def watch_tls_reloads(
+        self, reloads: Mapping[str, int], closed: Mapping[str, int] | None = None
+    ) -> None:
+        """Reload results, and connections a reload closed by reason."""
         self._tls_reloads = reloads
+        self._tls_closed = closed
 
     def watch_wal(self, wal: _Wal) -> None:
         """Read the SQLite outbox's WAL figures; time its checkpoints."""
@@ -232,6 +237,7 @@ class Metrics:
             # Already labels (MessageTypes), at most MAX_MSG_TYPES + 1 of them.
             "messages": acks,
             "tls_reloads": dict(self._tls_reloads or {}),
+            "tls_closed": dict(self._tls_closed or {}),
             "deliveries": dict(self.deliveries),
             "dead_letters": dict(self.dead_letters),
             "depth": dict(self.depth),
@@ -345,6 +351,11 @@ METRICS: tuple[MetricDef, ...] = (
         "mllp_tls_reloads", "mllp.tls.reloads", "counter",
         "TLS certificate reloads by result.", ("result",),
         read=lambda s: [((r,), s["tls_reloads"].get(r, 0)) for r in ("ok", "failed")]),
+    MetricDef(
+        "mllp_tls_connections_closed", "mllp.tls.connections_closed", "counter",
+        "Open TLS connections closed by a reload: client certificate revoked or no longer mapped.",
+        ("reason",),
+        read=lambda s: [((r,), s["tls_closed"].get(r, 0)) for r in ("revoked", "unmapped")]),
     MetricDef(
         "mllp_outbox_depth", "mllp.outbox.depth", "gauge",
         "Messages waiting for delivery, per connector.", ("connector",),

@@ -286,7 +286,7 @@ def _metrics(
     if wal is not None:
         metrics.watch_wal(wal)
     if tls is not None:
-        metrics.watch_tls_reloads(tls.reloads)
+        metrics.watch_tls_reloads(tls.reloads, tls.closed)
     return metrics
 
 

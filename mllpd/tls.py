@@ -5,8 +5,9 @@ and the client identities file.
 TLS wraps whatever endpoint the user configured (as tahoe-lafs does): the
 listener's factory is wrapped in a ``TLSMemoryBIOFactory`` whose connection
 creator is a :class:`ServerTLS`. Each new connection takes the context that
-is current when it is accepted, so a reload changes what new handshakes see
-and leaves open connections alone. The same wrapper watches the handshake:
+is current when it is accepted, so a reload changes what new handshakes see;
+an open connection is closed only when the reloaded CRLs revoke, or the
+reloaded client identities no longer map, its client certificate. The same wrapper watches the handshake:
 a connection that has not finished it within TLS_HANDSHAKE_TIMEOUT is
 aborted, and its protocol learns why from :class:`HandshakeTimeout`.
 """
@@ -232,6 +233,15 @@ def _note_revoked(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: in
     return bool(ok)
 
 
+def _revoked(cert: x509.Certificate, crls: list[x509.CertificateRevocationList]) -> bool:
+    """Whether a CRL from ``cert``'s issuer lists its serial number."""
+    return any(
+        crl.issuer == cert.issuer
+        and crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None
+        for crl in crls
+    )
+
+
 def load_identities_file(path: str) -> ClientIdentities:
     """MLLP_CLIENT_IDENTITIES, with its errors as :class:`TLSConfigError`."""
     from mllpd.identities import IdentityError, load_identities
@@ -293,6 +303,10 @@ class ServerTLS:
         )
         self.identity_listeners: list[Callable[[ClientIdentities], None]] = []
         self.reloads: Counter[str] = Counter()
+        # Open connections closed by a reload: "revoked" (now in a CRL) and
+        # "unmapped" (no longer in MLLP_CLIENT_IDENTITIES).
+        self.closed: Counter[str] = Counter()
+        self.connections: set[_WatchedTLS] = set()
         self._loop: LoopingCall | None = None
 
     def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
@@ -302,6 +316,7 @@ class ServerTLS:
         """Load the files again; keep what is current for each part that is unusable."""
         self._stamp = _stamp(self.files.paths())
         failed = False
+        crls: list[x509.CertificateRevocationList] = []
         try:
             self.context = self._load(self.files)
         except TLSConfigError as e:
@@ -311,6 +326,8 @@ class ServerTLS:
             log.info(
                 "TLS certificate reloaded ({trigger})", event="tls_reloaded", trigger=trigger,
             )
+            crls = self._current_crls()
+        identities: ClientIdentities | None = None
         if self.files.identities_file:
             try:
                 identities = load_identities_file(self.files.identities_file)
@@ -325,8 +342,49 @@ class ServerTLS:
                     "client identities reloaded ({trigger}): {entries} entries",
                     event="identities_reloaded", trigger=trigger, entries=len(identities),
                 )
+        self._close_refused(crls, identities)
         self.reloads["failed" if failed else "ok"] += 1
         return not failed
+
+    def _current_crls(self) -> list[x509.CertificateRevocationList]:
+        """The CRLs just loaded into the context (read again: the context
+        does not give them back); none if they changed meanwhile and no
+        longer load, which the next poll reports."""
+        if not (self.files.crl_file and self.files.client_ca):
+            return []
+        try:
+            cas = _certificates("TLS_CLIENT_CA", self.files.client_ca)
+            return _crls(self.files.crl_file, cas)
+        except TLSConfigError:
+            return []
+
+    def _close_refused(
+        self, crls: list[x509.CertificateRevocationList], identities: ClientIdentities | None
+    ) -> None:
+        """Close the open connections whose client certificate the reloaded
+        files now refuse: revoked in a CRL, or (MLLP_CLIENT_IDENTITIES) no
+        longer mapped to any sender. Each is logged and counted."""
+        if not crls and identities is None:
+            return
+        for conn in list(self.connections):
+            cert = conn.client_certificate()
+            if cert is None:
+                continue
+            if _revoked(cert, crls):
+                reason, event = "revoked", "tls_client_revoked"
+            elif identities is not None and not identities.maps(peer_identity(cert)[1]):
+                reason, event = "unmapped", "tls_client_unmapped"
+            else:
+                continue
+            self.closed[reason] += 1
+            log.warn(
+                "closing connection from {peer}: client certificate {client_subject} "
+                "(serial {serial:x}) is {reason} after a reload",
+                event=event, peer=format_peer(conn.getPeer()),
+                client_subject=cert.subject.rfc4514_string(), serial=cert.serial_number,
+                reason=reason,
+            )
+            conn.abortConnection()
 
     def _failed(self, trigger: str, e: TLSConfigError, kept: str) -> None:
         log.error(
@@ -367,7 +425,15 @@ class _WatchedTLS(BufferingTLSTransport):
         factory = self.factory
         self._watch = Timer(factory.clock, self._handshake_timed_out, factory.handshake_timeout)
         self._watch.start()
+        factory.tls.connections.add(self)
         super().makeConnection(transport)
+
+    def client_certificate(self) -> x509.Certificate | None:
+        """The client's certificate once the handshake is done, else None."""
+        if not self._handshakeDone or self.disconnecting:
+            return None
+        cert = self.getPeerCertificate()
+        return cert.to_cryptography() if cert is not None else None
 
     # _handshakeDone and _reason are TLSMemoryBIOProtocol's documented
     # ivars; it has no public equivalent, and noticing handshakeCompleted
@@ -393,6 +459,7 @@ class _WatchedTLS(BufferingTLSTransport):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._watch.cancel()
+        self.factory.tls.connections.discard(self)
         super().connectionLost(reason)
 
 
@@ -403,6 +470,7 @@ class _WatchedTLSFactory(TLSMemoryBIOFactory):
         self, tls: ServerTLS, wrapped: IProtocolFactory, handshake_timeout: float
     ) -> None:
         super().__init__(tls, False, wrapped, clock=tls.clock)
+        self.tls = tls
         self.clock = tls.clock
         self.handshake_timeout = handshake_timeout
 

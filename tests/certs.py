@@ -97,6 +97,14 @@ class CertDir:
         cert = x509.load_pem_x509_certificates(data[data.index(b"-----BEGIN CERTIFICATE") :])[0]
         return cert.subject.rfc4514_string()
 
+    def serial(self, path: str) -> int:
+        """The serial number of the (first) certificate in a PEM file."""
+        from cryptography import x509
+
+        with open(path, "rb") as f:
+            data = f.read()
+        return x509.load_pem_x509_certificates(data[data.index(b"-----BEGIN CERTIFICATE") :])[0].serial_number
+
 
 def client_context(
     certs: CertDir,

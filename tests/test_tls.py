@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import ssl
+import urllib.request
 from typing import Any
 
 from twisted.internet.protocol import Protocol
@@ -275,22 +276,41 @@ class RevocationTests(TLSCase):
         self.assertEqual(self.stored_ids(server), {"GOOD-1"})
 
     def test_crl_reloaded_on_sighup_and_on_change(self) -> None:
-        """A new CRL applies to the next handshake after SIGHUP or a file change; a broken one keeps the old."""
+        """A new CRL applies to the next handshake after SIGHUP or a file change and closes open connections it revokes (logged, counted); a broken one keeps the old."""
+        # Before: open connections kept their certificate until they closed.
+        # Now a reload closes the ones whose certificate it revokes.
         first = self.certs.client("first")
         second = self.certs.client("second")
         crl = self.certs.crl([])
-        server = self.start(TLS_CLIENT_CA=self.certs.ca_file, TLS_CRL_FILE=crl)
-        open_conn = tls_client(_port(server), self.certs, client_pem=first)
-        self.addCleanup(open_conn.close)
-        self.assertEqual(open_conn.request(hl7_message("OPEN-1")).code, "AA")
+        server = self.start(
+            TLS_CLIENT_CA=self.certs.ca_file, TLS_CRL_FILE=crl,
+            MLLP_METRICS_ADDR=f"tcp:0:interface={LOOPBACK}",
+        )
+        metrics_port = next(e["port"] for e in server.events() if e.get("event") == "metrics_listening")
+        open_first = tls_client(_port(server), self.certs, client_pem=first)
+        self.addCleanup(open_first.close)
+        open_second = tls_client(_port(server), self.certs, client_pem=second)
+        self.addCleanup(open_second.close)
+        self.assertEqual(open_first.request(hl7_message("OPEN-1")).code, "AA")
+        self.assertEqual(open_second.request(hl7_message("OPEN-S1")).code, "AA")
         self.certs.crl([first])
         server.send_signal(signal.SIGHUP)
         self.assertEqual(server.wait_for_event("tls_reloaded", timeout=10)["trigger"], "sighup")
+        closed = server.wait_for_event("tls_client_revoked", timeout=10)
+        host, port = open_first.sock.getsockname()[:2]
+        self.assertEqual(closed["peer"], f"{host}:{port}")
+        self.assertEqual(closed["client_subject"], self.certs.subject(first))
+        self.assertEqual(closed["serial"], self.certs.serial(first))
+        open_first.wait_closed()
+        self.assertEqual(open_second.request(hl7_message("OPEN-S2")).code, "AA")
         self.refused(server, first, "FIRST-2")
         self.accepted(server, second, "SECOND-1")
         # Written in place, no signal: the file watch notices.
         self.certs.crl([first, second])
         self.assertEqual(server.wait_for_event("tls_reloaded", timeout=15)["trigger"], "files_changed")
+        closed = server.wait_for_event("tls_client_revoked", timeout=10)
+        self.assertEqual(closed["client_subject"], self.certs.subject(second))
+        open_second.wait_closed()
         self.refused(server, second, "SECOND-2")
         # A broken or foreign CRL is refused and the last good one stays in force.
         for data in (b"-----BEGIN X509 CRL-----\ngarbage\n-----END X509 CRL-----\n", None):
@@ -302,21 +322,35 @@ class RevocationTests(TLSCase):
             failed = server.wait_for_event("tls_reload_failed", timeout=10)
             self.assertEqual(failed["setting"], "TLS_CRL_FILE")
             self.refused(server, first, "FIRST-3")
-        # The connection made before the revocation is not cut.
-        self.assertEqual(open_conn.request(hl7_message("OPEN-2")).code, "AA")
+        with urllib.request.urlopen(f"http://{LOOPBACK}:{metrics_port}/metrics", timeout=10) as r:
+            page = r.read().decode()
+        self.assertIn('mllp_tls_connections_closed_total{reason="revoked"} 2.0', page)
+        server.stop()
+        self.assertEqual(self.stored_ids(server), {"OPEN-1", "OPEN-S1", "OPEN-S2", "SECOND-1"})
 
     def test_identities_reloaded_on_change_and_broken_file_refused(self) -> None:
-        """A changed MLLP_CLIENT_IDENTITIES applies to the next message; a broken one is refused and the old kept."""
+        """A changed MLLP_CLIENT_IDENTITIES applies to the next message and closes connections whose certificate it no longer maps; a broken one is refused and the old kept."""
         lab = self.certs.client("lab-analyser-1")
+        old_lab = self.certs.client("lab-analyser-old")
         entry = f'- client: "{self.certs.subject(lab)}"\n  msh3: [{{app}}]\n  msh4: ["*"]\n'
-        identities = self.certs.write("identities.yaml", entry.format(app="TESTAPP").encode())
+        retired = '- client: "DNS:lab-analyser-old"\n  msh3: [TESTAPP]\n  msh4: ["*"]\n'
+        identities = self.certs.write(
+            "identities.yaml", (entry.format(app="TESTAPP") + retired).encode()
+        )
         server = self.start(TLS_CLIENT_CA=self.certs.ca_file, MLLP_CLIENT_IDENTITIES=identities)
         client = tls_client(_port(server), self.certs, client_pem=lab)
         self.addCleanup(client.close)
+        old_client = tls_client(_port(server), self.certs, client_pem=old_lab)
+        self.addCleanup(old_client.close)
+        self.assertEqual(old_client.request(hl7_message("OLD-1")).code, "AA")
         self.assertEqual(client.request(hl7_message("AS-TESTAPP-1")).code, "AA")
         self.assertEqual(client.request(hl7_message("AS-RIS-1", sending_app="RIS")).code, "AR")
         self.certs.write("identities.yaml", entry.format(app="RIS").encode())
         self.assertEqual(server.wait_for_event("identities_reloaded", timeout=15)["entries"], 1)
+        # The certificate that is no longer mapped loses its open connection.
+        unmapped = server.wait_for_event("tls_client_unmapped", timeout=10)
+        self.assertEqual(unmapped["client_subject"], self.certs.subject(old_lab))
+        old_client.wait_closed()
         self.assertEqual(client.request(hl7_message("AS-RIS-2", sending_app="RIS")).code, "AA")
         self.assertEqual(client.request(hl7_message("AS-TESTAPP-2")).code, "AR")
         self.certs.write("identities.yaml", b"client: [unclosed\n")
@@ -327,7 +361,7 @@ class RevocationTests(TLSCase):
         self.assertEqual(client.request(hl7_message("AS-TESTAPP-3")).code, "AR")
         client.close()
         server.stop()
-        self.assertEqual(self.stored_ids(server), {"AS-TESTAPP-1", "AS-RIS-2", "AS-RIS-3"})
+        self.assertEqual(self.stored_ids(server), {"OLD-1", "AS-TESTAPP-1", "AS-RIS-2", "AS-RIS-3"})
 
 
 class StartupTests(TLSCase):
@@ -505,8 +539,6 @@ class NoPHITests(TLSCase):
         with MLLPClient(port) as plain:
             plain.send(hl7_message("P-5", pid=pid))
             plain.wait_closed(timeout=10)
-        import urllib.request
-
         with urllib.request.urlopen(f"http://{LOOPBACK}:{metrics_port}/metrics", timeout=10) as r:
             page = r.read().decode()
         server.stop()
