@@ -257,6 +257,7 @@ _FRAME_RESULTS = (
     ("timed_out", "frames_timed_out"),
     ("junk", "frames_junk"),
     ("restarted", "frame_restarts"),
+    ("buffer_refused", "frames_buffer_refused"),
 )
 
 Samples = dict[str, Any]  # what Metrics.samples() returns

@@ -216,6 +216,7 @@ class MLLPServerProtocol(Protocol):
         self._hold_framer()
         self._update_frame_timer()
         self._update_idle()
+        self.factory.shed_unfinished()
 
     def _hold_framer(self) -> None:
         framer = self._framer
@@ -328,6 +329,24 @@ class MLLPServerProtocol(Protocol):
 
     def buffer_free(self) -> None:
         self._unpause("buffer")
+
+    def unfinished_bytes(self) -> int:
+        """Bytes of the frame in progress held against MLLP_MAX_BUFFER."""
+        framer = self._framer
+        return self._held if framer is not None and framer.in_frame and self.state not in _ENDED else 0
+
+    def refuse_unfinished(self) -> None:
+        """MLLP_MAX_BUFFER is full of unfinished frames and this one is the
+        largest: AR it (where its MSH survives) and close, so the others
+        can be read again instead of all waiting for their frame timeout."""
+        assert self._framer is not None
+        self.factory.stats["frames_buffer_refused"] += 1
+        head = self._framer.partial_head()
+        self._fail_frame(
+            head, "buffer_refused",
+            f"MLLP_MAX_BUFFER is full of unfinished frames and this one ({self._held} bytes so far)"
+            " is the largest; resend later",
+        )
 
     def _unpause(self, reason: str) -> None:
         if reason in self._pause_reasons:
@@ -533,6 +552,7 @@ class MLLPServerFactory(Factory):
         # across all connections (MLLP_MAX_BUFFER).
         self.buffered = 0
         self.buffer_full = False
+        self._shedding = False
         self.open_connections = 0
         self.awaiting_header = 0  # accepted, PROXY header not yet read
         self.connections: set[MLLPServerProtocol] = set()
@@ -599,6 +619,26 @@ class MLLPServerFactory(Factory):
             )
             for proto in list(self.connections):
                 proto.buffer_free()
+
+    def shed_unfinished(self) -> None:
+        """After a read while reading is paused (MLLP_MAX_BUFFER): commits
+        free the bytes awaiting them, but unfinished frames only grow or
+        time out. When those alone keep the buffer above the mark where
+        reading resumes, refuse the largest until they do not, so the other
+        senders resume instead of all waiting for MLLP_FRAME_TIMEOUT."""
+        if not self.buffer_full or self._shedding:
+            return
+        mark = self.max_buffer * 7 // 8
+        self._shedding = True
+        try:
+            for _ in range(len(self.connections)):
+                sizes = {p: p.unfinished_bytes() for p in self.connections}
+                if sum(sizes.values()) <= mark:
+                    return
+                largest = max(sizes, key=sizes.__getitem__)
+                largest.refuse_unfinished()
+        finally:
+            self._shedding = False
 
     def message_done(self, peer: str, reply: Reply, latency: float) -> None:
         if reply.parts:

@@ -379,6 +379,22 @@ class MemoryBoundTests(SynchronousTestCase):
         self.assertNotIn("Traceback", server.output())
 
 
+    def test_unfinished_frames_do_not_stall_honest_senders(self) -> None:
+        """With MLLP_MAX_BUFFER full of unfinished 2 MiB frames, the largest are refused and an honest sender is answered while the flood's connections are still open, long before their frame timeout."""
+        server = start_server(self, env={"MLLP_MAX_BUFFER": "16MiB", "MLLP_FRAME_TIMEOUT": "120s"})
+        self.addCleanup(_close_floods)
+        _flood_partial_frames(_port(server), 20, 2 * 1024 * 1024 - 64, stall=3.0)
+        server.wait_for_event("buffer_full", timeout=10)
+        refused = server.wait_for_event("buffer_refused", timeout=10)
+        self.assertEqual(refused["control_id"], "FLOOD")
+        with MLLPClient(_port(server)) as client:
+            # Without the refusals this waits for the flood's 120 s frame timeout.
+            self.assertEqual(client.request(hl7_message("HONEST"), timeout=60).code, "AA")
+        events = [e.get("event") for e in server.events()]
+        self.assertNotIn("frame_timeout", events)
+        self.assertNotIn("Traceback", server.output())
+
+
 class ListenBacklogTests(SynchronousTestCase):
     """MLLP_LISTEN_BACKLOG reaches listen(2)."""
 

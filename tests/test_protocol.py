@@ -280,6 +280,25 @@ class LimitTests(SynchronousTestCase):
         self.assertEqual(h.factory.buffered, 0)
         self.assertEqual(h.factory.stats["buffer_full"], 1)
 
+    def test_unfinished_frames_over_budget_refuse_the_largest(self) -> None:
+        """When unfinished frames alone keep MLLP_MAX_BUFFER full, the largest gets AR and is closed, and the other senders are read again."""
+        h = Harness(max_buffer=100_000, max_frame_size=60_000)
+        (p0, t0), (p1, t1), (p2, t2), (p3, t3) = [h.connect(40000 + i) for i in range(4)]
+        p0.dataReceived(b"\x0b" + adt("SMALL") + b"a" * 30_000)
+        p1.dataReceived(b"\x0b" + adt("BIG") + b"b" * 40_000)
+        p2.dataReceived(b"\x0b" + adt("MID") + b"c" * 35_000)  # 105 KB unfinished: over the limit
+        self.assertEqual(h.factory.stats["buffer_full"], 1)
+        self.assertEqual(h.factory.stats["frames_buffer_refused"], 1)
+        self.assertEqual(msa(acks(t1)[0])[1:3], ["AR", "BIG"])
+        self.assertTrue(t1.write_closed)
+        self.assertEqual((acks(t0), acks(t2)), ([], []))
+        # The rest fit under seven eighths: everyone else reads again.
+        self.assertEqual([t.producerState for t in (t0, t2, t3)], ["producing"] * 3)
+        p3.dataReceived(frame(adt("HONEST")))
+        self.assertEqual(msa(acks(t3)[0])[1:3], ["AA", "HONEST"])
+        p0.dataReceived(b"\x1c\r")
+        self.assertEqual(msa(acks(t0)[0])[1:3], ["AA", "SMALL"])
+
     def test_frame_completed_is_not_counted_twice(self) -> None:
         """A frame finishing in a read moves its bytes from in-progress to awaiting-commit without pausing anyone."""
         h = Harness(hold=True, max_buffer=100_000, max_frame_size=90_000)
