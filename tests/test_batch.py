@@ -963,3 +963,94 @@ class FileWithoutBatchTests(Harness):
             self.assertIn(f"BTS|{len(reply.parts)}", segments(reply.ack))
         self.assertEqual([(e.control_id, e.batch_control_id) for e in self.outbox.stored],
                          [("E1", "B1"), ("E2", "B1"), ("E3", "B2")])
+
+
+_KINDS = st.sampled_from(["new", "new", "new", "again", "prior", "rule", "overlong"])
+
+
+@st.composite
+def _mixed_batches(draw: st.DrawFn) -> list[tuple[str, str, str]]:
+    """(kind, control id, message text) per batch member: new messages, exact
+    resends of an earlier member ("again") or of a message stored before the
+    batch ("prior"), messages a rule refuses, messages with an overlong MSH-3."""
+    out: list[tuple[str, str, str]] = []
+    for n, kind in enumerate(draw(st.lists(_KINDS, min_size=1, max_size=20))):
+        news = [m for m in out if m[0] == "new"]
+        if kind == "again" and news:
+            out.append(("again", *draw(st.sampled_from(news))[1:]))
+            continue
+        drawn_id, text = draw(_messages(STANDARD))
+        # Unique: a resend is the only way a control id comes twice.
+        cid = f"{n}-{drawn_id}" + ("-REFUSE" if kind == "rule" else "")
+        first, rest = text.split("\r", 1)
+        fields = first.split("|")
+        fields[9] = cid
+        if kind == "overlong":
+            fields[2] = "L" * 228  # MSH-3, one past its limit
+        out.append(("new" if kind == "again" else kind, cid, "|".join(fields) + "\r" + rest))
+    return out
+
+
+class SQLiteRoundTripProperty(TestCase):
+    """The round trip on a real SQLite outbox file, with resends and refused members."""
+
+    timeout = 300
+
+    async def test_round_trip_with_duplicates_and_refusals(self) -> None:
+        """Each member gets the code a lone message would; exactly the first copies of acceptable ones are stored, in order."""
+        from mllpd.rules import Rule, RuleSet
+
+        examples: list[list[tuple[str, str, str]]] = []
+
+        # Drawn by hypothesis, then run against the reactor one by one (a
+        # failure names its example; there is no shrinking across awaits).
+        @settings(max_examples=25, deadline=None, database=None)
+        @given(_mixed_batches())
+        def draw(members: list[tuple[str, str, str]]) -> None:
+            examples.append(members)
+
+        draw()
+        rules = RuleSet(rules=(Rule("no-refuse", '!msh.control_id.endsWith("-REFUSE")', "refused"),),
+                        filters=(("ehr", None),))
+        for members in examples:
+            path = temp_db(self)
+            clock = Clock()
+            clock.advance(1_800_000_000)
+            outbox = SQLiteOutbox(path, reactor, wall_clock=clock.seconds)
+            outbox.start()
+            try:
+                receiver = Receiver(outbox, clock, rules=rules)
+                for kind, _, text in members:
+                    if kind == "prior":
+                        alone = await receiver.receive(text.encode("utf-8"), "p")
+                        self.assertEqual(alone.code[1], "A", members)
+                reply = await receiver.receive(
+                    batch(*(text for _, _, text in members)).encode("utf-8"), "p"
+                )
+            finally:
+                await outbox.close()
+            expected_codes = []
+            expected_rows: list[tuple[str, bytes, str | None, int | None]] = [
+                (cid, text.encode(), None, None) for kind, cid, text in members if kind == "prior"
+            ]
+            for position, (kind, cid, text) in enumerate(members, 1):
+                prefix = "C" if "|||AL|NE" in text.split("\r")[0] else "A"
+                outcome = {"rule": "E", "overlong": "R"}.get(kind, "A")
+                expected_codes.append(prefix + outcome)
+                if kind == "new" and cid not in [r[0] for r in expected_rows]:
+                    expected_rows.append((cid, text.encode(), "B1", position))
+            self.assertEqual([p.code for p in reply.parts], expected_codes, members)
+            self.assertEqual([p.duplicate for p in reply.parts],
+                             [k in ("prior", "again") for k, _, _ in members], members)
+            assert reply.ack is not None
+            self.assertEqual(len(msa(reply.ack)), len(members), members)
+            conn = sqlite3.connect(path)
+            try:
+                stored = conn.execute(
+                    "SELECT control_id, payload, batch_control_id, batch_position"
+                    " FROM messages ORDER BY id").fetchall()
+                queued = conn.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0]
+            finally:
+                conn.close()
+            self.assertEqual(stored, expected_rows, members)
+            self.assertEqual(queued, len(expected_rows), members)
