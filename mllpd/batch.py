@@ -248,7 +248,8 @@ def parse_batch(payload: bytes, max_messages: int) -> Batch:
     def close_batch(trailer: Envelope | None) -> None:
         nonlocal batch_header, messages, implicit
         if batch_header is not None:
-            batches.append(SubBatch(batch_header, tuple(messages), trailer, batch_header.field(11)))
+            control_id = batch_header.field(11)
+            batches.append(SubBatch(batch_header, tuple(messages), trailer, control_id))
         else:
             assert file_header is not None
             batches.append(SubBatch(None, tuple(messages), None, file_header.field(11)))

@@ -203,15 +203,21 @@ class Receiver:
         try:
             message = parse_message(payload, default_charset)
         except NotHL7Error as e:
-            return self._reply(None, "iso8859-1", REJECT, AckError("100", str(e)), payload, in_batch=in_batch)
+            return self._reply(
+                None, "iso8859-1", REJECT, AckError("100", str(e)), payload, in_batch=in_batch
+            )
         except DecodeError as e:
             too_long = overlong_field(e.header)
             if too_long is not None:
-                return self._reply(e.header, "iso8859-1", REJECT, too_long, payload, in_batch=in_batch)
+                return self._reply(
+                    e.header, "iso8859-1", REJECT, too_long, payload, in_batch=in_batch
+                )
             if isinstance(e, WideCharsetError):
                 # The frame may have been cut inside a character: refuse it.
                 error = AckError("103", str(e), "MSH", 18)
-                return self._reply(e.header, "iso8859-1", REJECT, error, payload, in_batch=in_batch)
+                return self._reply(
+                    e.header, "iso8859-1", REJECT, error, payload, in_batch=in_batch
+                )
             code = "103" if isinstance(e, UnknownCharsetError) else "102"
             error = AckError(code, str(e), "MSH", 18)
             return self._reply(e.header, "iso8859-1", ERROR, error, payload, in_batch=in_batch)
@@ -219,16 +225,22 @@ class Receiver:
             # Stored as one, the second message would be forwarded glued to
             # the first and its sender would never get its ACK.
             error = AckError("100", ONE_MESSAGE_PER_FRAME)
-            return self._reply(message.header, message.codec, ERROR, error, payload, in_batch=in_batch)
+            return self._reply(
+                message.header, message.codec, ERROR, error, payload, in_batch=in_batch
+            )
         problem = self.check_header(message.header)
         if problem is not None:
             outcome, error = problem
-            return self._reply(message.header, message.codec, outcome, error, payload, in_batch=in_batch)
+            return self._reply(
+                message.header, message.codec, outcome, error, payload, in_batch=in_batch
+            )
         if self.identities is not None:
             problem = self.identities.check(client_names, message.header)
             if problem is not None:
                 outcome, error = problem
-                return self._reply(message.header, message.codec, outcome, error, payload, in_batch=in_batch)
+                return self._reply(
+                    message.header, message.codec, outcome, error, payload, in_batch=in_batch
+                )
         return message
 
     def _validated(
@@ -295,13 +307,17 @@ class Receiver:
             if violation is not None:
                 outcome = ERROR if violation.ack == "AE" and not violation.error else REJECT
                 error = AckError("207", f"rule {violation.rule}: {violation.message}")
-                reply = self._reply(header, message.codec, outcome, error, payload, in_batch=in_batch)
+                reply = self._reply(
+                    header, message.codec, outcome, error, payload, in_batch=in_batch
+                )
                 return reply._replace(rule=violation.rule)
             try:
                 routes = self.rules.route(model)
             except RuleError as e:
                 error = AckError("207", f"routing failed: {e}")
-                return self._reply(header, message.codec, REJECT, error, payload, in_batch=in_batch)
+                return self._reply(
+                    header, message.codec, REJECT, error, payload, in_batch=in_batch
+                )
             if routes:
                 lanes = self.rules.lanes(model, message, routes)
         return Envelope(
