@@ -757,12 +757,13 @@ class NotStoredIsNeverSilentTests(Harness):
     """In a batch ACK a missing ACK means accepted: whatever is not stored is always listed."""
 
     def test_ne_messages_not_stored_are_listed(self) -> None:
-        """While shutting down, NE messages of a batch each get CR in the batch ACK, not an empty BTS|0."""
+        """While shutting down, NE and SU messages of a batch each get CR in the batch ACK, not an empty BTS|0."""
         self.receiver.accepting = False
-        reply = self.receive(batch(ne_message("N1"), ne_message("N2")))
+        su = message("S1", enhanced=True, mode="SU")
+        reply = self.receive(batch(ne_message("N1"), ne_message("N2"), su))
         assert reply.ack is not None
-        self.assertEqual(msa(reply.ack), [("CR", "N1"), ("CR", "N2")])
-        self.assertIn("BTS|2", segments(reply.ack))
+        self.assertEqual(msa(reply.ack), [("CR", "N1"), ("CR", "N2"), ("CR", "S1")])
+        self.assertIn("BTS|3", segments(reply.ack))
         self.assertEqual(self.outbox.stored, [])
 
     def test_failed_commit_lists_ne_messages(self) -> None:
@@ -938,6 +939,32 @@ class FileWithoutBatchTests(Harness):
         self.assertEqual(msa(reply.ack), [("AA", "C1"), ("AA", "C2")])
         self.assertEqual([(e.control_id, e.batch_control_id, e.batch_position) for e in self.outbox.stored],
                          [("C1", "F7", 1), ("C2", "F7", 2)])
+
+    def test_golden_file_without_bhs(self) -> None:
+        """The reply to FHS, messages, FTS matches its golden file; hl7apy reads FHS-12 and each ACK."""
+        from hl7apy.consts import VALIDATION_LEVEL
+        from hl7apy.parser import parse_message, parse_segment
+
+        text = ("FHS|^~\\&|LAB|HOSP|EHR|HOSP|20260101120000||||F7\r"
+                + message("G1") + message("G2") + "FTS|1\r")
+        reply = self.receive(text)
+        assert reply.ack is not None
+        got = reply.ack.decode("ascii").replace("\r", "\n")
+        path = GOLDEN / "file-without-bhs-2.5-original-standard.er7"
+        if os.environ.get("MLLPD_UPDATE_GOLDEN"):
+            path.write_text(got, encoding="ascii")
+        self.assertEqual(got, path.read_text(encoding="ascii"))
+        lines = [s for s in reply.ack.decode("ascii").split("\r") if s]
+        chars = _hl7apy_chars(STANDARD)
+        fhs = parse_segment(lines[0], version="2.5", encoding_chars=chars)
+        self.assertEqual(fhs.fhs_11.value, "F7")  # FHS-12, the reference file control id
+        codes = []
+        for ack_text in re.split("(?=MSH\\|)", "\r".join(lines[1:-1]) + "\r")[1:]:
+            parsed = parse_message(ack_text, validation_level=VALIDATION_LEVEL.STRICT,
+                                   find_groups=False)
+            parsed.validate()
+            codes.append((parsed.msa.msa_1.value, parsed.msa.msa_2.value))
+        self.assertEqual(codes, [("AA", "G1"), ("AA", "G2")])
 
     def test_file_count_of_messages_accepted(self) -> None:
         """FTS-1 of such a file may count its one batch, or its messages; anything else is refused."""
