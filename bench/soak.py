@@ -160,7 +160,11 @@ def summarize(rows: list[dict[str, Any]], latency: list[dict[str, Any]], report:
     out = {
         "acks": report.get("totals", {}).get("aa"),
         "msgs_per_s": report.get("msgs_per_s"),
-        "wal_file_max_mib": max([r["wal_file"] for r in rows] + [final["wal_file"]]) / MiB,
+        "wal_file_max_mib": max(
+            [r["wal_file"] for r in rows] + [final["wal_file"], final["wal_file_after_stop"]]
+        ) / MiB,
+        "wal_file_after_mib": final["wal_file"] / MiB,
+        "wal_file_after_stop_mib": final["wal_file_after_stop"] / MiB,
         "wal_bytes_per_message": written / aa if aa else None,
         "db_file_mib": final["db_file"] / MiB,
         "messages_per_commit": aa / max(1.0, sum(r["commits"] for r in rows)),

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from mllpd.ack import _hl7_timestamp
-from mllpd.hl7 import Header, escape
+from mllpd.hl7 import DEFAULT_MAX_LENGTH, MSH_MAX_LENGTH, Header, escape, framing_safe
 
 __all__ = [
     "ONE_MESSAGE_PER_FRAME",
@@ -85,16 +85,16 @@ class Envelope:
 
 @dataclass(frozen=True)
 class SubBatch:
-    """One BHS ... BTS: its header, its messages' exact bytes, its trailer."""
+    """One BHS ... BTS: its header, its messages' exact bytes, its trailer.
 
-    header: Envelope
+    ``header`` is None for a file's messages sent without BHS (``FHS {MSH}
+    FTS``, one implicit batch); ``trailer`` is None when BTS was left out.
+    """
+
+    header: Envelope | None
     messages: tuple[bytes, ...]
-    trailer: Envelope
-
-    @property
-    def control_id(self) -> str:
-        """BHS-11, the batch control id."""
-        return self.header.field(11)
+    trailer: Envelope | None
+    control_id: str  # BHS-11; FHS-11 for the implicit batch
 
 
 @dataclass(frozen=True)
@@ -160,17 +160,42 @@ def _segments(body: bytes) -> Iterator[tuple[int, int, bytes]]:
         start = end
 
 
+# Bytes that would end or restart the sender's MLLP frame, or a segment.
+_FRAMING = "\x0b\x1c\r\n"
+
+
+def envelope_max_length(n: int) -> int:
+    """The longest value FHS-n or BHS-n may hold: the sender and receiver
+    (3-6) as their MSH fields, the control ids (11, 12) as MSH-10, others 200."""
+    if 3 <= n <= 6:
+        return MSH_MAX_LENGTH[n]
+    if n in (13, 14):  # network addresses (2.8), as MSH-24 and MSH-25
+        return MSH_MAX_LENGTH[24]
+    if n in (11, 12):
+        return MSH_MAX_LENGTH[10]
+    return DEFAULT_MAX_LENGTH
+
+
 def _envelope(line: bytes, codec: str) -> Envelope:
+    """An FHS or BHS read by position; ValueError naming a bad delimiter or
+    an overlong field (the message never carries the field's value)."""
     text = line.rstrip(b"\r\n").decode(codec, errors="replace")
+    name = text[:3]
     if len(text) < 8:
-        raise ValueError(f"{text[:3]} segment is too short")
+        raise ValueError(f"{name} segment is too short")
     fs = text[3]
-    if fs.isalnum() or fs in " \t":
-        raise ValueError(f"{text[:3]}-1 field separator is not a delimiter character")
+    if fs.isalnum() or fs in " \t" or fs in _FRAMING:
+        raise ValueError(f"{name}-1 field separator is not a delimiter character")
     rest = text[4:].split(fs)
-    if not 1 <= len(rest[0]) <= 5 or any(c.isalnum() or c == fs for c in rest[0]):
-        raise ValueError(f"{text[:3]}-2 encoding characters are missing or invalid")
-    return Envelope((text[:3], fs, *rest))
+    enc = rest[0]
+    if not 1 <= len(enc) <= 5 or any(c.isalnum() or c == fs or c in _FRAMING for c in enc):
+        raise ValueError(f"{name}-2 encoding characters are missing or invalid")
+    for n, value in enumerate(rest[1:], 3):
+        limit = envelope_max_length(n)
+        if len(value) > limit:
+            # Refused, never echoed or stored whole: nothing of it goes back.
+            raise ValueError(f"{name}-{n} is longer than {limit} characters")
+    return Envelope((name, fs, *rest))
 
 
 def _trailer(line: bytes, codec: str, fs: str) -> Envelope:
@@ -217,14 +242,31 @@ def parse_batch(payload: bytes, max_messages: int) -> Batch:
             messages.append(body[message_start:at])
             message_start = None
 
+    # FHS {MSH} FTS: the file's messages without BHS are one implicit batch.
+    implicit = False
+
+    def close_batch(trailer: Envelope | None) -> None:
+        nonlocal batch_header, messages, implicit
+        if batch_header is not None:
+            control_id = batch_header.field(11)
+            batches.append(SubBatch(batch_header, tuple(messages), trailer, control_id))
+        else:
+            assert file_header is not None
+            batches.append(SubBatch(None, tuple(messages), None, file_header.field(11)))
+        batch_header = None
+        implicit = False
+        messages = []
+
     for start, end, seg_id in _segments(body):
         if file_trailer is not None:
             raise fail("segments after FTS")
         if seg_id == b"MSH":
             if not first_msh:
                 first_msh = body[start:end]
-            if batch_header is None:
-                raise fail("MSH before BHS: messages of a batch follow its BHS")
+            if batch_header is None and not implicit:
+                if file_header is None or batches:
+                    raise fail("MSH before BHS: messages of a batch follow its BHS")
+                implicit = True
             close_message(start)
             total += 1
             if total > max_messages:
@@ -250,6 +292,11 @@ def parse_batch(payload: bytes, max_messages: int) -> Batch:
             elif seg_id == b"BHS":
                 if batch_header is not None:
                     raise fail("BHS inside a batch: BTS missing")
+                if implicit:
+                    raise fail(
+                        "BHS after messages without one: a file's messages are "
+                        "all in batches (BHS ... BTS) or none is"
+                    )
                 if batches and file_header is None:
                     raise fail("several batches in one frame need FHS and FTS around them")
                 batch_header = _envelope(line, codec)
@@ -261,29 +308,36 @@ def parse_batch(payload: bytes, max_messages: int) -> Batch:
                 problem = _count_mismatch(trailer, "BTS", "messages", len(messages))
                 if problem is not None:
                     raise fail(problem)
-                batches.append(SubBatch(batch_header, tuple(messages), trailer))
-                batch_header = None
-                messages = []
+                close_batch(trailer)
             else:  # FTS
                 if file_header is None:
                     raise fail("FTS without FHS")
-                if batch_header is not None:
-                    raise fail("FTS inside a batch: BTS missing")
                 file_trailer = _trailer(line, codec, fs)
-                problem = _count_mismatch(file_trailer, "FTS", "batches", len(batches))
-                if problem is not None:
-                    raise fail(problem)
+                if implicit:
+                    # One implicit batch; a count of its messages is taken too.
+                    found = len(messages)
+                    if file_trailer.field(1).strip() != str(found):
+                        problem = _count_mismatch(file_trailer, "FTS", "batches", 1)
+                        if problem is not None:
+                            raise fail(problem)
+                    close_batch(None)
+                else:
+                    if batch_header is not None:
+                        close_batch(None)  # BTS is optional ([BTS]): FTS ends the batch
+                    problem = _count_mismatch(file_trailer, "FTS", "batches", len(batches))
+                    if problem is not None:
+                        raise fail(problem)
         except ValueError as e:
             if isinstance(e, BatchError):
                 raise
             raise fail(str(e)) from None
     close_message(len(body))
     if batch_header is not None:
-        raise fail("BTS missing: a batch ends with BTS")
-    if not batches:
-        raise fail("BHS missing: a batch starts with BHS")
+        close_batch(None)  # BTS is optional ([BTS]): the frame's end ends the batch
     if file_header is not None and file_trailer is None:
         raise fail("FTS missing: a file that starts with FHS ends with FTS")
+    if not batches:
+        raise fail("BHS missing: a batch starts with BHS")
     return Batch(file_header, tuple(batches), file_trailer, bom, codec)
 
 
@@ -326,19 +380,25 @@ def _header_segment(
 ) -> str:
     """FHS or BHS of the reply: sender and receiver swapped, XXX-12 naming
     the received XXX-11 (the reference file or batch control id)."""
+    esc = received.field(2)[2:3] or "\\"
+
+    def echo(n: int) -> str:
+        # Never a byte that ends the sender's frame (lengths: _envelope).
+        return framing_safe(received.field(n), esc)
+
     fields = [
         received.fields[0],
         received.field(2),
-        received.field(5),
-        received.field(6),
-        received.field(3),
-        received.field(4),
+        echo(5),
+        echo(6),
+        echo(3),
+        echo(4),
         _hl7_timestamp(now),
         "",
         "",
         escape(comment, _delimiters(received)) if comment else "",
         control_id,
-        received.field(11),
+        echo(11),
     ]
     return received.field(1).join(fields)
 
@@ -363,7 +423,7 @@ def build_batch_ack(
         if header is None:
             # No BHS read: the file's sender and delimiters, no batch to refer to.
             header = Envelope(file_header.fields[:11]) if file_header else _DEFAULT_BHS
-        headers = [header]
+        headers: list[Envelope | None] = [header]
         codec = received.codec
     else:
         file_header = received.file_header
@@ -377,6 +437,11 @@ def build_batch_ack(
     if file_header is not None:
         put(_header_segment(file_header, now, new_id()))
     for header, messages in zip(headers, acks, strict=True):
+        if header is None:
+            # A file sent without BHS is answered in kind: FHS-12 names it,
+            # and there is no batch control id for a BHS-12 to name.
+            out.extend(messages)
+            continue
         bhs = header if header.fields[0] == "BHS" else Envelope(("BHS", *header.fields[1:]))
         put(_header_segment(bhs, now, new_id(), comment))
         out.extend(messages)
@@ -399,7 +464,11 @@ def forward_payload(messages: Sequence[bytes], batch_control_id: str, now: datet
     fs = line[3:4].decode("latin-1") or "|"
     fields = line.decode("latin-1").split(fs)
     msh = [*fields, "", "", "", "", "", ""]  # msh[n - 1] is MSH-n from MSH-2 on
-    bhs = fs.join(["BHS", *msh[1:6], _hl7_timestamp(now), "", "", "", batch_control_id])
+    esc = msh[1][2:3] or "\\"
+    # From storage, as received: never a byte that would end the upstream's frame.
+    names = [framing_safe(f, esc) for f in msh[2:6]]
+    control_id = framing_safe(batch_control_id, esc)
+    bhs = fs.join(["BHS", msh[1], *names, _hl7_timestamp(now), "", "", "", control_id])
     body = [m if m.endswith((b"\r", b"\n")) else m + b"\r" for m in messages]
     return (
         (bhs + "\r").encode("latin-1") + b"".join(body)

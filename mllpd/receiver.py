@@ -41,6 +41,7 @@ from mllpd.hl7 import (
 from mllpd.identities import ClientIdentities
 from mllpd.outbox import (
     AuditRecord,
+    Backlog,
     Envelope,
     IOutbox,
     OutboxError,
@@ -192,38 +193,54 @@ class Receiver:
         return self._store(message, peer, client_subject)
 
     def _check(
-        self, payload: bytes, client_names: frozenset[str], default_charset: str | None
+        self,
+        payload: bytes,
+        client_names: frozenset[str],
+        default_charset: str | None,
+        in_batch: bool = False,
     ) -> Reply | Message:
         """Parse and check the header and identity: the message, or its NAK."""
         try:
             message = parse_message(payload, default_charset)
         except NotHL7Error as e:
-            return self._reply(None, "iso8859-1", REJECT, AckError("100", str(e)), payload)
+            return self._reply(
+                None, "iso8859-1", REJECT, AckError("100", str(e)), payload, in_batch=in_batch
+            )
         except DecodeError as e:
             too_long = overlong_field(e.header)
             if too_long is not None:
-                return self._reply(e.header, "iso8859-1", REJECT, too_long, payload)
+                return self._reply(
+                    e.header, "iso8859-1", REJECT, too_long, payload, in_batch=in_batch
+                )
             if isinstance(e, WideCharsetError):
                 # The frame may have been cut inside a character: refuse it.
                 error = AckError("103", str(e), "MSH", 18)
-                return self._reply(e.header, "iso8859-1", REJECT, error, payload)
+                return self._reply(
+                    e.header, "iso8859-1", REJECT, error, payload, in_batch=in_batch
+                )
             code = "103" if isinstance(e, UnknownCharsetError) else "102"
             error = AckError(code, str(e), "MSH", 18)
-            return self._reply(e.header, "iso8859-1", ERROR, error, payload)
+            return self._reply(e.header, "iso8859-1", ERROR, error, payload, in_batch=in_batch)
         if has_several_messages(payload):
             # Stored as one, the second message would be forwarded glued to
             # the first and its sender would never get its ACK.
             error = AckError("100", ONE_MESSAGE_PER_FRAME)
-            return self._reply(message.header, message.codec, ERROR, error, payload)
+            return self._reply(
+                message.header, message.codec, ERROR, error, payload, in_batch=in_batch
+            )
         problem = self.check_header(message.header)
         if problem is not None:
             outcome, error = problem
-            return self._reply(message.header, message.codec, outcome, error, payload)
+            return self._reply(
+                message.header, message.codec, outcome, error, payload, in_batch=in_batch
+            )
         if self.identities is not None:
             problem = self.identities.check(client_names, message.header)
             if problem is not None:
                 outcome, error = problem
-                return self._reply(message.header, message.codec, outcome, error, payload)
+                return self._reply(
+                    message.header, message.codec, outcome, error, payload, in_batch=in_batch
+                )
         return message
 
     def _validated(
@@ -258,17 +275,26 @@ class Receiver:
         client_subject: str | None,
         batch_control_id: str | None = None,
         batch_position: int | None = None,
+        ahead: Backlog | None = None,
     ) -> Reply | Envelope:
-        """Room, rules and routes: the envelope to store, or the NAK."""
+        """Room, rules and routes: the envelope to store, or the NAK.
+
+        ``ahead``: what the earlier members of the same batch will add to the
+        backlog when their commit lands (nothing of a batch is counted before).
+        """
+        in_batch = batch_control_id is not None
         header = message.header
         payload = message.raw
         if not self.accepting:
             error = AckError("207", "server is shutting down; resend later")
-            return self._reply(header, message.codec, REJECT, error, payload)
+            return self._reply(header, message.codec, REJECT, error, payload, in_batch=in_batch)
         limited = self.max_messages is not None or self.max_bytes is not None
-        if limited and over_limit(self.outbox.backlog(), self.max_messages, self.max_bytes):
+        backlog = self.outbox.backlog() if limited else None
+        if backlog is not None and ahead is not None:
+            backlog = Backlog(backlog.messages + ahead.messages, backlog.size + ahead.size)
+        if backlog is not None and over_limit(backlog, self.max_messages, self.max_bytes):
             error = AckError("207", "outbox is full (MLLP_MAX_OUTBOX); resend later")
-            return self._reply(header, message.codec, REJECT, error, payload)
+            return self._reply(header, message.codec, REJECT, error, payload, in_batch=in_batch)
         routes: tuple[str, ...] = ()
         lanes: tuple[int, ...] = ()
         if self.rules is not None:
@@ -276,18 +302,22 @@ class Receiver:
                 model = self.rules.model(message)
             except ModelLimitError as e:
                 error = AckError("207", f"message too large for rules: {e}")
-                return self._reply(header, message.codec, ERROR, error, payload)
+                return self._reply(header, message.codec, ERROR, error, payload, in_batch=in_batch)
             violation = self.rules.check(model)
             if violation is not None:
                 outcome = ERROR if violation.ack == "AE" and not violation.error else REJECT
                 error = AckError("207", f"rule {violation.rule}: {violation.message}")
-                reply = self._reply(header, message.codec, outcome, error, payload)
+                reply = self._reply(
+                    header, message.codec, outcome, error, payload, in_batch=in_batch
+                )
                 return reply._replace(rule=violation.rule)
             try:
                 routes = self.rules.route(model)
             except RuleError as e:
                 error = AckError("207", f"routing failed: {e}")
-                return self._reply(header, message.codec, REJECT, error, payload)
+                return self._reply(
+                    header, message.codec, REJECT, error, payload, in_batch=in_batch
+                )
             if routes:
                 lanes = self.rules.lanes(model, message, routes)
         return Envelope(
@@ -315,10 +345,12 @@ class Receiver:
             message.header, message.codec, ACCEPT, None, message.raw, stored.duplicate
         )
 
-    def _not_stored(self, failure: Failure, message: Message) -> Reply:
+    def _not_stored(self, failure: Failure, message: Message, in_batch: bool = False) -> Reply:
         failure.trap(OutboxError)
         error = AckError("207", "message could not be stored; resend later")
-        return self._reply(message.header, message.codec, REJECT, error, message.raw)
+        return self._reply(
+            message.header, message.codec, REJECT, error, message.raw, in_batch=in_batch
+        )
 
     async def _receive_batch(
         self,
@@ -335,9 +367,10 @@ class Receiver:
             return self._batch_reject(e, payload, peer, client_subject)
         default_charset = "UNICODE UTF-8" if batch.bom else self.default_charset
         decided: list[Reply | tuple[Message, Envelope]] = []
+        ahead = Backlog(0, 0)  # the members admitted so far, for MLLP_MAX_OUTBOX
         items = list(batch.messages())
         for batch_id, position, raw in items:
-            checked = self._check(raw, client_names, default_charset)
+            checked = self._check(raw, client_names, default_charset, in_batch=True)
             if isinstance(checked, Reply):
                 decided.append(checked)
                 continue
@@ -345,11 +378,17 @@ class Receiver:
                 invalid = await self.validator(checked)
                 if invalid is not None:
                     decided.append(self._reply(
-                        checked.header, checked.codec, ERROR, invalid, checked.raw
+                        checked.header, checked.codec, ERROR, invalid, checked.raw,
+                        in_batch=True,
                     ))
                     continue
-            admitted = self._admit(checked, peer, client_subject, batch_id, position)
-            decided.append(admitted if isinstance(admitted, Reply) else (checked, admitted))
+            admitted = self._admit(checked, peer, client_subject, batch_id, position, ahead)
+            if isinstance(admitted, Reply):
+                decided.append(admitted)
+                continue
+            decided.append((checked, admitted))
+            if admitted.routes:  # as the outbox counts its backlog
+                ahead = Backlog(ahead.messages + 1, ahead.size + len(admitted.payload))
         envelopes = [d[1] for d in decided if not isinstance(d, Reply)]
         stored: list[StoreResult] | None = None
         if envelopes:
@@ -363,7 +402,7 @@ class Receiver:
             if not isinstance(decision, Reply):
                 message = decision[0]
                 if stored is None:
-                    reply = self._not_stored(Failure(OutboxError()), message)
+                    reply = self._not_stored(Failure(OutboxError()), message, in_batch=True)
                 else:
                     reply = self._stored(next(results), message)
             else:
@@ -416,8 +455,10 @@ class Receiver:
         """One reject for a malformed batch; nothing in it is stored."""
         header = reject_header(error)
         reason = reason or AckError("100", str(error))
-        reply = self._reply(header, error.codec, outcome, reason, payload)
-        acks = [[reply.ack]] if reply.ack is not None else [[]]
+        # Always sent: a batch ACK without it would say every message was accepted.
+        reply = self._reply(header, error.codec, outcome, reason, payload, in_batch=True)
+        assert reply.ack is not None
+        acks = [[reply.ack]]
         data = build_batch_ack(
             error, acks, now=self._now(), new_id=self._ack_id, comment=str(error)
         )
@@ -467,10 +508,14 @@ class Receiver:
         error: AckError | None,
         payload: bytes,
         duplicate: bool = False,
+        in_batch: bool = False,
     ) -> Reply:
         code = ack.ack_code(outcome, header)
         data: bytes | None = None
-        if ack.should_send(outcome, header):
+        # In a batch ACK a message left out counts as accepted (acknowledgement
+        # by exception), so one that was not stored always has its ACK there,
+        # whatever its MSH-15 asks.
+        if (in_batch and outcome != ACCEPT) or ack.should_send(outcome, header):
             text = ack.build_ack(
                 header, outcome, now=self._now(), ack_id=self._ack_id(), error=error
             )

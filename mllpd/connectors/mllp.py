@@ -468,7 +468,8 @@ class MLLPConnector:
         try:
             if is_batch(payload):
                 answered = parse_batch(payload, 2 * len(items) + 1)
-                references = answered.batches[0].header.field(12).strip()
+                header = answered.batches[0].header or answered.file_header
+                references = header.field(12).strip() if header is not None else ""
                 raws = [raw for _, _, raw in answered.messages()]
             else:
                 raws = [payload]

@@ -18,6 +18,13 @@ So two parts:
   arrive. The background checkpoint has already copied nearly everything,
   so this only copies the last few commits' pages; then the next commit
   starts the log from the top, and ``journal_size_limit`` trims the file.
+
+The background checkpoint says when the log passed its quarter. So that a
+slow one (a large database on a slow disk) cannot let the log run on
+meanwhile, the writer also looks at the -wal file's size before each
+transaction (a stat, about 2 us beside a commit's 250 us or more):
+``journal_size_limit`` trims the file to the quarter at every restart, so
+a file larger than that holds more log than that.
 """
 
 from __future__ import annotations
@@ -49,6 +56,8 @@ DEFAULT_WAL_LIMIT = 64 * 1024 * 1024
 # log; after that it is tried again after the next background checkpoint,
 # rather than hold the writer (and the ACKs waiting on it) any longer.
 RESTART_BUSY_MS = 20
+# Seconds before the writer asks again after its first busy restart.
+BUSY_RETRY_FIRST = 0.01
 # The writer's usual busy timeout (ms), restored after a restart checkpoint.
 WRITER_BUSY_MS = 5000
 # WAL frame header: 24 bytes before each page.
@@ -111,6 +120,16 @@ class WalGuard:
         # Set (reactor thread) when the log passed restart_at; read and
         # cleared by the writer thread before its next transaction.
         self.restart_wanted = False
+        # After a busy restart (a reader was in the log) the writer's own look
+        # waits a while before it asks again: 10 ms, doubling up to
+        # CHECKPOINT_INTERVAL, so a reader that holds the log for long costs
+        # the writer at most RESTART_BUSY_MS per CHECKPOINT_INTERVAL.
+        self._look_after = 0.0
+        self._busy_backoff = 0.0
+        # Set while a background checkpoint runs: SQLite runs one checkpoint
+        # at a time, so the writer does not try a restart meanwhile (it would
+        # only wait RESTART_BUSY_MS and give up); the one running asks after.
+        self.checkpointing = False
         self.wal_bytes = 0
         self.file_bytes = 0
         self.checkpoints: Counter[tuple[str, str]] = Counter()
@@ -163,7 +182,11 @@ class WalGuard:
 
     def _passive(self) -> tuple[Checkpoint, int]:
         started = time.perf_counter()
-        busy, frames, _ = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        self.checkpointing = True
+        try:
+            busy, frames, _ = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        finally:
+            self.checkpointing = False
         elapsed = time.perf_counter() - started
         frames = max(frames, 0)  # -1 when the database is not in WAL mode
         self._observe(frames)
@@ -209,9 +232,10 @@ class WalGuard:
     # -- the writer's side (outbox thread) ----------------------------------
 
     def before_write(self, conn: sqlite3.Connection) -> None:
-        """Restart the log if it asked for it: called by the writer between
-        transactions, on its own thread and connection."""
-        if not self.restart_wanted:
+        """Restart the log if it asked for it, or if the writer finds the file
+        past its quarter: called by the writer between transactions, on its
+        own thread and connection."""
+        if not self.restart_wanted and not self._file_past_threshold():
             return
         self.restart_wanted = False
         started = time.perf_counter()
@@ -225,10 +249,26 @@ class WalGuard:
                 conn.execute(f"PRAGMA busy_timeout = {WRITER_BUSY_MS}")
             frames = max(frames, 0)
             result = "busy" if busy else "ok"
-            # Busy: a reader or the background checkpoint held on; the next
-            # background checkpoint asks again.
+            # Busy: a reader or the background checkpoint held on; ask again
+            # after a backoff, or when the next background checkpoint does.
+            if busy:
+                self._busy_backoff = min(
+                    max(self._busy_backoff * 2, BUSY_RETRY_FIRST), self._interval
+                )
+                self._look_after = time.monotonic() + self._busy_backoff
+            else:
+                self._busy_backoff = 0.0
             self._observe(frames, restarted=not busy)
         except sqlite3.Error:
             pass  # the commit that follows reports a broken database
         checkpoint = Checkpoint("restart", result, frames, time.perf_counter() - started)
         self._reactor.callFromThread(self._record, checkpoint)
+
+    def _file_past_threshold(self) -> bool:
+        """The writer's own look at the -wal file."""
+        if self.checkpointing or (self._busy_backoff and time.monotonic() < self._look_after):
+            return False
+        try:
+            return os.stat(self._wal_path).st_size > self.restart_at
+        except FileNotFoundError:
+            return False
