@@ -460,17 +460,24 @@ class LeaseTests(_PG):
         clock.advance(LEASE_INTERVAL)
         await until(lambda: not any(lease._checking for lease in leases), timeout=10, what=lambda: "lease check")
 
-    async def test_one_replica_holds_each_connector_and_another_takes_over(self) -> None:
-        """Each connector's lease is held by one replica; when it lets go, the other takes it at its next try."""
+    async def test_replicas_share_connectors_and_one_takes_all_when_the_other_goes(self) -> None:
+        """Two replicas share two connectors, one lease each; when one goes, the other holds both."""
         clock = Clock()
         a, held_a = self.leases(self.url, ["ehr", "lab"], clock, "a")
         a.start()
         await until(lambda: not a._checking, timeout=10, what=lambda: "first check")
+        self.assertEqual(held_a, {"ehr": True, "lab": True})
         b, held_b = self.leases(self.url, ["ehr", "lab"], clock, "b")
         b.start()
+        # a lets one go at its next check; b takes it at one after that.
+        for _ in range(5):
+            await self.tick(clock, a, b)
+            if held_b:
+                break
+        self.assertEqual(held_a, {"ehr": True, "lab": False})
+        self.assertEqual(held_b, {"lab": True})
         await self.tick(clock, a, b)
-        self.assertEqual(held_a, {"ehr": True, "lab": True})
-        self.assertEqual(held_b, {})
+        self.assertEqual((a.held, b.held), ({"ehr"}, {"lab"}))
         await a.stop()
         self.assertEqual(held_a, {"ehr": False, "lab": False})
         # The server frees a closed session's locks a moment after the
