@@ -439,11 +439,16 @@ class OutageTests(_PG):
         for i in range(5):
             with self.assertRaises(OutboxError):
                 await outbox.store(envelope(f"DOWN{i}"))
+            await outbox._count()  # the backlog count, as its timer runs it
         proxy.refusing = False
         stored = await outbox.store(envelope("UP2"))
         self.assertFalse(stored.duplicate)
+        for _ in range(2):
+            await outbox._count()
         names = [e.get("event") for e in events if e.get("event", "").startswith("outbox_db")]
         self.assertEqual(names, ["outbox_db_down", "outbox_db_up"])
+        counts = [e.get("event") for e in events if e.get("event", "").startswith("count_")]
+        self.assertEqual(counts, ["count_failed", "count_recovered"])
         self.assertEqual(
             sorted(c for (c,) in select(self.url, "SELECT control_id FROM messages")), ["UP1", "UP2"]
         )
