@@ -118,15 +118,32 @@ class RenderedOverlayTests(SynchronousTestCase):
 
     def test_cloudnative_pg_component(self) -> None:
         """The cloudnative-pg component adds a three-instance Cluster with
-        synchronous replication and takes MLLP_DB_URL from its Secret."""
+        synchronous replication and takes MLLP_DB_URL from its Secret,
+        with TLS verified against the cluster's CA (ca.crt only)."""
         with tree_copy() as root:
             r = _with_components(root, "cloudnative-pg")
         cluster = r.get("Cluster", "mllpd-db")
         assert cluster is not None
         self.assertEqual(cluster["spec"]["instances"], 3)
         self.assertEqual(cluster["spec"]["postgresql"]["synchronous"]["number"], 1)
-        url = {v["name"]: v.get("valueFrom") for v in r.container()["env"]}["MLLP_DB_URL"]
-        self.assertEqual(url, {"secretKeyRef": {"name": "mllpd-db-app", "key": "uri"}})
+        env = r.container()["env"]
+        names = [v["name"] for v in env]
+        by_name = {v["name"]: v for v in env}
+        self.assertEqual(by_name["MLLPD_DB_APP_URI"]["valueFrom"],
+                         {"secretKeyRef": {"name": "mllpd-db-app", "key": "uri"}})
+        # Kubernetes expands $(VAR) only from variables defined before it.
+        self.assertLess(names.index("MLLPD_DB_APP_URI"), names.index("MLLP_DB_URL"))
+        url = by_name["MLLP_DB_URL"]
+        self.assertNotIn("valueFrom", url)
+        self.assertEqual(
+            url["value"],
+            "$(MLLPD_DB_APP_URI)?sslmode=verify-full&sslrootcert=/etc/mllp/db-ca/ca.crt",
+        )
+        volume = {v["name"]: v for v in r.get("Deployment", "mllpd")["spec"]["template"]["spec"]["volumes"]}["db-ca"]
+        self.assertEqual(volume["secret"]["secretName"], "mllpd-db-ca")
+        self.assertEqual(volume["secret"]["items"], [{"key": "ca.crt", "path": "ca.crt"}])
+        mounts = {m["mountPath"]: m for m in r.container()["volumeMounts"]}
+        self.assertTrue(mounts["/etc/mllp/db-ca"]["readOnly"])
 
     def test_config_example(self) -> None:
         """The MLLP_CONFIG example is rules plus mllp and http connectors,

@@ -57,11 +57,12 @@ __all__ = ["FENCE", "LEASE_GRACE", "LEASE_INTERVAL", "SESSION_TIMEOUT", "Leases"
 log = Logger(namespace="mllpd.outbox")
 
 LEASE_INTERVAL = 1.0
-# More than LEASE_INTERVAL plus a check's round trip, so that a healthy
-# holder never waits; SESSION_TIMEOUT + LEASE_INTERVAL + FENCE < 15 s.
-FENCE = 2.5
+# Well over LEASE_INTERVAL plus a check's round trip on a busy machine, so
+# that a healthy holder does not pause; SESSION_TIMEOUT + LEASE_INTERVAL +
+# FENCE < 15 s.
+FENCE = 4.0
 LEASE_GRACE = 5.0
-SESSION_TIMEOUT = 8.0
+SESSION_TIMEOUT = 6.0
 # Lease sessions are named APP_NAME or APP_NAME-<pod>; live replicas are
 # counted by that name.
 APP_NAME = "mllpd-leases"
