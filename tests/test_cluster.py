@@ -42,9 +42,10 @@ class Sender:
     """One MLLP connection sending its numbered messages one at a time,
     resending on AR as a real sender does; stops when its replica dies."""
 
-    def __init__(self, port: int, name: str) -> None:
+    def __init__(self, port: int, name: str, count: int = PER_SENDER) -> None:
         self.port = port
         self.name = name
+        self.count = count
         self.acked: list[str] = []
         self.refused = 0
         self.stop = threading.Event()
@@ -52,7 +53,7 @@ class Sender:
     def run(self) -> list[str]:
         try:
             with MLLPClient(self.port, timeout=15.0) as client:
-                for n in range(PER_SENDER):
+                for n in range(self.count):
                     if self.stop.is_set():
                         break
                     cid = f"{self.name}-{n:04d}"
@@ -165,6 +166,17 @@ class ClusterTests(TestCase):
             self.assertEqual(len(said), 1, server.output())
         return url, upstream, servers
 
+    async def delivering(self, upstream: TracingUpstream, servers: list[ServerProcess]) -> None:
+        """Wait until the lease holder delivers (a new holder first waits
+        out the fence), so that the load to come is delivered as it arrives;
+        then forget that warm-up message."""
+        acks = await deferToThread(_send_each, servers[-1].port or 0, [hl7_message("WARM-UP")])
+        self.assertEqual([a.code for a in acks], ["AA"])
+        await until(lambda: upstream.received, timeout=15, what=lambda: "the warm-up message delivered")
+        self.assertEqual(upstream.control_ids(), ["WARM-UP"])
+        upstream.received.clear()
+        upstream.via.clear()
+
     def check_delivered(self, upstream: MLLPUpstream, senders: list[Sender]) -> None:
         arrived = first_arrivals(upstream.received)
         position = {cid: i for i, cid in enumerate(arrived)}
@@ -189,6 +201,7 @@ class ClusterTests(TestCase):
         """Kill -9 of the replica delivering mid-load: another delivers within 15 s; every AA'd message arrives, in each sender's order; only in-flight ones twice."""
         url, upstream, servers = await self.cluster(3)
         senders = [Sender(s.port or 0, f"S{i}") for i, s in enumerate(servers)]
+        await self.delivering(upstream, servers)
         running = [deferToThread(s.run) for s in senders]
         await until(lambda: len(upstream.received) >= 40, timeout=30, what=lambda: f"{len(upstream.received)} delivered")
         holder = lease_holders(servers)[0]
@@ -224,8 +237,11 @@ class ClusterTests(TestCase):
         url, folder = private_cluster(self)
         url, upstream, servers = await self.cluster(2, database=url)
         senders = [Sender(s.port or 0, f"R{i}") for i, s in enumerate(servers)]
+        await self.delivering(upstream, servers)
         running = [deferToThread(s.run) for s in senders]
-        await until(lambda: len(upstream.received) >= 30, timeout=30, what=lambda: f"{len(upstream.received)} delivered")
+        # Mid-load: senders are sending (a new lease holder may not deliver
+        # yet, so count what they got AA for).
+        await until(lambda: sum(len(s.acked) for s in senders) >= 30, timeout=30, what=lambda: f"{[len(s.acked) for s in senders]} acknowledged")
         restarted = await deferToThread(
             subprocess.run, [str(REPO / ".ci" / "postgres.sh"), "restart", folder],
             capture_output=True, timeout=60,
@@ -273,33 +289,44 @@ class ClusterTests(TestCase):
 
 
     async def test_holder_whose_lease_session_ends_stops_before_another_starts(self) -> None:
-        """The server ends the holder's lease session mid-load: it stops delivering before the new holder starts (no interleaving), nothing AA'd lost."""
+        """The server ends the holder's lease session mid-load, twice: each time it stops delivering before the new holder starts (no interleaving), nothing AA'd lost."""
         url, upstream, servers = await self.cluster(2)
-        senders = [Sender(s.port or 0, f"T{i}") for i, s in enumerate(servers)]
+        # Load for longer than the handovers take.
+        senders = [Sender(s.port or 0, f"T{i}", count=5 * PER_SENDER) for i, s in enumerate(servers)]
+        await self.delivering(upstream, servers)
         running = [deferToThread(s.run) for s in senders]
         await until(lambda: len(upstream.received) >= 30, timeout=30, what=lambda: f"{len(upstream.received)} delivered")
-        holder = lease_holders(servers)[0]
-        pod = f"mllpd-{servers.index(holder)}"
-        old = upstream.last_sender()
-        # Ended on the server (as pg_terminate_backend or idle_session_timeout
-        # do); the holder learns of it at its next check, the other replica
-        # may win the lock at once. Again if the old holder wins it back.
-        for _ in range(5):
+        moves = 0
+        for _ in range(10):
+            if moves == 2:
+                break
+            holder = lease_holders(servers)[0]
+            previous = upstream.last_sender()
             lost = len([e for e in holder.events() if e.get("event") == "lease_lost"])
+            # Ended on the server (as pg_terminate_backend or
+            # idle_session_timeout do): the holder learns of it at its next
+            # check, the other replica may win the lock at once.
+            pod = f"mllpd-{servers.index(holder)}"
             ended = await deferToThread(_terminate, url, f"mllpd-leases-{pod}")
             self.assertEqual(ended, 1)
-            await until(lambda n=lost: len([e for e in holder.events() if e.get("event") == "lease_lost"]) > n, timeout=10, what=holder.output)
+            await until(lambda n=lost, h=holder: len([e for e in h.events() if e.get("event") == "lease_lost"]) > n, timeout=10, what=holder.output)
             await until(lambda: lease_holders(servers), timeout=10, what=lambda: "a holder")
             if lease_holders(servers) != [holder]:
-                break
-        await until(lambda: any(c != old for c in upstream.via), timeout=15, what=lambda: "a delivery by the new holder")
+                moves += 1
+                # The new holder delivers (after its fence) before the next end.
+                await until(lambda last=previous: upstream.via[-1] != last, timeout=15, what=lambda: "a delivery by the new holder")
+        self.assertEqual(moves, 2)
         await defer.gatherResults(running)
         acked = sum(len(s.acked) for s in senders)
         await until(lambda: len(set(first_arrivals(upstream.received))) >= acked, timeout=30, what=lambda: f"{len(set(first_arrivals(upstream.received)))} of {acked} delivered")
         self.check_delivered(upstream, senders)
-        first_new = next(i for i, c in enumerate(upstream.via) if c != old)
-        late = [control_id(p) for p, c in zip(upstream.received[first_new:], upstream.via[first_new:], strict=True) if c == old]
-        self.assertEqual(late, [], "the old holder delivered after the new one started")
+        # Each change of the connection delivering needs a new lease
+        # holder; deliveries of two holders interleaved would change it
+        # back and forth.
+        switches = sum(1 for a, b in zip(upstream.via, upstream.via[1:], strict=False) if a != b)
+        won = sum(1 for server in servers for e in server.events() if e.get("event") == "lease_acquired")
+        self.assertGreaterEqual(switches, 1)
+        self.assertLessEqual(switches, won - 1, self.explain(upstream, servers, set()))
 
     async def test_replicas_share_connectors_and_one_takes_all_when_the_other_dies(self) -> None:
         """Two replicas and two connectors: each delivers for one; after kill -9 of one the other delivers for both within 15 s."""
