@@ -23,7 +23,7 @@ from twisted.trial.unittest import TestCase
 from mllpd.connectors import Delivered, Delivery, Retry
 from mllpd.outbox import AuditRecord, Envelope, OutboxError
 from mllpd.outbox.common import BACKLOG_INTERVAL, schema_files
-from mllpd.outbox.leases import LEASE_INTERVAL, Leases
+from mllpd.outbox.leases import FENCE, LEASE_INTERVAL, Leases
 from mllpd.outbox.postgres import PostgresOutbox, migrate
 from mllpd.relay import Worker
 from tests.pgdb import fresh_database
@@ -492,6 +492,24 @@ class LeaseTests(_PG):
             if held_b == {"ehr": True, "lab": True}:
                 break
         self.assertEqual(held_b, {"ehr": True, "lab": True})
+
+    async def test_fence_new_holder_waits_and_unchecked_holder_pauses(self) -> None:
+        """A replica that wins a lease delivers FENCE s later; a holder whose last check is FENCE s old starts nothing until the next answer."""
+        clock = Clock()
+        a, held_a = self.leases(self.url, ["ehr"], clock, "a")
+        self.assertIsNone(a.wait("ehr"))
+        a.start()
+        await until(lambda: not a._checking, timeout=10, what=lambda: "first check")
+        self.assertEqual(held_a, {"ehr": True})
+        self.assertEqual(a.wait("ehr"), FENCE)
+        for _ in range(int(FENCE / LEASE_INTERVAL)):
+            await self.tick(clock, a)
+        self.assertEqual(a.wait("ehr"), 0.0)
+        a._loop.stop()  # no more checks: as if they hung
+        clock.advance(FENCE)
+        waited = a.wait("ehr")
+        assert waited is not None
+        self.assertGreater(waited, 0.0)
 
     async def test_hung_session_stops_delivery_then_lease_moves_within_15s(self) -> None:
         """A holder whose session hangs stops delivering first; another replica holds the lease within 15 s."""
