@@ -127,6 +127,8 @@ class RetryPolicy:
 class Leases(Protocol):
     def start(self) -> None: ...
 
+    def wait(self, name: str) -> float | None: ...
+
     def stop(self) -> Deferred[None]: ...
 
 
@@ -210,6 +212,10 @@ class Worker:
         self._done: Deferred[None] | None = None
         # False while another replica holds this connector's lease.
         self.active = True
+        # In a cluster: seconds before this replica may start a delivery
+        # (0: now; None: it does not hold the lease), so that a holder whose
+        # lease may be gone stops before another replica can start.
+        self.fence: Callable[[], float | None] | None = None
         self._reads_ok = True
         self.delivered = 0
         self.retried = 0
@@ -335,6 +341,10 @@ class Worker:
                 await self._read()
                 continue
             if free > 0 and ready and room:
+                fenced = self._fenced()
+                if fenced > 0:
+                    await self._sleep(fenced)
+                    continue
                 for lane in ready[:free]:
                     if len(self._waiting) >= self.max_waiting:
                         break
@@ -344,6 +354,18 @@ class Worker:
 
     def _clock_now(self) -> float:
         return self.clock.seconds()
+
+    def _fenced(self) -> float:
+        """Seconds to wait before starting a delivery (0: go)."""
+        if self.fence is None:
+            return 0.0
+        wait = self.fence()
+        return POLL_INTERVAL if wait is None else wait
+
+    def drained(self) -> Deferred[None]:
+        """Fires once the deliveries in progress now have ended."""
+        d = DeferredList(list(self._attempts), consumeErrors=True)
+        return d.addCallback(lambda _: None)
 
     def _idle_time(self) -> float | None:
         """Seconds until the next thing this worker must do unprompted;

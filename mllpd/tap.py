@@ -363,8 +363,10 @@ def _relay(
         by_name = {w.name: w for w in workers}
         leases = Leases(
             outbox.url, reactor, by_name, partial(_lease_changed, by_name, metrics),
-            pod=outbox.pod,
+            pod=outbox.pod, drain=lambda name: by_name[name].drained(),
         )
+        for worker in workers:
+            worker.fence = partial(leases.wait, worker.name)
     relay = Relay(workers, leases=leases)
     outbox.add_listener(relay.notify)
     if metrics is not None:

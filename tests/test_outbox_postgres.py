@@ -25,7 +25,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from mllpd.connectors import Delivered, Delivery, Retry
 from mllpd.outbox import AuditRecord, Envelope, OutboxError
 from mllpd.outbox.common import BACKLOG_INTERVAL, schema_files
-from mllpd.outbox.leases import LEASE_INTERVAL, Leases
+from mllpd.outbox.leases import FENCE, LEASE_INTERVAL, Leases
 from mllpd.outbox.postgres import PostgresOutbox, migrate, outbox_url
 from mllpd.relay import Worker
 from tests.pgdb import fresh_database
@@ -442,11 +442,16 @@ class OutageTests(_PG):
         for i in range(5):
             with self.assertRaises(OutboxError):
                 await outbox.store(envelope(f"DOWN{i}"))
+            await outbox._count()  # the backlog count, as its timer runs it
         proxy.refusing = False
         stored = await outbox.store(envelope("UP2"))
         self.assertFalse(stored.duplicate)
+        for _ in range(2):
+            await outbox._count()
         names = [e.get("event") for e in events if e.get("event", "").startswith("outbox_db")]
         self.assertEqual(names, ["outbox_db_down", "outbox_db_up"])
+        counts = [e.get("event") for e in events if e.get("event", "").startswith("count_")]
+        self.assertEqual(counts, ["count_failed", "count_recovered"])
         self.assertEqual(
             sorted(c for (c,) in select(self.url, "SELECT control_id FROM messages")), ["UP1", "UP2"]
         )
@@ -463,17 +468,24 @@ class LeaseTests(_PG):
         clock.advance(LEASE_INTERVAL)
         await until(lambda: not any(lease._checking for lease in leases), timeout=10, what=lambda: "lease check")
 
-    async def test_one_replica_holds_each_connector_and_another_takes_over(self) -> None:
-        """Each connector's lease is held by one replica; when it lets go, the other takes it at its next try."""
+    async def test_replicas_share_connectors_and_one_takes_all_when_the_other_goes(self) -> None:
+        """Two replicas share two connectors, one lease each; when one goes, the other holds both."""
         clock = Clock()
         a, held_a = self.leases(self.url, ["ehr", "lab"], clock, "a")
         a.start()
         await until(lambda: not a._checking, timeout=10, what=lambda: "first check")
+        self.assertEqual(held_a, {"ehr": True, "lab": True})
         b, held_b = self.leases(self.url, ["ehr", "lab"], clock, "b")
         b.start()
+        # a lets one go at its next check; b takes it at one after that.
+        for _ in range(5):
+            await self.tick(clock, a, b)
+            if held_b:
+                break
+        self.assertEqual(held_a, {"ehr": True, "lab": False})
+        self.assertEqual(held_b, {"lab": True})
         await self.tick(clock, a, b)
-        self.assertEqual(held_a, {"ehr": True, "lab": True})
-        self.assertEqual(held_b, {})
+        self.assertEqual((a.held, b.held), ({"ehr"}, {"lab"}))
         await a.stop()
         self.assertEqual(held_a, {"ehr": False, "lab": False})
         # The server frees a closed session's locks a moment after the
@@ -483,6 +495,24 @@ class LeaseTests(_PG):
             if held_b == {"ehr": True, "lab": True}:
                 break
         self.assertEqual(held_b, {"ehr": True, "lab": True})
+
+    async def test_fence_new_holder_waits_and_unchecked_holder_pauses(self) -> None:
+        """A replica that wins a lease delivers FENCE s later; a holder whose last check is FENCE s old starts nothing until the next answer."""
+        clock = Clock()
+        a, held_a = self.leases(self.url, ["ehr"], clock, "a")
+        self.assertIsNone(a.wait("ehr"))
+        a.start()
+        await until(lambda: not a._checking, timeout=10, what=lambda: "first check")
+        self.assertEqual(held_a, {"ehr": True})
+        self.assertEqual(a.wait("ehr"), FENCE)
+        for _ in range(int(FENCE / LEASE_INTERVAL)):
+            await self.tick(clock, a)
+        self.assertEqual(a.wait("ehr"), 0.0)
+        a._loop.stop()  # no more checks: as if they hung
+        clock.advance(FENCE)
+        waited = a.wait("ehr")
+        assert waited is not None
+        self.assertGreater(waited, 0.0)
 
     async def test_hung_session_stops_delivery_then_lease_moves_within_15s(self) -> None:
         """A holder whose session hangs stops delivering first; another replica holds the lease within 15 s."""

@@ -320,6 +320,8 @@ class GroupCommitOutbox:
         return d.addErrback(self._count_failed)
 
     def _counted(self, result: tuple[Backlog, dict[str, QueueDepth]]) -> None:
+        if not self._counts_ok:
+            log.info("outbox backlog count works again", event="count_recovered")
         self._counts_ok = True
         counted, depths = result
         self._backlog = Backlog(
