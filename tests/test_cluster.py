@@ -347,12 +347,14 @@ class ClusterTests(TestCase):
 
 
 def _terminate(url: str, application_name: str) -> int:
-    """Ends the sessions named ``application_name`` from the server side."""
+    """Ends the sessions named ``application_name`` on this test's database
+    from the server side (other tests' replicas share the server and names)."""
     import psycopg
 
     with psycopg.connect(url, autocommit=True) as conn:
         rows = conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = %s AND datname = current_database()",
             (application_name,),
         ).fetchall()
     return len(rows)
