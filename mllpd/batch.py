@@ -332,10 +332,9 @@ def parse_batch(payload: bytes, max_messages: int) -> Batch:
                 raise
             raise fail(str(e)) from None
     close_message(len(body))
-    if batch_header is not None:
-        close_batch(None)  # BTS is optional ([BTS]): the frame's end ends the batch
-    if file_header is not None and file_trailer is None:
-        raise fail("FTS missing: a file that starts with FHS ends with FTS")
+    # BTS and FTS are optional ([BTS], [FTS]): the frame's end ends them.
+    if batch_header is not None or implicit:
+        close_batch(None)
     if not batches:
         raise fail("BHS missing: a batch starts with BHS")
     return Batch(file_header, tuple(batches), file_trailer, bom, codec)

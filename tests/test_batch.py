@@ -121,13 +121,11 @@ class SplitTests(SynchronousTestCase):
             batch(m, count="2"): "BTS-1 says 2 messages, the frame has 1",
             batch(m, count="two"): "BTS-1 says two",
             "BHS|^~\\&|A\r" + m + "BHS|^~\\&|B\r" + m + "BTS|1\r": "BHS inside a batch: BTS missing",
-            batch(m).replace("FTS|1\r", ""): "FTS missing",
             batch(m).replace("FTS|1\r", "FTS|3\r"): "FTS-1 says 3 batches",
             batch(m, file_id=None) + "FTS|1\r": "FTS without FHS",
             batch(m, file_id=None) + "PID|1\r": "'PID' segment outside",
             "BHS|^~\\&|A\rPID|1\r" + m + "BTS|1\r": "'PID' segment outside a message",
             "FHS|^~\\&|A|B|||||||F\r" + m + "FTS|3\r": "FTS-1 says 3 batches, the frame has 1",
-            "FHS|^~\\&|A|B|||||||F\r" + m: "FTS missing",
             "FHS|^~\\&|A\r" + batch(m, file_id=None) + m + "FTS|1\r": "MSH before BHS",
             "FHS|^~\\&|A\r" + m + batch(m, file_id=None) + "FTS|1\r": "BHS after messages without one",
             batch(m, file_id=None) + batch(m, file_id=None): "several batches in one frame need FHS",
@@ -990,6 +988,20 @@ class FileWithoutBatchTests(Harness):
             self.assertIn(f"BTS|{len(reply.parts)}", segments(reply.ack))
         self.assertEqual([(e.control_id, e.batch_control_id) for e in self.outbox.stored],
                          [("E1", "B1"), ("E2", "B1"), ("E3", "B2")])
+
+
+    def test_missing_fts_at_the_end(self) -> None:
+        """A file whose FTS is left out ends with the frame ([FTS]): its messages are stored, and the reply still closes with FTS."""
+        for text in (
+            "FHS|^~\\&|LAB|HOSP|||||||F2\rBHS|^~\\&|LAB|HOSP|||||||B3\r" + message("G1") + "BTS|1\r",
+            "FHS|^~\\&|LAB|HOSP|||||||F3\r" + message("G2") + message("G3"),
+        ):
+            reply = self.receive(text)
+            assert reply.ack is not None
+            self.assertEqual({c for c, _ in msa(reply.ack)}, {"AA"}, text)
+            self.assertEqual(segments(reply.ack)[-1], "FTS|1", text)
+        self.assertEqual([(e.control_id, e.batch_control_id) for e in self.outbox.stored],
+                         [("G1", "B3"), ("G2", "F3"), ("G3", "F3")])
 
 
 _KINDS = st.sampled_from(["new", "new", "new", "again", "prior", "rule", "overlong"])
