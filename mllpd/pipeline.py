@@ -178,13 +178,8 @@ def _rules(value: object) -> list[Rule]:
         seen[name] = i
         if "expr" not in item:
             raise _fail(f"{place}: expr is required")
-        expr = item["expr"]
-        if not isinstance(expr, str):
-            raise _fail(f"{place}.expr: expected a CEL expression as text, found {_kind(expr)}")
-        try:
-            compile_expression(expr)
-        except ValueError as e:
-            raise _fail(f"{place}.expr: {e}") from None
+        expr = _expression(item, "expr", place, required=True)
+        assert expr is not None
         message = item.get("message", "")
         if message is None:
             message = ""
@@ -197,10 +192,11 @@ def _rules(value: object) -> list[Rule]:
     return out
 
 
-def _expression(item: dict[str, Any], key: str, place: str) -> str | None:
-    """An optional CEL option of a connector (``filter``, ``order_by``), compiled once to check it."""
+def _expression(item: dict[str, Any], key: str, place: str, required: bool = False) -> str | None:
+    """A CEL option (a rule's ``expr``; a connector's optional ``filter``,
+    ``order_by``), compiled once to check it."""
     text = item.get(key)
-    if text is None:
+    if text is None and not required:
         return None
     if not isinstance(text, str):
         raise _fail(f"{place}.{key}: expected a CEL expression as text, found {_kind(text)}")
