@@ -113,7 +113,7 @@ def build(
     listening = _listen_endpoint(settings, reactor)
     tls = _server_tls(settings, reactor)
     pipeline = _pipeline(settings, reactor, environ)
-    outbox = _outbox(settings, reactor)
+    outbox = _outbox(settings, reactor, environ)
     otlp = otlp_enabled(environ)
     metrics = _metrics(settings, outbox, tls) if settings.metrics_addr or otlp else None
     receiver = _receiver(settings, reactor, outbox, tls, pipeline)
@@ -240,7 +240,9 @@ def _pipeline(
     return _Pipeline(config, connectors)
 
 
-def _outbox(settings: Settings, reactor: IServiceReactor) -> SQLiteOutbox | PostgresOutbox:
+def _outbox(
+    settings: Settings, reactor: IServiceReactor, environ: Mapping[str, str]
+) -> SQLiteOutbox | PostgresOutbox:
     """The PostgreSQL outbox when MLLP_DB_URL is set, else SQLite's."""
     from mllpd.outbox import OutboxError
 
@@ -248,7 +250,7 @@ def _outbox(settings: Settings, reactor: IServiceReactor) -> SQLiteOutbox | Post
         from mllpd.outbox.postgres import PostgresOutbox, outbox_url, server_name
 
         try:
-            url = outbox_url(settings.db_url, os.environ, settings.db_insecure)
+            url = outbox_url(settings.db_url, environ, settings.db_insecure)
         except ValueError as e:
             raise SystemExit(f"mllpd: MLLP_DB_URL: {e}") from None
         log.info(
