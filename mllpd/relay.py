@@ -37,10 +37,10 @@ from mllpd.connectors import (
     Dead,
     Delivered,
     Delivery,
-    IBatchConnector,
     IConnector,
     Outcome,
     Retry,
+    forwards_batches,
 )
 from mllpd.hl7 import codec_for_charset
 from mllpd.outbox import IDeliveryQueue, QueuedDelivery
@@ -184,9 +184,7 @@ class Worker:
         self.rand = rand
         self.metrics = metrics
         self.max_waiting = max_waiting
-        self.forward_batches = bool(
-            IBatchConnector.providedBy(connector) and connector.forward_batches
-        )
+        self.forward_batches = forwards_batches(connector)
         # Rows held in runs at most: enough to refill every lane twice.
         self.buffer_limit = max(FETCH_LIMIT, 2 * lanes)
         self._scan_after = 0

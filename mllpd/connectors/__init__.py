@@ -30,6 +30,7 @@ __all__ = [
     "Delivered",
     "Delivery",
     "IBatchConnector",
+    "forwards_batches",
     "IConnector",
     "Outcome",
     "Retry",
@@ -115,6 +116,13 @@ class IBatchConnector(IConnector):
     ) -> Deferred[list[Outcome]]:
         """Send the messages as one batch; fires with one outcome each, in
         order, never fails."""
+
+
+def forwards_batches(connector: IConnector) -> bool:
+    """Whether the connector is set to forward HL7 batches whole (``batch: forward``)."""
+    return bool(
+        IBatchConnector.providedBy(connector) and getattr(connector, "forward_batches", False)
+    )
 
 
 class ConnectorBuilder(Protocol):

@@ -19,7 +19,7 @@ from zope.interface import implementer
 from mllpd.config import ConfigError, parse_duration
 from mllpd.endpoints import is_loopback
 
-from . import ConnectorSpec, Delivery, IBatchConnector, IConnector, Outcome, Retry
+from . import ConnectorSpec, Delivery, IBatchConnector, IConnector, Outcome, Retry, forwards_batches
 
 __all__ = [
     "ConnectorPool",
@@ -189,10 +189,7 @@ class ConnectorPool:
         self.name = self.members[0].name
         self._idle: deque[IConnector] = deque(self.members)
         # Members that forward HL7 batches whole do so in the pool too.
-        self.forward_batches = bool(
-            IBatchConnector.providedBy(self.members[0])
-            and getattr(self.members[0], "forward_batches", False)
-        )
+        self.forward_batches = forwards_batches(self.members[0])
 
     def start(self) -> None:
         for member in self.members:

@@ -48,6 +48,7 @@ from mllpd.connectors import (
     IConnector,
     Outcome,
     Retry,
+    forwards_batches,
 )
 
 log = Logger()
@@ -434,9 +435,7 @@ class RemoteConnector:
         self.process = process
         # Whether it forwards HL7 batches whole, from the one built here to
         # check the configuration.
-        self.forward_batches = bool(
-            IBatchConnector.providedBy(built) and getattr(built, "forward_batches", False)
-        )
+        self.forward_batches = forwards_batches(built)
 
     def start(self) -> None:
         self.process.connector_started(self.name)
