@@ -21,6 +21,7 @@ __all__ = [
     "Settings",
     "load_settings",
     "parse_duration",
+    "parse_boolean",
     "parse_host_port",
     "parse_listen_address",
     "parse_size",
@@ -258,7 +259,8 @@ def _tls_version(text: str) -> str:
     return version
 
 
-def _boolean(text: str) -> bool:
+def parse_boolean(text: str) -> bool:
+    """A true/false setting: 1/true/yes/on, or 0/false/no/off or empty."""
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):
         return True
@@ -362,7 +364,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MLLP_DB_URL", "db_url", "", _db_url,
             "a libpq URL (postgresql://user@host/db) or key=value string",
             "PostgreSQL outbox shared by replicas (instead of MLLP_DB_PATH)"),
-    Setting("MLLP_DB_INSECURE", "db_insecure", "false", _boolean,
+    Setting("MLLP_DB_INSECURE", "db_insecure", "false", parse_boolean,
             "true or false",
             "allow MLLP_DB_URL's sslmode allow, prefer, require or verify-ca for a server that is not local"),
     Setting("MLLP_WAL_LIMIT", "wal_limit", "64MiB", _wal_limit,
@@ -413,10 +415,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TLS_CRL_FILE", "tls_crl_file", "", _optional_path,
             "a PEM file of certificate revocation lists from the TLS_CLIENT_CA issuers",
             "refuse client certificates revoked in these CRLs (needs TLS_CLIENT_CA; reloaded like the certificates)"),
-    Setting("MLLP_PROXY_PROTOCOL", "proxy_protocol", "false", _boolean,
+    Setting("MLLP_PROXY_PROTOCOL", "proxy_protocol", "false", parse_boolean,
             "true or false",
             "expect a PROXY protocol v1/v2 header on every connection"),
-    Setting("MLLP_CONNECTOR_PROCESS", "connector_process", "false", _boolean,
+    Setting("MLLP_CONNECTOR_PROCESS", "connector_process", "false", parse_boolean,
             "true or false",
             "run the connectors' upstream I/O in a child process (a second core for delivery)"),
     Setting("MLLP_METRICS_ADDR", "metrics_addr", "", _optional_address,

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mllpd.cli.fields import field_names
+from mllpd.config import parse_boolean
 from mllpd.hl7 import DecodeError, NotHL7Error, codec_for_charset, parse_message
 from mllpd.outbox import OutboxError
 from mllpd.outbox.sqlite import schema_files
@@ -80,7 +81,10 @@ def open_store(
 
         # The server's policy for the same database: verify-full unless local
         # or MLLP_DB_INSECURE=true accepts a weaker sslmode in the URL.
-        insecure = env.get("MLLP_DB_INSECURE", "").strip().lower() in ("1", "true", "yes", "on")
+        try:
+            insecure = parse_boolean(env.get("MLLP_DB_INSECURE", ""))
+        except ValueError as e:
+            raise StoreError(f"MLLP_DB_INSECURE: {e}") from None
         try:
             url = outbox_url(url, env, insecure)
         except ValueError as e:
