@@ -8,7 +8,6 @@ the commits interleave.
 from __future__ import annotations
 
 from collections import Counter, deque
-from datetime import UTC, datetime
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
@@ -563,9 +562,6 @@ class MLLPServerFactory(Factory):
         self.draining = False
         self._all_closed: list[Deferred[None]] = []
 
-    def now(self) -> datetime:
-        return datetime.fromtimestamp(self.clock.seconds(), UTC)
-
     def admit(self, peer: str) -> bool:
         """A connection that has yet to send its PROXY header: it counts
         against MLLP_MAX_CONNECTIONS from now (False: refuse it)."""
@@ -631,12 +627,15 @@ class MLLPServerFactory(Factory):
         mark = self.max_buffer * 7 // 8
         self._shedding = True
         try:
-            for _ in range(len(self.connections)):
-                sizes = {p: p.unfinished_bytes() for p in self.connections}
-                if sum(sizes.values()) <= mark:
+            # Sizes read once (refusing one frees only its own bytes), largest
+            # first: one pass, not one scan of every connection per refusal.
+            held = [(p.unfinished_bytes(), p) for p in self.connections]
+            total = sum(size for size, _ in held)
+            for size, conn in sorted(held, key=lambda item: -item[0]):
+                if total <= mark:
                     return
-                largest = max(sizes, key=sizes.__getitem__)
-                largest.refuse_unfinished()
+                conn.refuse_unfinished()
+                total -= size
         finally:
             self._shedding = False
 

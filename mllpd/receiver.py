@@ -221,7 +221,7 @@ class Receiver:
             code = "103" if isinstance(e, UnknownCharsetError) else "102"
             error = AckError(code, str(e), "MSH", 18)
             return self._reply(e.header, "iso8859-1", ERROR, error, payload, in_batch=in_batch)
-        if has_several_messages(payload):
+        if not in_batch and has_several_messages(payload):
             # Stored as one, the second message would be forwarded glued to
             # the first and its sender would never get its ACK.
             error = AckError("100", ONE_MESSAGE_PER_FRAME)

@@ -132,10 +132,6 @@ class Program:
     def __repr__(self) -> str:
         return f"Program({self.source!r})"
 
-    def evaluate(self, model: cel.Context) -> Any:
-        """Run the expression; library exceptions propagate."""
-        return self.compiled.execute(model)
-
 
 def _one_line(text: str, limit: int = 200) -> str:
     line = " ".join(text.split())

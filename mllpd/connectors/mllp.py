@@ -207,7 +207,7 @@ class MLLPClientProtocol(Protocol):
                 # Noise after an ACK, or between messages: the framer has
                 # dropped it and will find the next start byte.
             else:
-                problem = f"a frame over {MAX_ACK_SIZE} bytes instead of an ACK"
+                problem = f"a frame over {self._framer.max_size} bytes instead of an ACK"
                 break
         waiter = self._waiter
         if ack is not None and waiter is not None:

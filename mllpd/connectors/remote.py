@@ -242,7 +242,6 @@ class ConnectorProcess:
         self._restart: IDelayedCall | None = None
         self._kill: IDelayedCall | None = None
         self._exited: Deferred[None] | None = None
-        self.starts = 0
         self._ping: tuple[int, float] | None = None  # (request id, sent at)
         self._pinger = LoopingCall(self._check_alive)
         self._pinger.clock = reactor
@@ -311,7 +310,6 @@ class ConnectorProcess:
         self._ping = None
         if not self._pinger.running:
             self._pinger.start(PING_EVERY, now=False)
-        self.starts += 1
         log.info("connector process {pid} started", event="connector_process_started",
                  pid=getattr(proto.transport, "pid", None))
         self._send({"op": "configure", "connectors": self.specs})
