@@ -170,6 +170,12 @@ def load_context(files: TLSFiles) -> SSL.Context:
     Raises :class:`TLSConfigError` naming the setting whose file is
     unreadable, malformed, or (TLS_KEY_FILE) does not match the certificate.
     """
+    return _load(files)[0]
+
+
+def _load(files: TLSFiles) -> tuple[SSL.Context, list[x509.CertificateRevocationList]]:
+    """load_context, with the CRLs loaded into the context (a reload judges
+    open connections by the same lists as new handshakes)."""
     chain = _certificates("TLS_CERT_FILE", files.cert_file)
     key_data = _read("TLS_KEY_FILE", files.key_file)
     try:
@@ -214,7 +220,7 @@ def load_context(files: TLSFiles) -> SSL.Context:
             store.add_crl(crl)
         store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
         context.set_verify(context.get_verify_mode(), _note_revoked)
-    return context
+    return context, crls
 
 
 # OpenSSL's X509_V_ERR_CERT_REVOKED; the handshake failure itself only says
@@ -289,15 +295,13 @@ class ServerTLS:
         clock: IReactorTime,
         *,
         poll_interval: float = RELOAD_POLL_INTERVAL,
-        load: Callable[[TLSFiles], SSL.Context] = load_context,
     ) -> None:
         self.files = files
         self.clock = clock
         self.poll_interval = poll_interval
-        self._load = load
         self._stamp = _stamp(files.paths())
         # At startup a bad file is fatal: TLSConfigError propagates.
-        self.context = load(files)
+        self.context = load_context(files)
         self.identities: ClientIdentities | None = (
             load_identities_file(files.identities_file) if files.identities_file else None
         )
@@ -318,7 +322,7 @@ class ServerTLS:
         failed = False
         crls: list[x509.CertificateRevocationList] = []
         try:
-            self.context = self._load(self.files)
+            self.context, crls = _load(self.files)
         except TLSConfigError as e:
             failed = True
             self._failed(trigger, e, "keeping the current certificate and CRLs")
@@ -326,7 +330,6 @@ class ServerTLS:
             log.info(
                 "TLS certificate reloaded ({trigger})", event="tls_reloaded", trigger=trigger,
             )
-            crls = self._current_crls()
         identities: ClientIdentities | None = None
         if self.files.identities_file:
             try:
@@ -345,18 +348,6 @@ class ServerTLS:
         self._close_refused(crls, identities)
         self.reloads["failed" if failed else "ok"] += 1
         return not failed
-
-    def _current_crls(self) -> list[x509.CertificateRevocationList]:
-        """The CRLs just loaded into the context (read again: the context
-        does not give them back); none if they changed meanwhile and no
-        longer load, which the next poll reports."""
-        if not (self.files.crl_file and self.files.client_ca):
-            return []
-        try:
-            cas = _certificates("TLS_CLIENT_CA", self.files.client_ca)
-            return _crls(self.files.crl_file, cas)
-        except TLSConfigError:
-            return []
 
     def _close_refused(
         self, crls: list[x509.CertificateRevocationList], identities: ClientIdentities | None
