@@ -357,6 +357,8 @@ class _Session:
         self.url = url
         self.application = application
         self.conn: psycopg.Connection[Any] | None = None
+        # The server process of the current connection (0 before the first).
+        self.pid = 0
         # time.monotonic() when the work in progress began, else None.
         self.busy_since: float | None = None
 
@@ -368,6 +370,7 @@ class _Session:
         try:
             if self.conn is None or self.conn.closed:
                 self.conn = connect(self.url, self.application)
+                self.pid = self.conn.info.backend_pid
             yield self.conn
         except psycopg.Error as e:
             if self.conn is not None and (self.conn.broken or isinstance(e, psycopg.OperationalError)):
@@ -386,15 +389,18 @@ class _Session:
 
 class _Notices:
     """LISTENs on a session and thread of its own for the connectors other
-    replicas' commits queued for, and tells ``noticed`` on the reactor."""
+    replicas' commits queued for, and tells ``noticed`` on the reactor.
+    Notices from ``own`` (this replica's writer) are left out: its commits
+    tell the listeners themselves."""
 
     def __init__(
         self, url: str, application: str, reactor: IReactorThreads,
-        noticed: Callable[[set[str]], None],
+        noticed: Callable[[set[str]], None], own: _Session,
     ) -> None:
         self._session = _Session(url, application)
         self._reactor = reactor
         self._noticed = noticed
+        self._own = own
         self._stopping = threading.Event()
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="mllpd-outbox-notices")
 
@@ -417,6 +423,8 @@ class _Notices:
                     while not self._stopping.is_set():
                         names: set[str] = set()
                         for notice in conn.notifies(timeout=LISTEN_STEP):
+                            if notice.pid == self._own.pid:
+                                continue
                             names.update(n for n in notice.payload.split(",") if n)
                             break  # deliver it now; the next ones come in the next turn
                         if names:
@@ -461,7 +469,9 @@ class PostgresOutbox(GroupCommitOutbox):
         self._up: bool | None = None
         self._watchdog = LoopingCall(self._watch)
         self._watchdog.clock = reactor  # type: ignore[assignment]
-        self._notices = _Notices(url, f"{name}-notices"[:63], reactor, self._noticed)
+        self._notices = _Notices(
+            url, f"{name}-notices"[:63], reactor, self._noticed, self._writer
+        )
 
     def start(self) -> None:
         super().start()
@@ -469,7 +479,7 @@ class PostgresOutbox(GroupCommitOutbox):
         self._notices.start()
 
     def _noticed(self, connectors: set[str]) -> None:
-        """Another replica (or this one) queued messages for ``connectors``."""
+        """Another replica queued messages for ``connectors``."""
         for listener in self._listeners:
             listener(connectors)
 
