@@ -131,6 +131,43 @@ def depths_from(rows: list[tuple[str, str, int, float | None]]) -> dict[str, Que
     return {name: QueueDepth(*values) for name, values in depths.items()}  # type: ignore[arg-type]
 
 
+# The audit_log and deliveries columns both backends insert.
+AUDIT_COLUMNS = (
+    "received_at, peer, client_subject, pod, message_id, control_id, msg_type,"
+    " size, sha256, ack_code, rule, connectors, batch_control_id"
+)
+QUEUE_COLUMNS = "message_id, connector, state, attempts, next_attempt, updated_at, lane"
+
+
+def audit_row(a: AuditRecord, pod: str | None, message_id: str | None = None) -> tuple[object, ...]:
+    """An audit_log row (AUDIT_COLUMNS): a message not stored, or (with
+    ``message_id``) a resend of a stored one."""
+    return (
+        a.received_at, a.peer, a.client_subject, pod, message_id, a.control_id, a.msg_type,
+        a.size, a.sha256, a.ack_code, a.rule, "", a.batch_control_id,
+    )
+
+
+def resend_audit_row(e: Envelope, message_id: str, pod: str | None) -> tuple[object, ...]:
+    """The audit_log row of ``e``, a resend of stored message ``message_id``,
+    its sender-controlled fields within AUDIT_LIMITS."""
+    a = bounded_audit(AuditRecord(
+        e.received_at, e.peer, e.client_subject, e.control_id, e.msg_type, e.size, e.sha256,
+        e.ack_code, batch_control_id=e.batch_control_id,
+    ))
+    return audit_row(a, pod, message_id)
+
+
+def queue_rows(e: Envelope) -> list[tuple[object, ...]]:
+    """The deliveries rows of a stored envelope (message_id, connector,
+    next_attempt, updated_at, lane), one per route."""
+    lanes = e.lanes or (0,) * len(e.routes)
+    return [
+        (e.message_id, connector, e.received_at, e.received_at, lane)
+        for connector, lane in zip(e.routes, lanes, strict=True)
+    ]
+
+
 def _first_error(failure: Failure) -> Failure:
     failure.trap(FirstError)
     return failure.value.subFailure  # type: ignore[no-any-return]

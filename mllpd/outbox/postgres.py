@@ -45,20 +45,24 @@ from mllpd.outbox import (
     OutboxError,
     QueuedDelivery,
     StoreResult,
-    bounded_audit,
     dedup_key,
 )
 from mllpd.outbox.common import (
+    AUDIT_COLUMNS,
     BACKLOG_INTERVAL,
     PRUNE_BATCH,
+    QUEUE_COLUMNS,
     QUEUE_DEPTHS,
     GroupCommitOutbox,
     Op,
     OutboxOptions,
     QueueDepth,
+    audit_row,
     check_schema_version,
     depths_from,
     prune_interval,
+    queue_rows,
+    resend_audit_row,
     schema_files,
 )
 
@@ -257,12 +261,7 @@ _MESSAGE_COLUMNS = (
     " connectors, payload, batch_control_id, batch_position"
 )
 _MESSAGE_MARKS = "(" + ", ".join(["%s"] * 19) + ")"
-_AUDIT_COLUMNS = (
-    "received_at, peer, client_subject, pod, message_id, control_id, msg_type,"
-    " size, sha256, ack_code, rule, connectors, batch_control_id"
-)
 _AUDIT_MARKS = "(" + ", ".join(["%s"] * 13) + ")"
-_QUEUE_COLUMNS = "message_id, connector, state, attempts, next_attempt, updated_at, lane"
 _QUEUE_MARKS = "(%s, %s, 'pending', 0, %s, %s, %s)"
 
 # The head of a queue by state, in seq order. Not "seq > the last row
@@ -526,34 +525,17 @@ class PostgresOutbox(GroupCommitOutbox):
             queued: list[tuple[object, ...]] = []
             for e, stored in zip(envelopes, results, strict=True):
                 if stored.duplicate:
-                    # Sender-controlled fields within AUDIT_LIMITS, as SQLite's.
-                    a = bounded_audit(AuditRecord(
-                        e.received_at, e.peer, e.client_subject, e.control_id, e.msg_type,
-                        e.size, e.sha256, e.ack_code,
-                    ))
-                    trail.append((
-                        a.received_at, a.peer, a.client_subject, pod, stored.message_id,
-                        a.control_id, a.msg_type, a.size, a.sha256, a.ack_code, None, "",
-                        e.batch_control_id,
-                    ))
+                    trail.append(resend_audit_row(e, stored.message_id, pod))
                 else:
-                    lanes = e.lanes or (0,) * len(e.routes)
-                    for connector, lane in zip(e.routes, lanes, strict=True):
-                        queued.append(
-                            (e.message_id, connector, e.received_at, e.received_at, lane)
-                        )
-            for a in audits:
-                trail.append((
-                    a.received_at, a.peer, a.client_subject, pod, None, a.control_id,
-                    a.msg_type, a.size, a.sha256, a.ack_code, a.rule, "", a.batch_control_id,
-                ))
-            _insert(cur, "deliveries", _QUEUE_COLUMNS, _QUEUE_MARKS, queued)
+                    queued.extend(queue_rows(e))
+            trail.extend(audit_row(a, pod) for a in audits)
+            _insert(cur, "deliveries", QUEUE_COLUMNS, _QUEUE_MARKS, queued)
             if queued:
                 # Sent at COMMIT: the replica delivering for these
                 # connectors reads its queue at once, not at its next poll.
                 routed = sorted({str(row[1]) for row in queued})
                 cur.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, ",".join(routed)))
-            _insert(cur, "audit_log", _AUDIT_COLUMNS, _AUDIT_MARKS, trail)
+            _insert(cur, "audit_log", AUDIT_COLUMNS, _AUDIT_MARKS, trail)
             for sql, params, _ in ops:
                 cur.execute(sql, params)  # type: ignore[arg-type]
         return results

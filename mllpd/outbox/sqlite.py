@@ -16,7 +16,6 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mllpd.outbox import (
-    AUDIT_LIMITS,
     AuditRecord,
     Backlog,
     Envelope,
@@ -25,20 +24,24 @@ from mllpd.outbox import (
     OutboxError,
     QueuedDelivery,
     StoreResult,
-    bounded,
     dedup_key,
 )
 from mllpd.outbox.common import (
+    AUDIT_COLUMNS,
     PRUNE_BATCH,
+    QUEUE_COLUMNS,
     QUEUE_DEPTHS,
     STATE_HOLD,
     GroupCommitOutbox,
     Op,
     OutboxOptions,
     QueueDepth,
+    audit_row,
     check_schema_version,
     depths_from,
     prune_interval,
+    queue_rows,
+    resend_audit_row,
     schema_files,
 )
 from mllpd.outbox.wal import (
@@ -193,17 +196,6 @@ def _row(e: Envelope, pod: str | None, key: int) -> tuple[object, ...]:
     )
 
 
-def _audit_row(e: Envelope, message_id: str, pod: str | None, connectors: str) -> tuple[object, ...]:
-    subject = e.client_subject
-    return (
-        e.received_at, bounded(e.peer, AUDIT_LIMITS["peer"]),
-        None if subject is None else bounded(subject, AUDIT_LIMITS["client_subject"]),
-        pod, message_id, bounded(e.control_id, AUDIT_LIMITS["control_id"]),
-        bounded(e.msg_type, AUDIT_LIMITS["msg_type"]), e.size, e.sha256, e.ack_code, None,
-        connectors, e.batch_control_id,
-    )
-
-
 def _insert(
     conn: sqlite3.Connection, table: str, columns: str, row: str, rows: list[tuple[object, ...]]
 ) -> None:
@@ -234,10 +226,6 @@ def _sql_default_lane(payload: bytes, charset: str | None) -> int:
         return 1
 
 
-_AUDIT_COLUMNS = (
-    "received_at, peer, client_subject, pod, message_id, control_id, msg_type, "
-    "size, sha256, ack_code, rule, connectors, batch_control_id"
-)
 _AUDIT_ROW = "(" + ", ".join("?" * 13) + ")"
 _QUEUE_ROW = "(?, ?, 'pending', 0, ?, ?, ?)"
 
@@ -413,27 +401,17 @@ class SQLiteOutbox(GroupCommitOutbox):
                     # A resend of a stored message: AA again, no second copy,
                     # no second delivery.
                     results.append(StoreResult(earlier, True))
-                    trail.append(_audit_row(e, earlier, pod, ""))
+                    trail.append(resend_audit_row(e, earlier, pod))
                     continue
                 if self.dedup_window > 0:
                     known[key] = e.message_id
                 rows.append(_row(e, pod, dedup_key(e.sha256)))
-                lanes = e.lanes or (0,) * len(e.routes)
-                for connector, lane in zip(e.routes, lanes, strict=True):
-                    queued.append((e.message_id, connector, e.received_at, e.received_at, lane))
+                queued.extend(queue_rows(e))
                 results.append(StoreResult(e.message_id, False))
-            for a in audits:
-                trail.append((
-                    a.received_at, a.peer, a.client_subject, pod, None, a.control_id,
-                    a.msg_type, a.size, a.sha256, a.ack_code, a.rule, "", a.batch_control_id,
-                ))
+            trail.extend(audit_row(a, pod) for a in audits)
             _insert(conn, "messages", _COLUMNS, _ROW, rows)
-            _insert(
-                conn, "deliveries",
-                "message_id, connector, state, attempts, next_attempt, updated_at, lane",
-                _QUEUE_ROW, queued,
-            )
-            _insert(conn, "audit_log", _AUDIT_COLUMNS, _AUDIT_ROW, trail)
+            _insert(conn, "deliveries", QUEUE_COLUMNS, _QUEUE_ROW, queued)
+            _insert(conn, "audit_log", AUDIT_COLUMNS, _AUDIT_ROW, trail)
             for sql, params, _ in ops:
                 conn.execute(sql, params)
             conn.execute("COMMIT")
