@@ -3,8 +3,8 @@ backlog accounting, commit listeners, the recount and retention loops.
 
 A backend subclasses :class:`GroupCommitOutbox` and supplies only its SQL
 and connection handling: ``_write`` (one transaction for a batch, on the
-writer thread), ``_read_counts``, ``_fetch``, ``_prune`` (on the reader
-thread) and ``_shut`` (release connections once the last commit is done).
+writer thread), ``_read_counts`` and ``_fetch`` (on the reader thread),
+``_prune`` (on the writer thread, between commits) and ``_shut`` (release connections once the last commit is done).
 """
 
 from __future__ import annotations
@@ -195,10 +195,9 @@ class GroupCommitOutbox:
     Deferred fires only after its transaction's COMMIT returned.
     """
 
-    # Backend SQL for the delivery-state changes, parameters in the order
-    # the mark_* methods pass them.
-    # The delivery-state changes, with qmark parameters; a backend whose
-    # driver wants another style converts them (see PostgresOutbox).
+    # The delivery-state changes, with qmark parameters in the order the
+    # mark_* methods pass them; a backend whose driver wants another style
+    # converts them (see PostgresOutbox).
     OP_SQL: ClassVar[dict[str, str]] = {
         "in_flight": "UPDATE deliveries SET state = 'in_flight', updated_at = ? WHERE seq = ?",
         "delivered": (

@@ -155,9 +155,10 @@ class Leases:
         d = deferToThreadPool(self._reactor, self._pool, self._check, wanted, holding)
         d.addCallbacks(self._checked, self._failed, callbackArgs=(sent,))
 
-    def _quota(self) -> int:
-        """The most leases this replica keeps with the others live."""
-        return math.ceil(len(self.keys) / max(self.replicas, 1))
+    def _quota(self, replicas: int | None = None) -> int:
+        """The most leases this replica keeps with ``replicas`` (default:
+        as many as last counted) live; pure, so the lease thread uses it too."""
+        return math.ceil(len(self.keys) / max(self.replicas if replicas is None else replicas, 1))
 
     def _checked(self, result: tuple[list[int], int], sent: float) -> None:
         self._checking = False
@@ -242,7 +243,7 @@ class Leases:
                 (APP_NAME, APP_NAME + "-%"),
             ).fetchone()
             replicas = max(int(row[0]) if row else 1, 1)
-            room = math.ceil(len(self.keys) / replicas) - holding
+            room = self._quota(replicas) - holding
             won: list[int] = []
             for key in wanted:
                 if len(won) >= room:

@@ -205,11 +205,11 @@ def outbox_url(url: str, environ: Mapping[str, str], insecure: bool) -> str:
 
 
 def connect(
-    url: str, application: str = "mllpd", *, keepalive: float = 10.0, **settings: str
+    url: str, application: str = "mllpd", *, keepalive: float = 10.0
 ) -> psycopg.Connection[Any]:
     """A session for mllpd: autocommit (transactions are explicit),
     ``synchronous_commit = on``, TCP keepalives so a dead peer is noticed
-    within ``keepalive`` seconds, plus any other session ``settings``."""
+    within ``keepalive`` seconds."""
     given = conninfo_to_dict(url)
     args: dict[str, Any] = {
         "connect_timeout": CONNECT_TIMEOUT,
@@ -224,8 +224,6 @@ def connect(
     conn = psycopg.connect(url, autocommit=True, **args)
     try:
         conn.execute("SET synchronous_commit = on")
-        for name, value in settings.items():
-            conn.execute("SELECT set_config(%s, %s, false)", (name, value))
     except BaseException:
         conn.close()
         raise
