@@ -313,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = args.command or "tui"
     if command == "tui" and not (sys.stdin.isatty() and sys.stdout.isatty()):
         print("mllp-cli: the terminal UI needs a terminal; for scripts use a command:"
-              " stats, list, show, replay, delete, purge (see --help)", file=sys.stderr)
+              f" {', '.join(_COMMANDS)} (see --help)", file=sys.stderr)
         return EXIT_USAGE
     try:
         store = open_store(args.db, args.db_url)

@@ -743,19 +743,23 @@ class PostgresStore(Store):
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
-        try:
-            with self._pg.transaction():
-                yield self._conn
-        except self._errors as e:
-            raise StoreError(f"cannot read outbox {self.path}: {_describe(e)}") from None
+        with self._transaction("read") as conn:
+            yield conn
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._transaction("change") as conn:
+            yield conn
+
+    @contextmanager
+    def _transaction(self, verb: str) -> Iterator[sqlite3.Connection]:
+        """One transaction (reads and writes alike); a database error is a
+        StoreError saying what could not be done."""
         try:
             with self._pg.transaction():
                 yield self._conn
         except self._errors as e:
-            raise StoreError(f"cannot change outbox {self.path}: {_describe(e)}") from None
+            raise StoreError(f"cannot {verb} outbox {self.path}: {_describe(e)}") from None
 
 
 def _describe(e: BaseException) -> str:
