@@ -8,14 +8,23 @@ Nothing here touches I/O or the reactor.
 
 from __future__ import annotations
 
-import codecs
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from mllpd.ack import _hl7_timestamp
-from mllpd.hl7 import DEFAULT_MAX_LENGTH, MSH_MAX_LENGTH, Header, escape, framing_safe
+from mllpd.hl7 import (
+    DEFAULT_MAX_LENGTH,
+    MSH_MAX_LENGTH,
+    Header,
+    bad_encoding_characters,
+    bad_field_separator,
+    escape,
+    first_line_bytes,
+    framing_safe,
+    strip_lead,
+)
 
 __all__ = [
     "ONE_MESSAGE_PER_FRAME",
@@ -32,7 +41,6 @@ __all__ = [
     "reject_header",
 ]
 
-BOM = codecs.BOM_UTF8
 _BLANK = b"\r\n\t "
 _SEGMENT_END = re.compile(rb"\r\n|\r|\n")
 _ENVELOPE_IDS = (b"FHS", b"BHS", b"BTS", b"FTS")
@@ -43,17 +51,9 @@ ONE_MESSAGE_PER_FRAME = (
 )
 
 
-def _body(payload: bytes) -> tuple[bytes, bool]:
-    """The payload from its first segment on, and whether a UTF-8 BOM led it."""
-    body = payload.lstrip(_BLANK)
-    if body[:3] == BOM:
-        return body[3:].lstrip(_BLANK), True
-    return body, False
-
-
 def is_batch(payload: bytes) -> bool:
     """Whether the frame starts with a file or batch header (FHS or BHS)."""
-    body, _ = _body(payload[:64])
+    body, _ = strip_lead(payload[:64])
     return body[:3] in (b"FHS", b"BHS")
 
 
@@ -161,9 +161,6 @@ def _segments(body: bytes) -> Iterator[tuple[int, int, bytes]]:
 
 
 # Bytes that would end or restart the sender's MLLP frame, or a segment.
-_FRAMING = "\x0b\x1c\r\n"
-
-
 def envelope_max_length(n: int) -> int:
     """The longest value FHS-n or BHS-n may hold: the sender and receiver
     (3-6) as their MSH fields, the control ids (11, 12) as MSH-10, others 200."""
@@ -184,11 +181,10 @@ def _envelope(line: bytes, codec: str) -> Envelope:
     if len(text) < 8:
         raise ValueError(f"{name} segment is too short")
     fs = text[3]
-    if fs.isalnum() or fs in " \t" or fs in _FRAMING:
+    if bad_field_separator(fs):
         raise ValueError(f"{name}-1 field separator is not a delimiter character")
     rest = text[4:].split(fs)
-    enc = rest[0]
-    if not 1 <= len(enc) <= 5 or any(c.isalnum() or c == fs or c in _FRAMING for c in enc):
+    if bad_encoding_characters(rest[0], fs):
         raise ValueError(f"{name}-2 encoding characters are missing or invalid")
     for n, value in enumerate(rest[1:], 3):
         limit = envelope_max_length(n)
@@ -218,7 +214,7 @@ def parse_batch(payload: bytes, max_messages: int) -> Batch:
     Raises :class:`BatchError` naming the problem when the envelope is
     malformed, a count disagrees, or there are more than ``max_messages``.
     """
-    body, bom = _body(payload)
+    body, bom = strip_lead(payload)
     codec = "utf-8" if bom else "latin-1"
     file_header: Envelope | None = None
     file_trailer: Envelope | None = None
@@ -343,7 +339,7 @@ def parse_batch(payload: bytes, max_messages: int) -> Batch:
 def head_error(head: bytes, text: str) -> BatchError:
     """What a batch reject needs (FHS, BHS, first MSH) from the start of a
     batch frame that will not be read whole (oversized, timed out)."""
-    body, bom = _body(head)
+    body, bom = strip_lead(head)
     codec = "utf-8" if bom else "latin-1"
     found: dict[bytes, bytes] = {}
     for start, end, seg_id in _segments(body):
@@ -457,8 +453,7 @@ def forward_payload(messages: Sequence[bytes], batch_control_id: str, now: datet
     """A batch of stored messages for an upstream: BHS (sender and
     receiver from the first MSH, BHS-11 the batch control id it came with),
     the messages exactly as stored, BTS with their count."""
-    end = _SEGMENT_END.search(messages[0])
-    line = messages[0][: end.start()] if end is not None else messages[0]
+    line = first_line_bytes(messages[0])
     # latin-1 is byte for byte: the header's bytes go back unchanged.
     fs = line[3:4].decode("latin-1") or "|"
     fields = line.decode("latin-1").split(fs)

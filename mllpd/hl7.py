@@ -286,22 +286,31 @@ def _overlong(value: str, limit: int, header: Header) -> bool:
     return any(len(r) > limit for r in value.split(header.repetition_sep))
 
 
+def bad_field_separator(fs: str) -> bool:
+    """Whether a header segment's (MSH, FHS, BHS) field separator cannot be one."""
+    return fs.isalnum() or fs in " \t" or fs in _FRAMING
+
+
+def bad_encoding_characters(enc: str, fs: str) -> bool:
+    """Whether a header segment's encoding characters (XXX-2) are missing or unusable."""
+    return not 1 <= len(enc) <= 5 or any(c.isalnum() or c == fs or c in _FRAMING for c in enc)
+
+
 def _read_header(line: str) -> Header:
     if not line.startswith("MSH") or len(line) < 8:
         raise NotHL7Error("payload does not start with an MSH segment")
     fs = line[3]
-    if fs.isalnum() or fs in " \t\x0b\x1c":
+    if bad_field_separator(fs):
         raise NotHL7Error("MSH field separator is not a delimiter character")
     rest = line[4:].split(fs)
-    enc = rest[0]
-    if not 1 <= len(enc) <= 5 or any(c.isalnum() or c == fs or c in _FRAMING for c in enc):
+    if bad_encoding_characters(rest[0], fs):
         raise NotHL7Error("MSH-2 encoding characters are missing or invalid")
     return Header(fields=("MSH", fs, *rest))
 
 
 def _bytes_header(payload: bytes) -> Header:
     # latin-1 maps bytes one to one so delimiters are found wherever they are.
-    raw = _first_line_bytes(payload)
+    raw = first_line_bytes(payload)
     header = _read_header(raw.decode("latin-1"))
     if not raw.isascii():
         # A Big-5 or GB 18030 trail byte can be '|' and shift every later
@@ -317,7 +326,17 @@ def _bytes_header(payload: bytes) -> Header:
     return header
 
 
-def _first_line_bytes(data: bytes) -> bytes:
+def strip_lead(payload: bytes) -> tuple[bytes, bool]:
+    """The payload from its first segment on, leading blank lines and a
+    UTF-8 byte order mark skipped, and whether a byte order mark led it."""
+    body = payload.lstrip(b"\r\n\t ")
+    if body[:3] == codecs.BOM_UTF8:
+        return body[3:].lstrip(b"\r\n\t "), True
+    return body, False
+
+
+def first_line_bytes(data: bytes) -> bytes:
+    """The first segment (up to CR or LF), as bytes."""
     end = data.find(b"\r")
     lf = data.find(b"\n", 0, end if end >= 0 else len(data))
     if lf >= 0:
@@ -403,11 +422,10 @@ def parse_message(payload: bytes, default_charset: str | None = None) -> Message
     :class:`DecodeError` when the declared charset is unknown or the bytes are
     not valid in it.
     """
-    body = payload if payload[:3] == b"MSH" else payload.lstrip(b"\r\n\t ")
-    if body[:3] == codecs.BOM_UTF8:
-        # Windows senders prefix a UTF-8 byte order mark: skip it for
+    body, bom = (payload, False) if payload[:3] == b"MSH" else strip_lead(payload)
+    if bom:
+        # Windows senders prefix a UTF-8 byte order mark: skipped for
         # parsing (the stored bytes keep it); it says UTF-8 when MSH-18 is empty.
-        body = body[3:].lstrip(b"\r\n\t ")
         default_charset = "UNICODE UTF-8"
     for signature, codec in _WIDE_SIGNATURES if body[:3] != b"MSH" else ():
         if body.startswith(signature):
@@ -429,7 +447,7 @@ def parse_message(payload: bytes, default_charset: str | None = None) -> Message
         raise DecodeError(
             f"payload is not valid {charset or codec} at byte {e.start}", header
         ) from None
-    if codec != "iso8859-1" and not _first_line_bytes(body).isascii():
+    if codec != "iso8859-1" and not first_line_bytes(body).isascii():
         # Non-ASCII header fields: read them again as real characters.
         header = _read_header(_first_line(text))
     return Message(payload, text, header, codec, charset)
