@@ -19,10 +19,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mllpd.ack import REJECT, AckError
-from mllpd.batch import is_batch
+from mllpd.ack import AckError
 from mllpd.framing import Frame, Framer, Junk, Oversized, frame
-from mllpd.hl7 import DecodeError, NotHL7Error, parse_message
 from mllpd.logging import format_peer
 from mllpd.metrics import MessageTypes
 from mllpd.receiver import Receiver, Reply
@@ -424,34 +422,17 @@ class MLLPServerProtocol(Protocol):
 
     def _fail_frame(self, head: bytes, reason: str, text: str) -> None:
         """NAK a frame we will not read (where its MSH survives), then close."""
-        header = None
-        codec = "iso8859-1"
-        if head:
-            try:
-                message = parse_message(head, self.factory.receiver.default_charset)
-                header, codec = message.header, message.codec
-            except DecodeError as e:
-                # The salvaged head may end inside a multibyte character.
-                header = e.header
-            except NotHL7Error:
-                pass
+        reply = self.factory.receiver.head_refusal(head, text)
         log.warn(
             "closing connection from {peer}: {reason}", event=reason, peer=self.peer,
-            reason=text, control_id=header.bounded(10) if header else None,
+            reason=text, control_id=reply.control_id or None,
         )
         self._release_framer()
         self._pause("closing")
         self._frame_timer.cancel()
         pending = _Pending(self.factory.clock.seconds())
         pending.close_after = True
-        error = AckError("207", text)
-        if header is not None:
-            pending.reply = self.factory.receiver.refusal(header, codec, error, len(head))
-        else:
-            # No MSH to answer; an HL7 batch gets a batch-level AR from its
-            # BHS (and FHS).
-            data = self.factory.receiver.frame_reject(head, text) if head and is_batch(head) else None
-            pending.reply = Reply(REJECT, "AR", data, "", "", len(head), error)
+        pending.reply = reply
         self._queue.append(pending)
         self._flush()
 

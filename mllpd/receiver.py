@@ -429,18 +429,36 @@ class Receiver:
             parts=tuple(replies),
         )
 
-    def frame_reject(self, head: bytes, text: str) -> bytes | None:
-        """The AR for a batch frame that will not be read whole (oversized,
-        timed out), built from what its head shows; None when it shows no
-        batch header."""
-        error = head_error(head, text)
-        if error.batch_header is None and error.file_header is None:
-            return None
-        # Not audited here: the protocol logs and counts a frame it refuses to read.
-        reply = self._batch_reject(
-            error, head, "", None, REJECT, AckError("207", text), audit=False
-        )
-        return reply.ack
+    def head_refusal(self, head: bytes, text: str) -> Reply:
+        """The AR (CR in enhanced mode) for a frame the protocol will not
+        read whole (oversized, timed out, over MLLP_MAX_BUFFER), built from
+        what its head shows: its MSH, or an HL7 batch's BHS (and FHS) for a
+        batch-level AR; no bytes to send when neither survives."""
+        error = AckError("207", text)
+        if head and is_batch(head):
+            batch = head_error(head, text)
+            data = None
+            if batch.batch_header is not None or batch.file_header is not None:
+                # Not audited here: the protocol logs and counts a frame it
+                # refuses to read.
+                data = self._batch_reject(
+                    batch, head, "", None, REJECT, error, audit=False
+                ).ack
+            return Reply(REJECT, "AR", data, "", "", len(head), error)
+        header: Header | None = None
+        codec = "iso8859-1"
+        if head:
+            try:
+                message = parse_message(head, self.default_charset)
+                header, codec = message.header, message.codec
+            except DecodeError as e:
+                # The salvaged head may end inside a multibyte character.
+                header = e.header
+            except NotHL7Error:
+                pass
+        if header is None:
+            return Reply(REJECT, "AR", None, "", "", len(head), error)
+        return self.refusal(header, codec, error, len(head))
 
     def _batch_reject(
         self,
