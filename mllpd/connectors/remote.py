@@ -34,10 +34,10 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succee
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from twisted.logger import ILogFilterPredicate, Logger, PredicateResult
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import implementer, provider
 
 from mllpd.connectors import (
     ConnectorSpec,
@@ -591,6 +591,16 @@ class _Server(Int32StringReceiver):
         )
 
 
+# Startup warnings the server logged when it built the connectors: the child
+# builds them again (at every start) and would repeat them.
+_SAID_BY_SERVER = frozenset({"upstream_plaintext", "upstream_tls_unverified"})
+
+
+@provider(ILogFilterPredicate)
+def _not_said_again(event: dict[str, Any]) -> PredicateResult:
+    return PredicateResult.no if event.get("event") in _SAID_BY_SERVER else PredicateResult.maybe
+
+
 def main() -> None:
     """``python -m mllpd.connectors.remote``: the child's entry point."""
     # The server decides when this process ends (it closes our stdin): a
@@ -600,17 +610,18 @@ def main() -> None:
         signal.signal(sig, signal.SIG_IGN)
     from twisted.internet import reactor
     from twisted.internet.stdio import StandardIO
-    from twisted.logger import globalLogBeginner
+    from twisted.logger import FilteringLogObserver, globalLogBeginner
 
     from mllpd.config import load_settings
     from mllpd.connectors import build_connector
     from mllpd.logging import json_observer
 
     settings = load_settings(os.environ, {})
+    observer = json_observer(
+        level=settings.log_level, pod=settings.pod_name, namespace=settings.pod_namespace
+    )
     globalLogBeginner.beginLoggingTo(
-        [json_observer(level=settings.log_level, pod=settings.pod_name,
-                       namespace=settings.pod_namespace)],
-        redirectStandardIO=False,
+        [FilteringLogObserver(observer, [_not_said_again])], redirectStandardIO=False
     )
     StandardIO(  # type: ignore[call-arg]  # the POSIX one takes fds
         _Server(reactor, os.environ, build_connector), stdin=0, stdout=ANSWER_FD, reactor=reactor
