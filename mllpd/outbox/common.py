@@ -90,6 +90,11 @@ def check_schema_version(current: int, newest: int) -> None:
         )
 
 
+# Messages and bytes waiting for delivery (MLLP_MAX_OUTBOX), in both dialects.
+BACKLOG = (
+    "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages WHERE message_id IN"
+    " (SELECT message_id FROM deliveries WHERE state IN ('pending', 'in_flight'))"
+)
 # Queue depth, dead letters and oldest arrival per connector and state: the
 # same SQL on either backend (read by depths_from).
 QUEUE_DEPTHS = (

@@ -49,6 +49,7 @@ from mllpd.outbox import (
 )
 from mllpd.outbox.common import (
     AUDIT_COLUMNS,
+    BACKLOG,
     BACKLOG_INTERVAL,
     PRUNE_BATCH,
     QUEUE_COLUMNS,
@@ -276,10 +277,6 @@ _FETCH = (
     " AND d.lane <> ALL(%(lanes)s::bigint[]) AND d.seq <> ALL(%(seqs)s::bigint[])"
     " ORDER BY d.seq LIMIT %(limit)s"
 )
-_BACKLOG = (
-    "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages WHERE message_id IN"
-    " (SELECT message_id FROM deliveries WHERE state IN ('pending', 'in_flight'))"
-)
 _PRUNE_MESSAGES = (
     "DELETE FROM messages WHERE message_id IN (SELECT m.message_id FROM messages m"
     " WHERE m.received_at < %(cutoff)s AND NOT EXISTS (SELECT 1 FROM deliveries d"
@@ -458,7 +455,7 @@ class PostgresOutbox(GroupCommitOutbox):
         # migrated at startup fails the start with one line.
         with self._writer.use() as conn:
             migrate(conn)
-            row = conn.execute(_BACKLOG).fetchone()
+            row = conn.execute(BACKLOG).fetchone()
         assert row is not None
         self._backlog = Backlog(int(row[0]), int(row[1]))
         self._reader_pool = ThreadPool(minthreads=1, maxthreads=1, name="mllpd-outbox-reader")
@@ -675,7 +672,7 @@ class PostgresOutbox(GroupCommitOutbox):
                 assert row is not None
                 messages, size, depths = int(row[0]), int(row[1]), row[2]
             else:
-                counted = conn.execute(_BACKLOG).fetchone()
+                counted = conn.execute(BACKLOG).fetchone()
                 assert counted is not None
                 messages, size = int(counted[0]), int(counted[1])
                 depths = [list(r) for r in conn.execute(QUEUE_DEPTHS).fetchall()]

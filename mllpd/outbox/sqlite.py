@@ -28,6 +28,7 @@ from mllpd.outbox import (
 )
 from mllpd.outbox.common import (
     AUDIT_COLUMNS,
+    BACKLOG,
     PRUNE_BATCH,
     QUEUE_COLUMNS,
     QUEUE_DEPTHS,
@@ -256,10 +257,6 @@ _FETCH = (
 # In flight when the process stopped (or stops): back to the queue, in the
 # same place (seq unchanged), for whoever opens the outbox next.
 _BACK_TO_QUEUE = "UPDATE deliveries SET state = 'pending' WHERE state = 'in_flight'"
-_BACKLOG = (
-    "SELECT COUNT(*), TOTAL(size) FROM messages WHERE message_id IN"
-    " (SELECT message_id FROM deliveries WHERE state IN ('pending', 'in_flight'))"
-)
 # A message goes once every queue row of it was delivered before the cutoff
 # (or it was routed nowhere) and it arrived before the cutoff.
 #
@@ -308,7 +305,7 @@ class SQLiteOutbox(GroupCommitOutbox):
             # Deliveries that were in flight when the last process stopped go
             # back to their queue; their position (seq) is unchanged.
             self._conn.execute(_BACK_TO_QUEUE)
-            counted = self._conn.execute(_BACKLOG).fetchone()
+            counted = self._conn.execute(BACKLOG).fetchone()
         except sqlite3.Error as e:
             self._conn.close()
             raise OutboxError(f"cannot open outbox {path}: {e}") from None
@@ -337,7 +334,7 @@ class SQLiteOutbox(GroupCommitOutbox):
 
     def _read_counts(self) -> tuple[Backlog, dict[str, QueueDepth]]:
         conn = self._reader
-        count, size = conn.execute(_BACKLOG).fetchone()
+        count, size = conn.execute(BACKLOG).fetchone()
         return Backlog(count, int(size)), depths_from(conn.execute(QUEUE_DEPTHS).fetchall())
 
     def _fetch(
