@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -485,12 +485,13 @@ class Worker:
                     self._buffered -= 1
                 if not run:
                     self._runs.pop(lane, None)
-                d = Deferred.fromCoroutine(self._attempt_batch(lane, group, more))
-                self._attempts.add(d)
-                d.addErrback(self._crashed)
-                d.addBoth(self._attempted, d)
+                self._track(self._attempt_batch(lane, group, more))
                 return
-        d = Deferred.fromCoroutine(self._attempt(lane, row))
+        self._track(self._attempt(lane, row))
+
+    def _track(self, attempt: Coroutine[Any, Any, None]) -> None:
+        """Run one attempt, counted among those in progress until it ends."""
+        d = Deferred.fromCoroutine(attempt)
         self._attempts.add(d)
         d.addErrback(self._crashed)
         d.addBoth(self._attempted, d)
@@ -516,16 +517,21 @@ class Worker:
         attempt = row.attempts + 1
         self._record(self.queue.mark_in_flight(row.seq, self._now()))
         delivery = self._delivery(row, attempt)
+        outcome: Outcome = await self._call(row, self.connector.deliver, delivery)
+        self._settle(lane, row, attempt, outcome)
+        self._done_with(lane, row.seq)
+
+    async def _call(self, row: QueuedDelivery, method: Callable[..., Any], *args: Any) -> Any:
+        """What the connector's ``method`` fires with; a connector that
+        raises is logged and answered Retry, never a stop of the queue."""
         try:
-            outcome: Outcome = await maybeDeferred(self.connector.deliver, delivery)
+            return await maybeDeferred(method, *args)
         except Exception as e:  # noqa: BLE001 - a connector bug must not stop the queue
             log.failure(
                 "connector {connector} raised", Failure(), event="connector_error",
                 connector=self.name, control_id=row.control_id,
             )
-            outcome = Retry(f"internal error: {type(e).__name__}")
-        self._settle(lane, row, attempt, outcome)
-        self._done_with(lane, row.seq)
+            return Retry(f"internal error: {type(e).__name__}")
 
     async def _attempt_batch(self, lane: int, rows: list[QueuedDelivery], more: bool) -> None:
         """Forward a batch whole. Outcomes are taken in order: once one
@@ -541,16 +547,11 @@ class Worker:
             self._record(self.queue.mark_in_flight(row.seq, now))
         deliveries = [self._delivery(row, row.attempts + 1) for row in rows]
         connector: Any = self.connector
-        try:
-            outcomes: list[Outcome] = await maybeDeferred(
-                connector.deliver_batch, deliveries, rows[0].batch_control_id
-            )
-        except Exception as e:  # noqa: BLE001 - a connector bug must not stop the queue
-            log.failure(
-                "connector {connector} raised", Failure(), event="connector_error",
-                connector=self.name, control_id=rows[0].control_id,
-            )
-            outcomes = [Retry(f"internal error: {type(e).__name__}")] * len(rows)
+        result = await self._call(
+            rows[0], connector.deliver_batch, deliveries, rows[0].batch_control_id
+        )
+        # A connector that raised: every message of the batch is retried.
+        outcomes: list[Outcome] = [result] * len(rows) if isinstance(result, Retry) else result
         retry: Retry | None = None
         retry_at: float | None = None
         for row, outcome in zip(rows, outcomes, strict=True):
