@@ -43,7 +43,8 @@ def Policy(max_attempts: int = 20) -> RetryPolicy:
 @implementer(IConnector)
 class ScriptedConnector:
     """Answers each delivery with the next scripted outcome (Delivered when
-    the script is empty), or holds it when the script says "hold"."""
+    the script is empty), holds it when the script says "hold", or raises
+    (a connector bug) when it says "raise"."""
 
     def __init__(self, name: str, script: list[Outcome | str] | None = None) -> None:
         self.name = name
@@ -64,6 +65,8 @@ class ScriptedConnector:
                 # On the next turn: by then the worker has handled the outcome.
                 reactor.callLater(0, d.callback, None)
         step = self.script.pop(0) if self.script else Delivered()
+        if step == "raise":
+            raise RuntimeError("a connector bug")
         if step == "hold":
             held: Deferred[Outcome] = Deferred()
             self.held.append(held)
@@ -172,6 +175,22 @@ class RelayTests(RelayCase):
         await b.wait_for(1)
         self.assertEqual([d.control_id for d in a.seen], ["ONLY-A", "BOTH"])
         self.assertEqual([d.control_id for d in b.seen], ["BOTH"])
+
+    async def test_connector_that_raises_is_retried_not_stopped(self) -> None:
+        """A connector that raises (a bug) gets its delivery retried after the backoff; the queue goes on, in order."""
+        outbox = self.open()
+        up = ScriptedConnector("up", ["raise"])
+        self.worker(outbox, up)
+        await self.store(outbox, "FIRST", "SECOND")
+        await up.wait_for(1)
+        await self.settle(outbox)
+        self.assertEqual(queue_rows(self.path, "up")[0], ("FIRST", "pending", 1, "internal error: RuntimeError"))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.clock.advance(10.1)
+        await up.wait_for(3)
+        await self.settle(outbox)
+        self.assertEqual([d.control_id for d in up.seen], ["FIRST", "FIRST", "SECOND"])
+        self.assertEqual({s for _, s, _, _ in queue_rows(self.path, "up")}, {"delivered"})
 
     async def test_retry_backs_off_and_keeps_order(self) -> None:
         """A failing message is retried after the backoff, and the next one waits behind it."""
